@@ -41,8 +41,7 @@ class ModelConfig:
     variant: str = "delightsam-tinyvit5m"
     img_size: int = 1024
     modalities: tuple[str, ...] = MODALITIES
-    # DC-Encoder (TinyViT-5M)
-    stem_dims: tuple[int, int] = (32, 64)
+    # DC-Encoder (TinyViT-5M); the conv stem is 3 -> embed_dims[0] // 2 -> embed_dims[0]
     embed_dims: tuple[int, ...] = (64, 128, 160, 320)
     depths: tuple[int, ...] = (2, 2, 6, 2)
     num_heads: tuple[int, ...] = (2, 4, 5, 10)
@@ -146,7 +145,6 @@ def tiny_config(**changes: Any) -> ModelConfig:
     base = ModelConfig(
         variant="delightsam-tiny-test",
         img_size=128,
-        stem_dims=(8, 16),
         embed_dims=(16, 32, 32, 64),
         depths=(1, 1, 1, 1),
         num_heads=(1, 2, 2, 2),

@@ -1,0 +1,1 @@
+"""One module per `delightsam` subcommand (see ``napari_delightsam.cli``)."""

@@ -1,0 +1,104 @@
+"""De-LightSAM assembly (paper Fig. 2): DC-Encoder -> SP-Generator -> QM-Decoder.
+
+Input is a normalised batch (B,3,S,S) at ``cfg.img_size``; see ``preprocess.py`` for turning
+any image into it and the low-resolution outputs back into the image's own size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .decoder import QMDecoder
+from .encoder import DCEncoder
+from .prompt_generator import SPGenerator
+
+
+@dataclass
+class DeLightSAMOutput:
+    #: (B,1,S/4,S/4) mask logits of each sample's modality (256² at 1024²)
+    mask_logits: torch.Tensor
+    #: (B,1,S/patch,S/patch) SP-Generator patch logits (32² at 1024²)
+    patch_logits: torch.Tensor
+    #: (B,) modality index used for each sample
+    modality: torch.Tensor
+    #: (B,K) modality classifier logits, or None without a modality head
+    modality_logits: torch.Tensor | None
+    #: (B,C,S/16,S/16) image embedding h (before the dense prompt)
+    embedding: torch.Tensor
+
+
+class ModalityHead(nn.Module):
+    """Predicts the modality from pooled stage-0 features (mean and std over space).
+
+    It sits before the first modality controller, so "auto" costs no second encoder pass.
+    (B,C,H,W) -> (B,K) logits.
+    """
+
+    def __init__(self, in_chs: int, num_modalities: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * in_chs, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, num_modalities)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().flatten(2)
+        pooled = torch.cat([x.mean(-1), x.std(-1)], dim=1)
+        return self.mlp(pooled)
+
+
+class DeLightSAM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = DCEncoder(cfg)
+        self.modality_head = (
+            ModalityHead(self.encoder.conv_out_channels, cfg.num_modalities) if cfg.modality_head else None
+        )
+        self.prompt_generator = SPGenerator(cfg)
+        self.decoder = QMDecoder(cfg)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        modality: torch.Tensor | None = None,
+        use_controller: bool = True,
+    ) -> DeLightSAMOutput:
+        """images (B,3,S,S) normalised; modality (B,) long, or None to use the modality head."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B,3,S,S), got {tuple(images.shape)}")
+        feats = self.encoder.forward_conv(images)
+        modality_logits = self.modality_head(feats) if self.modality_head is not None else None
+        if modality is None:
+            if modality_logits is None:
+                raise ValueError("this model has no modality head: pass the modality explicitly")
+            modality = modality_logits.argmax(dim=1)
+        modality = modality.to(device=images.device, dtype=torch.long)
+        if modality.shape != (images.shape[0],):
+            raise ValueError(f"modality must have shape ({images.shape[0]},), got {tuple(modality.shape)}")
+        h = self.encoder.forward_vit(feats, modality if use_controller else None)
+        patch_logits, dense = self.prompt_generator(h)
+        mask_logits = self.decoder(h + dense, modality)
+        return DeLightSAMOutput(mask_logits, patch_logits, modality, modality_logits, h)
+
+    # -- parameter groups, used by `info`, distillation and fine-tuning ---------------------
+
+    def modality_specific_parameters(self) -> dict[str, int]:
+        """Number of parameters that belong to one modality (controller + query + hypernet)."""
+        cfg = self.config
+        k = cfg.num_modalities
+        per = sum(p.numel() for p in self.encoder.controller_parameters()) // k
+        per += self.decoder.queries.weight.numel() // k
+        if cfg.per_modality_hypernetworks:
+            per += sum(p.numel() for p in self.decoder.hypernetworks[0].parameters())
+        return {"per_modality": per}
+
+    def parameter_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        per = self.modality_specific_parameters()["per_modality"]
+        k = self.config.num_modalities
+        shared = total - k * per
+        return {"total": total, "shared": shared, "per_modality": per, "active": shared + per}
