@@ -1,0 +1,206 @@
+"""Fast training data: decode + resize once to the training size, keep it in RAM, augment per draw.
+
+``SegmentationDataset`` indexes ``(record index, augmentation seed)`` pairs (what
+``BalancedSampler`` yields) and returns a dict of tensors:
+
+    image     (3,S,S) float32 in [0,255]  (normalise on the device with PIXEL_MEAN/PIXEL_STD)
+    mask      (1,S,S) float32 {0,1}
+    modality  () long   index into the model's modalities
+    index     () long   record index
+
+The data of this project is small (≤ 512 px, a few thousand images), so by default every pair
+is decoded once, resized to S×S (plain resize as the paper, antialiased) and kept as uint8 in
+one shared array; DataLoader workers read it through fork's copy-on-write pages. Pairs that
+cannot be used are dropped during that pass with a ``DataWarning`` naming the file. Without
+the cache, a pair that fails at load time is replaced by the next usable one (with a warning),
+so a bad file never crashes a batch.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import PIXEL_MEAN, PIXEL_STD
+from .augment import augment, policy_for
+from .records import BadSampleError, DataWarning, SampleRecord, load_image_only, load_pair
+
+__all__ = [
+    "SegmentationDataset",
+    "measure_loader",
+    "normalise",
+    "resize_pair",
+]
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(H,W,3) float [0,255] + (H,W) bool -> (S,S,3) uint8 image + (S,S) uint8 soft mask (0..255).
+
+    Bilinear with antialiasing for both; the mask keeps its soft edge so later scaling and the
+    final 0.5 threshold stay accurate.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32) * 255.0)[None]
+    stacked = torch.cat([x, m], 0)[None]
+    h, w = image.shape[:2]
+    if (h, w) != (size, size):
+        stacked = F.interpolate(stacked, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    out = stacked[0].clamp(0, 255).round().to(torch.uint8)
+    return out[:3].permute(1, 2, 0).contiguous().numpy(), out[3].contiguous().numpy()
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """(B,3,S,S) [0,255] -> SAM-normalised float (the model's input)."""
+    mean = torch.tensor(PIXEL_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (images.float() - mean) / std
+
+
+def _load_resized(record: SampleRecord, size: int) -> tuple[np.ndarray, np.ndarray]:
+    if record.mask_path is None and record.mask is None:  # image-only (distillation)
+        image = load_image_only(record)
+        return resize_pair(image, np.zeros(image.shape[:2], dtype=bool), size)
+    image, mask = load_pair(record)
+    return resize_pair(image, mask, size)
+
+
+class SegmentationDataset(Dataset):
+    """Records resized to ``img_size``; optional RAM cache; per-draw seeded augmentation.
+
+    ``modalities`` maps a record's modality name to the model's index (-1 for a name outside
+    it, allowed only with ``any_modality=True``, e.g. natural images for distillation). Records
+    without a mask get an empty mask. Unusable records are dropped while caching (see
+    ``self.skipped``); ``self.records`` is what remains.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[SampleRecord],
+        img_size: int,
+        modalities: Sequence[str],
+        *,
+        augment: bool = True,
+        cache: bool = True,
+        cache_max_bytes: int | None = None,
+        threads: int = 4,
+        any_modality: bool = False,
+    ) -> None:
+        if not records:
+            raise ValueError("no samples to load")
+        self.img_size = int(img_size)
+        self.modalities = tuple(modalities)
+        self.augment = augment
+        self.skipped: list[str] = []
+        records = list(records)
+        unknown = sorted({r.modality for r in records} - set(self.modalities))
+        if unknown and not any_modality:
+            raise ValueError(f"modality {', '.join(unknown)} is not one of the model's: {', '.join(self.modalities)}")
+        need = len(records) * self.img_size * self.img_size * 4
+        if cache and cache_max_bytes is not None and need > cache_max_bytes:
+            warnings.warn(
+                f"RAM cache of {need / 2**30:.1f} GiB exceeds the limit {cache_max_bytes / 2**30:.1f} GiB; "
+                "decoding on the fly instead",
+                DataWarning,
+                stacklevel=2,
+            )
+            cache = False
+        self.cached = cache
+        self._images: np.ndarray | None = None
+        self._masks: np.ndarray | None = None
+        if cache:
+            records = self._fill_cache(records, threads)
+        self.records = records
+
+    def _fill_cache(self, records: list[SampleRecord], threads: int) -> list[SampleRecord]:
+        s = self.img_size
+        images = np.empty((len(records), s, s, 3), dtype=np.uint8)
+        masks = np.empty((len(records), s, s), dtype=np.uint8)
+
+        def work(i: int) -> tuple[int, str | None, list[str]]:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    images[i], masks[i] = _load_resized(records[i], s)
+                    err = None
+                except BadSampleError as exc:
+                    err = str(exc)
+            return i, err, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+        keep = []
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for i, err, notes in pool.map(work, range(len(records))):
+                for note in notes:  # re-issued here so they reach the caller's warning filters
+                    warnings.warn(note, DataWarning, stacklevel=4)
+                if err is None:
+                    keep.append(i)
+                else:
+                    self.skipped.append(err)
+                    warnings.warn(f"skipped: {err}", DataWarning, stacklevel=4)
+        if not keep:
+            raise ValueError(f"none of the {len(records)} samples could be loaded; first problem: {self.skipped[0]}")
+        if len(keep) < len(records):
+            images, masks = images[keep], masks[keep]
+        self._images, self._masks = images, masks
+        return [records[i] for i in keep]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _arrays(self, index: int) -> tuple[int, np.ndarray, np.ndarray]:
+        if self._images is not None and self._masks is not None:
+            return index, self._images[index], self._masks[index]
+        n = len(self.records)
+        for step in range(n):  # on-the-fly decoding: fall back to the next usable record
+            j = (index + step) % n
+            try:
+                img, msk = _load_resized(self.records[j], self.img_size)
+                return j, img, msk
+            except BadSampleError as exc:
+                warnings.warn(f"skipped: {exc}", DataWarning, stacklevel=3)
+        raise ValueError("none of the samples could be loaded")
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = (item, None) if isinstance(item, (int, np.integer)) else item
+        index, img, msk = self._arrays(int(index))
+        record = self.records[index]
+        image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+        mask = torch.from_numpy(np.ascontiguousarray(msk))[None].float() / 255.0
+        if self.augment and seed is not None:
+            image, mask = augment(image, mask, int(seed), policy_for(record.modality))
+        else:
+            mask = (mask > 0.5).float()
+        return {
+            "image": image.contiguous(),
+            "mask": mask.contiguous(),
+            "modality": torch.tensor(
+                self.modalities.index(record.modality) if record.modality in self.modalities else -1, dtype=torch.long
+            ),
+            "index": torch.tensor(index, dtype=torch.long),
+        }
+
+
+def measure_loader(loader: DataLoader, max_batches: int = 50, warmup: int = 2) -> dict[str, float]:
+    """Samples per second of a DataLoader alone (no model): iterate ``max_batches`` batches."""
+    it = iter(loader)
+    for _ in range(warmup):
+        try:
+            next(it)
+        except StopIteration:
+            break
+    n = 0
+    batches = 0
+    t0 = time.perf_counter()
+    for batch in it:
+        n += int(batch["image"].shape[0])
+        batches += 1
+        if batches >= max_batches:
+            break
+    dt = time.perf_counter() - t0
+    return {"samples": float(n), "seconds": dt, "samples_per_s": n / dt if dt > 0 else float("nan")}

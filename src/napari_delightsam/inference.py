@@ -1,0 +1,498 @@
+"""The inference engine: ``load_model(...) -> Segmenter``; ``Segmenter.segment(image, modality)``.
+
+Where a tensor is born and dies::
+
+    numpy image (H,W[,C])  --prepare_array-->  (H,W,1|3) [0,255]             (CPU, numpy)
+      --to_model_tensor-->  (1,3,S,S) normalised, on the device               (preprocess)
+      --torch.cat-->        (B,3,S,S)  --DeLightSAM-->  mask_logits (B,1,S/4,S/4),
+                            patch_logits (B,1,S/32,S/32), modality_logits (B,K)   (model)
+      --to_input_size + sigmoid--> probability / patch_heatmap (H,W) float32,
+                            mask = probability > threshold (H,W) bool             (postprocess)
+
+Threshold semantics: ``mask = probability > threshold`` (strict, as SAM's ``logits > 0``):
+threshold 0.5 keeps pixels the model gives more than even odds; threshold 1.0 gives an
+empty mask. ``SegmentationResult.rethreshold`` applies the same rule without the network.
+
+Fast paths (``fast=True``, the default): ``torch.inference_mode``, channels_last memory
+format, bf16 autocast on CUDA GPUs with native bf16 (compute capability >= 8) and on CPUs
+with native bf16 (AVX512-BF16 / AMX; see ``devices.cpu_supports_bf16``), fp32 everywhere else
+and as the fallback when a bf16 forward fails. ``compile=True`` wraps the network in
+``torch.compile`` and falls back to eager mode if compilation fails. ``Segmenter.precision``
+says what is used. The CPU thread count is left as the process has it (``set_threads``
+changes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .devices import cpu_supports_bf16, cuda_supports_bf16, resolve_device
+from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array, to_input_size, to_model_tensor
+
+__all__ = [
+    "ModalitySpec",
+    "PreparedImage",
+    "SegmentationResult",
+    "Segmenter",
+    "load_model",
+    "set_threads",
+    "threshold_probability",
+]
+
+log = logging.getLogger(__name__)
+
+#: "auto", a modality name (aliases allowed, see ``ModelConfig.modality_index``) or an index
+ModalitySpec = str | int
+
+#: checkpoint metadata key that marks the modality classifier head as trained ("true")
+MODALITY_HEAD_TRAINED_KEY = "modality_head_trained"
+
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
+)
+
+
+def set_threads(n: int) -> int:
+    """Set the number of CPU threads torch uses for inference; returns the previous value."""
+    if int(n) < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    return previous
+
+
+def _check_threshold(threshold: float) -> float:
+    t = float(threshold)
+    if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    return t
+
+
+def threshold_probability(probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """The mask rule used everywhere: ``probability > threshold`` (bool, same shape)."""
+    return np.asarray(probability) > _check_threshold(threshold)
+
+
+@dataclass
+class SegmentationResult:
+    """One image's segmentation, every map at the input's own (H,W)."""
+
+    #: (H,W) bool, ``probability > threshold``
+    mask: np.ndarray
+    #: (H,W) float32 in [0,1]: sigmoid of the QM-Decoder's low-res logits resized to (H,W)
+    probability: np.ndarray
+    #: (H,W) float32 in [0,1]: sigmoid of the SP-Generator patch logits resized to (H,W)
+    patch_heatmap: np.ndarray
+    #: the modality whose controller/query produced the mask (given, or predicted by "auto")
+    modality: str
+    #: softmax of the modality head, when the model has a trained one; else None
+    modality_probabilities: dict[str, float] | None
+    #: seconds: preprocess, model (this image's share of its batch), postprocess, total
+    timings: dict[str, float]
+    threshold: float = 0.5
+    #: how the input was read (layout, intensity window...)
+    info: PrepInfo | None = None
+
+    def rethreshold(self, threshold: float) -> np.ndarray:
+        """The mask at another threshold, without running the network again."""
+        return threshold_probability(self.probability, threshold)
+
+
+@dataclass
+class PreparedImage:
+    """An image ready for the network: ``tensor`` (1,3,S,S) on the device plus its PrepInfo."""
+
+    tensor: torch.Tensor
+    info: PrepInfo
+    seconds: float = 0.0
+
+
+@dataclass
+class _BatchOutput:
+    mask_logits: torch.Tensor
+    patch_logits: torch.Tensor
+    modality: torch.Tensor
+    modality_logits: torch.Tensor | None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Segmenter:
+    """A De-LightSAM network on a device, ready to segment numpy images.
+
+    Build it with :func:`load_model` or :meth:`from_model`. Attributes: ``config``,
+    ``device``, ``precision`` ("fp32" | "bf16"), ``checkpoint_path`` (None when untrained or
+    built from a live model), ``checkpoint_sha256``, ``metadata``, ``auto_available``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device | None = "auto",
+        *,
+        fast: bool = True,
+        precision: str = "auto",
+        compile: bool = False,
+        metadata: dict[str, str] | None = None,
+        checkpoint_path: Path | None = None,
+        checkpoint_sha256: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        cfg = getattr(model, "config", None)
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"Segmenter needs a DeLightSAM model, got {type(model).__name__}")
+        self.device = resolve_device(device)
+        self.fast = bool(fast)
+        self.memory_format = torch.channels_last if self.fast else torch.contiguous_format
+        self.model = model.eval().to(self.device, memory_format=self.memory_format)
+        self.config: ModelConfig = cfg
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.max_pixels = int(max_pixels)
+        self.precision = self._choose_precision(precision)
+        self._compiled: Any = None
+        if compile:
+            try:
+                self._compiled = torch.compile(self.model)
+            except Exception as exc:  # pragma: no cover - depends on the platform
+                warnings.warn(f"torch.compile unavailable ({exc}); using eager mode", stacklevel=2)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: torch.nn.Module,
+        device: str | torch.device | None = "auto",
+        **kwargs: Any,
+    ) -> Segmenter:
+        """Wrap a live ``DeLightSAM`` (moved to ``device``, eval mode; weights not copied)."""
+        return cls(model, device, **kwargs)
+
+    def __repr__(self) -> str:
+        src = self.checkpoint_path.name if self.checkpoint_path else "in-memory/untrained"
+        return (
+            f"Segmenter({self.config.variant}, {src}, device={self.device}, precision={self.precision}, "
+            f"auto={'yes' if self.auto_available else 'no'})"
+        )
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def _choose_precision(self, precision: str) -> str:
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        if precision == "fp32" or (precision == "auto" and not self.fast):
+            return "fp32"
+        if self.device.type == "cuda":
+            native = cuda_supports_bf16(self.device)
+        elif self.device.type == "cpu":
+            native = cpu_supports_bf16()
+        else:  # mps: bf16 autocast coverage is partial
+            native = False
+        if precision == "bf16" and not native:
+            warnings.warn(f"bf16 is not supported natively on {self.device}; using fp32", stacklevel=3)
+        return "bf16" if native else "fp32"
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.config.modalities
+
+    @property
+    def auto_available(self) -> bool:
+        """True when the model has a modality head that its checkpoint marks as trained."""
+        trained = self.metadata.get(MODALITY_HEAD_TRAINED_KEY, "").strip().lower() == "true"
+        return self.model.modality_head is not None and trained
+
+    def resolve_modality(self, modality: ModalitySpec | None) -> int | None:
+        """Index for a name/alias/index; None for "auto" (refused when the head is untrained)."""
+        if modality is None or (isinstance(modality, str) and modality.strip().lower() == "auto"):
+            if self.model.modality_head is None:
+                raise ValueError(
+                    "modality='auto' is unavailable: this model has no modality classifier; "
+                    f"pass one of {', '.join(self.modalities)}"
+                )
+            if not self.auto_available:
+                raise ValueError(
+                    "modality='auto' is unavailable for this model: its modality classifier head is "
+                    f"not trained (checkpoint metadata {MODALITY_HEAD_TRAINED_KEY} is not 'true'); "
+                    f"pass the modality explicitly, one of {', '.join(self.modalities)}"
+                )
+            return None
+        if isinstance(modality, np.integer):
+            modality = int(modality)
+        if isinstance(modality, bool) or not isinstance(modality, (str, int)):
+            raise ValueError(f"modality must be 'auto', a name or an index, got {modality!r}")
+        return self.config.modality_index(modality)
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def prepare(self, image: Any, *, nan_policy: NanPolicy = "raise") -> PreparedImage:
+        """Validate and preprocess one image (``ValueError`` with the reason when unusable)."""
+        t0 = time.perf_counter()
+        arr, info = prepare_array(image, max_pixels=self.max_pixels, nan_policy=nan_policy)
+        tensor = to_model_tensor(arr, self.config.img_size, self.device)
+        return PreparedImage(tensor, info, time.perf_counter() - t0)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _forward_once(self, x: torch.Tensor, modality: torch.Tensor | None) -> _BatchOutput:
+        with torch.inference_mode():
+            with self._autocast():
+                if self._compiled is not None:
+                    try:
+                        out = self._compiled(x, modality)
+                    except _OOM_ERRORS:
+                        raise
+                    except Exception as exc:
+                        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using eager mode")
+                        self._compiled = None
+                        out = self.model(x, modality)
+                else:
+                    out = self.model(x, modality)
+            self._sync()
+        logits = out.modality_logits.float() if out.modality_logits is not None else None
+        return _BatchOutput(out.mask_logits.float(), out.patch_logits.float(), out.modality, logits)
+
+    def _forward_guarded(self, x: torch.Tensor, modality: torch.Tensor | None) -> _BatchOutput:
+        """One forward with the fallbacks: bf16 -> fp32 on failure; CUDA OOM -> smaller batches."""
+        try:
+            return self._forward_once(x, modality)
+        except _OOM_ERRORS:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            n = x.shape[0]
+            if n == 1:
+                raise RuntimeError(
+                    f"out of memory on {self.device} while segmenting one {self.config.img_size}² image; "
+                    "close other GPU programs or use device='cpu'"
+                ) from None
+            half = n // 2
+            log.warning("out of memory with a batch of %d on %s; retrying with %d", n, self.device, half)
+            parts = [
+                self._forward_guarded(x[:half], None if modality is None else modality[:half]),
+                self._forward_guarded(x[half:], None if modality is None else modality[half:]),
+            ]
+            logits = [p.modality_logits for p in parts]
+            return _BatchOutput(
+                torch.cat([p.mask_logits for p in parts]),
+                torch.cat([p.patch_logits for p in parts]),
+                torch.cat([p.modality for p in parts]),
+                None if logits[0] is None else torch.cat(logits),  # type: ignore[arg-type]
+            )
+        except RuntimeError as exc:
+            if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
+                raise RuntimeError(
+                    f"out of memory on {self.device} with a batch of {x.shape[0]}: use a smaller batch size"
+                ) from None
+            if self.precision != "bf16":
+                raise
+            warnings.warn(f"bf16 inference failed ({exc}); falling back to fp32")
+            self.precision = "fp32"
+            return self._forward_once(x, modality)
+
+    def _run(self, batch: list[PreparedImage], modality: list[int | None]) -> _BatchOutput:
+        x = torch.cat([p.tensor for p in batch]).contiguous(memory_format=self.memory_format)
+        t0 = time.perf_counter()
+        if all(m is None for m in modality):
+            out = self._forward_guarded(x, None)
+        elif any(m is None for m in modality):
+            # a chunk mixing "auto" with given modalities: two forwards, merged back in order
+            auto = [i for i, m in enumerate(modality) if m is None]
+            given = [i for i, m in enumerate(modality) if m is not None]
+            mod = torch.tensor([modality[i] for i in given], dtype=torch.long, device=self.device)
+            a = self._forward_guarded(x[auto], None)
+            g = self._forward_guarded(x[given], mod)
+            order = torch.tensor(auto + given, device=self.device).argsort()
+            logits = None
+            if a.modality_logits is not None and g.modality_logits is not None:
+                logits = torch.cat([a.modality_logits, g.modality_logits])[order]
+            out = _BatchOutput(
+                torch.cat([a.mask_logits, g.mask_logits])[order],
+                torch.cat([a.patch_logits, g.patch_logits])[order],
+                torch.cat([a.modality, g.modality])[order],
+                logits,
+            )
+        else:
+            mod = torch.tensor(modality, dtype=torch.long, device=self.device)
+            out = self._forward_guarded(x, mod)
+        out.seconds = time.perf_counter() - t0
+        return out
+
+    def _upsample(self, lowres: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """(h,w) logits -> (H,W) float32 probabilities (sigmoid after the resize, like SAM)."""
+        try:
+            up = to_input_size(lowres, size)
+        except _OOM_ERRORS:  # a huge image on a full GPU: finish this one on the CPU
+            torch.cuda.empty_cache()
+            up = to_input_size(lowres.cpu(), size)
+        return up.sigmoid_().cpu().numpy()
+
+    def _postprocess(self, out: _BatchOutput, i: int, prepared: PreparedImage, threshold: float, share: float):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            size = prepared.info.size
+            probability = self._upsample(out.mask_logits[i, 0], size)
+            heatmap = self._upsample(out.patch_logits[i, 0], size)
+            probs = None
+            if out.modality_logits is not None and self.auto_available:
+                p = torch.softmax(out.modality_logits[i], dim=0).cpu().tolist()
+                probs = {name: float(v) for name, v in zip(self.modalities, p)}
+        mask = probability > threshold
+        post = time.perf_counter() - t0
+        timings = {
+            "preprocess": prepared.seconds,
+            "model": share,
+            "postprocess": post,
+            "total": prepared.seconds + share + post,
+        }
+        return SegmentationResult(
+            mask=mask,
+            probability=probability,
+            patch_heatmap=heatmap,
+            modality=self.modalities[int(out.modality[i])],
+            modality_probabilities=probs,
+            timings=timings,
+            threshold=threshold,
+            info=prepared.info,
+        )
+
+    # -- public entry points ---------------------------------------------------------------
+
+    def _modality_list(self, modality: ModalitySpec | Sequence[ModalitySpec] | None, n: int) -> list[int | None]:
+        if isinstance(modality, (list, tuple)):
+            if len(modality) != n:
+                raise ValueError(f"got {len(modality)} modalities for {n} images")
+            return [self.resolve_modality(m) for m in modality]
+        return [self.resolve_modality(modality)] * n  # type: ignore[arg-type]
+
+    def segment_prepared(
+        self,
+        prepared: Sequence[PreparedImage],
+        modality: ModalitySpec | Sequence[ModalitySpec] | None = "auto",
+        threshold: float = 0.5,
+        *,
+        batch_size: int = 8,
+    ) -> list[SegmentationResult]:
+        """Run the network on already prepared images, ``batch_size`` at a time, stacked."""
+        threshold = _check_threshold(threshold)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        mods = self._modality_list(modality, len(prepared))
+        results: list[SegmentationResult] = []
+        for start in range(0, len(prepared), int(batch_size)):
+            chunk = list(prepared[start : start + int(batch_size)])
+            out = self._run(chunk, mods[start : start + len(chunk)])
+            share = out.seconds / len(chunk)
+            results += [self._postprocess(out, i, p, threshold, share) for i, p in enumerate(chunk)]
+        return results
+
+    def segment_batch(
+        self,
+        images: Sequence[Any],
+        modality: ModalitySpec | Sequence[ModalitySpec] | None = "auto",
+        threshold: float = 0.5,
+        *,
+        batch_size: int = 8,
+        nan_policy: NanPolicy = "raise",
+    ) -> list[SegmentationResult]:
+        """Segment many images (any sizes): preprocessed one by one, run ``batch_size`` at a
+        time as one stacked tensor on the device. ``modality`` is one spec or one per image.
+        """
+        threshold = _check_threshold(threshold)
+        mods = self._modality_list(modality, len(images))  # fail before any work
+        results: list[SegmentationResult] = []
+        step = max(1, int(batch_size))
+        for start in range(0, len(images), step):
+            prepared = [self.prepare(im, nan_policy=nan_policy) for im in images[start : start + step]]
+            results += self.segment_prepared(prepared, mods[start : start + step], threshold, batch_size=step)
+        return results
+
+    def segment(
+        self,
+        image: Any,
+        modality: ModalitySpec | None = "auto",
+        threshold: float = 0.5,
+        *,
+        nan_policy: NanPolicy = "raise",
+    ) -> SegmentationResult:
+        """Segment one 2D image (see ``preprocess`` for accepted layouts and dtypes).
+
+        ``modality``: "auto" (needs a trained modality head), a name such as "dermoscopy"
+        (aliases: "x-ray", "cxr", "endoscopy", "us") or an index into ``config.modalities``.
+        """
+        threshold = _check_threshold(threshold)
+        self.resolve_modality(modality)  # refuse a bad modality before preprocessing
+        prepared = self.prepare(image, nan_policy=nan_policy)
+        return self.segment_prepared([prepared], modality, threshold)[0]
+
+
+def load_model(
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = "auto",
+    *,
+    fast: bool = True,
+    precision: str = "auto",
+    compile: bool = False,
+    config: ModelConfig | None = None,
+    seed: int = 0,
+) -> Segmenter:
+    """A ready :class:`Segmenter`.
+
+    ``checkpoint``: None = the bundled default model (``weights/``); ``"untrained"`` = the
+    default architecture (or ``config``) with fresh weights from ``seed`` (tests and
+    benchmarks; its modality head is untrained, so "auto" is refused); otherwise a
+    ``.safetensors`` file written by ``save_checkpoint``. ``device``: "auto" (cuda -> mps ->
+    cpu), "cpu", "cuda", "cuda:N", "mps". Raises ``CheckpointError`` (a ``ValueError``) for a
+    missing or invalid checkpoint and ``ValueError`` for an unusable device.
+    """
+    from .checkpoint import CheckpointError, bundled_checkpoint_path, load_checkpoint, read_checkpoint_info
+    from .io_utils import sha256_file
+    from .model import DeLightSAM
+
+    kwargs: dict[str, Any] = dict(fast=fast, precision=precision, compile=compile)
+    dev = resolve_device(device)  # a bad device fails before any loading
+    if isinstance(checkpoint, str) and checkpoint.strip().lower() == "untrained":
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
+            torch.manual_seed(seed)
+            model = DeLightSAM(config or ModelConfig())
+        meta = {MODALITY_HEAD_TRAINED_KEY: "false", "weights": "untrained"}
+        return Segmenter(model, dev, metadata=meta, **kwargs)
+    if config is not None:
+        raise ValueError("config= is only used with checkpoint='untrained' (a checkpoint stores its own)")
+    if checkpoint is None:
+        path = bundled_checkpoint_path()
+        if path is None:
+            raise CheckpointError(
+                "no bundled model is installed yet (weights/delightsam_default.safetensors); pass a "
+                "checkpoint file, or checkpoint='untrained' for random weights (tests and benchmarks)"
+            )
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists() else f"{path} is not a file")
+    _, meta = read_checkpoint_info(path)
+    model = load_checkpoint(path, map_location="cpu")
+    return Segmenter(model, dev, metadata=meta, checkpoint_path=path, checkpoint_sha256=sha256_file(path), **kwargs)

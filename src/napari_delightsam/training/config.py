@@ -1,0 +1,141 @@
+"""``TrainConfig``: everything that defines a training run (stored in ``run.json`` and in every
+checkpoint's metadata, so a run can be resumed and a model traced back to its recipe).
+
+Defaults are the paper's recipe: Adam lr 1e-4, exponential decay 0.98 per epoch, batch 4,
+focal + Dice + 0.7·patch BCE, 1024², 200 epochs; plus a small modality cross-entropy for the
+"auto" modality head (beyond the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FREEZE_GROUPS", "RESUME_MUTABLE", "TrainConfig"]
+
+#: parameter groups that ``freeze`` may name
+FREEZE_GROUPS = ("backbone", "controllers", "encoder", "prompt_generator", "decoder", "modality_head")
+#: fields a resumed run may change without breaking its schedule
+RESUME_MUTABLE = frozenset({"epochs", "device", "num_workers", "cache", "val_every", "log_every"})
+
+
+@dataclass
+class TrainConfig:
+    # schedule (paper: Adam 1e-4, ×0.98 per epoch, batch 4, 200 epochs at 1024²)
+    epochs: int = 200
+    #: optimizer steps per epoch; None = one pass over the training images
+    steps_per_epoch: int | None = None
+    img_size: int = 1024
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    gamma: float = 0.98
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    # losses (Eq. 3, 8) + modality head
+    patch_weight: float = 0.7
+    modality_weight: float = 0.1
+    train_modality_head: bool = True
+    # model
+    #: "default" (the paper's model) or "tiny" (tests, smoke runs)
+    model_preset: str = "default"
+    #: ModelConfig field overrides, e.g. {"controller_ffn_ratio": 1.0}
+    model: dict[str, Any] = field(default_factory=dict)
+    #: "none" | "litemedsam" (DC-Encoder backbone from LiteMedSAM) | path to a .safetensors checkpoint
+    init: str = "none"
+    #: parameter groups to keep fixed, from FREEZE_GROUPS
+    freeze: tuple[str, ...] = ()
+    #: BatchNorm running statistics fixed; None = fixed when starting from pretrained weights
+    freeze_bn: bool | None = None
+    # data
+    seed: int = 0
+    modalities: tuple[str, ...] | None = None
+    max_per_dataset: int | None = None
+    val_max_per_dataset: int | None = None
+    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    balanced: bool = True
+    augment: bool = True
+    cache: bool = True
+    num_workers: int = 2
+    # runtime
+    device: str = "auto"
+    #: bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True
+    val_every: int = 1
+    #: a "step" line in metrics.jsonl every N optimizer steps (0 = epoch lines only)
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("freeze", "modalities", "split_ratios"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+        for name in ("epochs", "img_size", "batch_size", "grad_accum", "val_every"):
+            positive(name)
+        if self.steps_per_epoch is not None:
+            positive("steps_per_epoch")
+        for name in ("max_per_dataset", "val_max_per_dataset"):
+            if getattr(self, name) is not None:
+                positive(name)
+        if self.img_size % 64:
+            raise ValueError(f"img_size must be a multiple of 64, got {self.img_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.model_preset not in ("default", "tiny"):
+            raise ValueError(f"model_preset must be 'default' or 'tiny', got {self.model_preset!r}")
+        bad = [g for g in self.freeze if g not in FREEZE_GROUPS]
+        if bad:
+            raise ValueError(f"unknown freeze group(s) {', '.join(bad)}; choose from {', '.join(FREEZE_GROUPS)}")
+        if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios):
+            raise ValueError(f"split_ratios must be three non-negative numbers, got {self.split_ratios}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> TrainConfig:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"training config not found: {p}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: expected a JSON object of training settings")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{p}: {exc}") from exc
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}

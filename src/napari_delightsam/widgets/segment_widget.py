@@ -1,0 +1,730 @@
+"""The "De-LightSAM segment" dock widget.
+
+Image layer + modality + device + model + threshold -> three layers named after the input and
+carrying its scale/translate: ``<name>_delightsam_mask`` (Labels), ``<name>_delightsam_heatmap``
+(the SP-Generator's patch prompt map) and ``<name>_delightsam_probability`` (hidden).
+
+* The network runs in a napari ``thread_worker`` (a stack slice by slice, with progress and
+  Cancel); the GUI thread only creates/updates layers.
+* The Segmenter is loaded once per (checkpoint, device) and cached (``model_cache``).
+* Moving the threshold or toggling instances re-derives the mask from the cached probability:
+  no model call.
+* A mask layer the user has painted on is never overwritten: the next result goes to a new
+  layer ``<name>_delightsam_mask [2]``.
+* Errors become napari notifications; device errors offer "Retry on CPU".
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..config import MODALITIES
+from . import registry, settings
+from .core import (
+    METADATA_KEY,
+    InputError,
+    SegmentationRun,
+    device_error_kind,
+    fingerprint,
+    iterate_segmentation,
+    output_names,
+    prepare_input,
+    threshold_mask,
+    unique_name,
+    utc_now,
+    was_edited,
+)
+from .model_cache import MODEL_CACHE, ModelCache
+
+if TYPE_CHECKING:
+    import napari
+
+CHOOSE_FILE = "__choose__"
+MODEL_LABELS = {
+    settings.BUNDLED: "bundled model",
+    settings.UNTRAINED: "untrained (random weights, for testing)",
+}
+
+
+def _notify(kind: str, message: str, actions: tuple = ()) -> None:
+    """napari notification (info/warning/error), optionally with action buttons."""
+    from napari.utils.notifications import Notification, NotificationSeverity, notification_manager
+
+    severity = {"info": NotificationSeverity.INFO, "warning": NotificationSeverity.WARNING}.get(
+        kind, NotificationSeverity.ERROR
+    )
+    notification_manager.dispatch(Notification(f"De-LightSAM: {message}", severity=severity, actions=actions))
+
+
+def _alive(obj: Any) -> bool:
+    try:
+        obj.objectName()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _checkpoint_label(path: str) -> str:
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+@dataclass
+class _LastRun:
+    """What re-thresholding needs: the cached network output and the layer it feeds."""
+
+    input_name: str
+    run: SegmentationRun
+    provenance: dict[str, Any]
+    mask_layer: weakref.ref
+    heatmap_layer: weakref.ref
+    probability_layer: weakref.ref
+
+
+class SegmentWidget(QWidget):
+    """Dock widget: prompt-free De-LightSAM segmentation of an Image layer."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None,
+                 model_cache: ModelCache | None = None) -> None:
+        super().__init__(parent)
+        # napari hands plugins a PublicOnlyProxy; keep the real viewer so layer identity and
+        # weak references behave (proxies are re-created on every attribute access)
+        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
+        self.model_cache = model_cache or MODEL_CACHE
+        self._worker: Any = None
+        self._pbar: Any = None
+        self._job: dict[str, Any] = {}
+        self._last: _LastRun | None = None
+        self._closing = False
+        self._previous_model_index = 0
+        self.setObjectName("DeLightSAMSegmentWidget")
+
+        self._build_ui()
+        self._populate_models()
+        self._refresh_image_layers()
+        self._connect_viewer()
+        registry.register_segment_widget(self.viewer, self)
+        # stop a running worker when the dock (or the whole window) goes away; the closure
+        # must not reference `self`, whose Qt side is already gone when `destroyed` fires
+        state = {"worker": None}
+        self._worker_box = state
+        self.destroyed.connect(lambda *_: _quit_worker(state))
+
+    # -- UI ------------------------------------------------------------------------------------
+
+    def _build_ui(self) -> None:
+        from superqt import QLabeledDoubleSlider
+
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("Image layer to segment: 2D grey or RGB, or a stack (slice by slice)")
+        form.addRow("Image", self.image_combo)
+
+        self.modality_combo = QComboBox()
+        self.modality_combo.addItems(["auto", *MODALITIES])
+        self.modality_combo.setToolTip("Imaging modality; 'auto' lets the model's modality head choose")
+        form.addRow("Modality", self.modality_combo)
+
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(_device_choices())
+        self.device_combo.setToolTip("auto = CUDA, then Apple MPS, then CPU (only devices found here are listed)")
+        form.addRow("Device", self.device_combo)
+
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("Bundled model, a checkpoint file (.safetensors), or untrained weights")
+        self.model_combo.activated.connect(self._on_model_activated)
+        form.addRow("Model", self.model_combo)
+
+        self.threshold_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
+        self.threshold_slider.setRange(0.0, 1.0)
+        self.threshold_slider.setSingleStep(0.01)
+        self.threshold_slider.setDecimals(2)
+        self.threshold_slider.setValue(0.5)
+        self.threshold_slider.setToolTip("Foreground = probability > threshold; changes re-derive the mask, no rerun")
+        self.threshold_slider.valueChanged.connect(self._on_threshold_changed)
+        form.addRow("Threshold", self.threshold_slider)
+
+        self.instances_check = QCheckBox("instances (connected components)")
+        self.instances_check.setToolTip("One label id per connected region (e.g. nuclei) instead of a binary mask")
+        self.instances_check.toggled.connect(self._on_threshold_changed)
+        form.addRow("", self.instances_check)
+
+        self.heatmap_check = QCheckBox("show patch-prompt heatmap")
+        self.heatmap_check.setChecked(True)
+        self.heatmap_check.toggled.connect(self._on_heatmap_toggled)
+        form.addRow("", self.heatmap_check)
+        layout.addLayout(form)
+
+        row = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        layout.addLayout(row)
+
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.progress_bar.setTextVisible(True)
+        layout.addWidget(self.progress_bar)
+
+        self.export_button = QPushButton("Export mask…")
+        self.export_button.setToolTip("Save the selected Labels layer as PNG or TIFF with a provenance JSON")
+        self.export_button.clicked.connect(self.export)
+        layout.addWidget(self.export_button)
+
+        self.status_label = QLabel("Ready.")
+        self.status_label.setWordWrap(True)
+        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+    def _set_status(self, text: str) -> None:
+        if _alive(self):
+            self.status_label.setText(text)
+
+    # -- model combo ---------------------------------------------------------------------------
+
+    def _populate_models(self) -> None:
+        combo = self.model_combo
+        combo.blockSignals(True)
+        combo.clear()
+        bundled = _bundled_path()
+        if bundled is not None:
+            combo.addItem(f"{MODEL_LABELS[settings.BUNDLED]} ({Path(bundled).name})", settings.BUNDLED)
+        else:
+            combo.addItem(f"{MODEL_LABELS[settings.BUNDLED]} (not installed)", settings.BUNDLED)
+            item = combo.model().item(0)
+            if item is not None:
+                item.setEnabled(False)
+        combo.addItem(MODEL_LABELS[settings.UNTRAINED], settings.UNTRAINED)
+        for path in settings.recent_checkpoints():
+            combo.addItem(_checkpoint_label(path), path)
+            combo.setItemData(combo.count() - 1, path, Qt.ItemDataRole.ToolTipRole)
+        combo.addItem("choose checkpoint file…", CHOOSE_FILE)
+        last = settings.last_model()
+        index = combo.findData(last) if last else -1
+        if index < 0 or (last == settings.BUNDLED and bundled is None):
+            index = 0 if bundled is not None else combo.findData(settings.UNTRAINED)
+        combo.setCurrentIndex(index)
+        self._previous_model_index = index
+        combo.blockSignals(False)
+
+    def current_model(self) -> str:
+        """``"bundled"``, ``"untrained"`` or a checkpoint path."""
+        return str(self.model_combo.currentData())
+
+    def _on_model_activated(self, index: int) -> None:
+        if self.model_combo.itemData(index) == CHOOSE_FILE:
+            path = self._ask_checkpoint_file()
+            if path:
+                self.use_checkpoint(path)
+            else:
+                self.model_combo.setCurrentIndex(self._previous_model_index)
+            return
+        self._previous_model_index = index
+        settings.remember_model(self.current_model())
+
+    def _ask_checkpoint_file(self) -> str | None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Choose a De-LightSAM checkpoint", str(Path.home()), "Checkpoints (*.safetensors);;All files (*)"
+        )
+        return path or None
+
+    def use_checkpoint(self, path: str | Path, select: bool = True) -> bool:
+        """Offer a checkpoint file in the model combo (and select it); False if it is not valid.
+
+        Earlier entries stay selectable. Called by the fine-tune widget with its best checkpoint.
+        """
+        path = str(Path(path).expanduser().resolve())
+        try:
+            from ..checkpoint import read_checkpoint_info
+
+            read_checkpoint_info(path)
+        except Exception as exc:  # noqa: BLE001 -- any unreadable file -> one message
+            _notify("error", f"cannot use checkpoint {path}: {exc}")
+            if _alive(self):
+                self.model_combo.setCurrentIndex(self._previous_model_index)
+            return False
+        if not _alive(self):
+            return False
+        index = self.model_combo.findData(path)
+        if index < 0:
+            index = self.model_combo.count() - 1  # before "choose checkpoint file…"
+            self.model_combo.insertItem(index, _checkpoint_label(path), path)
+            self.model_combo.setItemData(index, path, Qt.ItemDataRole.ToolTipRole)
+        if select:
+            self.model_combo.setCurrentIndex(index)
+            self._previous_model_index = index
+            settings.remember_model(path)
+        return True
+
+    # -- image layer combo -------------------------------------------------------------------
+
+    def _connect_viewer(self) -> None:
+        events = self.viewer.layers.events
+        for name in ("inserted", "removed", "moved", "reordered"):
+            emitter = getattr(events, name, None)
+            if emitter is not None:
+                emitter.connect(self._on_layers_changed)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._on_layers_changed)
+
+    def _disconnect_viewer(self) -> None:
+        events = self.viewer.layers.events
+        for name in ("inserted", "removed", "moved", "reordered"):
+            emitter = getattr(events, name, None)
+            if emitter is not None:
+                emitter.disconnect(self._on_layers_changed)
+        for layer in self.viewer.layers:
+            layer.events.name.disconnect(self._on_layers_changed)
+
+    def _on_layers_changed(self, event: Any = None) -> None:
+        if not _alive(self):
+            return
+        if event is not None and getattr(event, "type", None) == "inserted":
+            event.value.events.name.connect(self._on_layers_changed)
+        self._refresh_image_layers()
+
+    def _image_layers(self) -> list[Any]:
+        from napari.layers import Image
+
+        ours = {"heatmap", "probability"}
+        return [
+            layer for layer in self.viewer.layers
+            if isinstance(layer, Image) and layer.metadata.get(METADATA_KEY, {}).get("kind") not in ours
+        ]
+
+    def _refresh_image_layers(self) -> None:
+        combo = self.image_combo
+        current = combo.currentText()
+        names = [layer.name for layer in self._image_layers()]
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItems(names)
+        if current in names:
+            combo.setCurrentIndex(names.index(current))
+        else:
+            active = self.viewer.layers.selection.active
+            if active is not None and active.name in names:
+                combo.setCurrentIndex(names.index(active.name))
+        combo.blockSignals(False)
+
+    def _layer_by_name(self, name: str) -> Any | None:
+        for layer in self.viewer.layers:
+            if layer.name == name:
+                return layer
+        return None
+
+    # -- running ---------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None
+
+    def run(self, device: str | None = None) -> Any:
+        """Start segmenting the chosen image layer; returns the worker (None when nothing started)."""
+        if self.busy:
+            _notify("info", "a segmentation is already running; press Cancel to stop it")
+            return None
+        name = self.image_combo.currentText()
+        layer = self._layer_by_name(name) if name else None
+        if layer is None:
+            _notify("warning", "no image layer to segment; open an image first")
+            return None
+        try:
+            prepared = prepare_input(layer.data, bool(getattr(layer, "rgb", False)), layer.name,
+                                     bool(getattr(layer, "multiscale", False)))
+        except InputError as exc:
+            _notify("error", str(exc))
+            return None
+        if isinstance(prepared.data, np.ndarray):
+            # a private copy: the user may edit or delete the layer while the worker reads it
+            prepared = type(prepared)(**{**prepared.__dict__, "data": prepared.data.copy()})
+        spec = self.current_model()
+        if spec == CHOOSE_FILE:
+            _notify("warning", "choose a model first")
+            return None
+        device = device or self.device_combo.currentText() or "auto"
+        modality = self.modality_combo.currentText()
+        threshold = float(self.threshold_slider.value())
+        self._job = {
+            "layer": weakref.ref(layer),
+            "input_name": layer.name,
+            "scale": tuple(layer.scale),
+            "translate": tuple(layer.translate),
+            "prepared": prepared,
+            "spec": spec,
+            "device": device,
+            "modality": modality,
+            "threshold": threshold,
+            "input_shape": list(np.shape(layer.data) if not getattr(layer, "multiscale", False) else layer.data[0].shape),
+        }
+        return self._start_worker(prepared, spec, device, modality, threshold)
+
+    def _start_worker(self, prepared: Any, spec: str, device: str, modality: str, threshold: float) -> Any:
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        if not self.model_cache.is_loaded(spec, device):
+            self._set_status(f"Loading {MODEL_LABELS.get(spec, _checkpoint_label(spec))} on {device} (first use)…")
+        else:
+            self._set_status("Segmenting…")
+        worker = create_worker(
+            _segment_job, self.model_cache, prepared, spec, device, modality, threshold, _ignore_errors=True
+        )
+        self._pbar = progress(total=prepared.n_slices, desc=f"De-LightSAM {prepared.name}")
+        self.progress_bar.setRange(0, prepared.n_slices)
+        self.progress_bar.setValue(0)
+        worker.yielded.connect(self._on_yielded)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._worker_box["worker"] = worker
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        if self._worker is not None:
+            self._worker.quit()
+            self._set_status("Cancelling after the current slice…")
+
+    def _on_yielded(self, item: tuple) -> None:
+        if not _alive(self):
+            return
+        kind = item[0]
+        if kind == "loaded":
+            self._set_status(f"Segmenting with {item[1]}…")
+        elif kind == "progress":
+            done, total = item[1], item[2]
+            self.progress_bar.setValue(done)
+            if self._pbar is not None:
+                self._pbar.update(1)
+            if total > 1:
+                self._set_status(f"Segmenting slice {done}/{total}…")
+
+    def _on_aborted(self) -> None:
+        if _alive(self):
+            self._set_status("Cancelled; no layer was changed.")
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self._worker_box["worker"] = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        if _alive(self):
+            self.run_button.setEnabled(True)
+            self.cancel_button.setEnabled(False)
+
+    def _on_errored(self, exc: BaseException) -> None:
+        if not _alive(self):
+            return
+        job = self._job
+        device = job.get("device", "auto")
+        kind = device_error_kind(exc)
+        if kind is not None and device != "cpu":
+            self._set_status(f"{kind} on {device}; you can retry on the CPU.")
+            _notify("error", f"{kind} on device '{device}' ({exc}). Retry on the CPU?",
+                    actions=(("Retry on CPU", lambda *_: self.retry_on_cpu()),))
+            return
+        self._set_status(f"Failed: {exc}")
+        _notify("error", f"segmentation of '{job.get('input_name', '?')}' failed: {exc}")
+
+    def retry_on_cpu(self) -> Any:
+        """The device-error fallback: switch the device to CPU and run again."""
+        if not _alive(self):
+            return None
+        index = self.device_combo.findText("cpu")
+        if index >= 0:
+            self.device_combo.setCurrentIndex(index)
+        return self.run(device="cpu")
+
+    def _on_returned(self, payload: tuple[SegmentationRun, dict[str, Any]]) -> None:
+        if not _alive(self) or self._closing:
+            return
+        run, model_info = payload
+        job = self._job
+        layer = job["layer"]()
+        if layer is None or layer not in self.viewer.layers:
+            self._set_status("The input layer was removed during the run; results discarded.")
+            _notify("warning", f"layer '{job['input_name']}' was removed during the run; results discarded")
+            return
+        threshold = float(self.threshold_slider.value())
+        instances = self.instances_check.isChecked()
+        provenance = {
+            "model_file": model_info.get("checkpoint_path"),
+            "model_sha256": model_info.get("checkpoint_sha256"),
+            "model": job["spec"] if job["spec"] in (settings.BUNDLED, settings.UNTRAINED) else "file",
+            "modality": job["modality"],
+            "modality_used": run.modality_summary,
+            "modality_probabilities": run.modality_probabilities[0] if len(run.modalities) == 1 else None,
+            "threshold": threshold,
+            "instances": instances,
+            "input_layer": job["input_name"],
+            "input_shape": job["input_shape"],
+            "time": utc_now(),
+            "device": model_info.get("device"),
+            "seconds": round(run.seconds, 3),
+            "package_version": _version(),
+        }
+        run.provenance = provenance
+        mask = threshold_mask(run.probability, threshold, instances)
+        self._write_layers(job, run, mask, provenance)
+        mod = run.modality_summary
+        if job["modality"] == "auto" and len(run.modalities) == 1 and run.modality_probabilities[0]:
+            p = run.modality_probabilities[0].get(mod)
+            mod = f"{mod} (auto, p={p:.2f})" if p is not None else f"{mod} (auto)"
+        self._set_status(
+            f"Done in {run.seconds:.2f} s · modality {mod} · model {_checkpoint_label(str(provenance['model_file'])) if provenance['model_file'] else job['spec']}"
+            f" on {model_info.get('device')}"
+        )
+
+    # -- output layers ---------------------------------------------------------------------------
+
+    def _write_layers(self, job: dict[str, Any], run: SegmentationRun, mask: np.ndarray,
+                      provenance: dict[str, Any]) -> None:
+        names = output_names(job["input_name"])
+        geom = {"scale": job["scale"], "translate": job["translate"]}
+        prob_layer = self._upsert_image(names["probability"], run.probability, "probability", geom,
+                                        colormap="viridis", opacity=1.0, visible=False)
+        heat_layer = self._upsert_image(names["heatmap"], run.heatmap, "heatmap", geom,
+                                        colormap="inferno", opacity=0.5, visible=self.heatmap_check.isChecked())
+        mask_layer = self._upsert_mask(names["mask"], mask, provenance, geom, job["input_name"])
+        self._last = _LastRun(job["input_name"], run, provenance, weakref.ref(mask_layer),
+                              weakref.ref(heat_layer), weakref.ref(prob_layer))
+
+    def _upsert_image(self, name: str, data: np.ndarray, kind: str, geom: dict[str, Any], **style: Any) -> Any:
+        from napari.layers import Image
+
+        layer = self._layer_by_name(name)
+        meta = {METADATA_KEY: {"kind": kind}}
+        if isinstance(layer, Image) and layer.metadata.get(METADATA_KEY, {}).get("kind") == kind:
+            layer.data = data
+            layer.scale, layer.translate = geom["scale"], geom["translate"]
+            layer.contrast_limits = (0.0, 1.0)
+            return layer
+        name = unique_name(name, [lay.name for lay in self.viewer.layers])
+        return self.viewer.add_image(data, name=name, contrast_limits=(0.0, 1.0), metadata=meta,
+                                     blending="translucent", **geom, **style)
+
+    def _mask_metadata(self, mask: np.ndarray, provenance: dict[str, Any]) -> dict[str, Any]:
+        return {METADATA_KEY: {**provenance, "kind": "mask", "fingerprint": fingerprint(mask)}}
+
+    def _upsert_mask(self, name: str, mask: np.ndarray, provenance: dict[str, Any], geom: dict[str, Any],
+                     input_name: str) -> Any:
+        from napari.layers import Labels
+
+        candidates = []
+        if self._last is not None and self._last.input_name == input_name:
+            previous = self._last.mask_layer()
+            if previous is not None and previous in self.viewer.layers:
+                candidates.append(previous)
+        named = self._layer_by_name(name)
+        if named is not None and named not in candidates:
+            candidates.append(named)
+        kept = []
+        for layer in candidates:
+            if isinstance(layer, Labels) and not was_edited(layer.data, layer.metadata):
+                layer.data = mask
+                layer.metadata = self._mask_metadata(mask, provenance)
+                layer.scale, layer.translate = geom["scale"], geom["translate"]
+                return layer
+            kept.append(layer.name)
+        new_name = unique_name(name, [lay.name for lay in self.viewer.layers])
+        layer = self.viewer.add_labels(mask, name=new_name, opacity=0.6,
+                                       metadata=self._mask_metadata(mask, provenance), **geom)
+        if kept:
+            _notify("info", f"kept your edited layer '{kept[0]}'; the new result is in '{new_name}'")
+        return layer
+
+    def _on_threshold_changed(self, *_: Any) -> None:
+        """Re-derive the mask from the cached probability map (no network call)."""
+        if not _alive(self) or self._last is None:
+            return
+        last = self._last
+        layer = last.mask_layer()
+        if layer is None or layer not in self.viewer.layers:
+            return
+        threshold = float(self.threshold_slider.value())
+        instances = self.instances_check.isChecked()
+        mask = threshold_mask(last.run.probability, threshold, instances)
+        provenance = {**last.provenance, "threshold": threshold, "instances": instances, "time": utc_now()}
+        last.provenance = provenance
+        if was_edited(layer.data, layer.metadata):
+            # never repaint over corrections: continue in a new layer
+            from napari.layers import Labels
+
+            new_name = unique_name(output_names(last.input_name)["mask"], [lay.name for lay in self.viewer.layers])
+            new = self.viewer.add_labels(mask, name=new_name, opacity=layer.opacity, scale=layer.scale,
+                                         translate=layer.translate, metadata=self._mask_metadata(mask, provenance))
+            assert isinstance(new, Labels)
+            last.mask_layer = weakref.ref(new)
+            _notify("info", f"kept your edited layer '{layer.name}'; the re-thresholded mask is in '{new_name}'")
+            return
+        layer.data = mask
+        layer.metadata = self._mask_metadata(mask, provenance)
+        self._set_status(f"Threshold {threshold:.2f}: mask re-derived from the cached probability (no rerun).")
+
+    def _on_heatmap_toggled(self, checked: bool) -> None:
+        if self._last is None:
+            return
+        layer = self._last.heatmap_layer()
+        if layer is not None and layer in self.viewer.layers:
+            layer.visible = bool(checked)
+
+    # -- export ------------------------------------------------------------------------------------
+
+    def _export_target(self) -> Any | None:
+        from napari.layers import Labels
+
+        active = self.viewer.layers.selection.active
+        if isinstance(active, Labels):
+            return active
+        if self._last is not None:
+            layer = self._last.mask_layer()
+            if layer is not None and layer in self.viewer.layers:
+                return layer
+        labels = [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
+        return labels[-1] if labels else None
+
+    def _ask_save_path(self, suggested: Path) -> str | None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export labels", str(suggested), "PNG mask (*.png);;TIFF labels (*.tif *.tiff)",
+            options=QFileDialog.Option.DontConfirmOverwrite,
+        )
+        return path or None
+
+    def _confirm_overwrite(self, paths: list[Path]) -> bool:
+        answer = QMessageBox.question(
+            self, "Replace files?", "These files exist already:\n" + "\n".join(str(p) for p in paths)
+            + "\n\nReplace them?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
+
+    def export(self, path: str | Path | None = None) -> list[Path]:
+        """Export a Labels layer (selected, else the last result) to PNG/TIFF + JSON sidecar."""
+        from .export import ExportError, export_labels, provenance_from_metadata, sidecar_path
+
+        layer = self._export_target()
+        if layer is None:
+            _notify("warning", "no Labels layer to export; run a segmentation or select a Labels layer")
+            return []
+        if path is None:
+            source = getattr(getattr(layer, "source", None), "path", None)
+            folder = Path(source).parent if source else Path(settings.load_settings().get("export_dir", Path.home()))
+            path = self._ask_save_path(folder / f"{layer.name}.png")
+            if not path:
+                return []
+        path = Path(path)
+        if not path.suffix:
+            path = path.with_suffix(".png")
+        provenance = provenance_from_metadata(layer.metadata, layer.data)
+        try:
+            try:
+                written = export_labels(path, layer.data, layer_name=layer.name, provenance=provenance)
+            except FileExistsError:
+                existing = [p for p in (path, sidecar_path(path)) if p.exists()]
+                if not self._confirm_overwrite(existing):
+                    self._set_status("Export cancelled; nothing was overwritten.")
+                    return []
+                written = export_labels(path, layer.data, layer_name=layer.name, provenance=provenance, overwrite=True)
+        except (ExportError, OSError) as exc:
+            _notify("error", f"export of '{layer.name}' failed: {exc}")
+            return []
+        settings.save_settings({"export_dir": str(path.parent)})
+        self._set_status(f"Exported '{layer.name}' to {written[0]} (+ {written[1].name}).")
+        _notify("info", f"saved {written[0]} and {written[1].name}")
+        return written
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
+        self._closing = True
+        _quit_worker(self._worker_box)
+        try:
+            self._disconnect_viewer()
+        except Exception:  # noqa: BLE001 -- the viewer may be half torn down already
+            pass
+        super().closeEvent(event)
+
+
+def _quit_worker(state: dict[str, Any]) -> None:
+    worker = state.get("worker")
+    if worker is not None:
+        try:
+            worker.quit()
+        except RuntimeError:
+            pass
+
+
+def _segment_job(cache: ModelCache, prepared: Any, spec: str, device: str, modality: str, threshold: float):
+    """Worker body (runs off the GUI thread): load/reuse the model, segment every slice."""
+    segmenter = cache.get(spec, device)
+    info = {
+        "checkpoint_path": str(segmenter.checkpoint_path) if getattr(segmenter, "checkpoint_path", None) else None,
+        "checkpoint_sha256": getattr(segmenter, "checkpoint_sha256", None),
+        "device": str(getattr(segmenter, "device", device)),
+    }
+    yield ("loaded", f"{info['checkpoint_path'] and Path(info['checkpoint_path']).name or spec} on {info['device']}")
+    gen = iterate_segmentation(segmenter, prepared, modality, threshold)
+    while True:
+        try:
+            done, total = next(gen)
+        except StopIteration as stop:
+            return stop.value, info
+        yield ("progress", done, total)
+
+
+def _device_choices() -> list[str]:
+    try:
+        from ..devices import device_choices
+
+        return device_choices()
+    except Exception:  # noqa: BLE001 -- torch probing failed: CPU still works
+        return ["auto", "cpu"]
+
+
+def _bundled_path() -> Path | None:
+    try:
+        from ..checkpoint import bundled_checkpoint_path
+
+        return bundled_checkpoint_path()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

@@ -1,0 +1,54 @@
+"""Shared test fixtures (owned by core-io; keep small and stable).
+
+- ``tiny_model``: a ``DeLightSAM(tiny_config())`` built with a fixed seed, in eval mode.
+- ``tiny_cfg``: the tiny ``ModelConfig`` itself.
+- ``shared_data_dir``: the real data folder (``$DELIGHTSAM_DATA`` or ``../shared/data`` beside the
+  repository checkout); the test is skipped when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from napari_delightsam.config import ModelConfig, tiny_config
+
+SEED = 0
+
+
+def _data_dir() -> Path | None:
+    env = os.environ.get("DELIGHTSAM_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    return tiny_config()
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh tiny De-LightSAM (seeded, eval mode, CPU). Each test gets its own copy."""
+    from napari_delightsam.model import DeLightSAM
+
+    torch.manual_seed(SEED)
+    model = DeLightSAM(tiny_config())
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """Root of the real data (``<modality>/<dataset>/{images,masks}``); skips when missing."""
+    path = _data_dir()
+    if path is None:
+        pytest.skip("real data folder ../shared/data (or $DELIGHTSAM_DATA) not available")
+    return path

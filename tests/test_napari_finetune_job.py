@@ -1,0 +1,160 @@
+"""Fine-tune plumbing without Qt: dataset folder from layer pairs, command line, child process I/O."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_delightsam.widgets import finetune_job as fj
+
+
+def _pair(name="lesion", modality="dermoscopy", rgb=True, stack=False):
+    rng = np.random.default_rng(1)
+    shape = (3, 24, 32) if stack else (24, 32)
+    image = rng.integers(0, 255, (*shape, 3) if rgb else shape, dtype=np.uint8)
+    labels = np.zeros(shape, dtype=np.int32)
+    if stack:
+        labels[1, 4:10, 5:20] = 2  # only slice 1 annotated
+    else:
+        labels[4:10, 5:20] = 1
+    return fj.TrainingPair(image=image, labels=labels, modality=modality, name=name, rgb=rgb)
+
+
+def test_write_dataset_layout_and_values(tmp_path):
+    pairs = [_pair("lesion 1"), _pair("cells", "microscopy", rgb=False, stack=True),
+             fj.TrainingPair(np.linspace(0, 4000, 24 * 32).reshape(24, 32).astype(np.uint16),
+                             np.ones((24, 32), np.uint8), "xray", "cxr")]
+    counts = fj.write_dataset(pairs, tmp_path)
+    assert counts == {"dermoscopy": 1, "microscopy": 1, "xray": 1}
+    img = tmp_path / "dermoscopy" / "user" / "images" / "p00_lesion-1.png"
+    mask = tmp_path / "dermoscopy" / "user" / "masks" / "p00_lesion-1.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(img)), pairs[0].image)
+    m = np.asarray(Image.open(mask))
+    assert m.dtype == np.uint8 and set(np.unique(m)) == {0, 255}
+    np.testing.assert_array_equal(m > 0, pairs[0].labels > 0)
+    # a stack gives its annotated slices only
+    names = sorted(p.name for p in (tmp_path / "microscopy" / "user" / "images").iterdir())
+    assert names == ["p01_cells_z0001.png"]
+    # non-uint8 images keep their values in a TIFF
+    import tifffile
+
+    tif = tmp_path / "xray" / "user" / "images" / "p02_cxr.tif"
+    np.testing.assert_array_equal(tifffile.imread(tif), pairs[2].image)
+
+
+def test_the_trainers_loader_reads_what_the_widget_writes(tmp_path):
+    from napari_delightsam.data import discover
+
+    fj.write_dataset([_pair("a"), _pair("b")], tmp_path)
+    records = discover(tmp_path)
+    assert [(r.modality, r.dataset, r.sample_id) for r in records] == [
+        ("dermoscopy", "user", "p00_a"), ("dermoscopy", "user", "p01_b")]
+
+
+@pytest.mark.parametrize(
+    ("pair", "words"),
+    [
+        (fj.TrainingPair(np.zeros((10, 10)), np.zeros((10, 11)), "xray", "x"), "does not match"),
+        (fj.TrainingPair(np.zeros((10, 10)), np.zeros((10, 10)), "mri", "x"), "unknown modality"),
+        (fj.TrainingPair(np.zeros((10, 10), np.complex64), np.zeros((10, 10)), "xray", "x"), "complex64"),
+        (fj.TrainingPair(np.zeros((2, 10, 10)), np.zeros((2, 10, 10)), "xray", "x"), "no slice"),
+    ],
+)
+def test_bad_pairs_are_refused_with_the_pair_named(pair, words):
+    with pytest.raises(ValueError, match=words):
+        fj.pair_samples(pair)
+
+
+def test_link_folder_dataset(tmp_path):
+    src = tmp_path / "mydata"
+    fj.write_dataset([_pair("a")], src)
+    (src / "notes").mkdir()
+    root = tmp_path / "root"
+    counts = fj.link_folder_dataset(src, root)
+    assert counts == {"dermoscopy": 1}
+    # the folder's own "user" dataset does not collide with the layer pairs' one
+    assert (root / "dermoscopy" / "user-folder" / "images" / "p00_a.png").is_file()
+    with pytest.raises(ValueError, match="dataset layout"):
+        fj.link_folder_dataset(tmp_path / "root" / "dermoscopy", tmp_path / "other")
+
+
+def test_build_train_command_and_parse_lines(tmp_path):
+    s = fj.FinetuneSettings(epochs=3, steps_per_epoch=7, img_size=256, lr=2e-4, batch_size=2, device="cpu",
+                            init=str(tmp_path / "m.safetensors"))
+    cmd = fj.build_train_command(s, tmp_path / "data", tmp_path / "out")
+    assert cmd[:4] == [sys.executable, "-m", "napari_delightsam.cli", "train"]
+    args = dict(zip(cmd[4::1], cmd[5::1], strict=False))
+    assert args["--data"] == str(tmp_path / "data") and args["--out"] == str(tmp_path / "out")
+    assert args["--epochs"] == "3" and args["--steps-per-epoch"] == "7" and args["--img-size"] == "256"
+    assert float(args["--lr"]) == 2e-4 and args["--init"] == str(tmp_path / "m.safetensors")
+    assert "--progress-jsonl" in cmd
+    # the CLI accepts exactly these options
+    from napari_delightsam.cli import build_parser
+
+    parsed = build_parser().parse_args(cmd[3:])
+    assert parsed.command == "train"
+
+    assert fj.parse_progress_line('{"event": "step", "loss": 0.5}\n') == {"event": "step", "loss": 0.5}
+    assert fj.parse_progress_line("epoch 1/3: 100%|####|") is None
+    assert fj.parse_progress_line("{broken") is None
+    assert fj.parse_progress_line("[1, 2]") is None
+
+
+FAKE_TRAINER = textwrap.dedent(
+    """
+    import json, signal, sys, time
+    stop = False
+    def handler(*_):
+        global stop
+        stop = True
+    signal.signal(signal.SIGINT, handler)
+    print(json.dumps({"event": "start", "epochs": 100, "steps_per_epoch": 1}), flush=True)
+    print("a progress bar line that is not JSON", flush=True)
+    print("some warning", file=sys.stderr, flush=True)
+    for step in range(1, 1000):
+        if stop:
+            print(json.dumps({"event": "end", "status": "stopped", "best_checkpoint": "BEST"}), flush=True)
+            sys.exit(0)
+        print(json.dumps({"event": "step", "global_step": step, "loss": 1.0 / step}), flush=True)
+        time.sleep(0.05)
+    """
+)
+
+
+def test_training_process_streams_events_and_stops_cleanly(tmp_path):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    job = fj.TrainingProcess([sys.executable, str(script)], log_path=tmp_path / "train.log").start()
+    events = []
+    t0 = time.monotonic()
+    for event in job.events(poll_s=0.05):
+        if event is None:
+            continue
+        events.append(event)
+        if event.get("event") == "step" and event["global_step"] == 3:
+            job.stop(grace_s=10)
+    assert time.monotonic() - t0 < 20
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert events[-1]["status"] == "stopped"
+    assert job.returncode == 0 and job.stop_requested
+    assert "some warning" in job.stderr_tail()
+    assert "some warning" in (tmp_path / "train.log").read_text()
+
+
+def test_training_process_that_ignores_sigint_is_terminated(tmp_path):
+    script = tmp_path / "stubborn.py"
+    script.write_text("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('{}', flush=True)\n"
+                      "time.sleep(120)\n")
+    job = fj.TrainingProcess([sys.executable, str(script)]).start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    job.stop(grace_s=1.0, wait=True)
+    assert not job.running
+    assert time.monotonic() - t0 < 15
+    assert list(e for e in job.events(poll_s=0.05) if e is not None) in ([], [{}])
