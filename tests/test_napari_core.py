@@ -241,3 +241,33 @@ def test_model_cache_loads_once_per_checkpoint_version_and_device(tmp_path):
     # LRU bound
     assert len(cache._items) == 2
     assert Path(loaded[0][0]) == ck
+
+
+def test_guard_worker_turns_runtime_errors_into_worker_errors():
+    def body():
+        yield 1
+        raise RuntimeError("CUDA out of memory")
+
+    gen = core.guard_worker(body())
+    assert next(gen) == 1
+    with pytest.raises(core.WorkerError) as info:
+        next(gen)
+    assert isinstance(info.value.original, RuntimeError)
+    assert core.device_error_kind(info.value) == "out of memory"
+
+    def fine():
+        yield 1
+        return "done"
+
+    gen = core.guard_worker(fine())
+    next(gen)
+    with pytest.raises(StopIteration) as stop:
+        next(gen)
+    assert stop.value.value == "done"
+    # other exceptions pass unchanged
+    def bad():
+        raise ValueError("x")
+        yield
+
+    with pytest.raises(ValueError):
+        next(core.guard_worker(bad()))

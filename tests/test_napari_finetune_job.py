@@ -94,10 +94,14 @@ def test_build_train_command_and_parse_lines(tmp_path):
     assert float(args["--lr"]) == 2e-4 and args["--init"] == str(tmp_path / "m.safetensors")
     assert "--progress-jsonl" in cmd
     # the CLI accepts exactly these options
-    from napari_delightsam.cli import build_parser
+    import argparse
 
-    parsed = build_parser().parse_args(cmd[3:])
-    assert parsed.command == "train"
+    from napari_delightsam.commands import train
+
+    parser = argparse.ArgumentParser()
+    train.add_parser(parser.add_subparsers(dest="command"))
+    parsed = parser.parse_args(cmd[3:])
+    assert parsed.command == "train" and parsed.progress_jsonl and parsed.epochs == 3
 
     assert fj.parse_progress_line('{"event": "step", "loss": 0.5}\n') == {"event": "step", "loss": 0.5}
     assert fj.parse_progress_line("epoch 1/3: 100%|####|") is None

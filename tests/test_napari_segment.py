@@ -16,7 +16,7 @@ from napari_delightsam.widgets.model_cache import MODEL_CACHE
 
 pytestmark = pytest.mark.gui
 
-WAIT_MS = 120_000
+WAIT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +351,7 @@ def test_export_button_writes_files_that_read_back_and_asks_before_overwriting(
     widget.threshold_slider.setValue(0.45)
     _run_and_wait(qtbot, widget)
     mask = viewer.layers["lesion_delightsam_mask"]
-    mask.paint((50, 50), 1)  # a correction: exported as is
+    mask.paint((50, 50), 2)  # a correction: exported as is
     target = tmp_path / "out" / "lesion mask.png"
     target.parent.mkdir()
     monkeypatch.setattr(widget, "_ask_save_path", lambda suggested: str(target))
@@ -379,11 +379,10 @@ def test_export_button_writes_files_that_read_back_and_asks_before_overwriting(
     # TIFF through the same button, instance ids
     widget.instances_check.setChecked(True)
     tif = tmp_path / "out" / "ids.tif"
-    widget.export(tif)
-    np.testing.assert_array_equal(read_labels(tif), viewer.layers.selection.active.data
-                                  if viewer.layers.selection.active is not None
-                                  and type(viewer.layers.selection.active).__name__ == "Labels"
-                                  else widget._last.mask_layer().data)
+    # (the painted layer is kept; the instances went to a new layer, which is selected)
+    assert viewer.layers.selection.active.name == "lesion_delightsam_mask [2]"
+    assert widget.export(tif)
+    np.testing.assert_array_equal(read_labels(tif), viewer.layers["lesion_delightsam_mask [2]"].data)
 
 
 def test_model_choice_is_remembered(make_napari_viewer, tiny_checkpoint):

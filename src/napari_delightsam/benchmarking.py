@@ -81,6 +81,8 @@ class BenchmarkOptions:
     #: SAM AMG point grid side (32 = SAM's default 32×32 = 1024 points)
     amg_points: int = 32
     amg_repeats: int = 1
+    #: (tests) build the SAM peers as a tiny 2-block ViT: exercises the code, not the figures
+    tiny_peers: bool = False
     fast_path: bool = True
     #: wrap the network in torch.compile (Segmenter's own fallback to eager applies)
     compile: bool = False
@@ -223,7 +225,6 @@ def count_flops(module: torch.nn.Module, *args: Any, **kwargs: Any) -> float | N
     from torch.utils.flop_counter import FlopCounterMode
 
     def run(m: torch.nn.Module, a: tuple, kw: dict) -> float:
-        m.requires_grad_(False)
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             m(*a, **kw)
         return float(counter.get_total_flops())
@@ -232,16 +233,22 @@ def count_flops(module: torch.nn.Module, *args: Any, **kwargs: Any) -> float | N
         return x.to("meta") if isinstance(x, torch.Tensor) else x
 
     try:
-        meta = copy.deepcopy(module).to("meta").eval()
+        meta = copy.deepcopy(module).to("meta").eval().requires_grad_(False)
         return run(meta, tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()})
     except Exception:
         pass
     try:
+        # FlopCounterMode's module tracker hooks parameters that require grad, which fails
+        # under inference_mode: switch them off for the count and restore them after
         was_training = module.training
-        module.eval()
-        flops = run(module, args, kwargs)
-        module.train(was_training)
-        return flops
+        flags = [(p, p.requires_grad) for p in module.parameters()]
+        module.eval().requires_grad_(False)
+        try:
+            return run(module, args, kwargs)
+        finally:
+            module.train(was_training)
+            for p, flag in flags:
+                p.requires_grad_(flag)
     except Exception:
         return None
 
@@ -364,23 +371,38 @@ def _autocast(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
+def _build_sam(tiny: bool) -> torch.nn.Module:
+    """SAM ViT-B with random weights, or (``tiny``, for tests) a 2-block 32-wide ViT."""
+    if tiny:
+        import importlib
+
+        build = importlib.import_module("segment_anything.build_sam")
+        return build._build_sam(
+            encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1]
+        )
+    from segment_anything import build_sam_vit_b
+
+    return build_sam_vit_b(checkpoint=None)
+
+
 class _SamEncoderPeer(_Peer):
     name = "sam_vit_b_encoder"
     input_desc = "1024² tensor"
 
-    def __init__(self, bf16: bool) -> None:
+    def __init__(self, bf16: bool, tiny: bool = False) -> None:
         self.bf16 = bf16
+        self.tiny = tiny
 
     def build(self, device: torch.device) -> None:
-        from segment_anything import build_sam_vit_b
-
         torch.manual_seed(0)
         self.device = device
-        self.encoder = build_sam_vit_b(checkpoint=None).image_encoder.to(device).eval().requires_grad_(False)
+        self.encoder = _build_sam(self.tiny).image_encoder.to(device).eval().requires_grad_(False)
         self.x = torch.randn(1, 3, 1024, 1024, device=device)
         self.params = _n_params(self.encoder)
-        self.note = "random weights, normalised input (no pre/post-processing)" + (
-            ", bf16 autocast" if self.bf16 else ", fp32"
+        self.note = (
+            "random weights, normalised input (no pre/post-processing)"
+            + (", bf16 autocast" if self.bf16 else ", fp32")
+            + (", TINY test ViT (not SAM ViT-B)" if self.tiny else "")
         )
 
     def call(self) -> Any:
@@ -397,17 +419,18 @@ class _SamEncoderPeer(_Peer):
 class _SamAmgPeer(_Peer):
     name = "sam_vit_b_amg"
 
-    def __init__(self, points: int, bf16: bool) -> None:
+    def __init__(self, points: int, bf16: bool, tiny: bool = False) -> None:
         self.points = points
         self.bf16 = bf16
+        self.tiny = tiny
         self.input_desc = f"1024² uint8, {points}×{points} points"
 
     def build(self, device: torch.device) -> None:
-        from segment_anything import SamAutomaticMaskGenerator, build_sam_vit_b
+        from segment_anything import SamAutomaticMaskGenerator
 
         torch.manual_seed(0)
         self.device = device
-        self.sam = build_sam_vit_b(checkpoint=None).to(device).eval().requires_grad_(False)
+        self.sam = _build_sam(self.tiny).to(device).eval().requires_grad_(False)
         # SAM's default thresholds: with random weights most candidates are filtered out, so
         # the post-processing is cheaper than with trained weights; this time is a lower bound.
         self.amg = SamAutomaticMaskGenerator(self.sam, points_per_side=self.points)
@@ -416,7 +439,7 @@ class _SamAmgPeer(_Peer):
         self.note = (
             f"random weights, {self.points}×{self.points} points, SAM's default thresholds "
             "(random weights keep few masks: a lower bound)" + (", bf16 autocast" if self.bf16 else ", fp32")
-        )
+        ) + (", TINY test ViT (not SAM ViT-B)" if self.tiny else "")
         self.masks_kept: list[int] = []
 
     def call(self) -> Any:
@@ -499,9 +522,9 @@ class _LiteMedSamPeer(_Peer):
 
 def _make_peer(name: str, opts: BenchmarkOptions, bf16: bool) -> _Peer:
     if name == "sam_vit_b_encoder":
-        return _SamEncoderPeer(bf16)
+        return _SamEncoderPeer(bf16, tiny=opts.tiny_peers)
     if name == "sam_vit_b_amg":
-        return _SamAmgPeer(opts.amg_points, bf16)
+        return _SamAmgPeer(opts.amg_points, bf16, tiny=opts.tiny_peers)
     if name == "litemedsam_encoder":
         return _LiteMedSamPeer(bf16)
     raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
@@ -545,7 +568,9 @@ def _train_throughput(cfg: Any, opts: BenchmarkOptions, device: torch.device) ->
     from .model import DeLightSAM
     from .model.losses import delightsam_loss
 
-    size = opts.train_size or (cfg.img_size if cfg.img_size < 512 else (1024 if device.type == "cuda" else 512))
+    size = opts.train_size or (
+        cfg.img_size if cfg.img_size < 512 else (1024 if device.type == "cuda" else 512)
+    )
     batch = opts.train_batch or (8 if device.type == "cuda" else 2)
     bf16 = device.type == "cuda"
     torch.manual_seed(opts.seed)
@@ -563,7 +588,9 @@ def _train_throughput(cfg: Any, opts: BenchmarkOptions, device: torch.device) ->
         with _autocast(device, bf16):
             out = model(x, modality)
         terms = delightsam_loss(
-            out.mask_logits.float(), out.patch_logits.float(), target,
+            out.mask_logits.float(),
+            out.patch_logits.float(),
+            target,
             modality_logits=None if out.modality_logits is None else out.modality_logits.float(),
             modality_target=modality,
         )
@@ -583,7 +610,6 @@ def _train_throughput(cfg: Any, opts: BenchmarkOptions, device: torch.device) ->
         "step": _stats(times),
         "images_per_s": batch / med,
     }
-    del model, optim
     return result
 
 
@@ -598,8 +624,17 @@ def _segment_process_rss(opts: BenchmarkOptions, device: torch.device) -> dict[s
         img_path = Path(tmp) / "bench.png"
         Image.fromarray(synthetic_image(1024, 1024)).save(img_path)
         cmd = [
-            sys.executable, "-m", "napari_delightsam.cli", "segment", str(img_path),
-            "--modality", opts.modality, "--out", str(Path(tmp) / "out"), "--device", str(device),
+            sys.executable,
+            "-m",
+            "napari_delightsam.cli",
+            "segment",
+            str(img_path),
+            "--modality",
+            opts.modality,
+            "--out",
+            str(Path(tmp) / "out"),
+            "--device",
+            str(device),
         ]
         if checkpoint != "bundled":
             cmd += ["--checkpoint", checkpoint]
@@ -622,13 +657,15 @@ def _segment_process_rss(opts: BenchmarkOptions, device: torch.device) -> dict[s
             data = json.loads(proc.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             return {"error": (proc.stderr or proc.stdout)[-500:]}
+        shown = "delightsam " + " ".join(cmd[3:]).replace(tmp, "<tmp>")
         if data["rc"] != 0:
-            return {"error": f"exit code {data['rc']}: {data['stderr'].strip()}", "command": " ".join(cmd[2:])}
+            last = (data["stderr"].strip().splitlines() or [""])[-1]
+            return {"error": f"exit code {data['rc']}: {last}", "command": shown}
         kb = data["ru_maxrss_kb"]
         return {
             "peak_rss_mb": (kb if sys.platform != "darwin" else kb / 1024) / 1024,
             "wall_s": data["wall_s"],
-            "command": "delightsam " + " ".join(cmd[3:]).replace(tmp, "<tmp>"),
+            "command": shown,
         }
 
 
@@ -656,7 +693,12 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
     peer_bf16 = device.type == "cuda"
 
     report: dict[str, Any] = {
-        "meta": {**_machine(device), "device": str(device), "command": opts.command, "options": opts.to_dict()},
+        "meta": {
+            **_machine(device),
+            "device": str(device),
+            "command": opts.command,
+            "options": opts.to_dict(),
+        },
     }
 
     # --- ours: load ---------------------------------------------------------------------
@@ -728,10 +770,10 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
             f"[bench] round {r + 1}/{rounds}: ours {first_key} median "
             f"{statistics.median(ours[first_key]['times']):.3f} s"
         )
-    for key, entry in ours.items():
+    for entry in ours.values():
         entry.update(_stats(entry.pop("times")))
     ref = ours[first_key]["median_s"]
-    for name, entry in peer_results.items():
+    for entry in peer_results.values():
         if "times" in entry:
             times = entry.pop("times")
             # with 0 steady repeats (AMG on a slow CPU) the cold call is the figure
@@ -775,8 +817,13 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
     for name, peer in peers.items():
         peer.count()
         peer_results[name].update(
-            {"label": PEER_LABELS[name], "input": peer.input_desc, "params": peer.params, "flops": peer.flops,
-             "note": peer.note}
+            {
+                "label": PEER_LABELS[name] + (" [tiny test ViT]" if getattr(peer, "tiny", False) else ""),
+                "input": peer.input_desc,
+                "params": peer.params,
+                "flops": peer.flops,
+                "note": peer.note,
+            }
         )
         peer.release()
     peers.clear()
@@ -806,7 +853,10 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
 
 
 def _fast_path_section(
-    seg: Any, images: dict[str, np.ndarray], opts: BenchmarkOptions, device: torch.device,
+    seg: Any,
+    images: dict[str, np.ndarray],
+    opts: BenchmarkOptions,
+    device: torch.device,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """fp32 eager vs the default fast path: speed at the first size, mask Dice on every image."""
@@ -833,8 +883,12 @@ def _fast_path_section(
         b = fast.segment(im, modality=use)
         prob_diff = float(np.abs(a.probability - b.probability).max())
         dice.append(
-            {"image": label, "dice": _dice(a.mask, b.mask), "fp32_foreground": float(a.mask.mean()),
-             "max_prob_diff": prob_diff}
+            {
+                "image": label,
+                "dice": _dice(a.mask, b.mask),
+                "fp32_foreground": float(a.mask.mean()),
+                "max_prob_diff": prob_diff,
+            }
         )
     log(f"[bench] fast path: fp32 {statistics.median(t32):.3f} s vs fast {statistics.median(tfast):.3f} s")
     return {
@@ -873,33 +927,37 @@ def format_report(r: dict[str, Any]) -> str:
         f"load {_fmt_s(r['load_s'])}; load avg {m.get('load_avg_1m_at_start')} -> {m.get('load_avg_1m_at_end')}",
         "",
     ]
-    head = f"{'model':<38}{'input':<26}{'params':>9}{'GFLOPs':>9}{'cold':>11}{'median':>11}{'n':>4}{'mem MB':>9}{'vs ours':>10}"
+    head = f"{'model':<48}{'input':<26}{'params':>9}{'GFLOPs':>9}{'cold':>11}{'median':>11}{'n':>4}{'mem MB':>9}{'vs ours':>10}"
     lines += [head, "-" * len(head)]
     params = r["model"].get("params", {})
     active = params.get("active", params.get("total"))
     for key, e in r["ours"].items():
         mem = e.get("memory", {}).get("working_mb")
         lines.append(
-            f"{'De-LightSAM end to end':<38}{key + ' uint8':<26}{_fmt_num(active, 1e6, 'M'):>9}"
+            f"{'De-LightSAM end to end':<48}{key + ' uint8':<26}{_fmt_num(active, 1e6, 'M'):>9}"
             f"{_fmt_num(r['model'].get('flops'), 1e9, ''):>9}{_fmt_s(e['cold_s']):>11}{_fmt_s(e['median_s']):>11}"
             f"{e['n']:>4}{'-' if mem is None else f'{mem:.0f}':>9}{'1.00×' if key == next(iter(r['ours'])) else '':>10}"
         )
     for name, e in r.get("peers", {}).items():
         if "skipped" in e:
-            lines.append(f"{PEER_LABELS[name]:<38}skipped: {e['skipped']}")
+            lines.append(f"{PEER_LABELS[name]:<48}skipped: {e['skipped']}")
             continue
         mem = e.get("memory", {}).get("working_mb")
         lines.append(
-            f"{PEER_LABELS[name]:<38}{e['input']:<26}{_fmt_num(e.get('params'), 1e6, 'M'):>9}"
+            f"{e.get('label', PEER_LABELS[name]):<48}{e['input']:<26}{_fmt_num(e.get('params'), 1e6, 'M'):>9}"
             f"{_fmt_num(e.get('flops'), 1e9, ''):>9}{_fmt_s(e['cold_s']):>11}{_fmt_s(e['median_s']):>11}"
             f"{e['n']:>4}{'-' if mem is None else f'{mem:.0f}':>9}{e['ratio_to_ours']:>9.2f}×"
         )
     lines.append("")
-    lines.append("mem MB = peak working memory of one call (RSS growth on CPU, max_memory_allocated on CUDA);")
-    lines.append("vs ours = peer median / De-LightSAM median at the first size (higher = the peer is slower).")
+    lines.append(
+        "mem MB = peak working memory of one call (RSS growth on CPU, max_memory_allocated on CUDA);"
+    )
+    lines.append(
+        "vs ours = peer median / De-LightSAM median at the first size (higher = the peer is slower)."
+    )
     for name, e in r.get("peers", {}).items():
         if "note" in e:
-            lines.append(f"  {PEER_LABELS[name]}: {e['note']}")
+            lines.append(f"  {e.get('label', PEER_LABELS[name])}: {e['note']}")
     b = r.get("batch", {})
     if "images_per_s" in b:
         lines.append(
@@ -926,8 +984,75 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"peak RSS of `{s['command']}`: {s['peak_rss_mb']:.0f} MB ({s['wall_s']:.1f} s wall)")
     elif s:
         lines.append(f"segment process: {s.get('skipped') or s.get('error')}")
-    lines.append(f"this process's peak RSS: {r['process_peak_rss_mb']:.0f} MB; benchmark took {r['total_s']:.0f} s")
+    lines.append(
+        f"this process's peak RSS: {r['process_peak_rss_mb']:.0f} MB; benchmark took {r['total_s']:.0f} s"
+    )
     return "\n".join(lines)
+
+
+def format_markdown(r: dict[str, Any]) -> str:
+    """The README's table: one row per model, then the other figures as a list."""
+    m = r["meta"]
+    params = r["model"].get("params", {})
+    active = params.get("active", params.get("total"))
+    rows = [
+        "| model | input | params | GFLOPs | cold | median (n) | working memory | time vs ours |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    first = next(iter(r["ours"]))
+    for key, e in r["ours"].items():
+        mem = e.get("memory", {}).get("working_mb")
+        rows.append(
+            f"| **De-LightSAM** end to end ({r['model']['fast_path']}) | {key} uint8 image -> mask "
+            f"| {_fmt_num(active, 1e6, ' M')} | {_fmt_num(r['model'].get('flops'), 1e9, '')} "
+            f"| {_fmt_s(e['cold_s'])} | {_fmt_s(e['median_s'])} ({e['n']}) "
+            f"| {'-' if mem is None else f'{mem:.0f} MB'} | {'1×' if key == first else ''} |"
+        )
+    for name, e in r.get("peers", {}).items():
+        if "skipped" in e:
+            continue
+        mem = e.get("memory", {}).get("working_mb")
+        rows.append(
+            f"| {e.get('label', PEER_LABELS[name])} | {e['input']} | {_fmt_num(e.get('params'), 1e6, ' M')} "
+            f"| {_fmt_num(e.get('flops'), 1e9, '')} | {_fmt_s(e['cold_s'])} | {_fmt_s(e['median_s'])} ({e['n']}) "
+            f"| {'-' if mem is None else f'{mem:.0f} MB'} | {e['ratio_to_ours']:.1f}× |"
+        )
+    out = ["\n".join(rows), ""]
+    out.append(
+        f"- machine: {m.get('gpu') or m['cpu']}, {m['torch_threads']} threads ({m['device']}), "
+        f"torch {m['torch']}, {m['date_utc']}; load average {m.get('load_avg_1m_at_start')} at start, "
+        f"{m.get('load_avg_1m_at_end')} at end"
+    )
+    out.append(f"- command: `{m.get('command') or 'delightsam benchmark'}`")
+    out.append(f"- model load: {_fmt_s(r['load_s'])} ({r['model']['source']})")
+    b = r.get("batch", {})
+    if "images_per_s" in b:
+        out.append(
+            f"- batch throughput: {b['images_per_s']:.2f} images/s at batch {b['batch_size']} "
+            f"({b['size']}); single calls {b['single_images_per_s']:.2f} images/s"
+        )
+    f = r.get("fast_path", {})
+    if "speedup" in f:
+        worst = min(f["dice"], key=lambda d: d["dice"])
+        out.append(
+            f"- fast path ({f['fast_path']}) vs fp32 eager: {_fmt_s(f['fast']['median_s'])} vs "
+            f"{_fmt_s(f['fp32_eager']['median_s'])} ({f['speedup']:.2f}×); mask Dice min "
+            f"{f['dice_min']:.4f} over {len(f['dice'])} images ({f['real_images']} real; worst: "
+            f"{worst['image']})"
+        )
+    t = r.get("train", {})
+    if "images_per_s" in t:
+        out.append(
+            f"- training: {t['images_per_s']:.2f} images/s ({t['size']}², batch {t['batch']}, "
+            f"{t['precision']}, forward + loss + backward + {t['optimizer']} step)"
+        )
+    s = r.get("segment_process", {})
+    if "peak_rss_mb" in s:
+        out.append(f"- peak RSS of a whole `{s['command']}` process: {s['peak_rss_mb']:.0f} MB")
+    for name, e in r.get("peers", {}).items():
+        if "note" in e:
+            out.append(f"- {e.get('label', PEER_LABELS[name])}: {e['note']}")
+    return "\n".join(out)
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
@@ -938,4 +1063,13 @@ def write_json(report: dict[str, Any], path: Path) -> Path:
     return atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))
 
 
-__all__ = ["BenchmarkOptions", "PEERS", "count_flops", "format_report", "run_benchmark", "synthetic_image", "write_json"]
+__all__ = [
+    "BenchmarkOptions",
+    "PEERS",
+    "count_flops",
+    "format_markdown",
+    "format_report",
+    "run_benchmark",
+    "synthetic_image",
+    "write_json",
+]

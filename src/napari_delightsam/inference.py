@@ -136,6 +136,11 @@ class Segmenter:
     Build it with :func:`load_model` or :meth:`from_model`. Attributes: ``config``,
     ``device``, ``precision`` ("fp32" | "bf16"), ``checkpoint_path`` (None when untrained or
     built from a live model), ``checkpoint_sha256``, ``metadata``, ``auto_available``.
+
+    ``fast`` turns on the fast paths (module docstring); ``precision`` forces "fp32" or
+    "bf16" (bf16 falls back to fp32 with a warning where it is not native); ``channels_last``
+    overrides the memory-format choice (default: follows ``fast``). The model is used in
+    place: it is moved to ``device`` and put in eval mode, not copied.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class Segmenter:
         fast: bool = True,
         precision: str = "auto",
         compile: bool = False,
+        channels_last: bool | None = None,
         metadata: dict[str, str] | None = None,
         checkpoint_path: Path | None = None,
         checkpoint_sha256: str | None = None,
@@ -156,8 +162,11 @@ class Segmenter:
             raise TypeError(f"Segmenter needs a DeLightSAM model, got {type(model).__name__}")
         self.device = resolve_device(device)
         self.fast = bool(fast)
-        self.memory_format = torch.channels_last if self.fast else torch.contiguous_format
-        self.model = model.eval().to(self.device, memory_format=self.memory_format)
+        self.channels_last = self.fast if channels_last is None else bool(channels_last)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        # the model is used in place (not copied); only the channels_last path reformats its weights
+        model = model.eval().to(self.device)
+        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
         self.config: ModelConfig = cfg
         self.metadata: dict[str, str] = dict(metadata or {})
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
@@ -204,6 +213,14 @@ class Segmenter:
         if precision == "bf16" and not native:
             warnings.warn(f"bf16 is not supported natively on {self.device}; using fp32", stacklevel=3)
         return "bf16" if native else "fp32"
+
+    def fast_path_description(self) -> str:
+        parts = ["inference_mode", "bf16 autocast" if self.precision == "bf16" else "fp32"]
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.compiled:
+            parts.append("torch.compile")
+        return f"{' + '.join(parts)} on {self.device}"
 
     @property
     def compiled(self) -> bool:
@@ -456,6 +473,7 @@ def load_model(
     fast: bool = True,
     precision: str = "auto",
     compile: bool = False,
+    channels_last: bool | None = None,
     config: ModelConfig | None = None,
     seed: int = 0,
 ) -> Segmenter:
@@ -472,7 +490,7 @@ def load_model(
     from .io_utils import sha256_file
     from .model import DeLightSAM
 
-    kwargs: dict[str, Any] = dict(fast=fast, precision=precision, compile=compile)
+    kwargs: dict[str, Any] = dict(fast=fast, precision=precision, compile=compile, channels_last=channels_last)
     dev = resolve_device(device)  # a bad device fails before any loading
     if isinstance(checkpoint, str) and checkpoint.strip().lower() == "untrained":
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone

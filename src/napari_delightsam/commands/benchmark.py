@@ -58,33 +58,70 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="'untrained' (random weights, default: speed does not depend on weights), 'bundled', "
         "'tiny' (a very small test config) or a .safetensors file",
     )
-    p.add_argument("--modality", default="dermoscopy", help="modality of the benchmark images (default dermoscopy)")
     p.add_argument(
-        "--sizes", type=_size, nargs="+", default=None, metavar="HxW",
+        "--modality", default="dermoscopy", help="modality of the benchmark images (default dermoscopy)"
+    )
+    p.add_argument(
+        "--sizes",
+        type=_size,
+        nargs="+",
+        default=None,
+        metavar="HxW",
         help="end-to-end image sizes (default 1024x1024 768x1365)",
     )
-    p.add_argument("--repeats", type=_positive, default=None, help="steady-state calls of ours per size (default 20)")
     p.add_argument(
-        "--peer-repeats", type=_positive, default=None,
+        "--repeats", type=_positive, default=None, help="steady-state calls of ours per size (default 20)"
+    )
+    p.add_argument(
+        "--peer-repeats",
+        type=_positive,
+        default=None,
         help="steady-state calls per peer after its cold call (default 3 on CPU, 20 on CUDA)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="segment_batch size (default 4 on CPU, 32 on CUDA)")
-    p.add_argument("--amg-points", type=int, default=32, help="SAM automatic mask generator grid side (default 32)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="segment_batch size (default 4 on CPU, 32 on CUDA)"
+    )
+    p.add_argument(
+        "--amg-points", type=int, default=32, help="SAM automatic mask generator grid side (default 32)"
+    )
     p.add_argument("--skip-sam", action="store_true", help="skip the SAM ViT-B encoder peer")
-    p.add_argument("--skip-amg", action="store_true", help="skip SAM's automatic mask generator (slow on CPU)")
+    p.add_argument(
+        "--skip-amg", action="store_true", help="skip SAM's automatic mask generator (slow on CPU)"
+    )
     p.add_argument("--skip-litemedsam", action="store_true", help="skip the LiteMedSAM encoder peer")
+    p.add_argument(
+        "--tiny-peers",
+        action="store_true",
+        help="(tests) SAM peers as a tiny 2-block ViT: checks the code path; figures are meaningless",
+    )
     p.add_argument("--no-fast-path", action="store_true", help="skip the fp32-vs-fast-path comparison")
     p.add_argument("--compile", action="store_true", help="also wrap our network in torch.compile")
-    p.add_argument("--data", type=Path, default=None, help="real data root for the fast-path Dice (default: "
-                   "$DELIGHTSAM_DATA or ../shared/data beside the repository, when present)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="real data root for the fast-path Dice (default: "
+        "$DELIGHTSAM_DATA or ../shared/data beside the repository, when present)",
+    )
     p.add_argument("--no-train", action="store_true", help="skip the training-throughput measurement")
-    p.add_argument("--train-size", type=int, default=None, help="training image side (default 512 CPU, 1024 CUDA)")
+    p.add_argument(
+        "--train-size", type=int, default=None, help="training image side (default 512 CPU, 1024 CUDA)"
+    )
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default 2 CPU, 8 CUDA)")
-    p.add_argument("--train-steps", type=int, default=3, help="timed training steps after one warm-up (default 3)")
-    p.add_argument("--no-segment-process", action="store_true",
-                   help="skip measuring the peak RSS of a `delightsam segment` child process")
-    p.add_argument("--quick", action="store_true",
-                   help="few repeats, one size, no AMG (a smoke run; figures are not for reporting)")
+    p.add_argument(
+        "--train-steps", type=int, default=3, help="timed training steps after one warm-up (default 3)"
+    )
+    p.add_argument(
+        "--no-segment-process",
+        action="store_true",
+        help="skip measuring the peak RSS of a `delightsam segment` child process",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="few repeats, one size, no AMG (a smoke run; figures are not for reporting)",
+    )
+    p.add_argument("--markdown", action="store_true", help="also print the results as a Markdown table")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
     return p
 
@@ -122,6 +159,7 @@ def options_from_args(args: argparse.Namespace):
         batch_repeats=1 if quick else 3,
         peers=peers,
         amg_points=args.amg_points,
+        tiny_peers=bool(args.tiny_peers),
         amg_repeats=0 if not cuda else 3,
         fast_path=not args.no_fast_path,
         compile=bool(args.compile),
@@ -150,13 +188,16 @@ def _cuda_available() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..benchmarking import format_report, run_benchmark, write_json
+    from ..benchmarking import format_markdown, format_report, run_benchmark, write_json
 
     opts = options_from_args(args)
     if not opts.command:
         opts.command = "delightsam benchmark"
     report = run_benchmark(opts)
     print(format_report(report))
+    if args.markdown:
+        print()
+        print(format_markdown(report))
     if args.json is not None:
         path = write_json(report, args.json)
         print(f"results written to {path}")

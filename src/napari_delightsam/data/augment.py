@@ -131,7 +131,7 @@ def augment(
                 x = torch.rot90(x, k, dims=(-2, -1))
         if policy.scale != (1.0, 1.0) and _coin(g, policy.scale_p):
             x = _scale_crop(x, g, *policy.scale)
-    img, msk = x[:3].contiguous(), x[3:].contiguous()
+    img, msk = x[:3].clamp(0, 255).contiguous(), x[3:].contiguous()  # resampling may round past 255
     if intensity and _coin(g, policy.intensity_p):
         img = _intensity(img, g, policy)
     return img, (msk > 0.5).float()

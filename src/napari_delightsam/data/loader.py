@@ -63,11 +63,11 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
-def _load_resized(record: SampleRecord, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _load_resized(record: SampleRecord, size: int, notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     if record.mask_path is None and record.mask is None:  # image-only (distillation)
         image = load_image_only(record)
         return resize_pair(image, np.zeros(image.shape[:2], dtype=bool), size)
-    image, mask = load_pair(record)
+    image, mask = load_pair(record, notes)
     return resize_pair(image, mask, size)
 
 
@@ -124,14 +124,13 @@ class SegmentationDataset(Dataset):
         masks = np.empty((len(records), s, s), dtype=np.uint8)
 
         def work(i: int) -> tuple[int, str | None, list[str]]:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    images[i], masks[i] = _load_resized(records[i], s)
-                    err = None
-                except BadSampleError as exc:
-                    err = str(exc)
-            return i, err, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+            notes: list[str] = []  # warnings are issued from this thread below (not thread-safe)
+            try:
+                images[i], masks[i] = _load_resized(records[i], s, notes)
+                err = None
+            except BadSampleError as exc:
+                err = str(exc)
+            return i, err, notes
 
         keep = []
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:

@@ -158,12 +158,17 @@ def _discover_dataset(ds_dir: Path, modality: str) -> list[SampleRecord]:
 def discover_images(folder: str | Path, *, modality: str = "natural") -> list[SampleRecord]:
     """Every image under ``folder`` (recursive), as mask-less records (for distillation).
 
-    ``sample_id`` is the path relative to ``folder``; ``dataset`` is the folder's name.
+    ``sample_id`` is the path relative to ``folder``; ``dataset`` is the folder's name. Files
+    inside a ``masks`` folder are left out (so a dataset root in the project layout works too).
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".bmp"))
+    paths = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".bmp") and "masks" not in p.relative_to(folder).parts[:-1]
+    )
     if not paths:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}, .bmp)")
     return [SampleRecord(modality, folder.name, str(p.relative_to(folder)), image_path=p) for p in paths]
@@ -220,12 +225,13 @@ def records_from_items(
     return records
 
 
-def binarise_mask(mask: np.ndarray, name: str, *, from_file: bool = True) -> np.ndarray:
+def binarise_mask(mask: np.ndarray, name: str, *, from_file: bool = True, notes: list[str] | None = None) -> np.ndarray:
     """(H,W[,C]) -> (H,W) bool.
 
     Files follow the 0/255 convention: values {0,255} or {0,1} are taken as they are; any other
     values are binarised at >127 with a ``DataWarning`` naming the file. In-memory masks
-    (napari Labels) use non-zero = foreground.
+    (napari Labels) use non-zero = foreground. With ``notes`` the warning text is appended
+    there instead of being issued (for worker threads: ``warnings`` is not thread-safe).
     """
     mask = np.asarray(mask)
     if mask.ndim == 3:
@@ -239,11 +245,11 @@ def binarise_mask(mask: np.ndarray, name: str, *, from_file: bool = True) -> np.
         return mask == 255
     if np.all(np.isin(values, (0, 1))):
         return mask == 1
-    warnings.warn(
-        f"{name}: mask is not binary ({len(values)} distinct values); binarised at > 127",
-        DataWarning,
-        stacklevel=2,
-    )
+    message = f"{name}: mask is not binary ({len(values)} distinct values); binarised at > 127"
+    if notes is not None:
+        notes.append(message)
+    else:
+        warnings.warn(message, DataWarning, stacklevel=2)
     return mask > 127
 
 
@@ -252,7 +258,7 @@ def _named(path: Path, what: str, exc: Exception) -> str:
     return f"{what}: {text}" if str(path) in text else f"{path}: {what} ({text})"
 
 
-def load_pair(record: SampleRecord) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(record: SampleRecord, notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode one record: image (H,W,3) float32 in [0,255] and mask (H,W) bool of the same size.
 
     Raises ``BadSampleError`` naming the file for an unreadable image or mask and for a size
@@ -279,7 +285,7 @@ def load_pair(record: SampleRecord) -> tuple[np.ndarray, np.ndarray]:
         image, _info = prepare_image(raw_image)
     except Exception as exc:
         raise BadSampleError(f"{record.name}: cannot use image ({exc})") from exc
-    mask = binarise_mask(raw_mask, str(record.mask_path or record.name), from_file=from_file)
+    mask = binarise_mask(raw_mask, str(record.mask_path or record.name), from_file=from_file, notes=notes)
     if mask.shape != image.shape[:2]:
         raise BadSampleError(
             f"{record.name}: mask size {mask.shape[1]}x{mask.shape[0]} does not match image size "

@@ -19,7 +19,9 @@ __all__ = ["FREEZE_GROUPS", "RESUME_MUTABLE", "TrainConfig"]
 #: parameter groups that ``freeze`` may name
 FREEZE_GROUPS = ("backbone", "controllers", "encoder", "prompt_generator", "decoder", "modality_head")
 #: fields a resumed run may change without breaking its schedule
-RESUME_MUTABLE = frozenset({"epochs", "device", "num_workers", "cache", "val_every", "log_every"})
+RESUME_MUTABLE = frozenset(
+    {"epochs", "device", "num_workers", "cache", "val_every", "log_every", "val_at_start", "save_init"}
+)
 
 
 @dataclass
@@ -65,6 +67,10 @@ class TrainConfig:
     #: bf16 autocast on CUDA (ignored on CPU)
     amp: bool = True
     val_every: int = 1
+    #: validate the starting weights too (an "initial" line in metrics.jsonl: the baseline)
+    val_at_start: bool = True
+    #: also write the starting weights as init.safetensors (to evaluate the baseline later)
+    save_init: bool = False
     #: a "step" line in metrics.jsonl every N optimizer steps (0 = epoch lines only)
     log_every: int = 10
 

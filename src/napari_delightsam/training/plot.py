@@ -89,12 +89,13 @@ def _panel(
 def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Write the loss and validation-Dice curves of ``rows`` (metrics.jsonl lines) to ``path``."""
     steps = [r for r in rows if r.get("type") == "step"]
-    epochs = [r for r in rows if r.get("type") == "epoch"]
+    epochs = [r for r in rows if r.get("type") in ("epoch", "initial")]
     if steps:
         loss = [("train loss", [float(r["global_step"]) for r in steps], [float(r["loss"]) for r in steps])]
         xlabel = "optimizer step"
     else:
-        loss = [("train loss", [float(r["epoch"]) for r in epochs], [float(r["train_loss"]) for r in epochs])]
+        trained = [r for r in epochs if r.get("train_loss") is not None]
+        loss = [("train loss", [float(r["epoch"]) for r in trained], [float(r["train_loss"]) for r in trained])]
         xlabel = "epoch"
     val_rows = [r for r in epochs if r.get("val_dice") is not None]
     names = sorted({m for r in val_rows for m in (r.get("val_dice_per_modality") or {})})
@@ -108,7 +109,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ]
     dice.append(("mean", [float(r["epoch"]) for r in val_rows], [float(r["val_dice"]) for r in val_rows]))
     left = _panel("training loss", xlabel, loss)
-    right = _panel("validation Dice", "epoch", dice, (0.0, 1.0))
+    right = _panel("validation Dice (epoch -1: before training)", "epoch", dice, (0.0, 1.0))
     canvas = Image.new("RGB", (2 * _W, _H), "white")
     canvas.paste(left, (0, 0))
     canvas.paste(right, (_W, 0))

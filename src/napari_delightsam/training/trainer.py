@@ -18,6 +18,14 @@
 * ``stop_event.is_set()`` ends the run cleanly (validates the current weights and keeps the best
   checkpoint); out of memory raises ``TrainingError`` with advice, keeping the best checkpoint.
 
+Progress events (``progress(dict)``, rank 0 only; ``delightsam train --progress-jsonl`` prints
+them): ``warning`` {message}; ``start`` {out_dir, epochs, start_epoch, steps_per_epoch, n_train,
+n_val, device, world_size}; ``initial`` {val_dice, val_dice_per_modality, ...} (the starting
+weights); ``step`` {epoch, step, steps, global_step, loss, dice, lr, sec_per_step}; ``epoch``
+{epoch, train_loss, val_dice, val_dice_per_modality, val_modality_accuracy, best_val_dice,
+improved, ...}; ``end`` {status: finished|stopped, best_checkpoint, last_checkpoint,
+best_val_dice, best_epoch, epochs_completed}.
+
 Run folder::
 
     run.json  splits.json  last.safetensors  last_state.safetensors  best.safetensors
@@ -71,6 +79,7 @@ LAST_STATE = "last_state.safetensors"
 BEST = "best.safetensors"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+INIT = "init.safetensors"
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -554,6 +563,17 @@ def _train(
         }
     )
     val_indices = list(range(len(val_ds)))[dist_ctx.rank :: world]
+    if not resume and cfg.save_init and dist_ctx.is_main:
+        from ..checkpoint import save_checkpoint
+
+        save_checkpoint(out / INIT, model, {"modality_head_trained": "false", "init": json.dumps(init_report, default=str), "split_seed": str(splits.seed)})
+    if not resume and cfg.val_at_start:
+        summary0 = _gather_validation(model, val_ds, val_indices, device, cfg, amp_dtype, dist_ctx)
+        row0 = {"type": "initial", "epoch": -1, "global_step": 0, **summary0}
+        if dist_ctx.is_main:
+            _append_metrics(out / METRICS, row0)
+            history.append(row0)
+        emit({"event": "initial", **{k: v for k, v in row0.items() if k != "type"}})
     stopped = False
     global_step = start_epoch * steps
     epoch = start_epoch

@@ -230,11 +230,33 @@ def iterate_segmentation(
     return SegmentationRun(prob, heat, modalities, mod_probs, timings, time.perf_counter() - start)
 
 
-# -- device errors --------------------------------------------------------------------------------
+# -- errors from workers and devices --------------------------------------------------------------
+
+
+class WorkerError(Exception):
+    """A RuntimeError raised inside a worker, re-raised under another type.
+
+    superqt's worker treats a ``RuntimeError`` as "the worker object was deleted" and ends
+    silently, without ``errored`` or ``finished``; torch reports most failures (CUDA out of
+    memory included) as RuntimeError, so worker bodies re-raise them as this.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def guard_worker(gen: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
+    """Run a worker generator, turning RuntimeError into :class:`WorkerError`."""
+    try:
+        return (yield from gen)
+    except RuntimeError as exc:
+        raise WorkerError(exc) from exc
 
 
 def device_error_kind(exc: BaseException) -> str | None:
     """"out of memory" / "device unavailable" for errors worth a retry on CPU, else None."""
+    exc = getattr(exc, "original", exc)
     text = f"{type(exc).__name__}: {exc}".lower()
     if "out of memory" in text or "outofmemory" in text:
         return "out of memory"

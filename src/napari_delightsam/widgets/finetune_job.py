@@ -399,13 +399,17 @@ def run_finetune(
         if holder.get("stop"):
             job.stop()
         end: dict[str, Any] | None = None
+        error: str | None = None
         for event in job.events():
             if event is not None and event.get("event") == "end":
                 end = event
+            elif event is not None and event.get("event") == "error":
+                error = str(event.get("message", ""))
             yield event
         return {
             "returncode": job.returncode,
             "end": end,
+            "error": error,
             "stopped": job.stop_requested,
             "stderr": job.stderr_tail(),
             "out_dir": str(out),

@@ -41,7 +41,7 @@ from qtpy.QtWidgets import (
 
 from ..config import MODALITIES
 from . import registry, settings
-from .core import METADATA_KEY, check_output_dir, default_run_dir, output_names
+from .core import METADATA_KEY, check_output_dir, default_run_dir, guard_worker, output_names
 from .finetune_job import FinetuneSettings, TrainingPair, run_finetune
 from .segment_widget import _alive, _checkpoint_label, _device_choices, _notify
 
@@ -258,11 +258,14 @@ class FinetuneWidget(QWidget):
         if not image_name:
             return
         names = [self.labels_combo.itemText(i) for i in range(self.labels_combo.count())]
-        candidates = [n for n in names if n.startswith(output_names(image_name)["mask"])]
-        candidates += [n for n in names if n.startswith(image_name) and n not in candidates]
-        if candidates:
-            self.labels_combo.setCurrentText(candidates[-1])
-        modality = self._guess_modality(image_name, candidates[-1] if candidates else None)
+        # the newest De-LightSAM result of this image (the user corrects it), else any labels
+        # layer named after the image (e.g. a sample's reference mask)
+        ours = [n for n in names if n.startswith(output_names(image_name)["mask"])]
+        others = [n for n in names if n.startswith(image_name) and n not in ours]
+        choice = ours[-1] if ours else (others[0] if others else None)
+        if choice:
+            self.labels_combo.setCurrentText(choice)
+        modality = self._guess_modality(image_name, choice)
         if modality:
             self.pair_modality_combo.setCurrentText(modality)
 
@@ -428,7 +431,7 @@ class FinetuneWidget(QWidget):
         self._log(f"output folder: {out_dir}")
         self._log(f"start from: {cfg.init or 'random weights'} · {cfg.epochs} epochs × "
                   f"{cfg.steps_per_epoch or 'all'} steps · {cfg.img_size}px · lr {cfg.lr:g} · {cfg.device}")
-        worker = create_worker(run_finetune, pairs, folder, cfg, out_dir, self._holder, _ignore_errors=True)
+        worker = create_worker(guard_worker, run_finetune(pairs, folder, cfg, out_dir, self._holder), _ignore_errors=True)
         worker.yielded.connect(self._on_event)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_errored)
@@ -503,6 +506,8 @@ class FinetuneWidget(QWidget):
                       + (" (new best)" if event.get("improved") else ""))
         elif kind == "warning":
             self._log(f"warning: {event.get('message')}")
+        elif kind == "error":
+            self._log(f"error: {event.get('message')}")
         elif kind == "end":
             self._log(f"{event.get('status')}: best val Dice {event.get('best_val_dice')} (epoch {event.get('best_epoch')})")
 
@@ -518,11 +523,13 @@ class FinetuneWidget(QWidget):
         stats = self.tick_stats
         self._log(f"GUI responsiveness: max gap between {TICK_MS} ms ticks {stats['max_gap_ms']:.0f} ms "
                   f"(mean {stats['mean_gap_ms']:.0f} ms, {stats['ticks']} ticks)")
-        if summary.get("returncode") not in (0, None) and not end:
-            message = summary.get("stderr", "").strip().splitlines()
-            reason = message[-1] if message else f"exit code {summary.get('returncode')}"
+        stopped = bool(summary.get("stopped")) or end.get("status") == "stopped"
+        failed = summary.get("returncode") not in (0, None) and not stopped
+        if failed:
+            lines = (summary.get("error") or summary.get("stderr") or "").strip().splitlines()
+            reason = lines[-1] if lines else f"exit code {summary.get('returncode')}"
             if "out of memory" in reason.lower():
-                reason += " — try a smaller image size or batch size, or the CPU"
+                reason += " (try a smaller image size or batch size, or the CPU)"
             self._set_status(f"Training failed: {reason}")
             _notify("error", f"fine-tuning failed: {reason}")
             if best:
@@ -531,12 +538,11 @@ class FinetuneWidget(QWidget):
             return
         if not best:
             self._set_status("Training ended without a checkpoint (stopped before the first validation).")
-            _notify("warning", "fine-tuning ended without a checkpoint")
+            _notify("warning", "fine-tuning ended without a checkpoint (stopped before the first validation)")
             return
         self._adopt(best)
-        verb = "stopped" if end.get("status") == "stopped" or summary.get("stopped") else "finished"
         dice = end.get("best_val_dice")
-        self._set_status(f"Fine-tuning {verb}. Best checkpoint: {best}"
+        self._set_status(f"Fine-tuning {'stopped' if stopped else 'finished'}. Best checkpoint: {best}"
                          + (f" (val Dice {dice:.3f})" if isinstance(dice, (int, float)) else ""))
 
     def _adopt(self, best: str, announce: bool = True) -> None:

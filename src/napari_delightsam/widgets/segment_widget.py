@@ -45,6 +45,7 @@ from .core import (
     SegmentationRun,
     device_error_kind,
     fingerprint,
+    guard_worker,
     iterate_segmentation,
     output_names,
     prepare_input,
@@ -396,7 +397,8 @@ class SegmentWidget(QWidget):
         else:
             self._set_status("Segmenting…")
         worker = create_worker(
-            _segment_job, self.model_cache, prepared, spec, device, modality, threshold, _ignore_errors=True
+            guard_worker, _segment_job(self.model_cache, prepared, spec, device, modality, threshold),
+            _ignore_errors=True,
         )
         self._pbar = progress(total=prepared.n_slices, desc=f"De-LightSAM {prepared.name}")
         self.progress_bar.setRange(0, prepared.n_slices)
@@ -419,7 +421,8 @@ class SegmentWidget(QWidget):
             self._set_status("Cancelling after the current slice…")
 
     def _on_yielded(self, item: tuple) -> None:
-        if not _alive(self):
+        # a late progress item of a cancelled/finished run must not overwrite the status
+        if not _alive(self) or self._worker is None or self._worker.abort_requested:
             return
         kind = item[0]
         if kind == "loaded":

@@ -1,0 +1,137 @@
+"""Screenshots of the real napari window for the README (run under Xvfb, see below).
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py
+
+Writes ``docs/screenshots/segment_widget.png`` (an image, the segment widget, the mask and the
+patch-prompt heatmap) and ``docs/screenshots/finetune_widget.png`` (the fine-tune widget after a
+short fine-tune of the same model on the image and its mask). The image is the first
+dermoscopy image of ``../shared/data`` (or ``--image``), else the bundled synthetic sample.
+The model is the bundled one when installed, else random weights (``--checkpoint`` to choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def _data_image(modality: str) -> Path | None:
+    roots = [Path(os.environ["DELIGHTSAM_DATA"])] if os.environ.get("DELIGHTSAM_DATA") else []
+    roots.append(REPO.parent / "shared" / "data")
+    for root in roots:
+        files = sorted((root / modality).glob("*/images/*"))
+        if files:
+            return files[0]
+    return None
+
+
+def _mask_for(image_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    mask = image_path.parent.parent / "masks" / (image_path.stem + ".png")
+    if not mask.is_file():
+        return None
+    return (np.asarray(Image.open(mask)) > 0).astype(np.uint8)
+
+
+def _wait(app, predicate, timeout: float) -> bool:
+    t0 = time.monotonic()
+    while not predicate():
+        app.processEvents()
+        time.sleep(0.02)
+        if time.monotonic() - t0 > timeout:
+            return False
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.01)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", type=Path, help="image file (default: first dermoscopy image of the data)")
+    parser.add_argument("--modality", default="dermoscopy")
+    parser.add_argument("--checkpoint", help="checkpoint file or 'untrained' (default: bundled if installed)")
+    parser.add_argument("--out", type=Path, default=HERE / "screenshots")
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--finetune-steps", type=int, default=2)
+    parser.add_argument("--finetune-size", type=int, default=128)
+    parser.add_argument("--size", default="1600x1000", help="window size WxH")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_delightsam.checkpoint import bundled_checkpoint_path
+    from napari_delightsam.image_io import read_image
+    from napari_delightsam.sample_data import load_sample
+
+    os.environ.setdefault("DELIGHTSAM_CONFIG_DIR", str(Path.home() / ".cache" / "delightsam-screenshots"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    image_path = args.image or _data_image(args.modality)
+    if image_path is not None:
+        image, mask, name = read_image(image_path), _mask_for(image_path), image_path.stem
+    else:
+        image, mask = load_sample("synthetic_dermoscopy")
+        mask, name = (mask > 0).astype(np.uint8), "synthetic_dermoscopy"
+
+    viewer = napari.Viewer(title="napari — De-LightSAM")
+    width, height = (int(v) for v in args.size.split("x"))
+    viewer.window._qt_window.resize(width, height)
+    app = QApplication.instance()
+    viewer.add_image(image, name=name, rgb=image.ndim == 3)
+    dock, seg = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM segment")
+    spec = args.checkpoint or ("bundled" if bundled_checkpoint_path() else "untrained")
+    if spec not in ("bundled", "untrained"):
+        seg.use_checkpoint(spec)
+    else:
+        seg.model_combo.setCurrentIndex(seg.model_combo.findData(spec))
+    seg.modality_combo.setCurrentText(args.modality)
+    seg.device_combo.setCurrentText("auto")
+    seg.image_combo.setCurrentText(name)
+    seg.run()
+    if not _wait(app, lambda: not seg.busy, 600):
+        print("segmentation did not finish in time", file=sys.stderr)
+        return 1
+    viewer.layers.selection.active = viewer.layers[f"{name}_delightsam_mask"]
+    viewer.reset_view()
+    _wait(app, lambda: True, 1)
+    path = args.out / "segment_widget.png"
+    from PIL import Image
+
+    Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(path)
+    print(f"wrote {path}")
+
+    # fine-tune widget: the image with its reference mask (or the model's mask) as a pair
+    if mask is not None:
+        viewer.add_labels(mask, name=f"{name}_reference", opacity=0.4, visible=False)
+    labels = f"{name}_reference" if mask is not None else f"{name}_delightsam_mask"
+    dock.hide()
+    _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
+    ft.add_pair(name, labels, args.modality)
+    ft.epochs_spin.setValue(args.finetune_epochs)
+    ft.steps_spin.setValue(args.finetune_steps)
+    ft.img_size_combo.setCurrentText(str(args.finetune_size))
+    ft.out_edit.setText(str(Path.home() / "delightsam-runs" / "screenshot"))
+    if args.finetune_epochs > 0:
+        ft.start()
+        if not _wait(app, lambda: not ft.busy, 1200):
+            print("fine-tune did not finish in time", file=sys.stderr)
+    path = args.out / "finetune_widget.png"
+    Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(path)
+    print(f"wrote {path}")
+    print(ft.log.toPlainText())
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,283 @@
+"""`delightsam segment IMAGE_OR_DIR... --modality M --out DIR`: masks for files and folders.
+
+Writes ``<stem>_mask.png`` (uint8 0/255, the input's exact size) per image, plus
+``<stem>_heatmap.tif`` (float32 SP-Generator heatmap) with ``--save-heatmap``. Images are
+read and preprocessed one by one and run through the network ``--batch-size`` at a time as
+one stacked tensor. Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes
+``files[RANK::WORLD_SIZE]`` and its own GPU (``cuda:LOCAL_RANK``); no process group is needed.
+
+Exit codes: 0 all done; 1 some files failed (each reported on stderr in one line, the others
+finished); 2 nothing could start (unknown modality, bad checkpoint or device, no images).
+Existing outputs are kept unless ``--overwrite`` (the input is reported and skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cli import CommandError
+
+#: batch size when --batch-size is not given
+DEFAULT_BATCH = {"cuda": 16, "cpu": 2, "mps": 4}
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threshold must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"threshold must be in [0, 1], got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..config import MODALITIES
+
+    p = subparsers.add_parser(
+        "segment",
+        help="segment image files or folders; writes <stem>_mask.png (0/255) per image",
+        description=(
+            "Segment 2D medical images with De-LightSAM and write <stem>_mask.png (uint8 0/255, the input's "
+            "size) per image into --out. Folders are expanded to their .png/.jpg/.jpeg/.tif/.tiff/.bmp files "
+            "(sorted). Bad files are reported one line each and the rest are finished (exit code 1). Under "
+            "torchrun the files are sharded across ranks."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    p.add_argument(
+        "--modality",
+        "-m",
+        required=True,
+        help=f"one of {', '.join(MODALITIES)} (aliases x-ray, cxr, endoscopy, us), an index, or 'auto' "
+        "(needs a model whose modality head is trained)",
+    )
+    p.add_argument("--out", "-o", required=True, type=Path, help="output folder (created if missing)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a .safetensors checkpoint, or 'untrained' (random weights; tests/benchmarks); "
+        "omitted = the bundled default model",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--threshold", type=_threshold, default=0.5, help="mask = probability > threshold (default 0.5)")
+    p.add_argument("--save-heatmap", action="store_true", help="also write <stem>_heatmap.tif (float32)")
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=None,
+        help="images per network call (default: 16 on CUDA, 2 on CPU)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--fp32", action="store_true", help="disable the bf16/channels_last fast paths")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return p
+
+
+@dataclass
+class _Job:
+    source: Path
+    mask: Path
+    heatmap: Path | None
+
+
+class _Reporter:
+    """One line per problem on stderr, without breaking the progress bar."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+        self.failed = 0
+        self.skipped = 0
+
+    def error(self, message: str) -> None:
+        self.failed += 1
+        self._write(f"delightsam segment: error: {message}")
+
+    def skip(self, message: str) -> None:
+        self.skipped += 1
+        self._write(f"delightsam segment: skipped {message}")
+
+    def _write(self, line: str) -> None:
+        from tqdm import tqdm
+
+        if self.bar is not None:
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """(image files in order, problems). Folders give their image files, sorted by name."""
+    from ..image_io import IMAGE_EXTENSIONS
+
+    files: list[Path] = []
+    problems: list[str] = []
+    seen: set[Path] = set()
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(
+                f for f in path.iterdir()
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
+            )
+            if not found:
+                problems.append(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        elif path.exists():
+            found = [path]  # an explicit file: read_image decides by its content, not its name
+        else:
+            problems.append(f"{path}: no such file or folder")
+            found = []
+        for f in found:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    return files, problems
+
+
+def _shard() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 without it)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise CommandError("WORLD_SIZE, RANK and LOCAL_RANK must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise CommandError(f"invalid torchrun environment: RANK={rank} WORLD_SIZE={world}")
+    return rank, world, local
+
+
+def _plan(files: list[Path], out: Path, heatmap: bool) -> tuple[list[_Job], list[str]]:
+    """Output paths per file; a later file whose outputs would collide with an earlier one's is refused."""
+    jobs: list[_Job] = []
+    problems: list[str] = []
+    owner: dict[str, Path] = {}
+    for f in files:
+        stem = f.stem
+        if stem in owner:
+            problems.append(f"{f}: its output {stem}_mask.png would collide with that of {owner[stem]}; rename one")
+            continue
+        owner[stem] = f
+        jobs.append(_Job(f, out / f"{stem}_mask.png", out / f"{stem}_heatmap.tif" if heatmap else None))
+    return jobs, problems
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..image_io import ImageReadError, read_image, write_mask_png, write_tiff
+    from ..inference import load_model
+
+    files, problems = expand_inputs(list(args.inputs))
+    if not files:
+        raise CommandError("; ".join(problems) if problems else "no images found")
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} exists and is not a folder")
+
+    rank, world, local_rank = _shard()
+    jobs, collisions = _plan(files, out, args.save_heatmap)  # on the full list: every rank agrees
+    problems += collisions
+    device = args.device
+    if world > 1:
+        jobs = jobs[rank::world]
+        problems = problems if rank == 0 else []  # input problems are reported once, by rank 0
+        if str(device).lower() in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{local_rank % torch.cuda.device_count()}"
+
+    try:
+        segmenter = load_model(args.checkpoint, device=device, fast=not args.fp32)
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
+        raise CommandError(f"cannot load the model: {exc}") from None
+    try:
+        segmenter.resolve_modality(args.modality)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+
+    batch_size = args.batch_size or DEFAULT_BATCH.get(segmenter.device.type, 2)
+    from tqdm import tqdm
+
+    show_bar = len(jobs) > 1 and not args.quiet and rank == 0
+    bar = tqdm(total=len(jobs), unit="img", desc="segment", file=sys.stderr, disable=not show_bar)
+    report = _Reporter(bar if show_bar else None)
+    for message in problems:
+        report.error(message)
+    done = 0
+    pending: list[tuple[_Job, object]] = []
+
+    def flush() -> None:
+        nonlocal done
+        if not pending:
+            return
+        try:
+            results = segmenter.segment_prepared(
+                [p for _, p in pending], args.modality, args.threshold, batch_size=len(pending)
+            )
+        except RuntimeError as exc:  # out of memory even at batch 1, ...
+            for job, _ in pending:
+                report.error(f"{job.source}: {exc}")
+            bar.update(len(pending))
+            pending.clear()
+            return
+        for (job, _), result in zip(pending, results):
+            try:
+                write_mask_png(job.mask, result.mask, overwrite=args.overwrite)
+                if job.heatmap is not None:
+                    write_tiff(job.heatmap, result.patch_heatmap, overwrite=args.overwrite)
+                done += 1
+            except (OSError, ValueError) as exc:
+                report.error(f"{job.source}: cannot write the output: {exc}")
+            bar.update(1)
+        pending.clear()
+
+    try:
+        for job in jobs:
+            existing = [p for p in (job.mask, job.heatmap) if p is not None and p.exists()]
+            if existing and not args.overwrite:
+                report.skip(f"{job.source}: {existing[0]} exists (use --overwrite to replace it)")
+                bar.update(1)
+                continue
+            try:
+                prepared = segmenter.prepare(read_image(job.source))
+            except ImageReadError as exc:
+                report.error(str(exc))
+                bar.update(1)
+                continue
+            except (ValueError, MemoryError) as exc:
+                report.error(f"{job.source}: {exc or type(exc).__name__}")
+                bar.update(1)
+                continue
+            pending.append((job, prepared))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    finally:
+        bar.close()
+
+    where = f" (rank {rank}/{world})" if world > 1 else ""
+    summary = f"segmented {done} image(s) into {out}{where}"
+    if report.skipped:
+        summary += f"; {report.skipped} skipped (outputs exist)"
+    if report.failed:
+        summary += f"; {report.failed} failed"
+    print(summary)
+    return 1 if report.failed else 0

@@ -1,0 +1,112 @@
+"""Paired augmentation: image and mask must stay aligned under every transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_delightsam.data import SegmentationDataset, records_from_items
+from napari_delightsam.data.augment import POLICIES, AugmentPolicy, augment, policy_for
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FULL_GEOMETRY = AugmentPolicy(scale_p=1.0)  # always rescale, so the crop/pad path runs
+
+
+def pattern(size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An asymmetric mask, and an image whose channel 0 IS the mask (0/255)."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros((size, size), dtype=np.float32)
+    m[5:20, 8:40] = 1  # a bar near the top
+    m[30:55, 45:60] = 1  # a block bottom-right
+    m[rng.integers(0, size, 20), rng.integers(0, size, 20)] = 1  # scattered pixels
+    image = torch.from_numpy(rng.uniform(0, 255, (3, size, size)).astype(np.float32))
+    image[0] = torch.from_numpy(m) * 255
+    return image, torch.from_numpy(m)[None]
+
+
+@pytest.mark.parametrize("policy", [FULL_GEOMETRY, POLICIES["xray"], POLICIES["dermoscopy"]], ids=["scale", "xray", "derm"])
+def test_geometry_moves_image_and_mask_together(policy):
+    image, mask = pattern()
+    changed = 0
+    for seed in range(40):
+        img, msk = augment(image, mask, seed, policy, intensity=False)
+        assert img.shape == (3, 64, 64) and msk.shape == (1, 64, 64)
+        assert set(torch.unique(msk).tolist()) <= {0.0, 1.0}
+        # channel 0 carried the mask: after the transform it must still coincide with it
+        # (pixels resampled to exactly half way, 127.5 +- float rounding, are ties either way)
+        soft = img[0] / 255.0
+        decided = (soft - 0.5).abs() > 1e-4
+        assert torch.equal((soft > 0.5)[decided], (msk[0] > 0.5)[decided]), f"seed {seed}"
+        assert (~decided).float().mean() < 0.05
+        changed += int(not torch.equal(msk, mask))
+    assert changed >= 20  # the transforms really did something
+
+
+def test_intensity_never_changes_the_geometry():
+    image, mask = pattern()
+    for seed in range(20):
+        img_a, msk_a = augment(image, mask, seed, POLICIES["dermoscopy"], intensity=False)
+        img_b, msk_b = augment(image, mask, seed, POLICIES["dermoscopy"], intensity=True)
+        assert torch.equal(msk_a, msk_b)
+        assert img_b.min() >= 0 and img_b.max() <= 255
+
+
+def test_augment_is_deterministic_in_its_seed():
+    image, mask = pattern()
+    a = augment(image, mask, 123, POLICIES["colonoscopy"])
+    b = augment(image, mask, 123, POLICIES["colonoscopy"])
+    c = augment(image, mask, 124, POLICIES["colonoscopy"])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not (torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]))
+
+
+def test_grey_modalities_stay_grey_and_upright():
+    for name in ("xray", "ultrasound"):
+        p = policy_for(name)
+        assert p.colour == 0 and not p.vflip and not p.rot90
+    grey = torch.rand(1, 64, 64).repeat(3, 1, 1) * 255
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :10] = 1  # a top band: must stay in the top half (no vertical flip/rotation)
+    for seed in range(20):
+        img, msk = augment(grey, mask, seed, policy_for("xray"))
+        assert torch.allclose(img[0], img[1]) and torch.allclose(img[1], img[2])
+        assert msk[0, :32].sum() >= msk[0, 32:].sum()
+    # colour modalities do get colour jitter
+    assert policy_for("dermoscopy").colour > 0 and policy_for("unknown-modality") == POLICIES["dermoscopy"]
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="expected image"):
+        augment(torch.zeros(3, 8, 8), torch.zeros(1, 8, 9), 0)
+
+
+def test_dataset_applies_the_same_transform_to_image_and_mask():
+    """End to end through resize + cache + augmentation (intensity on): a grey image that is
+    the mask pattern must still match the returned mask almost everywhere (only resampled
+    boundary pixels may differ); a misaligned transform would disagree on ~half the pixels."""
+    rng = np.random.default_rng(3)
+    mask = np.zeros((90, 120), dtype=np.uint8)
+    mask[10:40, 15:70] = 1
+    mask[55:85, 80:115] = 1
+    image = np.repeat((mask * 255)[..., None], 3, axis=2).astype(np.uint8)
+    items = [(image, mask, "dermoscopy"), (image, mask, "colonoscopy")]
+    ds = SegmentationDataset(records_from_items(items), 64, POLICIES.keys(), augment=True)
+    worst = 0.0
+    for seed in range(30):
+        sample = ds[(int(rng.integers(0, 2)), seed)]
+        ch = sample["image"][0]
+        lo, hi = float(ch.min()), float(ch.max())
+        assert hi > lo
+        agree = ((ch > (lo + hi) / 2) == (sample["mask"][0] > 0.5)).float().mean().item()
+        worst = max(worst, 1 - agree)
+    assert worst < 0.02

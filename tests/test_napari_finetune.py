@@ -1,0 +1,211 @@
+"""The "De-LightSAM fine-tune" widget: pairs from layers, a child-process run, stop, hand-over."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_delightsam.sample_data import load_sample
+from napari_delightsam.widgets import finetune_job
+
+pytestmark = pytest.mark.gui
+
+WAIT_MS = 240_000
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    import torch
+
+    from napari_delightsam.checkpoint import save_checkpoint
+    from napari_delightsam.config import tiny_config
+    from napari_delightsam.model import DeLightSAM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, DeLightSAM(tiny_config()).eval())
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELIGHTSAM_CONFIG_DIR", str(tmp_path / "config"))
+    from napari.utils.notifications import notification_manager
+
+    notification_manager.records.clear()
+
+
+def _messages(severity=None):
+    from napari.utils.notifications import notification_manager
+
+    return [str(n.message) for n in notification_manager.records
+            if severity is None or str(n.severity).lower() == severity]
+
+
+def _viewer_with_pairs(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image, mask = load_sample("synthetic_dermoscopy")
+    viewer.add_image(image, name="lesion", rgb=True)
+    viewer.add_labels((mask > 0).astype(np.uint8), name="lesion_corrected")
+    viewer.add_image(image[:, ::-1].copy(), name="lesion flipped", rgb=True)
+    viewer.add_labels((mask[:, ::-1] > 0).astype(np.uint8), name="lesion flipped_corrected")
+    return viewer
+
+
+def _open_both(viewer, tiny_checkpoint, out_dir):
+    _, seg = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM segment")
+    assert seg.use_checkpoint(tiny_checkpoint)
+    seg.device_combo.setCurrentText("cpu")
+    seg.modality_combo.setCurrentText("dermoscopy")
+    _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
+    assert ft.add_pair("lesion", "lesion_corrected", "dermoscopy")
+    assert ft.add_pair("lesion flipped", "lesion flipped_corrected", "dermoscopy")
+    assert ft.pairs_table.rowCount() == 2
+    ft.img_size_combo.setCurrentText("128")
+    ft.batch_spin.setValue(2)
+    ft.device_combo.setCurrentText("cpu")
+    ft.out_edit.setText(str(out_dir))
+    return seg, ft
+
+
+@pytest.mark.slow
+def test_finetune_runs_in_a_child_stops_cleanly_and_hands_over(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    viewer = _viewer_with_pairs(make_napari_viewer)
+    out = tmp_path / "run"
+    seg, ft = _open_both(viewer, tiny_checkpoint, out)
+    assert str(tiny_checkpoint.resolve()) in ft.init_label.text() or "tiny.safetensors" in ft.init_label.text()
+    ft.epochs_spin.setValue(50)
+    ft.steps_spin.setValue(2)
+    worker = ft.start()
+    assert worker is not None and ft.busy
+    assert ft.start() is None  # a second start while running is refused with a message
+    # let it finish one epoch (validation -> best checkpoint), then press Stop
+    qtbot.waitUntil(lambda: (out / "best.safetensors").is_file() or not ft.busy, timeout=WAIT_MS)
+    assert ft.busy, ft.log.toPlainText()
+    job = ft._holder["job"]
+    assert job.running
+    ft.stop_button.click()
+    qtbot.waitUntil(lambda: not ft.busy, timeout=WAIT_MS)
+    assert not job.running
+    log = ft.log.toPlainText()
+    assert "epoch 1:" in log and "val Dice" in log, log
+    assert len(ft.plot.loss) >= 2 and len(ft.plot.dice) >= 1
+    best = out / "best.safetensors"
+    assert ft.best_checkpoint == str(best)
+    # the segment widget switched to the new model; the old one is still selectable
+    assert seg.current_model() == str(best.resolve())
+    items = [seg.model_combo.itemData(i) for i in range(seg.model_combo.count())]
+    assert str(tiny_checkpoint.resolve()) in items
+    # the responsiveness probe ticked on the GUI thread during the whole run
+    assert ft.tick_stats["ticks"] > 10
+    assert "GUI responsiveness" in log
+    # and the new model segments
+    seg.image_combo.setCurrentText("lesion")
+    seg.run()
+    qtbot.waitUntil(lambda: not seg.busy, timeout=WAIT_MS)
+    mask = viewer.layers["lesion_delightsam_mask"]
+    assert mask.metadata["delightsam"]["model_file"] == str(best.resolve())
+    assert not _messages("error")
+
+
+@pytest.mark.slow
+def test_finetune_completes_a_short_run(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    viewer = _viewer_with_pairs(make_napari_viewer)
+    out = tmp_path / "short"
+    seg, ft = _open_both(viewer, tiny_checkpoint, out)
+    ft.epochs_spin.setValue(1)
+    ft.steps_spin.setValue(1)
+    worker = ft.start()
+    done = []
+    worker.finished.connect(lambda: done.append(True))
+    qtbot.waitUntil(lambda: bool(done), timeout=WAIT_MS)
+    summary = ft.last_summary
+    assert summary is not None and summary["returncode"] == 0, summary
+    assert summary["end"]["status"] == "finished"
+    assert summary["counts"] == {"dermoscopy": 2}
+    assert ft.progress_bar.value() == 1
+    assert seg.current_model() == str((out / "best.safetensors").resolve())
+    # the temporary dataset folder is gone
+    assert not Path(ft._holder["tmp"]).exists()
+
+
+FAKE_TRAINER = textwrap.dedent(
+    """
+    import json, time, sys
+    print(json.dumps({"event": "start", "epochs": 1000, "steps_per_epoch": 1, "n_train": 1, "n_val": 1,
+                      "device": "cpu"}), flush=True)
+    for step in range(1, 100000):
+        print(json.dumps({"event": "step", "epoch": 0, "step": 1, "steps": 1, "global_step": step,
+                          "loss": 1.0}), flush=True)
+        time.sleep(0.05)
+    """
+)
+
+
+def test_closing_the_viewer_stops_the_training_child(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(finetune_job, "build_train_command", lambda *a, **k: [sys.executable, str(script)])
+    viewer = _viewer_with_pairs(make_napari_viewer)
+    _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
+    assert ft.add_pair("lesion", "lesion_corrected", "ultrasound")
+    ft.out_edit.setText(str(tmp_path / "out"))
+    worker = ft.start()
+    done = []
+    worker.finished.connect(lambda: done.append(True))
+    qtbot.waitUntil(lambda: len(ft.plot.loss) >= 3, timeout=WAIT_MS)
+    job = ft._holder["job"]
+    assert job.running
+    viewer.close()
+    deadline = time.monotonic() + 60
+    while job.running and time.monotonic() < deadline:
+        qtbot.wait(50)
+    assert not job.running
+    qtbot.waitUntil(lambda: bool(done), timeout=WAIT_MS)
+
+
+def test_bad_fine_tune_inputs_are_notifications(make_napari_viewer, qtbot, tmp_path):
+    from napari_delightsam.widgets.core import package_dir
+
+    viewer = _viewer_with_pairs(make_napari_viewer)
+    viewer.add_labels(np.zeros((10, 10), dtype=np.uint8), name="small")
+    _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
+    assert ft.start() is None
+    assert any("add at least one" in m for m in _messages("warning"))
+    assert not ft.add_pair("lesion", "small", "dermoscopy")
+    assert any("'small'" in m and "shape" in m for m in _messages("error"))
+    assert ft.add_pair("lesion", "lesion_corrected", "dermoscopy")
+    assert not ft.add_pair("lesion", "lesion_corrected", "dermoscopy")  # no duplicates
+    ft.out_edit.setText(str(package_dir() / "weights"))
+    assert ft.start() is None
+    assert any("installed package" in m for m in _messages("error"))
+    # a pair whose layer was deleted
+    ft.out_edit.setText(str(tmp_path / "o"))
+    viewer.layers.remove("lesion_corrected")
+    assert ft.start() is None
+    assert any("is gone" in m for m in _messages("error"))
+    ft.pairs_table.selectRow(0)
+    ft.remove_selected_pairs()
+    assert ft.pairs == [] and ft.pairs_table.rowCount() == 0
+    assert not ft.busy
+
+
+def test_pair_suggestions_follow_the_segment_widget_naming(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image, mask = load_sample("synthetic_microscopy")
+    layers = viewer.open_sample("napari-delightsam", "synthetic_microscopy")
+    assert layers
+    viewer.add_labels((mask > 0).astype(np.uint8), name="synthetic_microscopy_delightsam_mask")
+    _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
+    ft.image_combo.setCurrentText("synthetic_microscopy")
+    ft._suggest_labels("synthetic_microscopy")
+    assert ft.labels_combo.currentText() == "synthetic_microscopy_delightsam_mask"
+    assert ft.pair_modality_combo.currentText() == "microscopy"
+    assert ft.add_pair_from_combos()
+    assert ft.pairs == [{"image": "synthetic_microscopy", "labels": "synthetic_microscopy_delightsam_mask",
+                         "modality": "microscopy"}]

@@ -1,0 +1,196 @@
+"""Training: run folder, checkpoints, resume equivalence, stop, freeze, OOM, CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_delightsam.checkpoint import load_checkpoint, read_checkpoint_info
+from napari_delightsam.data.synthetic import make_synthetic_dataset, synthetic_pair
+from napari_delightsam.training import TrainConfig, TrainingError, train
+from napari_delightsam.training import trainer as trainer_mod
+
+TINY = dict(
+    img_size=64,
+    batch_size=2,
+    steps_per_epoch=2,
+    model_preset="tiny",
+    num_workers=0,
+    device="cpu",
+    log_every=1,
+    val_at_start=False,
+)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train_data") / "data"
+    return make_synthetic_dataset(root, n_per_dataset=6, size=(40, 52))
+
+
+def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_validation_and_json_round_trip(tmp_path: Path):
+    cfg = TrainConfig(epochs=3, freeze=["backbone"], modalities=["xray"])
+    assert cfg.freeze == ("backbone",) and cfg.modalities == ("xray",)
+    (tmp_path / "c.json").write_text(cfg.to_json())
+    assert TrainConfig.from_json_file(tmp_path / "c.json") == cfg
+    assert (TrainConfig().lr, TrainConfig().gamma, TrainConfig().batch_size, TrainConfig().patch_weight) == (1e-4, 0.98, 4, 0.7)
+    with pytest.raises(ValueError, match="freeze"):
+        TrainConfig(freeze=("everything",))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        TrainConfig(img_size=100)
+    with pytest.raises(ValueError, match="unknown training config"):
+        TrainConfig.from_dict({"epochz": 3})
+
+
+def test_training_run_writes_a_complete_run_folder(tmp_path: Path, data_root: Path):
+    events: list[dict] = []
+    cfg = TrainConfig(epochs=2, **{**TINY, "val_at_start": True, "save_init": True})
+    result = train(cfg, tmp_path / "run", data_root=data_root, progress=events.append, show_progress=False)
+    run = tmp_path / "run"
+    for name in ("run.json", "splits.json", "last.safetensors", "last_state.safetensors", "best.safetensors", "init.safetensors", "metrics.jsonl", "curves.png"):
+        assert (run / name).is_file(), name
+    assert result.epochs_completed == 2 and not result.stopped
+    assert result.best_checkpoint == run / "best.safetensors"
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[1] == "initial" and kinds[-1] == "end"
+    assert kinds.count("step") == 4 and kinds.count("epoch") == 2
+    info = json.loads((run / "run.json").read_text())
+    assert "modality-balanced" in info["sampling_rule"] and info["train_config"]["epochs"] == 2
+    assert set(info["datasets"]) == {"dermoscopy/derm_a", "xray/xr_a"}
+    _, meta = read_checkpoint_info(run / "best.safetensors")
+    assert meta["modality_head_trained"] == "true"
+    training = json.loads(meta["training"])
+    assert training["img_size"] == 64 and set(training["val_dice_per_modality"]) == {"dermoscopy", "xray"}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in rows].count("epoch") == 2 and rows[0]["type"] == "initial"
+    epoch_rows = [r for r in rows if r["type"] == "epoch"]
+    assert epoch_rows[1]["lr"] == pytest.approx(1e-4 * 0.98**2)  # ExponentialLR stepped per epoch
+    assert result.best_val_dice == max(r["val_dice"] for r in epoch_rows)
+    # the training state is safetensors (never a pickle) and the model is a valid checkpoint
+    assert (run / "last_state.safetensors").read_bytes()[8:9] == b"{"
+    model = load_checkpoint(run / "last.safetensors")
+    assert states_equal(model.state_dict(), {k: v.cpu() for k, v in result.model.state_dict().items()})
+
+
+def test_resume_continues_bit_for_bit(tmp_path: Path, data_root: Path):
+    straight = train(TrainConfig(epochs=2, **TINY), tmp_path / "a", data_root=data_root, show_progress=False)
+    train(TrainConfig(epochs=1, **TINY), tmp_path / "b", data_root=data_root, show_progress=False)
+    resumed = train(TrainConfig(epochs=2, **TINY), tmp_path / "b", data_root=data_root, show_progress=False, resume=True)
+    a = load_checkpoint(tmp_path / "a" / "last.safetensors").state_dict()
+    b = load_checkpoint(tmp_path / "b" / "last.safetensors").state_dict()
+    assert states_equal(a, b)
+    assert resumed.history[-1]["train_loss"] == straight.history[-1]["train_loss"]
+    rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows if '"epoch"' in r and '"type": "epoch"' in r] == [0, 1]
+    # settings that would change the schedule are refused on resume
+    with pytest.raises(TrainingError, match="lr"):
+        train(TrainConfig(epochs=3, **{**TINY, "lr": 1e-3}), tmp_path / "b", data_root=data_root, resume=True)
+
+
+def test_refuses_a_non_empty_run_folder(tmp_path: Path, data_root: Path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match="not empty"):
+        train(TrainConfig(epochs=1, **TINY), out, data_root=data_root)
+    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(TrainingError, match="cannot resume"):
+        train(TrainConfig(epochs=1, **TINY), tmp_path / "fresh", data_root=data_root, resume=True)
+    with pytest.raises(TrainingError, match="no training data"):
+        train(TrainConfig(epochs=1, **TINY), tmp_path / "none")
+
+
+def test_stop_event_ends_cleanly_and_keeps_a_best_checkpoint(tmp_path: Path, data_root: Path):
+    stop = threading.Event()
+
+    def progress(event: dict) -> None:
+        if event["event"] == "step":
+            stop.set()
+
+    result = train(TrainConfig(epochs=5, **TINY), tmp_path / "run", data_root=data_root, progress=progress, stop_event=stop, show_progress=False)
+    assert result.stopped and result.epochs_completed == 0
+    assert result.best_checkpoint is not None and result.best_checkpoint.is_file()
+    assert result.last_checkpoint is None  # no epoch finished: nothing to resume from
+    load_checkpoint(result.best_checkpoint)
+
+
+def test_in_memory_items_train_and_the_loss_goes_down(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    items = [(*synthetic_pair(rng, (48, 48)), "dermoscopy") for _ in range(3)]
+    items = [(img, mask > 0, mod) for img, mask, mod in items]  # napari Labels-like
+    cfg = TrainConfig(epochs=1, **{**TINY, "steps_per_epoch": 25, "lr": 2e-3, "augment": False})
+    result = train(cfg, tmp_path / "run", items=items, show_progress=False)
+    losses = [r["loss"] for r in result.history if r["type"] == "step"]
+    assert len(losses) == 25
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert set(splits["datasets"]) == {"dermoscopy/user"}
+
+
+def test_freeze_keeps_parts_fixed(tmp_path: Path, data_root: Path):
+    cfg = TrainConfig(epochs=1, **{**TINY, "freeze": ("backbone", "modality_head")})
+    torch.manual_seed(cfg.seed)
+    model0, _ = trainer_mod.build_model(cfg)
+    before = {k: v.clone() for k, v in model0.state_dict().items()}
+    result = train(cfg, tmp_path / "run", data_root=data_root, show_progress=False)
+    after = {k: v.cpu() for k, v in result.model.state_dict().items()}
+    controller_ids = {id(p) for p in model0.encoder.controller_parameters()}
+    backbone = [n for n, p in model0.named_parameters() if n.startswith("encoder.") and id(p) not in controller_ids]
+    assert backbone and all(torch.equal(before[n], after[n]) for n in backbone)
+    assert all(torch.equal(before[n], after[n]) for n in before if n.startswith("modality_head."))
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("decoder."))
+    _, meta = read_checkpoint_info(result.last_checkpoint)
+    assert meta["modality_head_trained"] == "false"
+
+
+def test_out_of_memory_becomes_a_clean_error(tmp_path: Path, data_root: Path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer_mod, "_forward_loss", boom)
+    with pytest.raises(TrainingError, match="out of memory.*batch size 2"):
+        train(TrainConfig(epochs=1, **TINY), tmp_path / "run", data_root=data_root, show_progress=False)
+
+
+def test_bad_files_are_skipped_and_recorded(tmp_path: Path):
+    root = make_synthetic_dataset(tmp_path / "data", {"dermoscopy": ["d"]}, n_per_dataset=6, size=(40, 40))
+    bad = root / "dermoscopy" / "d" / "images" / "img_000.png"
+    bad.write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="img_000"):
+        result = train(TrainConfig(epochs=1, **TINY), tmp_path / "run", data_root=root, show_progress=False)
+    assert any("img_000" in s for s in result.skipped)
+    assert any("img_000" in s for s in json.loads((tmp_path / "run" / "run.json").read_text())["skipped"])
+
+
+def test_cli_train_progress_jsonl_and_refusal(tmp_path: Path, data_root: Path, capsys):
+    from napari_delightsam.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data_root), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "1",
+            "--img-size", "64", "--batch-size", "2", "--model-preset", "tiny", "--device", "cpu",
+            "--num-workers", "0", "--progress-jsonl"]
+    assert main(args) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[0]["event"] == "start" and lines[-1]["event"] == "end"
+    assert main(args) == 2  # the folder is no longer empty
+    assert "not empty" in capsys.readouterr().err
+    assert main([*args[:6], "--resume", "--epochs", "2", "--progress-jsonl"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_completed"] == 2
