@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1600x1000", help="window size WxH")
     args = parser.parse_args(argv)
 
-    import numpy as np
     import napari
+    import numpy as np
     from qtpy.QtWidgets import QApplication
 
     from napari_delightsam.checkpoint import bundled_checkpoint_path
@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if mask is not None:
         viewer.add_labels(mask, name=f"{name}_reference", opacity=0.4, visible=False)
     labels = f"{name}_reference" if mask is not None else f"{name}_delightsam_mask"
-    dock.hide()
-    _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
+    # tabbed next to the segment widget, which stays alive to receive the new checkpoint
+    ft_dock, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune", tabify=True)
+    ft_dock.raise_()
     ft.add_pair(name, labels, args.modality)
     ft.epochs_spin.setValue(args.finetune_epochs)
     ft.steps_spin.setValue(args.finetune_steps)

@@ -34,7 +34,9 @@ def pattern(size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return image, torch.from_numpy(m)[None]
 
 
-@pytest.mark.parametrize("policy", [FULL_GEOMETRY, POLICIES["xray"], POLICIES["dermoscopy"]], ids=["scale", "xray", "derm"])
+@pytest.mark.parametrize(
+    "policy", [FULL_GEOMETRY, POLICIES["xray"], POLICIES["dermoscopy"]], ids=["scale", "xray", "derm"]
+)
 def test_geometry_moves_image_and_mask_together(policy):
     image, mask = pattern()
     changed = 0

@@ -185,7 +185,6 @@ def test_in_memory_items_use_nonzero_labels_as_foreground():
         ("test_01", "test_01"),
     ],
 )
-
 def test_default_group_rules(name: str, group: str):
     assert default_group(name) == group
 
@@ -205,7 +204,9 @@ def test_split_is_811_deterministic_and_disjoint():
 
 
 def test_split_keeps_video_sequences_on_one_side():
-    ids = [f"{seq}OLCV1_100H{f:04d}" for seq in range(30) for f in range(6)] + [f"{i}H0050" for i in range(40)]
+    ids = [f"{seq}OLCV1_100H{f:04d}" for seq in range(30) for f in range(6)] + [
+        f"{i}H0050" for i in range(40)
+    ]
     recs = [SampleRecord("colonoscopy", "polyp", i) for i in ids]
     s = make_splits(recs, seed=0)
     sides = {}

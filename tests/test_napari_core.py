@@ -13,7 +13,6 @@ from napari_delightsam.widgets import core, settings
 from napari_delightsam.widgets.core import InputError, prepare_input, threshold_mask
 from napari_delightsam.widgets.model_cache import ModelCache
 
-
 # -- prepare_input ------------------------------------------------------------------------------
 
 

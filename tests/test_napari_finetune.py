@@ -209,3 +209,32 @@ def test_pair_suggestions_follow_the_segment_widget_naming(make_napari_viewer):
     assert ft.add_pair_from_combos()
     assert ft.pairs == [{"image": "synthetic_microscopy", "labels": "synthetic_microscopy_delightsam_mask",
                          "modality": "microscopy"}]
+
+
+OOM_TRAINER = textwrap.dedent(
+    """
+    import json, sys
+    print(json.dumps({"event": "start", "epochs": 1, "steps_per_epoch": 1}), flush=True)
+    msg = "out of memory on cuda:0 at batch size 8, image size 1024: reduce --batch-size or --img-size"
+    print(json.dumps({"event": "error", "message": msg}), flush=True)
+    print("delightsam train: error: " + msg, file=sys.stderr, flush=True)
+    sys.exit(2)
+    """
+)
+
+
+def test_training_failure_such_as_out_of_memory_is_a_notification(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    script = tmp_path / "oom.py"
+    script.write_text(OOM_TRAINER)
+    monkeypatch.setattr(finetune_job, "build_train_command", lambda *a, **k: [sys.executable, str(script)])
+    viewer = _viewer_with_pairs(make_napari_viewer)
+    _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
+    assert ft.add_pair("lesion", "lesion_corrected", "dermoscopy")
+    ft.out_edit.setText(str(tmp_path / "out"))
+    ft.start()
+    qtbot.waitUntil(lambda: not ft.busy, timeout=WAIT_MS)
+    errors = _messages("error")
+    assert any("out of memory" in m and "smaller image size" in m for m in errors), errors
+    assert "Training failed" in ft.status_label.text()
+    assert ft.best_checkpoint is None
+    assert ft.start_button.isEnabled()

@@ -407,3 +407,45 @@ def test_model_choice_is_remembered(make_napari_viewer, tiny_checkpoint):
     assert not third.use_checkpoint(bad)
     assert third.current_model() == "untrained"
     assert any("cannot use checkpoint" in m for m in _messages("error"))
+
+
+def test_changing_layers_during_a_run_uses_the_snapshot(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):
+    holder = _install_spy(monkeypatch, delay=5.0)
+    viewer = make_napari_viewer()
+    image = _sample_rgb()
+    layer = viewer.add_image(image, name="lesion", rgb=True, scale=(2.0, 2.0))
+    viewer.add_image(np.zeros((20, 20), dtype=np.uint8), name="other")
+    widget = _open(viewer, tiny_checkpoint)
+    widget.image_combo.setCurrentText("lesion")
+    widget.run()
+    qtbot.waitUntil(lambda: "spy" in holder and holder["spy"].calls == 1, timeout=WAIT_MS)
+    # the user edits the input, rescales it and picks another layer while the worker runs
+    layer.data = np.zeros((64, 64, 3), dtype=np.uint8)
+    layer.scale = (5.0, 5.0)
+    widget.image_combo.setCurrentText("other")
+    holder["spy"].release.set()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    mask = viewer.layers["lesion_delightsam_mask"]
+    assert mask.data.shape == image.shape[:2]  # what was segmented: the snapshot
+    np.testing.assert_allclose(mask.scale, (2.0, 2.0))
+    assert "other_delightsam_mask" not in viewer.layers
+    assert not _messages("error")
+
+
+@pytest.mark.slow
+def test_hundred_runs_do_not_leak_layers_or_threads(make_napari_viewer, qtbot, tiny_checkpoint):
+    from qtpy.QtCore import QThreadPool
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), name="small")
+    widget = _open(viewer, tiny_checkpoint)
+    widget.image_combo.setCurrentText("small")
+    _run_and_wait(qtbot, widget)
+    threads = threading.active_count()
+    for i in range(100):
+        widget.threshold_slider.setValue(0.3 + 0.004 * i)
+        _run_and_wait(qtbot, widget)
+    assert len(viewer.layers) == 4
+    qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=WAIT_MS)
+    assert threading.active_count() <= threads + 1
+    assert not _messages("error")

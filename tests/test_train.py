@@ -51,7 +51,12 @@ def test_config_validation_and_json_round_trip(tmp_path: Path):
     assert cfg.freeze == ("backbone",) and cfg.modalities == ("xray",)
     (tmp_path / "c.json").write_text(cfg.to_json())
     assert TrainConfig.from_json_file(tmp_path / "c.json") == cfg
-    assert (TrainConfig().lr, TrainConfig().gamma, TrainConfig().batch_size, TrainConfig().patch_weight) == (1e-4, 0.98, 4, 0.7)
+    assert (TrainConfig().lr, TrainConfig().gamma, TrainConfig().batch_size, TrainConfig().patch_weight) == (
+        1e-4,
+        0.98,
+        4,
+        0.7,
+    )
     with pytest.raises(ValueError, match="freeze"):
         TrainConfig(freeze=("everything",))
     with pytest.raises(ValueError, match="multiple of 64"):
@@ -65,7 +70,16 @@ def test_training_run_writes_a_complete_run_folder(tmp_path: Path, data_root: Pa
     cfg = TrainConfig(epochs=2, **{**TINY, "val_at_start": True, "save_init": True})
     result = train(cfg, tmp_path / "run", data_root=data_root, progress=events.append, show_progress=False)
     run = tmp_path / "run"
-    for name in ("run.json", "splits.json", "last.safetensors", "last_state.safetensors", "best.safetensors", "init.safetensors", "metrics.jsonl", "curves.png"):
+    for name in (
+        "run.json",
+        "splits.json",
+        "last.safetensors",
+        "last_state.safetensors",
+        "best.safetensors",
+        "init.safetensors",
+        "metrics.jsonl",
+        "curves.png",
+    ):
         assert (run / name).is_file(), name
     assert result.epochs_completed == 2 and not result.stopped
     assert result.best_checkpoint == run / "best.safetensors"
@@ -93,7 +107,9 @@ def test_training_run_writes_a_complete_run_folder(tmp_path: Path, data_root: Pa
 def test_resume_continues_bit_for_bit(tmp_path: Path, data_root: Path):
     straight = train(TrainConfig(epochs=2, **TINY), tmp_path / "a", data_root=data_root, show_progress=False)
     train(TrainConfig(epochs=1, **TINY), tmp_path / "b", data_root=data_root, show_progress=False)
-    resumed = train(TrainConfig(epochs=2, **TINY), tmp_path / "b", data_root=data_root, show_progress=False, resume=True)
+    resumed = train(
+        TrainConfig(epochs=2, **TINY), tmp_path / "b", data_root=data_root, show_progress=False, resume=True
+    )
     a = load_checkpoint(tmp_path / "a" / "last.safetensors").state_dict()
     b = load_checkpoint(tmp_path / "b" / "last.safetensors").state_dict()
     assert states_equal(a, b)
@@ -125,7 +141,14 @@ def test_stop_event_ends_cleanly_and_keeps_a_best_checkpoint(tmp_path: Path, dat
         if event["event"] == "step":
             stop.set()
 
-    result = train(TrainConfig(epochs=5, **TINY), tmp_path / "run", data_root=data_root, progress=progress, stop_event=stop, show_progress=False)
+    result = train(
+        TrainConfig(epochs=5, **TINY),
+        tmp_path / "run",
+        data_root=data_root,
+        progress=progress,
+        stop_event=stop,
+        show_progress=False,
+    )
     assert result.stopped and result.epochs_completed == 0
     assert result.best_checkpoint is not None and result.best_checkpoint.is_file()
     assert result.last_checkpoint is None  # no epoch finished: nothing to resume from
@@ -153,7 +176,9 @@ def test_freeze_keeps_parts_fixed(tmp_path: Path, data_root: Path):
     result = train(cfg, tmp_path / "run", data_root=data_root, show_progress=False)
     after = {k: v.cpu() for k, v in result.model.state_dict().items()}
     controller_ids = {id(p) for p in model0.encoder.controller_parameters()}
-    backbone = [n for n, p in model0.named_parameters() if n.startswith("encoder.") and id(p) not in controller_ids]
+    backbone = [
+        n for n, p in model0.named_parameters() if n.startswith("encoder.") and id(p) not in controller_ids
+    ]
     assert backbone and all(torch.equal(before[n], after[n]) for n in backbone)
     assert all(torch.equal(before[n], after[n]) for n in before if n.startswith("modality_head."))
     assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("decoder."))
@@ -184,9 +209,28 @@ def test_cli_train_progress_jsonl_and_refusal(tmp_path: Path, data_root: Path, c
     from napari_delightsam.cli import main
 
     out = tmp_path / "run"
-    args = ["train", "--data", str(data_root), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "1",
-            "--img-size", "64", "--batch-size", "2", "--model-preset", "tiny", "--device", "cpu",
-            "--num-workers", "0", "--progress-jsonl"]
+    args = [
+        "train",
+        "--data",
+        str(data_root),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--img-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--model-preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--progress-jsonl",
+    ]
     assert main(args) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines[0]["event"] == "start" and lines[-1]["event"] == "end"

@@ -75,7 +75,10 @@ def set_threads(n: int) -> int:
 
 
 def _check_threshold(threshold: float) -> float:
-    t = float(threshold)
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
     if not (math.isfinite(t) and 0.0 <= t <= 1.0):
         raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     return t

@@ -207,7 +207,7 @@ def prepare_array(
         lo_all, hi_all = float(work[finite].min()), float(work[finite].max())
 
     # 64-bit inputs, and float32 with a range float32 cannot subtract, are mapped in float64
-    wide = dtype.itemsize >= 8 or not math.isfinite(float(np.float32(hi_all) - np.float32(lo_all)))
+    wide = dtype.itemsize >= 8 or (hi_all - lo_all) > float(np.finfo(np.float32).max) / 2
     calc = np.float64 if wide else np.float32
     if lo_all >= 0 and hi_all <= 1:
         out = work.astype(calc) * calc(255.0)

@@ -23,7 +23,9 @@ from ..cli import CommandError
 
 
 def _common_args(p: argparse.ArgumentParser, student: bool = True) -> None:
-    p.add_argument("--out", type=Path, required=True, help="run folder (new or empty; existing with --resume)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="run folder (new or empty; existing with --resume)"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--steps-per-epoch", type=int, help="steps per epoch (default: one pass over the images)")
@@ -36,34 +38,50 @@ def _common_args(p: argparse.ArgumentParser, student: bool = True) -> None:
     p.add_argument("--progress-jsonl", action="store_true", help="machine-readable progress on stdout")
     if student:
         p.add_argument("--img-size", type=int, default=1024, help="student input size (default 1024)")
-        p.add_argument("--init", default="none", help="student init: none | litemedsam | checkpoint (default none)")
+        p.add_argument(
+            "--init", default="none", help="student init: none | litemedsam | checkpoint (default none)"
+        )
         p.add_argument("--model-preset", choices=("default", "tiny"), default="default")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("distill", help="MDKD distillation stages (common, medical-teacher, domain)", description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "distill",
+        help="MDKD distillation stages (common, medical-teacher, domain)",
+        description=__doc__.split("\n\n")[0],
+    )
     sub = p.add_subparsers(dest="stage", metavar="STAGE")
     sub.required = True
 
     c = sub.add_parser("common", help="SAM ViT encoder -> shared DC-Encoder (controllers off)")
-    c.add_argument("--teacher-sam", type=Path, required=True, help="segment-anything checkpoint (sam_vit_b/l/h .pth)")
+    c.add_argument(
+        "--teacher-sam", type=Path, required=True, help="segment-anything checkpoint (sam_vit_b/l/h .pth)"
+    )
     c.add_argument("--sam-type", choices=("auto", "vit_b", "vit_l", "vit_h"), default="auto")
     c.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     c.add_argument("--max-images", type=int)
     _common_args(c)
 
-    m = sub.add_parser("medical-teacher", help="PEFT of ViT-Med (SAM encoder + adapters + SP-Generator + QM-Decoder)")
+    m = sub.add_parser(
+        "medical-teacher", help="PEFT of ViT-Med (SAM encoder + adapters + SP-Generator + QM-Decoder)"
+    )
     m.add_argument("--teacher-sam", type=Path, required=True, help="segment-anything checkpoint to adapt")
     m.add_argument("--sam-type", choices=("auto", "vit_b", "vit_l", "vit_h"), default="auto")
     m.add_argument("--data", type=Path, required=True, help="data root: <modality>/<dataset>/images|masks")
-    m.add_argument("--adapter-ratio", type=float, default=0.25, help="adapter width / block width (default 0.25)")
+    m.add_argument(
+        "--adapter-ratio", type=float, default=0.25, help="adapter width / block width (default 0.25)"
+    )
     m.add_argument("--max-per-dataset", type=int)
     m.add_argument("--modalities", nargs="+", metavar="M")
     _common_args(m, student=False)
-    m.add_argument("--model-preset", choices=("default", "tiny"), default="default", help="SP-Generator/QM-Decoder sizes")
+    m.add_argument(
+        "--model-preset", choices=("default", "tiny"), default="default", help="SP-Generator/QM-Decoder sizes"
+    )
 
     d = sub.add_parser("domain", help="medical teacher -> modality controllers (backbone frozen)")
-    d.add_argument("--teacher", default="litemedsam", help="litemedsam | a ViT-Med file from 'distill medical-teacher'")
+    d.add_argument(
+        "--teacher", default="litemedsam", help="litemedsam | a ViT-Med file from 'distill medical-teacher'"
+    )
     d.add_argument("--teacher-sam", type=Path, help="the SAM checkpoint a ViT-Med teacher was built on")
     d.add_argument("--sam-type", choices=("auto", "vit_b", "vit_l", "vit_h"), default="auto")
     d.add_argument("--data", type=Path, required=True, help="data root: <modality>/<dataset>/images|masks")
@@ -127,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
                 teacher = D.ResizingTeacher(encoder, int(encoder.img_size))
                 result = D.distill_common(teacher, args.images, args.out, cfg, teacher_info=info, **common)
             else:
-                result = D.train_medical_teacher(encoder, args.data, args.out, cfg, teacher_info=info, **common)
+                result = D.train_medical_teacher(
+                    encoder, args.data, args.out, cfg, teacher_info=info, **common
+                )
         else:
             if args.teacher == "litemedsam":
                 from ..litemedsam import LiteMedSAMTeacher, LiteMedSAMUnavailableError
@@ -139,10 +159,16 @@ def run(args: argparse.Namespace) -> int:
                 info = {"teacher": "litemedsam"}
             else:
                 if args.teacher_sam is None:
-                    raise CommandError("a ViT-Med --teacher needs --teacher-sam (the SAM checkpoint it was built on)")
+                    raise CommandError(
+                        "a ViT-Med --teacher needs --teacher-sam (the SAM checkpoint it was built on)"
+                    )
                 vitmed = D.load_vitmed(args.teacher, args.teacher_sam, args.sam_type)
                 teacher = D.ResizingTeacher(vitmed.encoder, vitmed.img_size)
-                info = {"teacher": "vit-med", "path": str(args.teacher), **_sam_info(args.teacher_sam, args.sam_type)}
+                info = {
+                    "teacher": "vit-med",
+                    "path": str(args.teacher),
+                    **_sam_info(args.teacher_sam, args.sam_type),
+                }
             result = D.distill_domain(teacher, args.data, args.out, cfg, teacher_info=info, **common)
     except (TrainingError, FileNotFoundError, ValueError) as exc:
         if progress is not None:

@@ -28,15 +28,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--data", type=Path, required=True, help="data root: <modality>/<dataset>/images|masks")
-    p.add_argument("--checkpoint", help="a .safetensors checkpoint, or 'untrained' (default: the bundled model)")
+    p.add_argument(
+        "--checkpoint", help="a .safetensors checkpoint, or 'untrained' (default: the bundled model)"
+    )
     p.add_argument("--split", choices=("test", "val", "train", "all"), default="test")
-    p.add_argument("--splits", type=Path, help="splits.json to use (default: the checkpoint's run folder, else recomputed)")
-    p.add_argument("--seed", type=int, help="split seed when the split is recomputed (default: the checkpoint's, else 0)")
+    p.add_argument(
+        "--splits",
+        type=Path,
+        help="splits.json to use (default: the checkpoint's run folder, else recomputed)",
+    )
+    p.add_argument(
+        "--seed", type=int, help="split seed when the split is recomputed (default: the checkpoint's, else 0)"
+    )
     p.add_argument("--json", type=Path, dest="json_out", help="write all results as JSON here")
     p.add_argument("--overlays", type=Path, help="folder for best/worst side-by-side PNGs per dataset")
-    p.add_argument("--overlays-per-dataset", type=int, default=2, help="best and worst cases written per dataset (default 2)")
-    p.add_argument("--img-size-grid", type=int, default=1024, help="second metric grid (paper: 1024; 0 = off)")
-    p.add_argument("--max-per-dataset", type=int, help="evaluate at most N images per dataset (deterministic choice)")
+    p.add_argument(
+        "--overlays-per-dataset",
+        type=int,
+        default=2,
+        help="best and worst cases written per dataset (default 2)",
+    )
+    p.add_argument(
+        "--img-size-grid", type=int, default=1024, help="second metric grid (paper: 1024; 0 = off)"
+    )
+    p.add_argument(
+        "--max-per-dataset", type=int, help="evaluate at most N images per dataset (deterministic choice)"
+    )
     p.add_argument("--modalities", nargs="+", metavar="M", help="only these modalities")
     p.add_argument(
         "--modality-mode",

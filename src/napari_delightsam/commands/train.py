@@ -60,10 +60,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-per-dataset", type=int, help="use at most N images per dataset and split")
     p.add_argument("--val-max-per-dataset", type=int, help="validate on at most N images per dataset")
     p.add_argument("--modalities", nargs="+", metavar="M", help="train only these modalities")
-    p.add_argument("--model-preset", choices=("default", "tiny"), help="architecture preset (default: the paper's)")
-    p.add_argument("--freeze", nargs="+", metavar="PART", help="backbone controllers encoder prompt_generator decoder modality_head")
+    p.add_argument(
+        "--model-preset", choices=("default", "tiny"), help="architecture preset (default: the paper's)"
+    )
+    p.add_argument(
+        "--freeze",
+        nargs="+",
+        metavar="PART",
+        help="backbone controllers encoder prompt_generator decoder modality_head",
+    )
     p.add_argument("--no-augment", action="store_true", help="no augmentation")
-    p.add_argument("--no-cache", action="store_true", help="decode images on the fly instead of caching them in RAM")
+    p.add_argument(
+        "--no-cache", action="store_true", help="decode images on the fly instead of caching them in RAM"
+    )
     p.add_argument("--progress-jsonl", action="store_true", help="machine-readable progress on stdout")
     p.add_argument(
         "--benchmark-loader",
@@ -117,7 +126,16 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError("--benchmark-loader needs --data")
         cfg = build_config(args)
         stats = benchmark_loader(cfg, args.data, max_batches=args.benchmark_loader)
-        print(json.dumps({"img_size": cfg.img_size, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers, **stats}))
+        print(
+            json.dumps(
+                {
+                    "img_size": cfg.img_size,
+                    "batch_size": cfg.batch_size,
+                    "num_workers": cfg.num_workers,
+                    **stats,
+                }
+            )
+        )
         return 0
     if args.out is None:
         raise CommandError("--out RUN_DIR is required")
@@ -131,12 +149,16 @@ def run(args: argparse.Namespace) -> int:
         if data_root is None:
             data_root = stored.get("data_root")
             if data_root is None:
-                raise CommandError("this run was trained from in-memory items; pass --data to resume it from a folder")
+                raise CommandError(
+                    "this run was trained from in-memory items; pass --data to resume it from a folder"
+                )
     else:
         if data_root is None:
             raise CommandError("--data ROOT is required")
         if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-            raise CommandError(f"{args.out} exists and is not empty; choose a new --out folder or pass --resume")
+            raise CommandError(
+                f"{args.out} exists and is not empty; choose a new --out folder or pass --resume"
+            )
         cfg = build_config(args)
 
     progress = None
@@ -147,7 +169,14 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     try:
-        result = train(cfg, args.out, data_root=data_root, progress=progress, resume=args.resume, show_progress=not args.progress_jsonl)
+        result = train(
+            cfg,
+            args.out,
+            data_root=data_root,
+            progress=progress,
+            resume=args.resume,
+            show_progress=not args.progress_jsonl,
+        )
     except (TrainingError, FileNotFoundError, ValueError) as exc:
         if progress is not None:
             progress({"event": "error", "message": str(exc)})

@@ -1,10 +1,10 @@
 """Training data: dataset layout, splits, modality-balanced sampling, paired augmentation.
 
-    records.py   folder discovery / in-memory items, bad-data checks, decoding
-    splits.py    deterministic seeded 8:1:1 split per dataset (grouped), splits.json
-    sampling.py  modality-balanced sampler, seeded per epoch, sharded across DDP ranks
-    augment.py   geometry on image+mask together, intensity on the image only
-    loader.py    resize-once RAM cache, Dataset returning tensors, loader throughput
+records.py   folder discovery / in-memory items, bad-data checks, decoding
+splits.py    deterministic seeded 8:1:1 split per dataset (grouped), splits.json
+sampling.py  modality-balanced sampler, seeded per epoch, sharded across DDP ranks
+augment.py   geometry on image+mask together, intensity on the image only
+loader.py    resize-once RAM cache, Dataset returning tensors, loader throughput
 """
 
 from .augment import AugmentPolicy, augment, policy_for

@@ -116,7 +116,9 @@ def augment(
     Deterministic in ``seed``. Returns (image (3,S,S) float32 in [0,255], mask (1,S,S) {0,1}).
     """
     if image.ndim != 3 or image.shape[0] != 3 or mask.shape != (1, *image.shape[1:]):
-        raise ValueError(f"expected image (3,S,S) and mask (1,S,S), got {tuple(image.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected image (3,S,S) and mask (1,S,S), got {tuple(image.shape)} and {tuple(mask.shape)}"
+        )
     g = torch.Generator()
     g.manual_seed(int(seed))
     x = torch.cat([image.float(), mask.float()], dim=0)

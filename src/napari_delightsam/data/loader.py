@@ -51,7 +51,9 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     stacked = torch.cat([x, m], 0)[None]
     h, w = image.shape[:2]
     if (h, w) != (size, size):
-        stacked = F.interpolate(stacked, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        stacked = F.interpolate(
+            stacked, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
     out = stacked[0].clamp(0, 255).round().to(torch.uint8)
     return out[:3].permute(1, 2, 0).contiguous().numpy(), out[3].contiguous().numpy()
 
@@ -63,7 +65,9 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
-def _load_resized(record: SampleRecord, size: int, notes: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _load_resized(
+    record: SampleRecord, size: int, notes: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     if record.mask_path is None and record.mask is None:  # image-only (distillation)
         image = load_image_only(record)
         return resize_pair(image, np.zeros(image.shape[:2], dtype=bool), size)
@@ -101,7 +105,9 @@ class SegmentationDataset(Dataset):
         records = list(records)
         unknown = sorted({r.modality for r in records} - set(self.modalities))
         if unknown and not any_modality:
-            raise ValueError(f"modality {', '.join(unknown)} is not one of the model's: {', '.join(self.modalities)}")
+            raise ValueError(
+                f"modality {', '.join(unknown)} is not one of the model's: {', '.join(self.modalities)}"
+            )
         need = len(records) * self.img_size * self.img_size * 4
         if cache and cache_max_bytes is not None and need > cache_max_bytes:
             warnings.warn(
@@ -143,7 +149,9 @@ class SegmentationDataset(Dataset):
                     self.skipped.append(err)
                     warnings.warn(f"skipped: {err}", DataWarning, stacklevel=4)
         if not keep:
-            raise ValueError(f"none of the {len(records)} samples could be loaded; first problem: {self.skipped[0]}")
+            raise ValueError(
+                f"none of the {len(records)} samples could be loaded; first problem: {self.skipped[0]}"
+            )
         if len(keep) < len(records):
             images, masks = images[keep], masks[keep]
         self._images, self._masks = images, masks
@@ -179,7 +187,8 @@ class SegmentationDataset(Dataset):
             "image": image.contiguous(),
             "mask": mask.contiguous(),
             "modality": torch.tensor(
-                self.modalities.index(record.modality) if record.modality in self.modalities else -1, dtype=torch.long
+                self.modalities.index(record.modality) if record.modality in self.modalities else -1,
+                dtype=torch.long,
             ),
             "index": torch.tensor(index, dtype=torch.long),
         }

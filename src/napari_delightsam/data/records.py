@@ -142,12 +142,16 @@ def _discover_dataset(ds_dir: Path, modality: str) -> list[SampleRecord]:
     seen: set[str] = set()
     for img in images:
         if img.stem in seen:
-            warnings.warn(f"{img}: another image has the same id {img.stem!r}; skipped", DataWarning, stacklevel=3)
+            warnings.warn(
+                f"{img}: another image has the same id {img.stem!r}; skipped", DataWarning, stacklevel=3
+            )
             continue
         seen.add(img.stem)
         mask = masks.get(img.stem)
         if mask is None:
-            warnings.warn(f"{img}: no mask {mask_dir / (img.stem + '.png')}; skipped", DataWarning, stacklevel=3)
+            warnings.warn(
+                f"{img}: no mask {mask_dir / (img.stem + '.png')}; skipped", DataWarning, stacklevel=3
+            )
             continue
         out.append(SampleRecord(modality, ds_dir.name, img.stem, image_path=img, mask_path=mask))
     if not out:
@@ -167,7 +171,9 @@ def discover_images(folder: str | Path, *, modality: str = "natural") -> list[Sa
     paths = sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".bmp") and "masks" not in p.relative_to(folder).parts[:-1]
+        if p.is_file()
+        and p.suffix.lower() in (*IMAGE_SUFFIXES, ".bmp")
+        and "masks" not in p.relative_to(folder).parts[:-1]
     )
     if not paths:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}, .bmp)")
@@ -213,7 +219,9 @@ def records_from_items(
         try:
             image, mask, modality = item
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"item {i}: expected (image, mask, modality), got {type(item).__name__}") from exc
+            raise ValueError(
+                f"item {i}: expected (image, mask, modality), got {type(item).__name__}"
+            ) from exc
         image = np.asarray(image)
         mask = np.asarray(mask)
         mod = _normalise_modality(modality, known_modalities)
@@ -225,7 +233,9 @@ def records_from_items(
     return records
 
 
-def binarise_mask(mask: np.ndarray, name: str, *, from_file: bool = True, notes: list[str] | None = None) -> np.ndarray:
+def binarise_mask(
+    mask: np.ndarray, name: str, *, from_file: bool = True, notes: list[str] | None = None
+) -> np.ndarray:
     """(H,W[,C]) -> (H,W) bool.
 
     Files follow the 0/255 convention: values {0,255} or {0,1} are taken as they are; any other

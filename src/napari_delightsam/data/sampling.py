@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-
 from torch.utils.data import Sampler
 
 from .records import SampleRecord
@@ -40,7 +39,9 @@ def balanced_weights(records: Sequence[SampleRecord]) -> np.ndarray:
         per_dataset[r.key] = per_dataset.get(r.key, 0) + 1
         datasets_of.setdefault(r.modality, set()).add(r.key)
     m = len(datasets_of)
-    w = np.array([1.0 / (m * len(datasets_of[r.modality]) * per_dataset[r.key]) for r in records], dtype=np.float64)
+    w = np.array(
+        [1.0 / (m * len(datasets_of[r.modality]) * per_dataset[r.key]) for r in records], dtype=np.float64
+    )
     return w / w.sum()
 
 
@@ -99,5 +100,3 @@ def sample_counts(records: Sequence[SampleRecord], sampler: BalancedSampler) -> 
     for i in idx:
         counts[records[int(i)].modality] = counts.get(records[int(i)].modality, 0) + 1
     return counts
-
-

@@ -42,7 +42,9 @@ from .records import SampleRecord
 __all__ = ["SPLIT_NAMES", "Splits", "default_group", "load_splits", "make_splits", "save_splits", "select"]
 
 SPLIT_NAMES = ("train", "val", "test")
-GROUP_RULE = "v1: leading numeric sequence token before '_'; strip trailing -day<N>; strip trailing -<panel letter>"
+GROUP_RULE = (
+    "v1: leading numeric sequence token before '_'; strip trailing -day<N>; strip trailing -<panel letter>"
+)
 
 _SEQUENCE = re.compile(r"^(\d[0-9a-z]*(?:_endocv\d+)?)_.", re.IGNORECASE)
 _DAY = re.compile(r"[-_ ]day[-_ ]?\d+.*$", re.IGNORECASE)
@@ -89,13 +91,22 @@ class Splits:
             for k, v in datasets.items():
                 if v.get("val_is_train"):
                     assignments[k]["val_is_train"] = []  # marker kept through a round trip
-            return cls(int(data["seed"]), tuple(float(r) for r in data["ratios"]), assignments, str(data.get("group_rule", "")))  # type: ignore[arg-type]
+            return cls(
+                int(data["seed"]),
+                tuple(float(r) for r in data["ratios"]),
+                assignments,
+                str(data.get("group_rule", "")),
+            )  # type: ignore[arg-type]
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"not a valid splits file ({exc})") from exc
 
 
 def _split_dataset(
-    ids: Sequence[str], key: str, seed: int, ratios: tuple[float, float, float], group_fn: Callable[[str], str]
+    ids: Sequence[str],
+    key: str,
+    seed: int,
+    ratios: tuple[float, float, float],
+    group_fn: Callable[[str], str],
 ) -> dict[str, list[str]]:
     n = len(ids)
     groups: dict[str, list[str]] = {}
@@ -146,7 +157,9 @@ def make_splits(
     by_key: dict[str, list[str]] = {}
     for r in records:
         by_key.setdefault(r.key, []).append(r.sample_id)
-    assignments = {key: _split_dataset(ids, key, seed, tuple(ratios), group_fn) for key, ids in sorted(by_key.items())}
+    assignments = {
+        key: _split_dataset(ids, key, seed, tuple(ratios), group_fn) for key, ids in sorted(by_key.items())
+    }
     rule = GROUP_RULE if group_fn is default_group else getattr(group_fn, "__name__", "custom")
     return Splits(seed, tuple(ratios), assignments, rule)  # type: ignore[arg-type]
 
@@ -175,8 +188,10 @@ def select(
     for r in chosen:
         by_key.setdefault(r.key, []).append(r)
     keep: set[tuple[str, str]] = set()
-    for key, recs in by_key.items():
-        ranked = sorted(recs, key=lambda r: (zlib.crc32(f"{splits.seed}:{r.sample_id}".encode()), r.sample_id))
+    for recs in by_key.values():
+        ranked = sorted(
+            recs, key=lambda r: (zlib.crc32(f"{splits.seed}:{r.sample_id}".encode()), r.sample_id)
+        )
         keep.update((r.key, r.sample_id) for r in ranked[:max_per_dataset])
     return [r for r in chosen if (r.key, r.sample_id) in keep]
 

@@ -16,7 +16,9 @@ from PIL import Image
 __all__ = ["make_synthetic_dataset", "synthetic_pair"]
 
 
-def synthetic_pair(rng: np.random.Generator, size: tuple[int, int] = (96, 128), colour: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_pair(
+    rng: np.random.Generator, size: tuple[int, int] = (96, 128), colour: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(H,W,3) uint8 image and (H,W) uint8 0/255 mask."""
     h, w = size
     yy, xx = np.mgrid[0:h, 0:w]

@@ -105,7 +105,9 @@ class TrainConfig:
             raise ValueError(f"model_preset must be 'default' or 'tiny', got {self.model_preset!r}")
         bad = [g for g in self.freeze if g not in FREEZE_GROUPS]
         if bad:
-            raise ValueError(f"unknown freeze group(s) {', '.join(bad)}; choose from {', '.join(FREEZE_GROUPS)}")
+            raise ValueError(
+                f"unknown freeze group(s) {', '.join(bad)}; choose from {', '.join(FREEZE_GROUPS)}"
+            )
         if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios):
             raise ValueError(f"split_ratios must be three non-negative numbers, got {self.split_ratios}")
 

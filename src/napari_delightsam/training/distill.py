@@ -127,7 +127,11 @@ class DistillConfig:
     def train_config(self) -> TrainConfig:
         """The student-building part as a TrainConfig (model preset, overrides, init, seed)."""
         return TrainConfig(
-            img_size=self.img_size, model_preset=self.model_preset, model=dict(self.model), init=self.init, seed=self.seed
+            img_size=self.img_size,
+            model_preset=self.model_preset,
+            model=dict(self.model),
+            init=self.init,
+            seed=self.seed,
         )
 
 
@@ -174,7 +178,9 @@ def load_sam_image_encoder(checkpoint: str | Path, sam_type: str = "auto") -> nn
     if sam_type == "auto":
         w = state.get("patch_embed.proj.weight")
         if w is None or int(w.shape[0]) not in _SAM_WIDTH:
-            raise ValueError(f"{path.name}: cannot tell the SAM type (no patch_embed.proj.weight of width 768/1024/1280)")
+            raise ValueError(
+                f"{path.name}: cannot tell the SAM type (no patch_embed.proj.weight of width 768/1024/1280)"
+            )
         sam_type = _SAM_WIDTH[int(w.shape[0])]
     if sam_type not in SAM_TYPES:
         raise ValueError(f"sam_type must be one of {', '.join(SAM_TYPES)} or auto, got {sam_type!r}")
@@ -182,7 +188,9 @@ def load_sam_image_encoder(checkpoint: str | Path, sam_type: str = "auto") -> nn
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{path.name} does not match the segment-anything {sam_type} image encoder: {str(exc)[:300]}") from exc
+        raise ValueError(
+            f"{path.name} does not match the segment-anything {sam_type} image encoder: {str(exc)[:300]}"
+        ) from exc
     return freeze(encoder)
 
 
@@ -206,7 +214,13 @@ class ResizingTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > self.size)
+            x = F.interpolate(
+                x,
+                size=(self.size, self.size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=x.shape[-1] > self.size,
+            )
         return self.encoder(x)
 
 
@@ -271,7 +285,9 @@ class ViTMedTeacher(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
-    def forward(self, images: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, modality: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.encoder(images)
         patch_logits, dense = self.prompt_generator(h)
         return self.decoder(h + dense, modality), patch_logits, h
@@ -281,7 +297,9 @@ def _vitmed_config(encoder: nn.Module, cfg: DistillConfig) -> ModelConfig:
     base = tiny_config() if cfg.model_preset == "tiny" else ModelConfig()
     out_chans = int(encoder.neck[0].out_channels)
     try:
-        return ModelConfig.from_dict({**base.to_dict(), **cfg.model, "img_size": int(encoder.img_size), "embed_dim": out_chans})
+        return ModelConfig.from_dict(
+            {**base.to_dict(), **cfg.model, "img_size": int(encoder.img_size), "embed_dim": out_chans}
+        )
     except (TypeError, ValueError) as exc:
         raise TrainingError(f"invalid ViT-Med settings: {exc}") from exc
 
@@ -315,8 +333,14 @@ def load_vitmed(path: str | Path, sam_checkpoint: str | Path, sam_type: str = "a
     encoder = load_sam_image_encoder(sam_checkpoint, sam_type)
     expected = meta.get("sam_checkpoint_sha256")
     if expected and expected != sha256_file(sam_checkpoint):
-        warnings.warn(f"{Path(sam_checkpoint).name} is not the SAM checkpoint {p.name} was trained on", UserWarning, stacklevel=2)
-    teacher = ViTMedTeacher(encoder, ModelConfig.from_dict(json.loads(meta["config"])), float(meta["adapter_ratio"]))
+        warnings.warn(
+            f"{Path(sam_checkpoint).name} is not the SAM checkpoint {p.name} was trained on",
+            UserWarning,
+            stacklevel=2,
+        )
+    teacher = ViTMedTeacher(
+        encoder, ModelConfig.from_dict(json.loads(meta["config"])), float(meta["adapter_ratio"])
+    )
     missing, unexpected = teacher.load_state_dict(tensors, strict=False)
     trained = {n for n, _ in teacher.trainable_named_parameters()}
     if unexpected or [k for k in missing if k in trained]:
@@ -329,7 +353,9 @@ def load_vitmed(path: str | Path, sam_checkpoint: str | Path, sam_type: str = "a
 
 def _match_grid(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if t.shape[-2:] != like.shape[-2:]:
-        t = F.interpolate(t.float(), size=like.shape[-2:], mode="area" if t.shape[-1] > like.shape[-1] else "bilinear")
+        t = F.interpolate(
+            t.float(), size=like.shape[-2:], mode="area" if t.shape[-1] > like.shape[-1] else "bilinear"
+        )
     return t
 
 
@@ -368,7 +394,13 @@ def _run_stage(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = SegmentationDataset(
-            records, cfg.img_size, modalities, augment=cfg.augment, cache=cfg.cache, cache_max_bytes=_cache_cap(), any_modality=True
+            records,
+            cfg.img_size,
+            modalities,
+            augment=cfg.augment,
+            cache=cfg.cache,
+            cache_max_bytes=_cache_cap(),
+            any_modality=True,
         )
     for w in caught:
         if issubclass(w.category, UserWarning):
@@ -377,7 +409,11 @@ def _run_stage(
     steps = cfg.steps_per_epoch or max(1, math.ceil(len(ds) / cfg.batch_size))
     sampler = BalancedSampler(ds.records, steps * cfg.batch_size, seed=cfg.seed, balanced=balanced)
     loader = DataLoader(
-        ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
         pin_memory=device.type == "cuda",
     )
     names = [n for n, _ in trainable]
@@ -393,8 +429,20 @@ def _run_stage(
         history = [r for r in _read_metrics(out / METRICS) if int(r.get("epoch", 0)) < start]
         _write_metrics(out / METRICS, history)
     else:
-        _write_json(out / RUN_FILE, {"stage": stage, "config": cfg.to_dict(), "n_images": len(ds), "skipped": ds.skipped, **run_info})
-    emit({"event": "start", "stage": stage, "epochs": cfg.epochs, "start_epoch": start, "steps_per_epoch": steps, "n_images": len(ds)})
+        _write_json(
+            out / RUN_FILE,
+            {"stage": stage, "config": cfg.to_dict(), "n_images": len(ds), "skipped": ds.skipped, **run_info},
+        )
+    emit(
+        {
+            "event": "start",
+            "stage": stage,
+            "epochs": cfg.epochs,
+            "start_epoch": start,
+            "steps_per_epoch": steps,
+            "n_images": len(ds),
+        }
+    )
     stopped = False
     loss_value: float | None = None
     epoch = start
@@ -423,7 +471,13 @@ def _run_stage(
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_value:.5f}")
                 bar.update(1)
-            event = {"epoch": epoch, "step": step + 1, "steps": steps, "global_step": global_step, "loss": loss_value}
+            event = {
+                "epoch": epoch,
+                "step": step + 1,
+                "steps": steps,
+                "global_step": global_step,
+                "loss": loss_value,
+            }
             emit({"event": "step", **event})
             if cfg.log_every and global_step % cfg.log_every == 0:
                 _append_metrics(out / METRICS, {"type": "step", **event})
@@ -441,15 +495,32 @@ def _run_stage(
             "epoch_seconds": time.perf_counter() - t0,
         }
         save_training_state(out / LAST_STATE, optimizer, scheduler, names, {"epoch": epoch, "stage": stage})
-        save_fn(out / LAST, {"distill_stage": stage, "epoch": str(epoch), "distill_config": json.dumps(cfg.to_dict())})
+        save_fn(
+            out / LAST,
+            {"distill_stage": stage, "epoch": str(epoch), "distill_config": json.dumps(cfg.to_dict())},
+        )
         _append_metrics(out / METRICS, row)
         history.append(row)
         emit({"event": "epoch", **{k: v for k, v in row.items() if k != "type"}})
     else:
         epoch = cfg.epochs
     saved_module.eval()
-    result = DistillResult(out, (out / LAST) if (out / LAST).is_file() else None, epoch, stopped, loss_value, history, saved_module)
-    emit({"event": "end", "status": "stopped" if stopped else "finished", "checkpoint": str(result.checkpoint) if result.checkpoint else None})
+    result = DistillResult(
+        out,
+        (out / LAST) if (out / LAST).is_file() else None,
+        epoch,
+        stopped,
+        loss_value,
+        history,
+        saved_module,
+    )
+    emit(
+        {
+            "event": "end",
+            "status": "stopped" if stopped else "finished",
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        }
+    )
     return result
 
 
@@ -465,13 +536,18 @@ def _prepare(out_dir: str | Path, resume: bool) -> Path:
     return out
 
 
-def _student(cfg: DistillConfig, out: Path, resume: bool, device: torch.device) -> tuple[DeLightSAM, dict[str, Any]]:
+def _student(
+    cfg: DistillConfig, out: Path, resume: bool, device: torch.device
+) -> tuple[DeLightSAM, dict[str, Any]]:
     if resume:
         from ..checkpoint import load_checkpoint, read_checkpoint_info
 
         _, meta = read_checkpoint_info(out / LAST)
         model = load_checkpoint(out / LAST)
-        report: dict[str, Any] = {"init": "resume", "source_modality_head_trained": meta.get("modality_head_trained", "false")}
+        report: dict[str, Any] = {
+            "init": "resume",
+            "source_modality_head_trained": meta.get("modality_head_trained", "false"),
+        }
     else:
         model, report = build_model(cfg.train_config())
     return model.to(device), report
@@ -501,7 +577,11 @@ def _save_student(model: DeLightSAM, base_meta: dict[str, str]) -> Callable[[Pat
 def _student_meta(report: dict[str, Any], teacher_info: dict[str, Any] | None) -> dict[str, str]:
     """Distillation never trains the modality head; keep the flag of a checkpoint it started from."""
     head = str(report.get("source_modality_head_trained", "false")) or "false"
-    return {"modality_head_trained": head, "teacher": json.dumps(teacher_info or {}, default=str), "init": json.dumps(report, default=str)}
+    return {
+        "modality_head_trained": head,
+        "teacher": json.dumps(teacher_info or {}, default=str),
+        "init": json.dumps(report, default=str),
+    }
 
 
 # -- stage (a): common KD ----------------------------------------------------------------------
@@ -531,7 +611,9 @@ def distill_common(
         teacher = freeze(teacher).to(device)
         controller_ids = {id(p) for p in model.encoder.controller_parameters()}
         model.requires_grad_(False)
-        trainable = [(f"encoder.{n}", p) for n, p in model.encoder.named_parameters() if id(p) not in controller_ids]
+        trainable = [
+            (f"encoder.{n}", p) for n, p in model.encoder.named_parameters() if id(p) not in controller_ids
+        ]
         for _, p in trainable:
             p.requires_grad_(True)
 
@@ -546,8 +628,22 @@ def distill_common(
 
         meta = _student_meta(report, teacher_info)
         return _run_stage(
-            "common", cfg, out, records, model.config.modalities, model, trainable, loss_fn, _save_student(model, meta),
-            {"teacher": teacher_info or {}, "init": report}, device, resume, progress, stop_event, show_progress, balanced=False,
+            "common",
+            cfg,
+            out,
+            records,
+            model.config.modalities,
+            model,
+            trainable,
+            loss_fn,
+            _save_student(model, meta),
+            {"teacher": teacher_info or {}, "init": report},
+            device,
+            resume,
+            progress,
+            stop_event,
+            show_progress,
+            balanced=False,
         )
 
 
@@ -597,14 +693,30 @@ def train_medical_teacher(
             return delightsam_loss(mask_logits, patch_logits, masks, patch_weight=cfg.patch_weight).total
 
         info = dict(teacher_info or {})
-        meta = {k: str(v) for k, v in info.items() if k in ("sam_type", "sam_checkpoint", "sam_checkpoint_sha256")}
+        meta = {
+            k: str(v) for k, v in info.items() if k in ("sam_type", "sam_checkpoint", "sam_checkpoint_sha256")
+        }
 
         def save(path: Path, extra: dict[str, str]) -> Path:
             return save_vitmed(path, teacher, {**meta, **extra})
 
         return _run_stage(
-            "medical-teacher", cfg, out, records, teacher.config.modalities, teacher, trainable, loss_fn, save,
-            {"teacher": info}, device, resume, progress, stop_event, show_progress, balanced=True,
+            "medical-teacher",
+            cfg,
+            out,
+            records,
+            teacher.config.modalities,
+            teacher,
+            trainable,
+            loss_fn,
+            save,
+            {"teacher": info},
+            device,
+            resume,
+            progress,
+            stop_event,
+            show_progress,
+            balanced=True,
         )
 
 
@@ -640,7 +752,9 @@ def distill_domain(
         teacher = freeze(teacher).to(device)
         model.requires_grad_(False)
         controller_ids = {id(p) for p in model.encoder.controller_parameters()}
-        trainable = [(f"encoder.{n}", p) for n, p in model.encoder.named_parameters() if id(p) in controller_ids]
+        trainable = [
+            (f"encoder.{n}", p) for n, p in model.encoder.named_parameters() if id(p) in controller_ids
+        ]
         if not trainable:
             raise TrainingError("this model has no modality controllers to distil into")
         for _, p in trainable:
@@ -659,7 +773,21 @@ def distill_domain(
         meta = _student_meta(report, teacher_info)
         # backbone frozen: eval mode keeps its BatchNorm statistics fixed (controllers have no BN)
         return _run_stage(
-            "domain", cfg, out, records, model.config.modalities, model, trainable, loss_fn, _save_student(model, meta),
-            {"teacher": teacher_info or {}, "init": report}, device, resume, progress, stop_event, show_progress, balanced=True,
+            "domain",
+            cfg,
+            out,
+            records,
+            model.config.modalities,
+            model,
+            trainable,
+            loss_fn,
+            _save_student(model, meta),
+            {"teacher": teacher_info or {}, "init": report},
+            device,
+            resume,
+            progress,
+            stop_event,
+            show_progress,
+            balanced=True,
             train_mode=model.eval,
         )

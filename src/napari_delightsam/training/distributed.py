@@ -38,7 +38,6 @@ class DistContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         owns = False
         if not dist.is_initialized():
@@ -66,6 +65,17 @@ class DistContext:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+        DDP broadcasts buffers at the start of each forward, so after the last step each rank
+        still holds the statistics of its own last batch; this makes them identical again.
+        """
+        if not self.enabled:
+            return
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=0)
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

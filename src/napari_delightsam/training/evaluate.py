@@ -105,7 +105,9 @@ def resolve_eval_splits(
             use_ratios = None
     use_seed = 0 if use_seed is None else use_seed
     use_ratios = use_ratios or (0.8, 0.1, 0.1)
-    return make_splits(records, seed=use_seed, ratios=use_ratios), f"recomputed (seed {use_seed}, ratios {list(use_ratios)})"
+    return make_splits(
+        records, seed=use_seed, ratios=use_ratios
+    ), f"recomputed (seed {use_seed}, ratios {list(use_ratios)})"
 
 
 def _to_uint8_rgb(image: np.ndarray) -> np.ndarray:
@@ -137,7 +139,9 @@ def write_overlay(path: Path, image: np.ndarray, pred: np.ndarray, gt: np.ndarra
         return out.astype(np.uint8)
 
     gap = np.full((img.shape[0], 4, 3), 255, dtype=np.uint8)
-    panel = np.concatenate([img.astype(np.uint8), gap, tint(pred, (255, 0, 0)), gap, tint(gt, (0, 255, 0))], axis=1)
+    panel = np.concatenate(
+        [img.astype(np.uint8), gap, tint(pred, (255, 0, 0)), gap, tint(gt, (0, 255, 0))], axis=1
+    )
     pic = Image.fromarray(panel)
     if caption:
         canvas = Image.new("RGB", (pic.width, pic.height + 14), "white")
@@ -194,7 +198,10 @@ def evaluate_records(
         rows.append(row)
         if overlays_dir is not None and overlays_per_dataset > 0:
             arrays = _small(image, pred, gt)
-            for heap, score in ((best.setdefault(rec.key, []), row["dice"]), (worst.setdefault(rec.key, []), -row["dice"])):
+            for heap, score in (
+                (best.setdefault(rec.key, []), row["dice"]),
+                (worst.setdefault(rec.key, []), -row["dice"]),
+            ):
                 item = (score, -n, (arrays, rec.sample_id, row["dice"]))
                 if len(heap) < overlays_per_dataset:
                     heapq.heappush(heap, item)
@@ -239,7 +246,10 @@ def summarise(rows: Sequence[dict[str, Any]]) -> EvalReport:
     for r in rows:
         by_key.setdefault(r["key"], []).append(r)
         by_mod.setdefault(r["modality"], []).append(r)
-    datasets = {k: {"modality": v[0]["modality"], **aggregate(v), **_head_accuracy(v)} for k, v in sorted(by_key.items())}
+    datasets = {
+        k: {"modality": v[0]["modality"], **aggregate(v), **_head_accuracy(v)}
+        for k, v in sorted(by_key.items())
+    }
     modalities = {m: {**aggregate(v), **_head_accuracy(v)} for m, v in sorted(by_mod.items())}
     mod_dice = [v["dice"] for v in modalities.values() if v.get("dice") is not None]
     overall = {
@@ -266,7 +276,11 @@ def _fmt(v: Any, pct: bool = False) -> str:
 def format_markdown(report: EvalReport, grid: int | None = 1024) -> str:
     """Two markdown tables (datasets, modalities): Dice in %, HD/HD95 in pixels."""
     g = grid is not None and grid > 0
-    head = "| {} | n | Dice % | HD px | HD95 px |" + (f" Dice@{grid} % | HD@{grid} | HD95@{grid} |" if g else "") + " HD excl. | empty pred | empty GT |"
+    head = (
+        "| {} | n | Dice % | HD px | HD95 px |"
+        + (f" Dice@{grid} % | HD@{grid} | HD95@{grid} |" if g else "")
+        + " HD excl. | empty pred | empty GT |"
+    )
     cols = head.count("|") - 1
     lines = []
     for title, table in (("dataset", report.datasets), ("modality", report.modalities)):
@@ -276,17 +290,27 @@ def format_markdown(report: EvalReport, grid: int | None = 1024) -> str:
             cells = [name, str(s["n"]), _fmt(s.get("dice"), True), _fmt(s.get("hd")), _fmt(s.get("hd95"))]
             if g:
                 cells += [_fmt(s.get("dice_1024"), True), _fmt(s.get("hd_1024")), _fmt(s.get("hd95_1024"))]
-            cells += [str(s.get("n_hd_excluded", 0)), str(s.get("n_empty_pred", 0)), str(s.get("n_empty_gt", 0))]
+            cells += [
+                str(s.get("n_hd_excluded", 0)),
+                str(s.get("n_empty_pred", 0)),
+                str(s.get("n_empty_gt", 0)),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     o = report.overall
     lines.append(
         f"mean Dice over modalities: {_fmt(o.get('mean_modality_dice'), True)} %; images: {o.get('n', 0)}; "
         f"mean time per image: {_fmt((report.mean_seconds_per_image or float('nan')) * 1000)} ms"
-        + (f"; modality-head accuracy: {_fmt(o['modality_accuracy'], True)} %" if "modality_accuracy" in o else "")
+        + (
+            f"; modality-head accuracy: {_fmt(o['modality_accuracy'], True)} %"
+            if "modality_accuracy" in o
+            else ""
+        )
     )
     return "\n".join(lines)
 
 
-def select_records(records: Sequence[SampleRecord], splits: Splits, split: str, max_per_dataset: int | None) -> list[SampleRecord]:
+def select_records(
+    records: Sequence[SampleRecord], splits: Splits, split: str, max_per_dataset: int | None
+) -> list[SampleRecord]:
     return select(records, splits, split, max_per_dataset)

@@ -95,7 +95,9 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         xlabel = "optimizer step"
     else:
         trained = [r for r in epochs if r.get("train_loss") is not None]
-        loss = [("train loss", [float(r["epoch"]) for r in trained], [float(r["train_loss"]) for r in trained])]
+        loss = [
+            ("train loss", [float(r["epoch"]) for r in trained], [float(r["train_loss"]) for r in trained])
+        ]
         xlabel = "epoch"
     val_rows = [r for r in epochs if r.get("val_dice") is not None]
     names = sorted({m for r in val_rows for m in (r.get("val_dice_per_modality") or {})})

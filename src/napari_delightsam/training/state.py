@@ -45,7 +45,10 @@ def save_training_state(
                 tensors[f"state.{idx}.{key}"] = value.detach().to("cpu").contiguous().clone()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])} for g in sd["param_groups"]]
+    groups = [
+        {k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
+        for g in sd["param_groups"]
+    ]
     meta = {
         "format": _FORMAT,
         "param_names": json.dumps(param_names),

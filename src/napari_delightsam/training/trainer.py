@@ -146,7 +146,11 @@ def build_model(cfg: TrainConfig) -> tuple[DeLightSAM, dict[str, Any]]:
                 f"--init {path.name}: model settings {sorted(cfg.model)} change the architecture "
                 f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
             )
-        return model, {"init": "checkpoint", "path": str(path), "source_modality_head_trained": meta.get("modality_head_trained", "")}
+        return model, {
+            "init": "checkpoint",
+            "path": str(path),
+            "source_modality_head_trained": meta.get("modality_head_trained", ""),
+        }
     model = DeLightSAM(model_config_for(cfg))
     if init == "litemedsam":
         try:
@@ -265,7 +269,10 @@ def _write_metrics(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _collect_records(
-    cfg: TrainConfig, data_root: str | Path | None, items: Sequence[tuple[np.ndarray, np.ndarray, str]] | None, modalities: Sequence[str]
+    cfg: TrainConfig,
+    data_root: str | Path | None,
+    items: Sequence[tuple[np.ndarray, np.ndarray, str]] | None,
+    modalities: Sequence[str],
 ) -> list[SampleRecord]:
     records: list[SampleRecord] = []
     if data_root is not None:
@@ -297,9 +304,14 @@ def _resolve_splits(
         known = {r.key: set() for r in records}
         for r in records:
             known[r.key].add(r.sample_id)
-        new = sum(len(ids - {i for s in ("train", "val", "test") for i in splits.ids(k, s)}) for k, ids in known.items())
+        new = sum(
+            len(ids - {i for s in ("train", "val", "test") for i in splits.ids(k, s)})
+            for k, ids in known.items()
+        )
         if new:
-            warnings.warn(f"{new} sample(s) not in {path} are left out of this resumed run", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"{new} sample(s) not in {path} are left out of this resumed run", UserWarning, stacklevel=3
+            )
         return splits
     splits = make_splits(records, seed=cfg.seed, ratios=cfg.split_ratios)
     if dist_ctx.is_main:
@@ -338,18 +350,30 @@ def validate(
         ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         with ctx:
             out = model(normalise(images), modality)
-        logits = torch.nn.functional.interpolate(out.mask_logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        logits = torch.nn.functional.interpolate(
+            out.mask_logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False
+        )
         pred = logits > 0
         gt = masks > 0.5
         inter = (pred & gt).flatten(1).sum(1).float()
         total = pred.flatten(1).sum(1).float() + gt.flatten(1).sum(1).float()
         dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
         head_ok = (
-            (out.modality_logits.argmax(1) == modality).tolist() if out.modality_logits is not None else [None] * len(chunk)
+            (out.modality_logits.argmax(1) == modality).tolist()
+            if out.modality_logits is not None
+            else [None] * len(chunk)
         )
         for j, i in enumerate(chunk):
             rec = dataset.records[i]
-            rows.append({"key": rec.key, "modality": rec.modality, "id": rec.sample_id, "dice": float(dice[j]), "head_ok": head_ok[j]})
+            rows.append(
+                {
+                    "key": rec.key,
+                    "modality": rec.modality,
+                    "id": rec.sample_id,
+                    "dice": float(dice[j]),
+                    "head_ok": head_ok[j],
+                }
+            )
     if was_training:
         model.train()
     return rows
@@ -409,13 +433,17 @@ def train(
             progress(event)
 
     if dist_ctx.enabled and stop_event is not None:
-        warnings.warn("stop_event is ignored under torchrun (stop all ranks with a signal)", UserWarning, stacklevel=2)
+        warnings.warn(
+            "stop_event is ignored under torchrun (stop all ranks with a signal)", UserWarning, stacklevel=2
+        )
         stop_event = None
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     try:
         # the run seeds torch's RNG; fork it so the caller's (e.g. napari's) state is untouched
         with torch.random.fork_rng(devices=rng_devices):
-            return _train(cfg, out, data_root, items, emit, stop_event, resume, show_progress, device, dist_ctx)
+            return _train(
+                cfg, out, data_root, items, emit, stop_event, resume, show_progress, device, dist_ctx
+            )
     finally:
         dist_ctx.close()
 
@@ -444,7 +472,9 @@ def _train(
 
     # model (seeded: every rank builds identical weights)
     if resume:
-        model_cfg = ModelConfig.from_dict(json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["model_config"])
+        model_cfg = ModelConfig.from_dict(
+            json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["model_config"]
+        )
         torch.manual_seed(cfg.seed)
         model = DeLightSAM(model_cfg)
         init_report: dict[str, Any] = {"init": "resume"}
@@ -465,9 +495,21 @@ def _train(
             raise TrainingError("the split left no training images")
         mem_cap = _cache_cap()
         train_ds = SegmentationDataset(
-            train_recs, cfg.img_size, modalities, augment=cfg.augment, cache=cfg.cache, cache_max_bytes=mem_cap
+            train_recs,
+            cfg.img_size,
+            modalities,
+            augment=cfg.augment,
+            cache=cfg.cache,
+            cache_max_bytes=mem_cap,
         )
-        val_ds = SegmentationDataset(val_recs or train_recs, cfg.img_size, modalities, augment=False, cache=cfg.cache, cache_max_bytes=mem_cap)
+        val_ds = SegmentationDataset(
+            val_recs or train_recs,
+            cfg.img_size,
+            modalities,
+            augment=False,
+            cache=cfg.cache,
+            cache_max_bytes=mem_cap,
+        )
     for w in caught:
         if issubclass(w.category, UserWarning):
             data_notes.append(str(w.message))
@@ -509,11 +551,15 @@ def _train(
     best_epoch: int | None = None
     history: list[dict[str, Any]] = []
     if resume:
-        start_epoch, best_val, best_epoch = _load_resume(out, model, optimizer, scheduler, param_names, device)
+        start_epoch, best_val, best_epoch = _load_resume(
+            out, model, optimizer, scheduler, param_names, device
+        )
         history = [r for r in _read_metrics(out / METRICS) if int(r.get("epoch", 0)) < start_epoch]
         if dist_ctx.is_main:
             _write_metrics(out / METRICS, history)  # drop lines of an epoch that did not finish
-    head_trained = bool(model.modality_head is not None and cfg.train_modality_head and "modality_head" not in cfg.freeze)
+    head_trained = bool(
+        model.modality_head is not None and cfg.train_modality_head and "modality_head" not in cfg.freeze
+    )
 
     if dist_ctx.is_main and not resume:
         _write_json(
@@ -566,7 +612,15 @@ def _train(
     if not resume and cfg.save_init and dist_ctx.is_main:
         from ..checkpoint import save_checkpoint
 
-        save_checkpoint(out / INIT, model, {"modality_head_trained": "false", "init": json.dumps(init_report, default=str), "split_seed": str(splits.seed)})
+        save_checkpoint(
+            out / INIT,
+            model,
+            {
+                "modality_head_trained": "false",
+                "init": json.dumps(init_report, default=str),
+                "split_seed": str(splits.seed),
+            },
+        )
     if not resume and cfg.val_at_start:
         summary0 = _gather_validation(model, val_ds, val_indices, device, cfg, amp_dtype, dist_ctx)
         row0 = {"type": "initial", "epoch": -1, "global_step": 0, **summary0}
@@ -588,7 +642,11 @@ def _train(
     def save_best(summary: dict[str, Any], ep: int) -> Path:
         from ..checkpoint import save_checkpoint
 
-        return save_checkpoint(out / BEST, model, {**meta_base, "training": json.dumps(_train_info(summary, ep, cfg, len(train_ds)))})
+        return save_checkpoint(
+            out / BEST,
+            model,
+            {**meta_base, "training": json.dumps(_train_info(summary, ep, cfg, len(train_ds)))},
+        )
 
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -637,16 +695,23 @@ def _train(
                 }
                 emit(event)
                 if dist_ctx.is_main and cfg.log_every and global_step % cfg.log_every == 0:
-                    _append_metrics(out / METRICS, {"type": "step", **{k: v for k, v in event.items() if k != "event"}})
+                    _append_metrics(
+                        out / METRICS, {"type": "step", **{k: v for k, v in event.items() if k != "event"}}
+                    )
                     history.append({"type": "step", **{k: v for k, v in event.items() if k != "event"}})
             if bar is not None:
                 bar.close()
             train_s = time.perf_counter() - t_epoch
+            dist_ctx.sync_buffers(model)
             if stopped:
                 # validate what we have; keep it only if it beats the best (``last`` stays at the
                 # last finished epoch so --resume keeps its exact schedule)
                 summary = _gather_validation(model, val_ds, val_indices, device, cfg, amp_dtype, dist_ctx)
-                if dist_ctx.is_main and summary["val_dice"] is not None and (best_val is None or summary["val_dice"] > best_val):
+                if (
+                    dist_ctx.is_main
+                    and summary["val_dice"] is not None
+                    and (best_val is None or summary["val_dice"] > best_val)
+                ):
                     best_val, best_epoch = summary["val_dice"], epoch
                     save_best(summary, epoch)
                 break
@@ -666,7 +731,9 @@ def _train(
                 "images_per_s": steps * per_step / train_s if train_s > 0 else None,
                 **summary,
             }
-            improved = summary.get("val_dice") is not None and (best_val is None or summary["val_dice"] > best_val)
+            improved = summary.get("val_dice") is not None and (
+                best_val is None or summary["val_dice"] > best_val
+            )
             if improved:
                 best_val, best_epoch = summary["val_dice"], epoch
             row["best_val_dice"] = best_val
@@ -675,12 +742,21 @@ def _train(
 
                 if improved:
                     save_best(summary, epoch)
-                info = {"epoch": epoch, "best_val": best_val, "best_epoch": best_epoch, "global_step": global_step}
+                info = {
+                    "epoch": epoch,
+                    "best_val": best_val,
+                    "best_epoch": best_epoch,
+                    "global_step": global_step,
+                }
                 save_training_state(out / LAST_STATE, optimizer, scheduler, param_names, info)
                 save_checkpoint(
                     out / LAST,
                     model,
-                    {**meta_base, "epoch": str(epoch), "training": json.dumps(_train_info(summary, epoch, cfg, len(train_ds)))},
+                    {
+                        **meta_base,
+                        "epoch": str(epoch),
+                        "training": json.dumps(_train_info(summary, epoch, cfg, len(train_ds))),
+                    },
                 )
                 _append_metrics(out / METRICS, row)
                 history.append(row)
@@ -757,7 +833,12 @@ def _train_info(summary: dict[str, Any], epoch: int, cfg: TrainConfig, n_train: 
 
 
 def _forward_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, cfg: TrainConfig, amp_dtype: torch.dtype | None, head: bool
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    cfg: TrainConfig,
+    amp_dtype: torch.dtype | None,
+    head: bool,
 ):
     images = normalise(batch["image"].to(device, non_blocking=True))
     masks = batch["mask"].to(device, non_blocking=True)
@@ -791,7 +872,12 @@ def _gather_validation(
 
 
 def _load_resume(
-    out: Path, model: DeLightSAM, optimizer: torch.optim.Optimizer, scheduler: Any, param_names: list[str], device: torch.device
+    out: Path,
+    model: DeLightSAM,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    param_names: list[str],
+    device: torch.device,
 ) -> tuple[int, float | None, int | None]:
     from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 
@@ -836,9 +922,7 @@ def _progress_bar(steps: int, epoch: int, epochs: int, enabled: bool):
     return tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
 
 
-def benchmark_loader(
-    cfg: TrainConfig, data_root: str | Path, max_batches: int = 50
-) -> dict[str, float]:
+def benchmark_loader(cfg: TrainConfig, data_root: str | Path, max_batches: int = 50) -> dict[str, float]:
     """Throughput of the training data pipeline alone (no model): decode/resize/cache pass
     time, then samples/s of the DataLoader (augmentation + collation, ``cfg.num_workers``)."""
     modalities = model_config_for(cfg).modalities
@@ -848,9 +932,16 @@ def benchmark_loader(
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = SegmentationDataset(recs, cfg.img_size, modalities, augment=cfg.augment, cache=cfg.cache, cache_max_bytes=_cache_cap())
+        ds = SegmentationDataset(
+            recs, cfg.img_size, modalities, augment=cfg.augment, cache=cfg.cache, cache_max_bytes=_cache_cap()
+        )
     prep_s = time.perf_counter() - t0
-    sampler = BalancedSampler(ds.records, samples_per_rank=max(1, max_batches + 2) * cfg.batch_size, seed=cfg.seed, balanced=cfg.balanced)
+    sampler = BalancedSampler(
+        ds.records,
+        samples_per_rank=max(1, max_batches + 2) * cfg.batch_size,
+        seed=cfg.seed,
+        balanced=cfg.balanced,
+    )
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
     from ..data import measure_loader
 

@@ -23,8 +23,8 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -41,6 +41,7 @@ from qtpy.QtWidgets import (
 
 from ..config import MODALITIES
 from . import registry, settings
+from ._llvm import avoid_triton_llvm_clash
 from .core import METADATA_KEY, check_output_dir, default_run_dir, guard_worker, output_names
 from .finetune_job import FinetuneSettings, TrainingPair, run_finetune
 from .segment_widget import _alive, _checkpoint_label, _device_choices, _notify
@@ -56,6 +57,7 @@ class FinetuneWidget(QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        avoid_triton_llvm_clash()  # before anything imports the model (see _llvm.py)
         # napari hands plugins a PublicOnlyProxy; keep the real viewer so layer identity and
         # weak references behave (proxies are re-created on every attribute access)
         self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
@@ -595,5 +597,3 @@ def _make_plot() -> QWidget:
 
     return LossPlot()
 
-
-__all__ = ["FinetuneWidget", "Qt"]

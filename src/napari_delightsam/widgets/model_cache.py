@@ -18,6 +18,9 @@ from .settings import BUNDLED, UNTRAINED
 
 def _default_loader(spec: str, device: str) -> Any:
     from ..inference import load_model
+    from ._llvm import avoid_triton_llvm_clash
+
+    avoid_triton_llvm_clash()
 
     if spec == BUNDLED:
         return load_model(None, device=device)

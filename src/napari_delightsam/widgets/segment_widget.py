@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 
 from ..config import MODALITIES
 from . import registry, settings
+from ._llvm import avoid_triton_llvm_clash
 from .core import (
     METADATA_KEY,
     InputError,
@@ -107,6 +108,7 @@ class SegmentWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None,
                  model_cache: ModelCache | None = None) -> None:
         super().__init__(parent)
+        avoid_triton_llvm_clash()  # before anything imports the model (see _llvm.py)
         # napari hands plugins a PublicOnlyProxy; keep the real viewer so layer identity and
         # weak references behave (proxies are re-created on every attribute access)
         self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)

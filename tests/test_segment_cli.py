@@ -1,0 +1,200 @@
+"""`delightsam segment`: outputs, per-file errors, skipping, sharding, exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from napari_delightsam import cli
+from napari_delightsam.checkpoint import save_checkpoint
+from napari_delightsam.config import MODALITIES, tiny_config
+from napari_delightsam.model import DeLightSAM
+
+
+@pytest.fixture(autouse=True)
+def _segment_only(monkeypatch):
+    """Build the CLI with only `segment`, so these tests do not depend on other subcommands."""
+    monkeypatch.setattr(cli, "COMMANDS", ("segment",))
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: threads only add contention on a shared CPU
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = DeLightSAM(tiny_config()).eval()
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", model)
+
+
+def _png(path: Path, shape, seed=0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)).save(path)
+    return path
+
+
+def _run(capsys, *argv) -> tuple[int, str, list[str]]:
+    code = cli.main(["segment", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def _mask(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_single_image_writes_a_mask_of_the_input_size(tmp_path, tiny_ckpt, capsys):
+    src = _png(tmp_path / "in" / "case 1.png", (77, 131, 3))
+    code, out, err = _run(capsys, src, "--modality", "xray", "--out", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    assert code == 0, err
+    mask = _mask(tmp_path / "out" / "case 1_mask.png")
+    assert mask.shape == (77, 131) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+    assert "segmented 1 image(s)" in out and err == []
+
+
+def test_heatmap_and_threshold(tmp_path, tiny_ckpt, capsys):
+    src = _png(tmp_path / "a.png", (40, 60))
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, src, "-m", "fundus", "-o", out, "--checkpoint", tiny_ckpt, "--save-heatmap",
+                        "--threshold", "1")  # fmt: skip
+    assert code == 0, err
+    heat = tifffile.imread(out / "a_heatmap.tif")
+    assert heat.shape == (40, 60) and heat.dtype == np.float32 and 0 <= heat.min() <= heat.max() <= 1
+    assert _mask(out / "a_mask.png").max() == 0  # probability > 1 is never true
+
+
+def test_folder_with_a_corrupt_file_finishes_the_others(tmp_path, tiny_ckpt, capsys):
+    folder = tmp_path / "in"
+    for i, shape in enumerate([(30, 40, 3), (50, 20), (64, 64, 4)]):
+        _png(folder / f"img{i}.png", shape, seed=i)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image, not picked up")
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, folder, "-m", "dermoscopy", "-o", out, "--checkpoint", tiny_ckpt,
+                             "--batch-size", "2", "-q")  # fmt: skip
+    assert code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["img0_mask.png", "img1_mask.png", "img2_mask.png"]
+    assert _mask(out / "img1_mask.png").shape == (50, 20)
+    assert len(err) == 2
+    assert any("broken.png" in line for line in err) and any("empty.jpg" in line and "0 bytes" in line for line in err)
+    assert "segmented 3 image(s)" in stdout and "2 failed" in stdout
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, tiny_ckpt, capsys):
+    src = _png(tmp_path / "a.png", (20, 20))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_mask.png").write_bytes(b"user's file")
+    code, stdout, err = _run(capsys, src, "-m", "xray", "-o", out, "--checkpoint", tiny_ckpt)
+    assert code == 0 and len(err) == 1 and "skipped" in err[0] and "--overwrite" in err[0]
+    assert (out / "a_mask.png").read_bytes() == b"user's file"
+    assert "1 skipped" in stdout
+    code, _, err = _run(capsys, src, "-m", "xray", "-o", out, "--checkpoint", tiny_ckpt, "--overwrite")
+    assert code == 0 and err == []
+    assert _mask(out / "a_mask.png").shape == (20, 20)
+
+
+def test_missing_inputs(tmp_path, tiny_ckpt, capsys):
+    code, _, err = _run(capsys, tmp_path / "nope.png", "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    assert code == 2 and len(err) == 1 and "nope.png" in err[0] and "no such file" in err[0]
+    good = _png(tmp_path / "good.png", (20, 30))
+    code, _, err = _run(capsys, tmp_path / "nope.png", good, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    assert code == 1 and len(err) == 1
+    assert (tmp_path / "out" / "good_mask.png").is_file()
+
+
+def test_empty_folder_is_an_error(tmp_path, tiny_ckpt, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = _run(capsys, tmp_path / "empty", "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    assert code == 2 and len(err) == 1 and "no images" in err[0]
+
+
+def test_unknown_modality_and_auto_without_trained_head(tmp_path, tiny_ckpt, capsys):
+    src = _png(tmp_path / "a.png", (20, 20))
+    code, _, err = _run(capsys, src, "-m", "mri", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    assert code == 2 and len(err) == 1 and "unknown modality 'mri'" in err[0]
+    assert all(m in err[0] for m in MODALITIES)
+    code, _, err = _run(capsys, src, "-m", "auto", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    assert code == 2 and len(err) == 1 and "auto" in err[0] and "not trained" in err[0]
+    assert not (tmp_path / "out" / "a_mask.png").exists()
+
+
+def test_bad_checkpoint_and_device(tmp_path, capsys):
+    src = _png(tmp_path / "a.png", (20, 20))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(np.random.default_rng(0).bytes(256))
+    code, _, err = _run(capsys, src, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", junk)
+    assert code == 2 and len(err) == 1 and "junk.safetensors" in err[0]
+    code, _, err = _run(capsys, src, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tmp_path / "missing.safetensors")
+    assert code == 2 and len(err) == 1 and "missing.safetensors" in err[0]
+    code, _, err = _run(capsys, src, "-m", "xray", "-o", tmp_path / "out", "--device", "tpu")
+    assert code == 2 and len(err) == 1 and "tpu" in err[0]
+
+
+def test_bad_threshold_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["segment", str(tmp_path), "-m", "xray", "-o", str(tmp_path), "--threshold", "2"])
+    assert exc.value.code == 2
+    assert "threshold" in capsys.readouterr().err
+
+
+def test_colliding_output_names_are_refused(tmp_path, tiny_ckpt, capsys):
+    a = _png(tmp_path / "a" / "x.png", (20, 20), seed=1)
+    b = _png(tmp_path / "b" / "x.png", (30, 30), seed=2)
+    code, _, err = _run(capsys, a, b, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    assert code == 1 and len(err) == 1 and "collide" in err[0]
+    assert _mask(tmp_path / "out" / "x_mask.png").shape == (20, 20)  # the first one's
+
+
+def test_image_with_an_unusable_shape_is_reported(tmp_path, tiny_ckpt, capsys):
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 2, 30, 30), np.uint8))
+    good = _png(tmp_path / "good.png", (20, 30))
+    code, _, err = _run(capsys, tmp_path / "stack.tif", good, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    assert code == 1 and len(err) == 1 and "stack.tif" in err[0] and "(5, 2, 30, 30)" in err[0]
+    assert (tmp_path / "out" / "good_mask.png").is_file()
+
+
+def test_torchrun_sharding_takes_every_world_size_th_file(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    folder = tmp_path / "in"
+    for i in range(5):
+        _png(folder / f"img{i}.png", (16, 16), seed=i)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    code, stdout, err = _run(capsys, folder, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img1_mask.png", "img3_mask.png"]
+    assert "rank 1/2" in stdout
+
+
+def test_real_image_with_the_untrained_default_model(shared_data_dir, tmp_path, capsys):
+    """The issue's acceptance check: a real image -> a 0/255 mask of its exact size (1024² model)."""
+    src = sorted((shared_data_dir / "dermoscopy").glob("*/images/*"))[0]
+    torch.set_num_threads(2)
+    code, _, err = _run(capsys, src, "-m", "dermoscopy", "-o", tmp_path / "out", "--checkpoint", "untrained")
+    assert code == 0, err
+    mask = _mask(tmp_path / "out" / f"{src.stem}_mask.png")
+    with Image.open(src) as im:
+        assert mask.shape == (im.height, im.width)
+    assert set(np.unique(mask)) <= {0, 255}
+
+
+def test_real_folder_batch_matches_sizes(shared_data_dir, tmp_path, tiny_ckpt, capsys):
+    sources = [sorted((shared_data_dir / m).glob("*/images/*"))[0] for m in ("xray", "ultrasound", "microscopy")]
+    code, _, err = _run(capsys, *sources, "-m", "ultrasound", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt,
+                        "--batch-size", "3", "--save-heatmap")  # fmt: skip
+    assert code == 0, err
+    for src in sources:
+        with Image.open(src) as im:
+            size = (im.height, im.width)
+        assert _mask(tmp_path / "out" / f"{src.stem}_mask.png").shape == size
+        assert tifffile.imread(tmp_path / "out" / f"{src.stem}_heatmap.tif").shape == size
