@@ -205,7 +205,13 @@ def test_unreadable(tmp_path: Path, tiny_model: DeLightSAM, monkeypatch) -> None
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"abc", os.urandom(4096), b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", b"hello world, plain text\n"],
+    [
+        b"",
+        b"abc",
+        os.urandom(4096),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!",
+        b"hello world, plain text\n",
+    ],
     ids=["empty", "tiny", "random", "bad-header", "text"],
 )
 def test_not_safetensors(tmp_path: Path, content: bytes) -> None:
@@ -266,7 +272,11 @@ def _write_raw(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
 
 
 def _meta(cfg, **over: str) -> dict[str, str]:
-    meta = {"format": "napari-delightsam", "format_version": str(CHECKPOINT_FORMAT_VERSION), "config": cfg.to_json()}
+    meta = {
+        "format": "napari-delightsam",
+        "format_version": str(CHECKPOINT_FORMAT_VERSION),
+        "config": cfg.to_json(),
+    }
     meta.update(over)
     return meta
 
@@ -274,7 +284,9 @@ def _meta(cfg, **over: str) -> dict[str, str]:
 def test_foreign_safetensors(tmp_path: Path, tiny_model: DeLightSAM) -> None:
     sd = tiny_model.state_dict()
     no_meta = _write_raw(tmp_path / "a.safetensors", sd, None)
-    with pytest.raises(CheckpointError, match="not a napari-delightsam checkpoint.*no napari-delightsam metadata"):
+    with pytest.raises(
+        CheckpointError, match="not a napari-delightsam checkpoint.*no napari-delightsam metadata"
+    ):
         load_checkpoint(no_meta)
     other = _write_raw(tmp_path / "b.safetensors", sd, {"format": "pt"})
     with pytest.raises(CheckpointError, match="format is 'pt'"):
@@ -283,7 +295,9 @@ def test_foreign_safetensors(tmp_path: Path, tiny_model: DeLightSAM) -> None:
 
 def test_format_version_and_config(tmp_path: Path, tiny_model: DeLightSAM) -> None:
     sd, cfg = tiny_model.state_dict(), tiny_model.config
-    newer = _write_raw(tmp_path / "v.safetensors", sd, _meta(cfg, format_version=str(CHECKPOINT_FORMAT_VERSION + 1)))
+    newer = _write_raw(
+        tmp_path / "v.safetensors", sd, _meta(cfg, format_version=str(CHECKPOINT_FORMAT_VERSION + 1))
+    )
     with pytest.raises(CheckpointError, match="newer than this napari-delightsam supports"):
         load_checkpoint(newer)
     garbage_version = _write_raw(tmp_path / "g.safetensors", sd, _meta(cfg, format_version="one"))
@@ -390,7 +404,9 @@ def test_bundled_checkpoint_lookup(tmp_path: Path, monkeypatch, tiny_model: DeLi
 def test_bundled_checkpoint_is_a_valid_file_when_present() -> None:
     path = bundled_checkpoint_path()
     if path is None:
-        assert not (Path(ckpt.__file__).resolve().parents[1] / "weights" / ckpt.BUNDLED_CHECKPOINT_NAME).exists()
+        assert not (
+            Path(ckpt.__file__).resolve().parents[1] / "weights" / ckpt.BUNDLED_CHECKPOINT_NAME
+        ).exists()
     else:
         cfg, meta = read_checkpoint_info(path)
         assert meta["format"] == "napari-delightsam" and cfg.img_size > 0

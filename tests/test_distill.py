@@ -169,3 +169,57 @@ def test_sam_checkpoint_is_read_without_unpickling_code(tmp_path: Path, monkeypa
         load_sam_image_encoder(tmp_path / "module.pth", "vit_b")
     with pytest.raises(FileNotFoundError):
         load_sam_image_encoder(tmp_path / "missing.pth")
+
+
+def test_cli_distill_refuses_bad_input_with_one_line(tmp_path: Path, data: Path, capsys):
+    from napari_delightsam.cli import main
+
+    missing = tmp_path / "sam_vit_b.pth"
+    assert (
+        main(
+            [
+                "distill",
+                "common",
+                "--teacher-sam",
+                str(missing),
+                "--images",
+                str(data),
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 2
+    )
+    assert "file not found" in capsys.readouterr().err
+    args = [
+        "distill",
+        "domain",
+        "--teacher",
+        str(tmp_path / "vitmed.safetensors"),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "b"),
+    ]
+    assert main(args) == 2
+    assert "--teacher-sam" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "keep.txt").write_text("x")
+    args = [
+        "distill",
+        "domain",
+        "--teacher",
+        "litemedsam",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "c"),
+        "--model-preset",
+        "tiny",
+        "--img-size",
+        "128",
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 2
+    assert "not empty" in capsys.readouterr().err

@@ -68,15 +68,25 @@ def test_every_litemedsam_encoder_tensor_maps_with_equal_shape(lite_state, defau
         assert key in ours, key
         assert value.shape == ours[key].shape, key
     covered = set(mapped)
-    backbone = [k for k in ours if k.startswith("encoder.") and ".attn.prompt." not in k and ".controller_ffn." not in k]
+    backbone = [
+        k
+        for k in ours
+        if k.startswith("encoder.") and ".attn.prompt." not in k and ".controller_ffn." not in k
+    ]
     assert sorted(set(backbone) - covered) == []
     # a few spot checks of the renaming
     for src, dst in [
         ("image_encoder.patch_embed.seq.2.bn.running_var", "encoder.stem.conv2.bn.running_var"),
         ("image_encoder.layers.0.blocks.1.conv2.c.weight", "encoder.stages.0.blocks.1.conv2.conv.weight"),
-        ("image_encoder.layers.2.blocks.5.attn.attention_biases", "encoder.stages.2.blocks.5.attn.attention_biases"),
+        (
+            "image_encoder.layers.2.blocks.5.attn.attention_biases",
+            "encoder.stages.2.blocks.5.attn.attention_biases",
+        ),
         ("image_encoder.layers.1.downsample.conv3.bn.bias", "encoder.stages.1.downsample.conv3.bn.bias"),
-        ("image_encoder.layers.3.blocks.1.local_conv.c.weight", "encoder.stages.3.blocks.1.local_conv.conv.weight"),
+        (
+            "image_encoder.layers.3.blocks.1.local_conv.c.weight",
+            "encoder.stages.3.blocks.1.local_conv.conv.weight",
+        ),
         ("image_encoder.neck.2.weight", "encoder.neck.2.weight"),
     ]:
         assert torch.equal(mapped[dst], lite_state[src]), src
@@ -85,7 +95,9 @@ def test_every_litemedsam_encoder_tensor_maps_with_equal_shape(lite_state, defau
 def test_init_loads_every_backbone_tensor(lite_state) -> None:
     torch.manual_seed(0)
     model = DeLightSAM(ModelConfig())
-    before = {k: v.clone() for k, v in model.state_dict().items() if ".controller_ffn." in k or ".attn.prompt." in k}
+    before = {
+        k: v.clone() for k, v in model.state_dict().items() if ".controller_ffn." in k or ".attn.prompt." in k
+    }
     report = L.init_encoder_from_litemedsam(model, lite_state)
     assert report["loaded"] == 298
     assert report["skipped"] == []
@@ -95,7 +107,10 @@ def test_init_loads_every_backbone_tensor(lite_state) -> None:
     source_numel = sum(v.numel() for k, v in lite_state.items() if k.startswith("image_encoder."))
     assert report["loaded_parameters"] == source_numel + 8 * (32 * 3 + 64 * 32)  # stem kernels 1x1 -> 3x3
     sd = model.state_dict()
-    assert torch.equal(sd["encoder.stages.2.blocks.3.mlp.fc1.weight"], lite_state["image_encoder.layers.2.blocks.3.mlp.fc1.weight"])
+    assert torch.equal(
+        sd["encoder.stages.2.blocks.3.mlp.fc1.weight"],
+        lite_state["image_encoder.layers.2.blocks.3.mlp.fc1.weight"],
+    )
     for k, v in before.items():  # controllers untouched
         assert torch.equal(sd[k], v), k
 

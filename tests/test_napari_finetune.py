@@ -66,9 +66,9 @@ def _open_both(viewer, tiny_checkpoint, out_dir):
     assert ft.add_pair("lesion", "lesion_corrected", "dermoscopy")
     assert ft.add_pair("lesion flipped", "lesion flipped_corrected", "dermoscopy")
     assert ft.pairs_table.rowCount() == 2
+    ft.device_combo.setCurrentText("cpu")
     ft.img_size_combo.setCurrentText("128")
     ft.batch_spin.setValue(2)
-    ft.device_combo.setCurrentText("cpu")
     ft.out_edit.setText(str(out_dir))
     return seg, ft
 
@@ -85,16 +85,19 @@ def test_finetune_runs_in_a_child_stops_cleanly_and_hands_over(make_napari_viewe
     assert worker is not None and ft.busy
     assert ft.start() is None  # a second start while running is refused with a message
     # let it finish one epoch (validation -> best checkpoint), then press Stop
-    qtbot.waitUntil(lambda: (out / "best.safetensors").is_file() or not ft.busy, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: "epoch 1:" in ft.log.toPlainText() or not ft.busy, timeout=WAIT_MS)
     assert ft.busy, ft.log.toPlainText()
+    assert (out / "best.safetensors").is_file()
     job = ft._holder["job"]
     assert job.running
     ft.stop_button.click()
     qtbot.waitUntil(lambda: not ft.busy, timeout=WAIT_MS)
     assert not job.running
     log = ft.log.toPlainText()
-    assert "epoch 1:" in log and "val Dice" in log, log
-    assert len(ft.plot.loss) >= 2 and len(ft.plot.dice) >= 1
+    assert "before training: val Dice" in log and "epoch 1:" in log, log
+    assert ft.last_summary["end"]["status"] == "stopped", log  # a clean stop, reported by the trainer
+    assert ft.last_summary["returncode"] == 0
+    assert len(ft.plot.loss) >= 2 and len(ft.plot.dice) >= 2
     best = out / "best.safetensors"
     assert ft.best_checkpoint == str(best)
     # the segment widget switched to the new model; the old one is still selectable

@@ -42,9 +42,11 @@ def _png(path: Path, shape, seed=0) -> Path:
 
 
 def _run(capsys, *argv) -> tuple[int, str, list[str]]:
+    """(exit code, stdout, stderr message lines; the progress bar's lines left out)."""
     code = cli.main(["segment", *map(str, argv)])
     captured = capsys.readouterr()
-    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+    lines = captured.err.replace("\r", "\n").splitlines()
+    return code, captured.out, [line for line in lines if line.startswith("delightsam segment")]
 
 
 def _mask(path: Path) -> np.ndarray:
@@ -161,6 +163,13 @@ def test_image_with_an_unusable_shape_is_reported(tmp_path, tiny_ckpt, capsys):
     code, _, err = _run(capsys, tmp_path / "stack.tif", good, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
     assert code == 1 and len(err) == 1 and "stack.tif" in err[0] and "(5, 2, 30, 30)" in err[0]
     assert (tmp_path / "out" / "good_mask.png").is_file()
+
+
+def test_progress_bar_for_many_files(tmp_path, tiny_ckpt, capsys):
+    for i in range(3):
+        _png(tmp_path / "in" / f"img{i}.png", (16, 16), seed=i)
+    assert cli.main(["segment", str(tmp_path / "in"), "-m", "xray", "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt)]) == 0
+    assert "3/3" in capsys.readouterr().err
 
 
 def test_torchrun_sharding_takes_every_world_size_th_file(tmp_path, tiny_ckpt, capsys, monkeypatch):

@@ -236,5 +236,5 @@ def test_cli_train_progress_jsonl_and_refusal(tmp_path: Path, data_root: Path, c
     assert lines[0]["event"] == "start" and lines[-1]["event"] == "end"
     assert main(args) == 2  # the folder is no longer empty
     assert "not empty" in capsys.readouterr().err
-    assert main([*args[:6], "--resume", "--epochs", "2", "--progress-jsonl"]) == 0
+    assert main([*args[:5], "--resume", "--epochs", "2", "--progress-jsonl"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_completed"] == 2

@@ -61,7 +61,10 @@ def bundled_checkpoint_path() -> Path | None:
     source checkout's top-level ``weights/`` folder.
     """
     here = Path(__file__).resolve().parent
-    candidates = [here / "weights" / BUNDLED_CHECKPOINT_NAME, here.parents[1] / "weights" / BUNDLED_CHECKPOINT_NAME]
+    candidates = [
+        here / "weights" / BUNDLED_CHECKPOINT_NAME,
+        here.parents[1] / "weights" / BUNDLED_CHECKPOINT_NAME,
+    ]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -100,7 +103,9 @@ def save_checkpoint(
     model = _unwrap(model)
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, ModelConfig):
-        raise TypeError(f"save_checkpoint expects a DeLightSAM model with a ModelConfig, got {type(model).__name__}")
+        raise TypeError(
+            f"save_checkpoint expects a DeLightSAM model with a ModelConfig, got {type(model).__name__}"
+        )
     if dtype not in _STORAGE_DTYPES:
         raise ValueError(f"storage dtype must be one of float32, float16, bfloat16, got {dtype}")
     user_meta = dict(metadata or {})
@@ -112,7 +117,9 @@ def save_checkpoint(
     target = Path(path)
     bundled = bundled_checkpoint_path()
     if bundled is not None and target.exists() and target.resolve() == bundled.resolve():
-        raise CheckpointError(f"refusing to overwrite the bundled default model {bundled}; choose another path")
+        raise CheckpointError(
+            f"refusing to overwrite the bundled default model {bundled}; choose another path"
+        )
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists (pass overwrite=True to replace it)")
 
@@ -162,7 +169,9 @@ def _check_file(path: Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             head = fh.read(8)
             if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-                kind = "a PyTorch zip archive (.pt/.pth)" if head[:2] == b"PK" else "a Python pickle (.pth/.pkl)"
+                kind = (
+                    "a PyTorch zip archive (.pt/.pth)" if head[:2] == b"PK" else "a Python pickle (.pth/.pkl)"
+                )
                 raise CheckpointError(
                     f"{path.name} is {kind}, not a safetensors checkpoint; refusing to unpickle it "
                     "(pickles can run arbitrary code). Use a .safetensors file saved by napari-delightsam"
@@ -184,7 +193,9 @@ def _check_file(path: Path) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path.name} is not a safetensors checkpoint (unreadable header: {exc})") from exc
+        raise CheckpointError(
+            f"{path.name} is not a safetensors checkpoint (unreadable header: {exc})"
+        ) from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name} is not a safetensors checkpoint (header is not a JSON object)")
     data_len = size - 8 - header_len
@@ -240,7 +251,9 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> tuple[ModelConfig, dic
     return _parse_metadata(p, header)
 
 
-def _match_report(path: Path, expected: dict[str, torch.Tensor], found: dict[str, tuple[int, ...]]) -> str | None:
+def _match_report(
+    path: Path, expected: dict[str, torch.Tensor], found: dict[str, tuple[int, ...]]
+) -> str | None:
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     mismatched = [
@@ -292,12 +305,16 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
                 want = expected[key]
                 if want.is_floating_point():
                     if not tensor.is_floating_point():
-                        raise CheckpointError(f"{p.name}: tensor {key} has dtype {tensor.dtype}, expected floating point")
+                        raise CheckpointError(
+                            f"{p.name}: tensor {key} has dtype {tensor.dtype}, expected floating point"
+                        )
                     tensor = tensor.to(want.dtype)
                     if not bool(torch.isfinite(tensor).all()):
                         raise CheckpointError(f"{p.name}: tensor {key} contains NaN or infinite values")
                 elif tensor.dtype != want.dtype:
-                    raise CheckpointError(f"{p.name}: tensor {key} has dtype {tensor.dtype}, expected {want.dtype}")
+                    raise CheckpointError(
+                        f"{p.name}: tensor {key} has dtype {tensor.dtype}, expected {want.dtype}"
+                    )
                 state[key] = tensor
     except SafetensorError as exc:
         raise CheckpointError(f"{p.name}: corrupt safetensors file ({exc})") from exc

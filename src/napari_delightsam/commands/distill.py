@@ -127,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training import distill as D
 
     cfg = _config(args)
+    if not args.resume and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise CommandError(f"{args.out} exists and is not empty; choose a new --out folder or pass --resume")
     progress = None
     if args.progress_jsonl:
 

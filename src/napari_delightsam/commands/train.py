@@ -168,12 +168,15 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps(event, default=str) + "\n")
             sys.stdout.flush()
 
+    # driven by a parent (the napari fine-tune widget): its SIGINT means "stop cleanly"
+    stop_event = _parent_stop_event() if args.progress_jsonl else None
     try:
         result = train(
             cfg,
             args.out,
             data_root=data_root,
             progress=progress,
+            stop_event=stop_event,
             resume=args.resume,
             show_progress=not args.progress_jsonl,
         )
@@ -188,3 +191,24 @@ def run(args: argparse.Namespace) -> int:
             f"best validation Dice {best} (epoch {result.best_epoch}); best: {result.best_checkpoint}; last: {result.last_checkpoint}"
         )
     return 0
+
+
+def _parent_stop_event():
+    """SIGINT (SIGBREAK on Windows) -> finish the step, validate, keep the best checkpoint, report
+    "end"; a second signal interrupts at once."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+        signal.signal(signum, signal.default_int_handler)
+
+    try:
+        for name in ("SIGINT", "SIGBREAK"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), handler)
+    except ValueError:  # not the main thread: leave the default behaviour
+        return None
+    return stop

@@ -3,8 +3,8 @@
 ``SegmentationDataset`` indexes ``(record index, augmentation seed)`` pairs (what
 ``BalancedSampler`` yields) and returns a dict of tensors:
 
-    image     (3,S,S) float32 in [0,255]  (normalise on the device with PIXEL_MEAN/PIXEL_STD)
-    mask      (1,S,S) float32 {0,1}
+    image     (3,S,S) uint8   (``normalise`` it on the device: float, PIXEL_MEAN/PIXEL_STD)
+    mask      (1,S,S) uint8 {0,1}
     modality  () long   index into the model's modalities
     index     () long   record index
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import PIXEL_MEAN, PIXEL_STD
-from .augment import augment, policy_for
+from .augment import augment_hwc, policy_for
 from .records import BadSampleError, DataWarning, SampleRecord, load_image_only, load_pair
 
 __all__ = [
@@ -43,19 +43,20 @@ __all__ = [
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(H,W,3) float [0,255] + (H,W) bool -> (S,S,3) uint8 image + (S,S) uint8 soft mask (0..255).
 
-    Bilinear with antialiasing for both; the mask keeps its soft edge so later scaling and the
-    final 0.5 threshold stay accurate.
+    Image and mask are stacked as one (H,W,4) uint8 array and resized together (bilinear,
+    antialiased when shrinking; torch's uint8 channels-last kernel). The mask keeps its soft
+    edge so later scaling and the final threshold stay accurate.
     """
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
-    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32) * 255.0)[None]
-    stacked = torch.cat([x, m], 0)[None]
     h, w = image.shape[:2]
+    stacked = np.empty((h, w, 4), dtype=np.uint8)
+    stacked[..., :3] = np.clip(np.rint(image), 0, 255)
+    stacked[..., 3] = np.where(mask, 255, 0)
     if (h, w) != (size, size):
-        stacked = F.interpolate(
-            stacked, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-    out = stacked[0].clamp(0, 255).round().to(torch.uint8)
-    return out[:3].permute(1, 2, 0).contiguous().numpy(), out[3].contiguous().numpy()
+        t = torch.from_numpy(stacked).permute(2, 0, 1)[None]  # channels-last view
+        shrink = size < h or size < w
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+        stacked = t[0].permute(1, 2, 0).contiguous().numpy()
+    return stacked[..., :3], stacked[..., 3]
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -118,21 +119,20 @@ class SegmentationDataset(Dataset):
             )
             cache = False
         self.cached = cache
-        self._images: np.ndarray | None = None
-        self._masks: np.ndarray | None = None
+        #: (N,S,S,4) uint8: RGB + soft mask (0..255) per record, one block of shared memory
+        self._cache: np.ndarray | None = None
         if cache:
             records = self._fill_cache(records, threads)
         self.records = records
 
     def _fill_cache(self, records: list[SampleRecord], threads: int) -> list[SampleRecord]:
         s = self.img_size
-        images = np.empty((len(records), s, s, 3), dtype=np.uint8)
-        masks = np.empty((len(records), s, s), dtype=np.uint8)
+        cache = np.empty((len(records), s, s, 4), dtype=np.uint8)
 
         def work(i: int) -> tuple[int, str | None, list[str]]:
             notes: list[str] = []  # warnings are issued from this thread below (not thread-safe)
             try:
-                images[i], masks[i] = _load_resized(records[i], s, notes)
+                cache[i, ..., :3], cache[i, ..., 3] = _load_resized(records[i], s, notes)
                 err = None
             except BadSampleError as exc:
                 err = str(exc)
@@ -153,42 +153,39 @@ class SegmentationDataset(Dataset):
                 f"none of the {len(records)} samples could be loaded; first problem: {self.skipped[0]}"
             )
         if len(keep) < len(records):
-            images, masks = images[keep], masks[keep]
-        self._images, self._masks = images, masks
+            cache = cache[keep]
+        self._cache = cache
         return [records[i] for i in keep]
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _arrays(self, index: int) -> tuple[int, np.ndarray, np.ndarray]:
-        if self._images is not None and self._masks is not None:
-            return index, self._images[index], self._masks[index]
+    def _arrays(self, index: int) -> tuple[int, np.ndarray]:
+        """(record index actually used, (S,S,4) uint8 RGB + soft mask)."""
+        if self._cache is not None:
+            return index, self._cache[index]
         n = len(self.records)
         for step in range(n):  # on-the-fly decoding: fall back to the next usable record
             j = (index + step) % n
             try:
                 img, msk = _load_resized(self.records[j], self.img_size)
-                return j, img, msk
+                return j, np.concatenate([img, msk[..., None]], axis=-1)
             except BadSampleError as exc:
                 warnings.warn(f"skipped: {exc}", DataWarning, stacklevel=3)
         raise ValueError("none of the samples could be loaded")
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         index, seed = (item, None) if isinstance(item, (int, np.integer)) else item
-        index, img, msk = self._arrays(int(index))
+        index, x = self._arrays(int(index))  # (S,S,4) uint8: geometry moves image and mask together
         record = self.records[index]
-        image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
-        mask = torch.from_numpy(np.ascontiguousarray(msk))[None].float() / 255.0
         if self.augment and seed is not None:
-            image, mask = augment(image, mask, int(seed), policy_for(record.modality))
-        else:
-            mask = (mask > 0.5).float()
+            x = augment_hwc(x, int(seed), policy_for(record.modality))
+        t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
         return {
-            "image": image.contiguous(),
-            "mask": mask.contiguous(),
+            "image": t[:3],
+            "mask": (t[3:] > 127).to(torch.uint8),
             "modality": torch.tensor(
-                self.modalities.index(record.modality) if record.modality in self.modalities else -1,
-                dtype=torch.long,
+                self.modalities.index(record.modality) if record.modality in self.modalities else -1, dtype=torch.long
             ),
             "index": torch.tensor(index, dtype=torch.long),
         }

@@ -686,7 +686,7 @@ def train_medical_teacher(
 
         def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             x = normalise(batch["image"].to(device, non_blocking=True))
-            masks = batch["mask"].to(device, non_blocking=True)
+            masks = batch["mask"].to(device, non_blocking=True).float()
             modality = batch["modality"].to(device, non_blocking=True)
             with _autocast(device, cfg):
                 mask_logits, patch_logits, _ = teacher(x, modality)

@@ -345,7 +345,7 @@ def validate(
         chunk = list(indices[start : start + batch_size])
         batch = [dataset[i] for i in chunk]
         images = torch.stack([b["image"] for b in batch]).to(device)
-        masks = torch.stack([b["mask"] for b in batch]).to(device)
+        masks = torch.stack([b["mask"] for b in batch]).to(device).float()
         modality = torch.stack([b["modality"] for b in batch]).to(device)
         ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         with ctx:
@@ -841,7 +841,7 @@ def _forward_loss(
     head: bool,
 ):
     images = normalise(batch["image"].to(device, non_blocking=True))
-    masks = batch["mask"].to(device, non_blocking=True)
+    masks = batch["mask"].to(device, non_blocking=True).float()
     modality = batch["modality"].to(device, non_blocking=True)
     ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with ctx:

@@ -142,6 +142,8 @@ class FinetuneWidget(QWidget):
         form.addRow("Steps per epoch", self.steps_spin)
         self.img_size_combo = QComboBox()
         self.img_size_combo.addItems(["128", "256", "512", "1024"])
+        self._img_size_chosen = False  # once the user picks a size, device changes keep it
+        self.img_size_combo.activated.connect(lambda *_: setattr(self, "_img_size_chosen", True))
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 64)
         self.batch_spin.setValue(2)
@@ -202,6 +204,8 @@ class FinetuneWidget(QWidget):
 
     def _default_img_size(self, device: str) -> None:
         # 256 keeps a CPU fine-tune to minutes; 1024 (the paper's size) on a GPU
+        if self._img_size_chosen:
+            return
         gpu = device.startswith("cuda") or (device == "auto" and any(d.startswith("cuda") for d in _device_choices()))
         self.img_size_combo.setCurrentText("1024" if gpu else "256")
 
@@ -490,6 +494,11 @@ class FinetuneWidget(QWidget):
             self._log(f"training on {event.get('device')}: {event.get('n_train')} train / {event.get('n_val')} "
                       f"validation images, {epochs} epochs × {steps} steps")
             self._set_status("Training…")
+        elif kind == "initial":
+            dice = event.get("val_dice")
+            if dice is not None:
+                self.plot.add_dice(0, float(dice))
+                self._log(f"before training: val Dice {float(dice):.4f}")
         elif kind == "step":
             gs = int(event.get("global_step", 0))
             self.progress_bar.setValue(min(gs, self.progress_bar.maximum()))
