@@ -47,6 +47,7 @@ class Probe:
         from qtpy.QtCore import QTimer
 
         self.gaps: list[float] = []
+        self.times: list[float] = []
         self._last = time.perf_counter()
         self.timer = QTimer()
         self.timer.setInterval(interval_ms)
@@ -55,10 +56,12 @@ class Probe:
     def _tick(self) -> None:
         now = time.perf_counter()
         self.gaps.append((now - self._last) * 1000.0)
+        self.times.append(now)
         self._last = now
 
     def start(self) -> None:
         self.gaps.clear()
+        self.times.clear()
         self._last = time.perf_counter()
         self.timer.start()
 
@@ -144,11 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(tempfile.mkdtemp(prefix="delightsam-bench-run-")) / "run"
     ft.out_edit.setText(str(out))
     t0 = time.monotonic()
-    ft.start()
+    timeline: list[tuple[float, str]] = []
+    probe.start()
+    worker = ft.start()
+    worker.yielded.connect(lambda e: e and timeline.append((time.perf_counter(), e.get("event", "-"))))
     if not _spin(app, lambda: not ft.busy, 3600):
         print("fine-tune did not finish", file=sys.stderr)
         return 1
+    probe.stop()
     summary = ft.last_summary or {}
+    # where the longest gaps happened: the last training event before each
+    worst = sorted(zip(probe.gaps, probe.times, strict=True), reverse=True)[:5]
+    start_t = probe.times[0] - probe.gaps[0] / 1000 if probe.times else 0.0
+    results["finetune_worst_gaps"] = [
+        {"gap_ms": round(g, 1), "at_s": round(t - start_t, 1),
+         "after_event": next((k for tt, k in reversed(timeline) if tt <= t), "before first event")}
+        for g, t in worst
+    ]
     results["finetune"] = {
         **_stats(ft.tick_gaps),
         "seconds": round(time.monotonic() - t0, 1),

@@ -21,14 +21,21 @@ from napari_delightsam.image_io import (
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height RGB pixels (a decompression-bomb header)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 16)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture
@@ -68,7 +75,9 @@ def test_palette_and_grey_alpha_modes_become_usable_arrays(tmp_path, rgb):
     assert read_image(tmp_path / "bits.png").dtype == np.bool_
 
 
-@pytest.mark.parametrize("array", [np.zeros((3, 20, 30), np.float32), np.ones((20, 30), np.uint16), np.ones((20, 30, 3), np.uint8)])
+@pytest.mark.parametrize(
+    "array", [np.zeros((3, 20, 30), np.float32), np.ones((20, 30), np.uint16), np.ones((20, 30, 3), np.uint8)]
+)
 def test_tiff_round_trip(tmp_path, array):
     tifffile.imwrite(tmp_path / "x.tif", array)
     got = read_image(tmp_path / "x.tif")
@@ -173,7 +182,13 @@ def test_mask_png_binary_and_labels(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", [np.full((3, 3), 300, np.int32), np.full((3, 3), -1, np.int16), np.zeros((3, 3, 3), bool), np.zeros((3, 3), np.float32)]
+    "bad",
+    [
+        np.full((3, 3), 300, np.int32),
+        np.full((3, 3), -1, np.int16),
+        np.zeros((3, 3, 3), bool),
+        np.zeros((3, 3), np.float32),
+    ],
 )
 def test_mask_png_refuses_unwritable_masks(tmp_path, bad):
     with pytest.raises(ValueError):

@@ -162,3 +162,17 @@ def test_training_process_that_ignores_sigint_is_terminated(tmp_path):
     assert not job.running
     assert time.monotonic() - t0 < 15
     assert list(e for e in job.events(poll_s=0.05) if e is not None) in ([], [{}])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getpriority"), reason="POSIX scheduling priorities")
+def test_training_child_runs_at_lower_priority(tmp_path):
+    import os
+
+    script = tmp_path / "nice.py"
+    # the parent lowers the priority right after the child starts; report it a moment later
+    script.write_text("import json, os, time\ntime.sleep(1.0)\n"
+                      "print(json.dumps({'event': 'nice', 'value': os.nice(0)}), flush=True)\n")
+    job = fj.TrainingProcess([sys.executable, str(script)], nice=5).start()
+    events = [e for e in job.events(poll_s=0.05) if e is not None]
+    parent = os.getpriority(os.PRIO_PROCESS, 0)
+    assert events == [{"event": "nice", "value": min(19, parent + 5)}]

@@ -28,6 +28,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
 ALL_DTYPES = [
     np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64,
     np.float16, np.float32, np.float64,
@@ -86,7 +88,9 @@ def test_any_layout_and_dtype_round_trips_exactly(h, w, channels, first, dtype, 
     assert back.shape == (1, 1, eh, ew)
 
 
-@pytest.mark.parametrize("size", [(17, 33), (1, 1), (1023, 1025), (768, 1365), (10000, 20), (20, 10000), (5, 16)])
+@pytest.mark.parametrize(
+    "size", [(17, 33), (1, 1), (1023, 1025), (768, 1365), (10000, 20), (20, 10000), (5, 16)]
+)
 def test_round_trip_shape_odd_sizes(size):
     image = np.random.default_rng(0).integers(0, 256, size=(*size, 3), dtype=np.uint8)
     out, info = prepare_array(image)

@@ -55,11 +55,23 @@ def _mask(path: Path) -> np.ndarray:
 
 def test_single_image_writes_a_mask_of_the_input_size(tmp_path, tiny_ckpt, capsys):
     src = _png(tmp_path / "in" / "case 1.png", (77, 131, 3))
-    code, out, err = _run(capsys, src, "--modality", "xray", "--out", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    code, out, err = _run(
+        capsys, src, "--modality", "xray", "--out", tmp_path / "out", "--checkpoint", tiny_ckpt
+    )
     assert code == 0, err
     mask = _mask(tmp_path / "out" / "case 1_mask.png")
     assert mask.shape == (77, 131) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
     assert "segmented 1 image(s)" in out and err == []
+
+
+def test_modality_by_index_and_alias(tmp_path, tiny_ckpt, capsys):
+    src = _png(tmp_path / "a.png", (20, 24))
+    for i, modality in enumerate(["4", "US", "x-ray"]):
+        code, _, err = _run(
+            capsys, src, "-m", modality, "-o", tmp_path / f"out{i}", "--checkpoint", tiny_ckpt
+        )
+        assert code == 0, err
+    assert (tmp_path / "out0" / "a_mask.png").read_bytes() == (tmp_path / "out1" / "a_mask.png").read_bytes()
 
 
 def test_heatmap_and_threshold(tmp_path, tiny_ckpt, capsys):
@@ -87,7 +99,9 @@ def test_folder_with_a_corrupt_file_finishes_the_others(tmp_path, tiny_ckpt, cap
     assert sorted(p.name for p in out.iterdir()) == ["img0_mask.png", "img1_mask.png", "img2_mask.png"]
     assert _mask(out / "img1_mask.png").shape == (50, 20)
     assert len(err) == 2
-    assert any("broken.png" in line for line in err) and any("empty.jpg" in line and "0 bytes" in line for line in err)
+    assert any("broken.png" in line for line in err) and any(
+        "empty.jpg" in line and "0 bytes" in line for line in err
+    )
     assert "segmented 3 image(s)" in stdout and "2 failed" in stdout
 
 
@@ -106,17 +120,23 @@ def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, tiny_ckpt, caps
 
 
 def test_missing_inputs(tmp_path, tiny_ckpt, capsys):
-    code, _, err = _run(capsys, tmp_path / "nope.png", "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    code, _, err = _run(
+        capsys, tmp_path / "nope.png", "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt
+    )
     assert code == 2 and len(err) == 1 and "nope.png" in err[0] and "no such file" in err[0]
     good = _png(tmp_path / "good.png", (20, 30))
-    code, _, err = _run(capsys, tmp_path / "nope.png", good, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    code, _, err = _run(
+        capsys, tmp_path / "nope.png", good, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt
+    )
     assert code == 1 and len(err) == 1
     assert (tmp_path / "out" / "good_mask.png").is_file()
 
 
 def test_empty_folder_is_an_error(tmp_path, tiny_ckpt, capsys):
     (tmp_path / "empty").mkdir()
-    code, _, err = _run(capsys, tmp_path / "empty", "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    code, _, err = _run(
+        capsys, tmp_path / "empty", "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt
+    )
     assert code == 2 and len(err) == 1 and "no images" in err[0]
 
 
@@ -136,10 +156,23 @@ def test_bad_checkpoint_and_device(tmp_path, capsys):
     junk.write_bytes(np.random.default_rng(0).bytes(256))
     code, _, err = _run(capsys, src, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", junk)
     assert code == 2 and len(err) == 1 and "junk.safetensors" in err[0]
-    code, _, err = _run(capsys, src, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tmp_path / "missing.safetensors")
+    code, _, err = _run(
+        capsys, src, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tmp_path / "missing.safetensors"
+    )
     assert code == 2 and len(err) == 1 and "missing.safetensors" in err[0]
-    code, _, err = _run(capsys, src, "-m", "xray", "-o", tmp_path / "out", "--device", "tpu")
+    code, _, err = _run(
+        capsys, src, "-m", "xray", "-o", tmp_path / "out", "--device", "tpu", "--checkpoint", "untrained"
+    )
     assert code == 2 and len(err) == 1 and "tpu" in err[0]
+
+
+def test_no_bundled_model_says_what_to_pass(tmp_path, capsys, monkeypatch):
+    import napari_delightsam.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "bundled_checkpoint_path", lambda: None)
+    src = _png(tmp_path / "a.png", (20, 20))
+    code, _, err = _run(capsys, src, "-m", "xray", "-o", tmp_path / "out")
+    assert code == 2 and len(err) == 1 and "--checkpoint untrained" in err[0]
 
 
 def test_bad_threshold_is_a_usage_error(tmp_path, capsys):
@@ -160,7 +193,9 @@ def test_colliding_output_names_are_refused(tmp_path, tiny_ckpt, capsys):
 def test_image_with_an_unusable_shape_is_reported(tmp_path, tiny_ckpt, capsys):
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 2, 30, 30), np.uint8))
     good = _png(tmp_path / "good.png", (20, 30))
-    code, _, err = _run(capsys, tmp_path / "stack.tif", good, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt)
+    code, _, err = _run(
+        capsys, tmp_path / "stack.tif", good, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt
+    )
     assert code == 1 and len(err) == 1 and "stack.tif" in err[0] and "(5, 2, 30, 30)" in err[0]
     assert (tmp_path / "out" / "good_mask.png").is_file()
 
@@ -168,7 +203,8 @@ def test_image_with_an_unusable_shape_is_reported(tmp_path, tiny_ckpt, capsys):
 def test_progress_bar_for_many_files(tmp_path, tiny_ckpt, capsys):
     for i in range(3):
         _png(tmp_path / "in" / f"img{i}.png", (16, 16), seed=i)
-    assert cli.main(["segment", str(tmp_path / "in"), "-m", "xray", "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt)]) == 0
+    argv = ["segment", tmp_path / "in", "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt]
+    assert cli.main([str(a) for a in argv]) == 0
     assert "3/3" in capsys.readouterr().err
 
 
@@ -198,7 +234,9 @@ def test_real_image_with_the_untrained_default_model(shared_data_dir, tmp_path, 
 
 
 def test_real_folder_batch_matches_sizes(shared_data_dir, tmp_path, tiny_ckpt, capsys):
-    sources = [sorted((shared_data_dir / m).glob("*/images/*"))[0] for m in ("xray", "ultrasound", "microscopy")]
+    sources = [
+        sorted((shared_data_dir / m).glob("*/images/*"))[0] for m in ("xray", "ultrasound", "microscopy")
+    ]
     code, _, err = _run(capsys, *sources, "-m", "ultrasound", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt,
                         "--batch-size", "3", "--save-heatmap")  # fmt: skip
     assert code == 0, err

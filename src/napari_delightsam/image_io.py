@@ -121,7 +121,9 @@ def _read_pillow(path: Path, max_pixels: int) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{path}: refused as a possible decompression bomb ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not a recognised image file (PNG, JPEG, TIFF or BMP expected)") from None
+        raise ImageReadError(
+            f"{path}: not a recognised image file (PNG, JPEG, TIFF or BMP expected)"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow: "image file is truncated", broken PNG chunks, bad JPEG markers ...
         raise ImageReadError(f"{path}: truncated or corrupt image ({exc})") from None
@@ -150,7 +152,9 @@ def _pillow_to_array(im) -> np.ndarray:
 def _check_target(path: str | os.PathLike[str], overwrite: bool) -> Path:
     target = Path(path)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise FileExistsError(
+            f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
+        )
     return target
 
 

@@ -287,7 +287,10 @@ class Segmenter:
                     except _OOM_ERRORS:
                         raise
                     except Exception as exc:
-                        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using eager mode")
+                        warnings.warn(
+                            f"torch.compile failed ({type(exc).__name__}: {exc}); using eager mode",
+                            stacklevel=2,
+                        )
                         self._compiled = None
                         out = self.model(x, modality)
                 else:
@@ -329,7 +332,7 @@ class Segmenter:
                 ) from None
             if self.precision != "bf16":
                 raise
-            warnings.warn(f"bf16 inference failed ({exc}); falling back to fp32")
+            warnings.warn(f"bf16 inference failed ({exc}); falling back to fp32", stacklevel=2)
             self.precision = "fp32"
             return self._forward_once(x, modality)
 
@@ -370,7 +373,9 @@ class Segmenter:
             up = to_input_size(lowres.cpu(), size)
         return up.sigmoid_().cpu().numpy()
 
-    def _postprocess(self, out: _BatchOutput, i: int, prepared: PreparedImage, threshold: float, share: float):
+    def _postprocess(
+        self, out: _BatchOutput, i: int, prepared: PreparedImage, threshold: float, share: float
+    ):
         t0 = time.perf_counter()
         with torch.inference_mode():
             size = prepared.info.size
@@ -379,7 +384,7 @@ class Segmenter:
             probs = None
             if out.modality_logits is not None and self.auto_available:
                 p = torch.softmax(out.modality_logits[i], dim=0).cpu().tolist()
-                probs = {name: float(v) for name, v in zip(self.modalities, p)}
+                probs = {name: float(v) for name, v in zip(self.modalities, p, strict=True)}
         mask = probability > threshold
         post = time.perf_counter() - t0
         timings = {
@@ -401,7 +406,9 @@ class Segmenter:
 
     # -- public entry points ---------------------------------------------------------------
 
-    def _modality_list(self, modality: ModalitySpec | Sequence[ModalitySpec] | None, n: int) -> list[int | None]:
+    def _modality_list(
+        self, modality: ModalitySpec | Sequence[ModalitySpec] | None, n: int
+    ) -> list[int | None]:
         if isinstance(modality, (list, tuple)):
             if len(modality) != n:
                 raise ValueError(f"got {len(modality)} modalities for {n} images")
@@ -493,7 +500,9 @@ def load_model(
     from .io_utils import sha256_file
     from .model import DeLightSAM
 
-    kwargs: dict[str, Any] = dict(fast=fast, precision=precision, compile=compile, channels_last=channels_last)
+    kwargs: dict[str, Any] = dict(
+        fast=fast, precision=precision, compile=compile, channels_last=channels_last
+    )
     dev = resolve_device(device)  # a bad device fails before any loading
     if isinstance(checkpoint, str) and checkpoint.strip().lower() == "untrained":
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
@@ -513,7 +522,11 @@ def load_model(
     else:
         path = Path(checkpoint)
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists() else f"{path} is not a file")
+            raise CheckpointError(
+                f"checkpoint {path} does not exist" if not path.exists() else f"{path} is not a file"
+            )
     _, meta = read_checkpoint_info(path)
     model = load_checkpoint(path, map_location="cpu")
-    return Segmenter(model, dev, metadata=meta, checkpoint_path=path, checkpoint_sha256=sha256_file(path), **kwargs)
+    return Segmenter(
+        model, dev, metadata=meta, checkpoint_path=path, checkpoint_sha256=sha256_file(path), **kwargs
+    )

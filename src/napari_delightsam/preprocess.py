@@ -175,8 +175,12 @@ def prepare_array(
     if c == 4:
         arr = arr[:, :, :3]
     info = dict(
-        input_shape=tuple(int(s) for s in shape), dtype=str(dtype), height=h, width=w,
-        layout=layout, channels_first=first,
+        input_shape=tuple(int(s) for s in shape),
+        dtype=str(dtype),
+        height=h,
+        width=w,
+        layout=layout,
+        channels_first=first,
     )
 
     if dtype.kind == "b":

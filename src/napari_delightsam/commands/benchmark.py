@@ -76,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--peer-repeats",
         type=_positive,
         default=None,
-        help="steady-state calls per peer after its cold call (default 3 on CPU, 20 on CUDA)",
+        help="steady-state calls per peer after its cold call (default 2 on CPU, 20 on CUDA)",
     )
     p.add_argument(
         "--batch-size", type=int, default=None, help="segment_batch size (default 4 on CPU, 32 on CUDA)"
@@ -158,9 +158,10 @@ def options_from_args(args: argparse.Namespace):
         modality=args.modality,
         sizes=sizes,
         repeats=pick(args.repeats, 3, 20, 50),
-        peer_repeats=pick(args.peer_repeats, 1, 3, 20),
+        peer_repeats=pick(args.peer_repeats, 1, 2, 20),
         batch_size=pick(args.batch_size, 2, 4, 32),
-        batch_repeats=1 if quick else 3,
+        batch_repeats=pick(None, 1, 2, 10),
+        fast_repeats=pick(None, 3, 5, 20),
         peers=peers,
         amg_points=args.amg_points or (32 if cuda else 16),
         tiny_peers=bool(args.tiny_peers),

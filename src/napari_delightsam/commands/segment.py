@@ -74,7 +74,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "omitted = the bundled default model",
     )
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--threshold", type=_threshold, default=0.5, help="mask = probability > threshold (default 0.5)")
+    p.add_argument(
+        "--threshold", type=_threshold, default=0.5, help="mask = probability > threshold (default 0.5)"
+    )
     p.add_argument("--save-heatmap", action="store_true", help="also write <stem>_heatmap.tif (float32)")
     p.add_argument(
         "--batch-size",
@@ -131,7 +133,8 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
         path = Path(raw)
         if path.is_dir():
             found = sorted(
-                f for f in path.iterdir()
+                f
+                for f in path.iterdir()
                 if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
             )
             if not found:
@@ -170,7 +173,9 @@ def _plan(files: list[Path], out: Path, heatmap: bool) -> tuple[list[_Job], list
     for f in files:
         stem = f.stem
         if stem in owner:
-            problems.append(f"{f}: its output {stem}_mask.png would collide with that of {owner[stem]}; rename one")
+            problems.append(
+                f"{f}: its output {stem}_mask.png would collide with that of {owner[stem]}; rename one"
+            )
             continue
         owner[stem] = f
         jobs.append(_Job(f, out / f"{stem}_mask.png", out / f"{stem}_heatmap.tif" if heatmap else None))
@@ -200,12 +205,21 @@ def run(args: argparse.Namespace) -> int:
         if str(device).lower() in ("auto", "cuda") and torch.cuda.is_available():
             device = f"cuda:{local_rank % torch.cuda.device_count()}"
 
+    if args.checkpoint is None:
+        from ..checkpoint import bundled_checkpoint_path
+
+        if bundled_checkpoint_path() is None:
+            raise CommandError(
+                "no bundled model is installed yet; pass --checkpoint FILE.safetensors, "
+                "or --checkpoint untrained for random weights (tests and benchmarks only)"
+            )
     try:
         segmenter = load_model(args.checkpoint, device=device, fast=not args.fp32)
     except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
         raise CommandError(f"cannot load the model: {exc}") from None
+    modality: str | int = int(args.modality) if args.modality.strip().isdigit() else args.modality
     try:
-        segmenter.resolve_modality(args.modality)
+        segmenter.resolve_modality(modality)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     try:
@@ -230,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
             return
         try:
             results = segmenter.segment_prepared(
-                [p for _, p in pending], args.modality, args.threshold, batch_size=len(pending)
+                [p for _, p in pending], modality, args.threshold, batch_size=len(pending)
             )
         except RuntimeError as exc:  # out of memory even at batch 1, ...
             for job, _ in pending:
@@ -238,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(len(pending))
             pending.clear()
             return
-        for (job, _), result in zip(pending, results):
+        for (job, _), result in zip(pending, results, strict=True):
             try:
                 write_mask_png(job.mask, result.mask, overwrite=args.overwrite)
                 if job.heatmap is not None:

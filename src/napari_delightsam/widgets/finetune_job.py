@@ -213,8 +213,10 @@ class TrainingProcess:
     """A running ``delightsam train`` child: stream its events, stop it cleanly."""
 
     def __init__(self, cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-                 log_path: str | os.PathLike[str] | None = None) -> None:
+                 log_path: str | os.PathLike[str] | None = None, nice: int = 5) -> None:
         self.cmd = list(cmd)
+        #: the child's scheduling penalty: training is background work, the GUI comes first
+        self.nice = nice
         self.env = env
         self.cwd = cwd
         self.log_path = Path(log_path) if log_path else None
@@ -232,10 +234,18 @@ class TrainingProcess:
         kwargs: dict[str, Any] = {}
         if sys.platform == "win32":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+            if self.nice > 0:
+                kwargs["creationflags"] |= subprocess.BELOW_NORMAL_PRIORITY_CLASS  # type: ignore[attr-defined]
         self.proc = subprocess.Popen(  # noqa: S603 -- our own interpreter and module
             self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, encoding="utf-8", errors="replace", bufsize=1, env=env, cwd=self.cwd, **kwargs,
         )
+        if self.nice > 0 and hasattr(os, "setpriority"):
+            # set right after exec, before torch starts its worker threads (they inherit it)
+            try:
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.nice))
+            except OSError:
+                pass
         _RUNNING.add(self)
         out = threading.Thread(target=self._pump, args=(self.proc.stdout, self._lines), daemon=True)
         err = threading.Thread(target=self._pump_stderr, args=(self.proc.stderr,), daemon=True)
