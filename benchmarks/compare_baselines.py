@@ -35,7 +35,6 @@ import shlex
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -418,10 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings():
-            # non-binary masks are binarised with a DataWarning per file: say it once, not per image
-            warnings.simplefilter("once")
-            return run(args, argv)
+        return run(args, argv)
     except UsageError as exc:
         print(f"compare_baselines.py: error: {exc}", file=sys.stderr)
         return 2

@@ -183,8 +183,11 @@ def evaluate_records(
             warnings.warn(f"skipped: {exc}", UserWarning, stacklevel=2)
             continue
         modality = rec.modality if modality_mode == "given" else "auto"
+        # the decoded pixels as uint8 (what a user's 8-bit file holds); a float array could be
+        # re-scaled by the segmenter's own intensity rules
+        pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
         t0 = time.perf_counter()
-        result = segmenter.segment(image, modality=modality, threshold=threshold)
+        result = segmenter.segment(pixels, modality=modality, threshold=threshold)
         dt = time.perf_counter() - t0
         times.append(dt)
         pred = np.asarray(result.mask, dtype=bool)

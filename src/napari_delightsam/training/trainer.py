@@ -570,7 +570,7 @@ def _train(
                 "sampling_rule": SAMPLING_RULE,
                 "split_rule": splits.group_rule,
                 "split_seed": splits.seed,
-                "data_root": str(data_root) if data_root is not None else None,
+                "data_root": str(Path(data_root).expanduser().resolve()) if data_root is not None else None,
                 "n_items": len(items) if items is not None else 0,
                 "datasets": _dataset_counts(train_ds.records, val_ds.records),
                 "world_size": world,
