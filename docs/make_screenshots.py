@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     ft.epochs_spin.setValue(args.finetune_epochs)
     ft.steps_spin.setValue(args.finetune_steps)
     ft.img_size_combo.setCurrentText(str(args.finetune_size))
-    ft.out_edit.setText(str(Path.home() / "delightsam-runs" / "screenshot"))
     if args.finetune_epochs > 0:
         ft.start()
         if not _wait(app, lambda: not ft.busy, 1200):

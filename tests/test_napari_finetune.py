@@ -241,3 +241,36 @@ def test_training_failure_such_as_out_of_memory_is_a_notification(make_napari_vi
     assert "Training failed" in ft.status_label.text()
     assert ft.best_checkpoint is None
     assert ft.start_button.isEnabled()
+
+
+def test_a_run_that_got_worse_is_handed_over_with_a_warning(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path,
+                                                             monkeypatch):
+    import shutil
+
+    best = tmp_path / "fake_run" / "best.safetensors"
+    best.parent.mkdir()
+    shutil.copy(tiny_checkpoint, best)
+    script = tmp_path / "worse.py"
+    script.write_text(textwrap.dedent(f"""
+        import json
+        for e in ({{"event": "start", "epochs": 1, "steps_per_epoch": 1}},
+                  {{"event": "initial", "val_dice": 0.8}},
+                  {{"event": "step", "epoch": 0, "step": 1, "steps": 1, "global_step": 1, "loss": 0.9}},
+                  {{"event": "epoch", "epoch": 0, "global_step": 1, "train_loss": 0.9, "val_dice": 0.1,
+                    "best_val_dice": 0.1, "improved": True}},
+                  {{"event": "end", "status": "finished", "best_checkpoint": {str(best)!r},
+                    "best_val_dice": 0.1, "best_epoch": 0}}):
+            print(json.dumps(e), flush=True)
+    """))
+    monkeypatch.setattr(finetune_job, "build_train_command", lambda *a, **k: [sys.executable, str(script)])
+    viewer = _viewer_with_pairs(make_napari_viewer)
+    seg, ft = _open_both(viewer, tiny_checkpoint, tmp_path / "out")
+    seg.model_combo.setCurrentIndex(seg.model_combo.findData("untrained"))
+    ft.start()
+    qtbot.waitUntil(lambda: not ft.busy, timeout=WAIT_MS)
+    assert ft.initial_dice == 0.8
+    assert seg.current_model() == str(best.resolve())  # handed over as the issue asks ...
+    assert seg.model_combo.findData("untrained") >= 0  # ... the previous model stays selectable
+    warnings = _messages("warning")
+    assert any("did not improve" in m and "0.800" in m and "0.100" in m for m in warnings), warnings
+    assert "best val Dice 0.1000 (epoch 1)" in ft.log.toPlainText()

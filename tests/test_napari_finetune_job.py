@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +177,48 @@ def test_training_child_runs_at_lower_priority(tmp_path):
     events = [e for e in job.events(poll_s=0.05) if e is not None]
     parent = os.getpriority(os.PRIO_PROCESS, 0)
     assert events == [{"event": "nice", "value": min(19, parent + 5)}]
+
+
+def test_run_finetune_feeds_pairs_and_folder_and_cleans_up_without_touching_user_data(tmp_path, monkeypatch):
+    user = tmp_path / "my data"
+    fj.write_dataset([_pair("a"), _pair("b", "xray", rgb=False)], user)
+    before = sorted(str(p.relative_to(user)) for p in user.rglob("*"))
+    seen = {}
+    script = tmp_path / "list_data.py"
+    # the child lists what the trainer's own loader finds there
+    script.write_text(
+        "import json, sys\n"
+        "from napari_delightsam.data import discover\n"
+        "files = [f'{r.modality}/{r.dataset}/{r.sample_id}' for r in discover(sys.argv[1])]\n"
+        "print(json.dumps({'event': 'files', 'files': files}), flush=True)\n"
+        "print(json.dumps({'event': 'end', 'status': 'finished', 'best_checkpoint': None}), flush=True)\n"
+    )
+
+    def command(settings, data_root, out_dir):
+        seen["root"] = Path(data_root)
+        return [sys.executable, str(script), str(data_root)]
+
+    monkeypatch.setattr(fj, "build_train_command", command)
+    holder: dict = {}
+    gen = fj.run_finetune([_pair("layer")], user, fj.FinetuneSettings(), tmp_path / "out", holder)
+    events = []
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            event = next(gen)
+            if event is not None:
+                events.append(event)
+    summary = stop.value.value
+    files = next(e["files"] for e in events if e["event"] == "files")
+    assert sorted(files) == ["dermoscopy/user-folder/p00_a", "dermoscopy/user/p00_layer",  # pair + folder
+                             "xray/user-folder/p01_b"]
+    assert summary["counts"] == {"dermoscopy": 2, "xray": 1}
+    assert summary["returncode"] == 0 and summary["end"]["status"] == "finished"
+    assert not seen["root"].exists()  # the temporary dataset is gone ...
+    assert sorted(str(p.relative_to(user)) for p in user.rglob("*")) == before  # ... the user's data is not
+
+
+def test_run_finetune_without_data_is_an_error(tmp_path):
+    gen = fj.run_finetune([], None, fj.FinetuneSettings(), tmp_path / "out", {})
+    assert next(gen)["event"] == "status"
+    with pytest.raises(ValueError, match="no training data"):
+        next(gen)

@@ -154,6 +154,11 @@ def _short_list(items: list[str]) -> str:
     return f"{shown}, ... (+{more} more)" if more > 0 else shown
 
 
+def _is_count(value: Any) -> bool:
+    """A non-negative JSON integer (not a bool, float or string)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _check_file(path: Path) -> dict[str, Any]:
     """Check that ``path`` is a complete safetensors file; return its parsed header.
 
@@ -204,9 +209,21 @@ def _check_file(path: Path) -> dict[str, Any]:
         if name == "__metadata__":
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise CheckpointError(f"{path.name}: malformed safetensors header entry {name!r}")
-        end = max(end, int(offsets[1]))
+        shape = info.get("shape") if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]
+            and isinstance(shape, list)
+            and all(_is_count(n) for n in shape)
+            and isinstance(dtype, str)
+        ):
+            raise CheckpointError(
+                f"{path.name}: malformed safetensors header entry {name!r} (needs dtype, shape and data_offsets)"
+            )
+        end = max(end, offsets[1])
     if end > data_len:
         raise CheckpointError(
             f"{path.name} is truncated: the header describes {end} bytes of tensor data but the file holds {data_len}"
@@ -287,12 +304,24 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     p = Path(path)
     header = _check_file(p)
     cfg, _ = _parse_metadata(p, header)
+    found_shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    # compare shapes on a weightless ("meta") model first: a config that does not match the
+    # tensors (e.g. a corrupt or hostile one asking for billions of parameters) is refused
+    # before any memory is allocated for it
+    try:
+        with torch.device("meta"):
+            skeleton = DeLightSAM(cfg)
+    except Exception:  # fall back to the real build below, which reports the problem
+        skeleton = None
+    if skeleton is not None:
+        problem = _match_report(p, skeleton.state_dict(), found_shapes)
+        if problem:
+            raise CheckpointError(problem)
     try:
         model = DeLightSAM(cfg)
     except Exception as exc:  # a config that parses but cannot be built
         raise CheckpointError(f"{p.name}: cannot build the model from its config: {exc}") from exc
     expected = model.state_dict()
-    found_shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     problem = _match_report(p, expected, found_shapes)
     if problem:
         raise CheckpointError(problem)

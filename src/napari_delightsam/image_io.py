@@ -14,7 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -60,6 +63,8 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
         raise ImageReadError(f"{p}: cannot access the file ({exc.strerror or exc})") from None
     if p.is_dir():
         raise ImageReadError(f"{p}: is a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):  # opening a FIFO would block until something writes to it
+        raise ImageReadError(f"{p}: not a regular file (a pipe, socket or device), not an image file")
     if st.st_size == 0:
         raise ImageReadError(f"{p}: file is empty (0 bytes)")
     try:
@@ -72,11 +77,25 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
     return _read_pillow(p, max_pixels)
 
 
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """Silence tifffile's log records while reading: on a damaged file it logs several lines
+    to stderr before (or instead of) raising, which would break "one line per bad file".
+    The failure itself still becomes one ImageReadError."""
+    logger = logging.getLogger("tifffile")
+    before = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = before
+
+
 def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise ImageReadError(f"{path}: TIFF file holds no image")
             series = tif.series[0]

@@ -453,7 +453,12 @@ class Segmenter:
         results: list[SegmentationResult] = []
         step = max(1, int(batch_size))
         for start in range(0, len(images), step):
-            prepared = [self.prepare(im, nan_policy=nan_policy) for im in images[start : start + step]]
+            prepared = []
+            for i in range(start, min(start + step, len(images))):
+                try:
+                    prepared.append(self.prepare(images[i], nan_policy=nan_policy))
+                except ValueError as exc:  # say which image of the batch is unusable
+                    raise ValueError(f"image {i} of the batch ({len(images)} images): {exc}") from None
             results += self.segment_prepared(prepared, mods[start : start + step], threshold, batch_size=step)
         return results
 

@@ -133,8 +133,11 @@ def infer_layout(shape: Sequence[int]) -> tuple[int, int, int, bool]:
 
 
 def _window_for(sample: np.ndarray, lo_all: float, hi_all: float, percentiles: tuple[float, float]):
-    lo, hi = (float(v) for v in np.percentile(sample, percentiles))
-    if not hi > lo:
+    # float64 values near its limits: the interpolation may overflow (inf, or NaN from inf * 0);
+    # a window that is not finite and ordered falls back to the min/max window
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo, hi = (float(v) for v in np.percentile(sample, percentiles))
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
         lo, hi = lo_all, hi_all
     return lo, hi
 
@@ -233,8 +236,13 @@ def prepare_array(
         else:
             out = work.astype(calc)
             np.clip(out, lo, hi, out=out)
-            out -= calc(lo)
-            out *= calc(255.0 / (hi - lo))
+            # a float64 window wider than float64's range (e.g. -1e308..1e308): hi - lo would
+            # overflow to inf and give NaN pixels, so map it at half scale
+            scale = 1.0 if math.isfinite(hi - lo) else 0.5
+            if scale != 1.0:
+                out *= calc(scale)
+            out -= calc(lo * scale)
+            out *= calc(255.0 / (hi * scale - lo * scale))
             intensity, window = "percentile", (lo, hi)
     if finite is not None:
         out[~finite] = 0

@@ -182,8 +182,22 @@ def _plan(files: list[Path], out: Path, heatmap: bool) -> tuple[list[_Job], list
     return jobs, problems
 
 
+def _escape_unprintable_output() -> None:
+    """Print paths the console cannot encode (e.g. a CJK folder name on an ASCII or cp1252
+    console) as backslash escapes instead of failing with UnicodeEncodeError after the work."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or unusual stream: leave it as it is
+                pass
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    _escape_unprintable_output()
 
     from ..image_io import ImageReadError, read_image, write_mask_png, write_tiff
     from ..inference import load_model

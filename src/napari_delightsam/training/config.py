@@ -64,8 +64,11 @@ class TrainConfig:
     num_workers: int = 2
     # runtime
     device: str = "auto"
-    #: bf16 autocast on CUDA (ignored on CPU)
+    #: bf16 autocast on CUDA (ignored on CPU unless ``amp_cpu``)
     amp: bool = True
+    #: bf16 autocast on CPU too: about 2x faster per step on CPUs with native bf16
+    #: (AMX / AVX512-BF16, see ``devices.cpu_supports_bf16``); off by default
+    amp_cpu: bool = False
     val_every: int = 1
     #: validate the starting weights too (an "initial" line in metrics.jsonl: the baseline)
     val_at_start: bool = True

@@ -589,7 +589,11 @@ def _train(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
-    amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
+    amp_dtype = (
+        torch.bfloat16
+        if cfg.amp and (device.type == "cuda" or (device.type == "cpu" and cfg.amp_cpu))
+        else None
+    )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -70,6 +70,8 @@ class FinetuneWidget(QWidget):
         self.tick_gaps: list[float] = []
         self.last_summary: dict[str, Any] | None = None
         self.best_checkpoint: str | None = None
+        #: validation Dice of the starting model (the trainer's "initial" event)
+        self.initial_dice: float | None = None
         self._steps_total = 0
         self._build_ui()
         self._refresh_layer_combos()
@@ -429,6 +431,7 @@ class FinetuneWidget(QWidget):
         self._holder.clear()
         self.last_summary = None
         self.best_checkpoint = None
+        self.initial_dice = None
         self.plot.clear()
         self.log.clear()
         self._steps_total = cfg.epochs * (cfg.steps_per_epoch or 0)
@@ -497,6 +500,7 @@ class FinetuneWidget(QWidget):
         elif kind == "initial":
             dice = event.get("val_dice")
             if dice is not None:
+                self.initial_dice = float(dice)
                 self.plot.add_dice(0, float(dice))
                 self._log(f"before training: val Dice {float(dice):.4f}")
         elif kind == "step":
@@ -520,7 +524,11 @@ class FinetuneWidget(QWidget):
         elif kind == "error":
             self._log(f"error: {event.get('message')}")
         elif kind == "end":
-            self._log(f"{event.get('status')}: best val Dice {event.get('best_val_dice')} (epoch {event.get('best_epoch')})")
+            best = event.get("best_val_dice")
+            best_text = f"{best:.4f}" if isinstance(best, (int, float)) else "n/a"
+            epoch = event.get("best_epoch")
+            self._log(f"{event.get('status')}: best val Dice {best_text}"
+                      + (f" (epoch {int(epoch) + 1})" if isinstance(epoch, int) else ""))
 
     def _on_returned(self, summary: dict[str, Any]) -> None:
         self.last_summary = summary
@@ -555,6 +563,13 @@ class FinetuneWidget(QWidget):
         dice = end.get("best_val_dice")
         self._set_status(f"Fine-tuning {'stopped' if stopped else 'finished'}. Best checkpoint: {best}"
                          + (f" (val Dice {dice:.3f})" if isinstance(dice, (int, float)) else ""))
+        if isinstance(dice, (int, float)) and self.initial_dice is not None and dice < self.initial_dice:
+            # say so: the new model is selected, but the validation images got worse
+            message = (f"validation Dice fell from {self.initial_dice:.3f} (before) to {dice:.3f}; "
+                       "the previous model is still in the segment widget's model list "
+                       "(try more epochs, a lower learning rate or more pairs)")
+            self._log(f"warning: {message}")
+            _notify("warning", f"fine-tuning did not improve: {message}")
 
     def _adopt(self, best: str, announce: bool = True) -> None:
         """Hand the new checkpoint to the segment widget (or remember it for the next one)."""
