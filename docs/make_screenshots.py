@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modality", default="dermoscopy")
     parser.add_argument("--checkpoint", help="checkpoint file or 'untrained' (default: bundled if installed)")
     parser.add_argument("--out", type=Path, default=HERE / "screenshots")
-    parser.add_argument("--finetune-epochs", type=int, default=2)
-    parser.add_argument("--finetune-steps", type=int, default=2)
-    parser.add_argument("--finetune-size", type=int, default=128)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-steps", type=int, default=3)
+    parser.add_argument("--finetune-size", type=int, default=256)
     parser.add_argument("--size", default="1600x1000", help="window size WxH")
     args = parser.parse_args(argv)
 

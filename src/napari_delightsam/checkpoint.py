@@ -172,8 +172,12 @@ def _check_file(path: Path) -> dict[str, Any]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
-            head = fh.read(8)
-            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+            head = fh.read(9)
+            # a safetensors file starts with its header length (8 bytes, little-endian) and then
+            # "{"; the length's first byte is 0x80 for 1 in 32 valid headers, so the pickle magic
+            # byte alone would refuse good checkpoints: a JSON start at byte 8 decides first
+            magic = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+            if magic and head[8:9] != b"{":
                 kind = (
                     "a PyTorch zip archive (.pt/.pth)" if head[:2] == b"PK" else "a Python pickle (.pth/.pkl)"
                 )
@@ -188,6 +192,7 @@ def _check_file(path: Path) -> dict[str, Any]:
                 raise CheckpointError(
                     f"{path.name} is not a safetensors checkpoint (no valid header: wrong file type or truncated)"
                 )
+            fh.seek(8)
             raw = fh.read(header_len)
     except PermissionError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: permission denied") from exc

@@ -124,11 +124,12 @@ def _split_dataset(
     # Largest-last greedy fill: a group goes to test/val only if it fits (or the split is empty),
     # so one long video sequence does not swallow the test set.
     for split, target in (("test", n_test), ("val", n_val)):
-        kept = []
-        for g in remaining:
+        kept: list[str] = []
+        for i, g in enumerate(remaining):
             size = len(groups[g])
             have = len(out[split])
-            if have < target and (have + size <= target or have == 0) and len(remaining) - len(kept) > 1:
+            left_for_train = len(kept) + len(remaining) - i - 1  # if g is taken here
+            if have < target and (have + size <= target or have == 0) and left_for_train >= 1:
                 out[split].extend(groups[g])
             else:
                 kept.append(g)
