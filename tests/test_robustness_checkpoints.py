@@ -169,6 +169,20 @@ def test_damaged_bytes_load_or_are_refused_never_anything_else(tmp_path, good_by
     assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
 
 
+def test_every_header_length_of_our_own_checkpoints_loads(tmp_path, tiny_model):
+    """Found: a safetensors file starts with its header length, little-endian; for 1 valid
+    header length in 32 (padded to 8 bytes) the first byte is 0x80, the pickle magic byte,
+    and load_checkpoint refused our own checkpoint as "a Python pickle". Metadata of every
+    length mod 256 shifts the header length through all 32 cases; each must load."""
+    firsts = set()
+    for extra in range(0, 256, 8):
+        path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, {"note": "x" * extra})
+        firsts.add(path.read_bytes()[0])
+        assert read_checkpoint_info(path)[1]["note"] == "x" * extra
+        assert load_checkpoint(path).config == tiny_model.config
+    assert 0x80 in firsts  # the case that used to fail was exercised
+
+
 # -- corrupt header fields, one at a time -----------------------------------------------------
 
 

@@ -126,6 +126,20 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def _timed_cpu(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this whole process, all threads) of one call.
+
+    CPU time is what the call cost this process: on a shared machine it moves much less than
+    the wall time (though spinning OpenMP threads inflate it when cores are oversubscribed).
+    """
+    _sync(device)
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def _stats(times: Sequence[float]) -> dict[str, float | int]:
     ts = sorted(times)
     if not ts:
@@ -552,7 +566,7 @@ def _machine(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
-        "load_avg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     with contextlib.suppress(Exception):
@@ -729,12 +743,12 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
     # cold: the first call ever (per size: the first call at that size)
     for key in images:
         with _peak_memory(device) as mem:
-            cold = _timed(lambda k=key: segment(k), device)
+            cold, cold_cpu = _timed_cpu(lambda k=key: segment(k), device)
         result = segment(key)
         h, w = images[key].shape[:2]
         if result.mask.shape != (h, w):
             raise RuntimeError(f"mask shape {result.mask.shape} != input {(h, w)}")
-        ours[key] = {"cold_s": cold, "memory": mem, "times": []}
+        ours[key] = {"cold_s": cold, "cold_cpu_s": cold_cpu, "memory": mem, "times": [], "cpu": []}
         log(f"[bench] ours {key}: cold {cold:.3f} s")
 
     # --- peers: build (timed) and cold call -----------------------------------------------
@@ -747,13 +761,20 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
             peer.build(device)
             build_s = time.perf_counter() - t0
             with _peak_memory(device) as mem:
-                cold = _timed(peer.call, device)
+                cold, cold_cpu = _timed_cpu(peer.call, device)
         except ImportError as exc:
             peer_results[name] = {"skipped": f"not installed: {exc}"}
             log(f"[bench] peer {name} skipped: {exc}")
             continue
         peers[name] = peer
-        peer_results[name] = {"build_s": build_s, "cold_s": cold, "memory": mem, "times": []}
+        peer_results[name] = {
+            "build_s": build_s,
+            "cold_s": cold,
+            "cold_cpu_s": cold_cpu,
+            "memory": mem,
+            "times": [],
+            "cpu": [],
+        }
         log(f"[bench] peer {name}: built in {build_s:.1f} s, cold {cold:.3f} s")
 
     # --- steady state: rounds alternating ours and the peers -------------------------------
@@ -764,23 +785,31 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
         for key in images:
             for _ in range(per_round):
                 if len(ours[key]["times"]) < opts.repeats:
-                    ours[key]["times"].append(_timed(lambda k=key: segment(k), device))
+                    wall, cpu = _timed_cpu(lambda k=key: segment(k), device)
+                    ours[key]["times"].append(wall)
+                    ours[key]["cpu"].append(cpu)
         for name, peer in peers.items():
             if r < peer_reps[name]:
-                peer_results[name]["times"].append(_timed(peer.call, device))
+                wall, cpu = _timed_cpu(peer.call, device)
+                peer_results[name]["times"].append(wall)
+                peer_results[name]["cpu"].append(cpu)
         log(
             f"[bench] round {r + 1}/{rounds}: ours {first_key} median "
             f"{statistics.median(ours[first_key]['times']):.3f} s"
         )
     for entry in ours.values():
         entry.update(_stats(entry.pop("times")))
+        entry["cpu_median_s"] = statistics.median(entry.pop("cpu"))
     ref = ours[first_key]["median_s"]
+    ref_cpu = ours[first_key]["cpu_median_s"]
     for entry in peer_results.values():
         if "times" in entry:
-            times = entry.pop("times")
+            times, cpus = entry.pop("times"), entry.pop("cpu")
             # with 0 steady repeats (AMG on a slow CPU) the cold call is the figure
             entry.update(_stats(times) if times else {"n": 1, "median_s": entry["cold_s"]})
+            entry["cpu_median_s"] = statistics.median(cpus) if cpus else entry["cold_cpu_s"]
             entry["ratio_to_ours"] = entry["median_s"] / ref
+            entry["cpu_ratio_to_ours"] = entry["cpu_median_s"] / ref_cpu if ref_cpu > 0 else None
     report["ours"] = ours
 
     # --- batch throughput --------------------------------------------------------------------
@@ -849,7 +878,7 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
     report["process_peak_rss_mb"] = _max_rss_bytes() / 2**20
     if device.type == "cuda":
         report["process_peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    report["meta"]["load_avg_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    report["meta"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     report["total_s"] = time.perf_counter() - t_start
     return report
 
@@ -870,10 +899,14 @@ def _fast_path_section(
     img = images[key]
     n = max(1, opts.fast_repeats)
     fp32.segment(img, modality=opts.modality)  # warm-up
-    t32, tfast = [], []
+    t32, tfast, c32, cfast = [], [], [], []
     for _ in range(n):  # alternate so both see the same load
-        t32.append(_timed(lambda: fp32.segment(img, modality=opts.modality), device))
-        tfast.append(_timed(lambda: fast.segment(img, modality=opts.modality), device))
+        wall, cpu = _timed_cpu(lambda: fp32.segment(img, modality=opts.modality), device)
+        t32.append(wall)
+        c32.append(cpu)
+        wall, cpu = _timed_cpu(lambda: fast.segment(img, modality=opts.modality), device)
+        tfast.append(wall)
+        cfast.append(cpu)
     checks = [(f"synthetic {key}", "synthetic", img)]
     data_dir = find_data_dir(opts.data_dir)
     real = real_images(data_dir)
@@ -899,6 +932,9 @@ def _fast_path_section(
         "fp32_eager": _stats(t32),
         "fast": _stats(tfast),
         "speedup": statistics.median(t32) / statistics.median(tfast),
+        "fp32_cpu_median_s": statistics.median(c32),
+        "fast_cpu_median_s": statistics.median(cfast),
+        "cpu_speedup": statistics.median(c32) / max(statistics.median(cfast), 1e-9),
         "dice": dice,
         "dice_min": min(d["dice"] for d in dice),
         "real_images": len(real),
@@ -929,33 +965,51 @@ def format_report(r: dict[str, Any]) -> str:
         f"load {_fmt_s(r['load_s'])}; load avg {m.get('load_avg_1m_at_start')} -> {m.get('load_avg_1m_at_end')}",
         "",
     ]
-    head = f"{'model':<48}{'input':<26}{'params':>9}{'GFLOPs':>9}{'cold':>11}{'median':>11}{'n':>4}{'mem MB':>9}{'vs ours':>10}"
+    head = (
+        f"{'model':<46}{'input':<24}{'params':>8}{'GFLOPs':>8}{'cold':>10}{'median':>10}{'n':>4}"
+        f"{'CPU s':>8}{'mem MB':>8}{'vs ours':>9}{'CPU vs':>8}"
+    )
     lines += [head, "-" * len(head)]
     params = r["model"].get("params", {})
     active = params.get("active", params.get("total"))
-    for key, e in r["ours"].items():
+
+    def row(label: str, inp: str, n_params, flops, e: dict[str, Any], ratio: str, cpu_ratio: str) -> str:
         mem = e.get("memory", {}).get("working_mb")
+        return (
+            f"{label:<46}{inp:<24}{_fmt_num(n_params, 1e6, 'M'):>8}{_fmt_num(flops, 1e9, ''):>8}"
+            f"{_fmt_s(e['cold_s']):>10}{_fmt_s(e['median_s']):>10}{e['n']:>4}"
+            f"{_fmt_num(e.get('cpu_median_s'), 1, ''):>8}{'-' if mem is None else f'{mem:.0f}':>8}{ratio:>9}{cpu_ratio:>8}"
+        )
+
+    first = next(iter(r["ours"]))
+    for key, e in r["ours"].items():
+        one = "1.00×" if key == first else ""
         lines.append(
-            f"{'De-LightSAM end to end':<48}{key + ' uint8':<26}{_fmt_num(active, 1e6, 'M'):>9}"
-            f"{_fmt_num(r['model'].get('flops'), 1e9, ''):>9}{_fmt_s(e['cold_s']):>11}{_fmt_s(e['median_s']):>11}"
-            f"{e['n']:>4}{'-' if mem is None else f'{mem:.0f}':>9}{'1.00×' if key == next(iter(r['ours'])) else '':>10}"
+            row("De-LightSAM end to end", key + " uint8", active, r["model"].get("flops"), e, one, one)
         )
     for name, e in r.get("peers", {}).items():
         if "skipped" in e:
-            lines.append(f"{PEER_LABELS[name]:<48}skipped: {e['skipped']}")
+            lines.append(f"{PEER_LABELS[name]:<46}skipped: {e['skipped']}")
             continue
-        mem = e.get("memory", {}).get("working_mb")
+        cpu_ratio = e.get("cpu_ratio_to_ours")
         lines.append(
-            f"{e.get('label', PEER_LABELS[name]):<48}{e['input']:<26}{_fmt_num(e.get('params'), 1e6, 'M'):>9}"
-            f"{_fmt_num(e.get('flops'), 1e9, ''):>9}{_fmt_s(e['cold_s']):>11}{_fmt_s(e['median_s']):>11}"
-            f"{e['n']:>4}{'-' if mem is None else f'{mem:.0f}':>9}{e['ratio_to_ours']:>9.2f}×"
+            row(
+                e.get("label", PEER_LABELS[name]),
+                e["input"],
+                e.get("params"),
+                e.get("flops"),
+                e,
+                f"{e['ratio_to_ours']:.2f}×",
+                "-" if cpu_ratio is None else f"{cpu_ratio:.2f}×",
+            )
         )
     lines.append("")
+    lines.append("median = wall time; CPU s = this process's CPU time per call (all threads), median;")
     lines.append(
         "mem MB = peak working memory of one call (RSS growth on CPU, max_memory_allocated on CUDA);"
     )
     lines.append(
-        "vs ours = peer median / De-LightSAM median at the first size (higher = the peer is slower)."
+        "vs ours / CPU vs = peer / De-LightSAM at the first size, wall and CPU time (higher = peer slower)."
     )
     for name, e in r.get("peers", {}).items():
         if "note" in e:
@@ -970,8 +1024,8 @@ def format_report(r: dict[str, Any]) -> str:
     if "speedup" in f:
         lines.append(
             f"fast path ({f['fast_path']}): {_fmt_s(f['fast']['median_s'])} vs fp32 eager "
-            f"{_fmt_s(f['fp32_eager']['median_s'])} ({f['speedup']:.2f}×); mask Dice fast vs fp32: "
-            f"min {f['dice_min']:.4f} over {len(f['dice'])} images ({f['real_images']} real)"
+            f"{_fmt_s(f['fp32_eager']['median_s'])} ({f['speedup']:.2f}×; CPU time {f['cpu_speedup']:.2f}×); "
+            f"mask Dice fast vs fp32: min {f['dice_min']:.4f} over {len(f['dice'])} images ({f['real_images']} real)"
         )
     elif f:
         lines.append(f"fast path: {f.get('skipped')}")
@@ -992,14 +1046,19 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_ratio(e: dict[str, Any]) -> str:
+    v = e.get("cpu_ratio_to_ours")
+    return "-" if v is None else f"{v:.1f}×"
+
+
 def format_markdown(r: dict[str, Any]) -> str:
     """The README's table: one row per model, then the other figures as a list."""
     m = r["meta"]
     params = r["model"].get("params", {})
     active = params.get("active", params.get("total"))
     rows = [
-        "| model | input | params | GFLOPs | cold | median (n) | working memory | time vs ours |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | input | params | GFLOPs | cold | median (n) | CPU time | working memory | time vs ours | CPU time vs ours |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     first = next(iter(r["ours"]))
     for key, e in r["ours"].items():
@@ -1007,8 +1066,9 @@ def format_markdown(r: dict[str, Any]) -> str:
         rows.append(
             f"| **De-LightSAM** end to end ({r['model']['fast_path']}) | {key} uint8 image -> mask "
             f"| {_fmt_num(active, 1e6, ' M')} | {_fmt_num(r['model'].get('flops'), 1e9, '')} "
-            f"| {_fmt_s(e['cold_s'])} | {_fmt_s(e['median_s'])} ({e['n']}) "
-            f"| {'-' if mem is None else f'{mem:.0f} MB'} | {'1×' if key == first else ''} |"
+            f"| {_fmt_s(e['cold_s'])} | {_fmt_s(e['median_s'])} ({e['n']}) | {_fmt_s(e.get('cpu_median_s'))} "
+            f"| {'-' if mem is None else f'{mem:.0f} MB'} | {'1×' if key == first else ''} "
+            f"| {'1×' if key == first else ''} |"
         )
     for name, e in r.get("peers", {}).items():
         if "skipped" in e:
@@ -1017,7 +1077,8 @@ def format_markdown(r: dict[str, Any]) -> str:
         rows.append(
             f"| {e.get('label', PEER_LABELS[name])} | {e['input']} | {_fmt_num(e.get('params'), 1e6, ' M')} "
             f"| {_fmt_num(e.get('flops'), 1e9, '')} | {_fmt_s(e['cold_s'])} | {_fmt_s(e['median_s'])} ({e['n']}) "
-            f"| {'-' if mem is None else f'{mem:.0f} MB'} | {e['ratio_to_ours']:.1f}× |"
+            f"| {_fmt_s(e.get('cpu_median_s'))} | {'-' if mem is None else f'{mem:.0f} MB'} "
+            f"| {e['ratio_to_ours']:.1f}× | {_cpu_ratio(e)} |"
         )
     out = ["\n".join(rows), ""]
     out.append(
@@ -1038,7 +1099,7 @@ def format_markdown(r: dict[str, Any]) -> str:
         worst = min(f["dice"], key=lambda d: d["dice"])
         out.append(
             f"- fast path ({f['fast_path']}) vs fp32 eager: {_fmt_s(f['fast']['median_s'])} vs "
-            f"{_fmt_s(f['fp32_eager']['median_s'])} ({f['speedup']:.2f}×); mask Dice min "
+            f"{_fmt_s(f['fp32_eager']['median_s'])} ({f['speedup']:.2f}×; CPU time {f['cpu_speedup']:.2f}×); mask Dice min "
             f"{f['dice_min']:.4f} over {len(f['dice'])} images ({f['real_images']} real; worst: "
             f"{worst['image']})"
         )

@@ -187,7 +187,7 @@ def _check_file(path: Path) -> dict[str, Any]:
                 )
             if len(head) < 8:
                 raise CheckpointError(f"{path.name} is not a safetensors checkpoint (only {size} bytes)")
-            (header_len,) = struct.unpack("<Q", head)
+            (header_len,) = struct.unpack("<Q", head[:8])
             if header_len < 2 or header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
                 raise CheckpointError(
                     f"{path.name} is not a safetensors checkpoint (no valid header: wrong file type or truncated)"
