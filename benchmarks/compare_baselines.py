@@ -130,9 +130,7 @@ def _code_version() -> str:
 
 
 def _command_line(argv: list[str]) -> str:
-    nice = os.nice(0) if hasattr(os, "nice") else 0
-    prefix = f"nice -n {nice} " if nice > 0 else ""
-    return f"{prefix}python benchmarks/compare_baselines.py {shlex.join(argv)}".rstrip()
+    return f"python benchmarks/compare_baselines.py {shlex.join(argv)}".rstrip()
 
 
 def _clean(v: Any) -> Any:
@@ -384,6 +382,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "cpu_count": os.cpu_count(),
+            "niceness": os.nice(0) if hasattr(os, "nice") else None,
             "notes": notes,
             "hd_definition": "boundary Hausdorff in pixels; HD95 = 95th percentile of pooled boundary "
             "distances; images with an empty prediction or ground truth are left out of HD means "

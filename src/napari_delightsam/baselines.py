@@ -488,7 +488,8 @@ def format_comparison_markdown(result: dict[str, Any]) -> str:
         f"- data: `{info.get('data')}`; split `{info.get('split')}` from {info.get('split_source')}; "
         f"{result['methods'][names[0]]['overall']['n']} images"
         + (f" (at most {info['max_per_dataset']} per dataset)" if info.get("max_per_dataset") else ""),
-        f"- device {info.get('device')}, torch threads {info.get('threads')}, "
+        f"- device {info.get('device')} ({info.get('cpu_count')} CPUs, process niceness {info.get('niceness')}), "
+        f"torch threads {info.get('threads')}, "
         f"De-LightSAM precision {info.get('precision')}; code {info.get('code_version')}; {info.get('date')}",
         f"- metrics at each image's original resolution{info.get('grid_note', '')}; "
         "Dice 1 when prediction and ground truth are both empty",
