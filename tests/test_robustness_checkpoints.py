@@ -32,7 +32,12 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from napari_delightsam import cli
-from napari_delightsam.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info, save_checkpoint
+from napari_delightsam.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint_info,
+    save_checkpoint,
+)
 from napari_delightsam.config import CHECKPOINT_FORMAT_VERSION, ModelConfig, tiny_config
 from napari_delightsam.inference import load_model
 from napari_delightsam.model import DeLightSAM
@@ -126,7 +131,9 @@ def _cli_refuses(capsys, tmp_path: Path, path: Path) -> list[str]:
         st.binary(max_size=2048),
         # a plausible little header length followed by junk: gets past the first check
         st.tuples(st.integers(2, 200), st.binary(max_size=400)).map(lambda t: struct.pack("<Q", t[0]) + t[1]),
-        st.tuples(st.integers(2, 200), st.binary(max_size=400)).map(lambda t: struct.pack("<Q", t[0]) + b"{" + t[1]),
+        st.tuples(st.integers(2, 200), st.binary(max_size=400)).map(
+            lambda t: struct.pack("<Q", t[0]) + b"{" + t[1]
+        ),
     )
 )
 def test_random_bytes_are_refused(tmp_path, data):
@@ -269,7 +276,11 @@ def _raw(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
 
 
 def _ours(cfg: ModelConfig) -> dict[str, str]:
-    return {"format": "napari-delightsam", "format_version": str(CHECKPOINT_FORMAT_VERSION), "config": cfg.to_json()}
+    return {
+        "format": "napari-delightsam",
+        "format_version": str(CHECKPOINT_FORMAT_VERSION),
+        "config": cfg.to_json(),
+    }
 
 
 def test_tiny_weights_under_the_default_config_are_refused_everywhere(tmp_path, tiny_model, capsys):
@@ -312,7 +323,9 @@ def test_a_config_asking_for_a_giant_model_is_refused_before_allocating(tmp_path
         "    print('refused:', exc)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("refused:") and "does not match the architecture" in lines[0]

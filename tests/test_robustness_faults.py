@@ -135,7 +135,9 @@ def test_an_exception_at_any_stage_keeps_the_previous_file(tmp_path, monkeypatch
         monkeypatch.setattr(io_utils.os, "replace", replace)
     else:
         wrap = _failing_write_fn(stage)
-        monkeypatch.setattr(writer.module, "atomic_write", lambda path, fn: _REAL_ATOMIC_WRITE(path, wrap(fn)))
+        monkeypatch.setattr(
+            writer.module, "atomic_write", lambda path, fn: _REAL_ATOMIC_WRITE(path, wrap(fn))
+        )
 
     with pytest.raises(_EXPECTED[stage]):
         writer.write(target, 2)
@@ -274,7 +276,9 @@ def test_sigkill_at_a_random_moment_of_real_writes(tmp_path):
         folder = tmp_path / f"run{attempt}"
         folder.mkdir()
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True, env=env
+        )
         try:
             assert proc.stdout.readline().startswith("SAVED 0")
             time.sleep(rng.uniform(0.1, 3.0))
@@ -348,7 +352,9 @@ def _images(folder: Path, n: int, size: int = 64) -> list[str]:
     rng = np.random.default_rng(0)
     names = []
     for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size + i % 5, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+        Image.fromarray(rng.integers(0, 256, (size, size + i % 5, 3), dtype=np.uint8)).save(
+            folder / f"img{i:03d}.png"
+        )
         names.append(f"img{i:03d}")
     return names
 
@@ -369,13 +375,16 @@ def test_cli_a_failing_output_write_is_reported_and_the_rest_finish(tmp_path, ti
         return _REAL_ATOMIC_WRITE(path, broken)
 
     monkeypatch.setattr(image_io, "atomic_write", disk_full_for_img002)
-    code = cli.main(["segment", str(tmp_path / "in"), "-m", "xray", "-o", str(out), "--checkpoint", str(tiny_ckpt), "-q"])
+    code = cli.main(
+        ["segment", str(tmp_path / "in"), "-m", "xray", "-o", str(out), "--checkpoint", str(tiny_ckpt), "-q"]
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if line]
     assert code == 1
     assert len(err) == 1 and "img002.png: cannot write the output" in err[0] and "No space left" in err[0]
     assert sorted(os.listdir(out)) == sorted(f"{n}_mask.png" for n in names if n != "img002")
 
 
+@pytest.mark.slow
 def test_cli_killed_mid_run_keeps_finished_masks_and_resumes(tmp_path, tiny_ckpt):
     """A SIGKILL while `delightsam segment` works through a folder: every mask on disk is
     complete; running the same command again skips them and finishes the rest."""
@@ -405,4 +414,6 @@ def test_cli_killed_mid_run_keeps_finished_masks_and_resumes(tmp_path, tiny_ckpt
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"{len(done)} skipped" in again.stdout
-    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == sorted(f"{n}_mask.png" for n in names)
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == sorted(
+        f"{n}_mask.png" for n in names
+    )

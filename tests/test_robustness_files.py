@@ -109,7 +109,9 @@ def _segment_or_value_error(seg: Segmenter, image: np.ndarray) -> None:
 
 @pytest.mark.parametrize("fmt", list(_FORMATS))
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8))
+@given(
+    flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8)
+)
 def test_corrupted_bytes_give_an_image_or_one_clear_error_end_to_end(tmp_path, tiny_model, fmt, flips):
     """Random byte changes: read_image returns pixels or raises ImageReadError, never anything
     else; whatever pixels come out, segmenting them gives a mask or one ValueError."""
@@ -162,7 +164,9 @@ def _tiff_claiming(width: int, height: int) -> bytes:
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def _png_with_text_bomb() -> bytes:
@@ -278,8 +282,13 @@ def _good_and_bad_folder(folder: Path) -> tuple[dict[str, tuple[int, int]], list
     save("файл снимок.tif", rng.integers(0, 65535, (17, 64), dtype=np.uint16), "TIFF")
     save("画像 🩺.bmp", rng.integers(0, 256, (25, 25, 3), dtype=np.uint8), "BMP")
     save("-starts-with-dash.png", rng.integers(0, 256, (12, 50, 4), dtype=np.uint8), "PNG")
-    save(" leading space.tiff", rng.random((3, 20, 30)).astype(np.float32), "TIFF",
-         photometric="rgb", planarconfig="separate")
+    save(
+        " leading space.tiff",
+        rng.random((3, 20, 30)).astype(np.float32),
+        "TIFF",
+        photometric="rgb",
+        planarconfig="separate",
+    )
     good[" leading space.tiff"] = (20, 30)  # channel-first
     _write(folder, "tifffile-warns.tif", _tiff_that_logs_but_reads())
     good["tifffile-warns.tif"] = (20, 30)
@@ -295,7 +304,9 @@ def _good_and_bad_folder(folder: Path) -> tuple[dict[str, tuple[int, int]], list
         "bomb-jpeg.jpg": _jpeg_claiming(65000, 65000),
         "notes.png": b"these are my notes\n" * 10,
         "report.tif": _NOT_IMAGES["pdf"],
-        "stack.tif": _encode("TIFF", rng.integers(0, 256, (2, 3, 16, 16), dtype=np.uint8), photometric="minisblack"),
+        "stack.tif": _encode(
+            "TIFF", rng.integers(0, 256, (2, 3, 16, 16), dtype=np.uint8), photometric="minisblack"
+        ),
         "two-channel.tif": _encode("TIFF", rng.integers(0, 256, (16, 16, 2), dtype=np.uint8)),
         "nan.tif": _encode("TIFF", nan),
         "complex.tif": _encode("TIFF", np.zeros((16, 16), np.complex64)),
@@ -355,7 +366,9 @@ def test_cli_files_given_one_by_one_with_a_missing_one(tmp_path, tiny_ckpt, caps
     good, bad = _good_and_bad_folder(folder)
     names = [*sorted(good)[:3], *bad[:4]]
     argv = [str(folder / n) for n in names] + [str(tmp_path / "gone.png")]
-    code = cli.main(["segment", *argv, "-m", "xray", "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt)])
+    code = cli.main(
+        ["segment", *argv, "-m", "xray", "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt)]
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("delightsam segment")]
     assert code == 1
     assert len(err) == 4 + 1 and any("gone.png: no such file" in line for line in err)

@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from napari_delightsam.preprocess import prepare_image, to_input_size, to_model_tensor
 from napari_delightsam.inference import Segmenter
+from napari_delightsam.preprocess import prepare_image, to_input_size, to_model_tensor
 
 #: every dtype a napari Image layer can hold
 NAPARI_DTYPES = (
@@ -306,7 +306,9 @@ def test_every_size_from_1x1_to_16x16(seg):
     """All 256 sizes, grey and RGB, through segment_batch (mixed sizes in one stacked batch)."""
     rng = np.random.default_rng(0)
     sizes = [(h, w) for h in range(1, 17) for w in range(1, 17)]
-    images = [rng.integers(0, 256, size=(h, w) if (h + w) % 2 else (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    images = [
+        rng.integers(0, 256, size=(h, w) if (h + w) % 2 else (h, w, 3), dtype=np.uint8) for h, w in sizes
+    ]
     results = seg.segment_batch(images, _MODALITY, batch_size=32)
     assert len(results) == len(sizes)
     for (h, w), image, r in zip(sizes, images, results, strict=True):
@@ -364,7 +366,9 @@ def test_unusable_dimensions_are_refused_naming_the_shape(seg, shape):
         seg.segment(image, _MODALITY)
 
 
-@pytest.mark.parametrize("shape", [(0, 7), (7, 0), (0, 0), (0, 7, 3), (7, 0, 4), (3, 0, 7), (1, 0, 9), (0, 5, 1)])
+@pytest.mark.parametrize(
+    "shape", [(0, 7), (7, 0), (0, 0), (0, 7, 3), (7, 0, 4), (3, 0, 7), (1, 0, 9), (0, 5, 1)]
+)
 def test_empty_arrays_are_refused_as_empty(seg, shape):
     _check(seg, np.zeros(shape, np.float32), ("error", re.escape(f"image of shape {shape} is empty")))
 
@@ -474,7 +478,9 @@ def test_memory_layouts_and_array_likes_give_the_canonical_result(seg, tmp_path)
 
 @pytest.mark.parametrize("dtype", [">i2", ">u4", ">f4", ">f8", "<f2"])
 def test_explicit_byte_orders_match_native(seg, dtype):
-    native = np.random.default_rng(5).integers(0, 1000, size=(16, 18)).astype(np.dtype(dtype).newbyteorder("="))
+    native = (
+        np.random.default_rng(5).integers(0, 1000, size=(16, 18)).astype(np.dtype(dtype).newbyteorder("="))
+    )
     a = seg.segment(native, _MODALITY).probability
     b = seg.segment(native.astype(dtype), _MODALITY).probability
     np.testing.assert_array_equal(a, b)

@@ -48,8 +48,7 @@ def _report(name: str, samples: list[tuple[int, float]], warm: float) -> None:
     print(
         f"\n{name}: RSS start {start:.1f} MiB, after warm-up {warm:.1f} MiB, end {end:.1f} MiB "
         f"(growth after warm-up {end - warm:+.1f} MiB, max {max(s[1] for s in samples[1:]) - warm:+.1f} MiB, "
-        f"trend {trend:+.2f} MiB per 100 calls); samples: "
-        + ", ".join(f"{i}:{v:.0f}" for i, v in samples)
+        f"trend {trend:+.2f} MiB per 100 calls); samples: " + ", ".join(f"{i}:{v:.0f}" for i, v in samples)
     )
 
 

@@ -69,7 +69,11 @@ def _scale_crop(x: np.ndarray, factor: float, u_top: float, u_left: float) -> np
     if n == s:
         return x
     t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None]  # channels-last view
-    y = F.interpolate(t, size=(n, n), mode="bilinear", align_corners=False, antialias=n < s)[0].permute(1, 2, 0).numpy()
+    y = (
+        F.interpolate(t, size=(n, n), mode="bilinear", align_corners=False, antialias=n < s)[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     room = abs(n - s) + 1
     top, left = int(u_top * room), int(u_left * room)
     if n > s:
@@ -91,7 +95,9 @@ def _intensity_luts(image: np.ndarray, rng: np.random.Generator, p: AugmentPolic
     return np.clip(np.round(np.clip(x[None, :] * gains[:, None], 0, 1) * 255), 0, 255).astype(np.uint8)
 
 
-def augment_hwc(x: np.ndarray, seed: int, policy: AugmentPolicy = _FULL, *, geometry: bool = True, intensity: bool = True) -> np.ndarray:
+def augment_hwc(
+    x: np.ndarray, seed: int, policy: AugmentPolicy = _FULL, *, geometry: bool = True, intensity: bool = True
+) -> np.ndarray:
     """(S,S,4) uint8 — RGB + mask (0..255, may be soft) — -> augmented (S,S,4) uint8 (may be a view).
 
     Deterministic in ``seed``. All geometry parameters are drawn before the intensity ones, so
@@ -141,7 +147,9 @@ def augment(
     Returns (image (3,S,S) uint8, mask (1,S,S) uint8 in {0,1}).
     """
     if image.ndim != 3 or image.shape[0] != 3 or mask.shape != (1, *image.shape[1:]):
-        raise ValueError(f"expected image (3,S,S) and mask (1,S,S), got {tuple(image.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected image (3,S,S) and mask (1,S,S), got {tuple(image.shape)} and {tuple(mask.shape)}"
+        )
     if image.dtype != torch.uint8:
         image = image.float().clamp(0, 255).round().to(torch.uint8)
     if mask.dtype != torch.uint8:

@@ -185,7 +185,8 @@ class SegmentationDataset(Dataset):
             "image": t[:3],
             "mask": (t[3:] > 127).to(torch.uint8),
             "modality": torch.tensor(
-                self.modalities.index(record.modality) if record.modality in self.modalities else -1, dtype=torch.long
+                self.modalities.index(record.modality) if record.modality in self.modalities else -1,
+                dtype=torch.long,
             ),
             "index": torch.tensor(index, dtype=torch.long),
         }
