@@ -630,7 +630,12 @@ def _train_throughput(cfg: Any, opts: BenchmarkOptions, device: torch.device) ->
 
 
 def _segment_process_rss(opts: BenchmarkOptions, device: torch.device) -> dict[str, Any]:
-    """Peak RSS of `delightsam segment` on a 1024² PNG, in a child process (ru_maxrss)."""
+    """Peak RSS of `delightsam segment` on a 1024² PNG, in a child process (ru_maxrss).
+
+    A small intermediate Python process starts the CLI and reads RUSAGE_CHILDREN: on Linux a
+    child's ru_maxrss starts from its parent's RSS at fork time, so forking the CLI straight from
+    this (large) process would report this process's size instead.
+    """
     from PIL import Image
 
     checkpoint = opts.checkpoint
