@@ -240,8 +240,11 @@ def count_flops(module: torch.nn.Module, *args: Any, **kwargs: Any) -> float | N
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     def run(m: torch.nn.Module, a: tuple, kw: dict) -> float:
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        # the math SDPA backend: the counter sees fused CPU attention kernels as 0 FLOPs
+        with torch.inference_mode(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
             m(*a, **kw)
         return float(counter.get_total_flops())
 
