@@ -238,9 +238,8 @@ def count_flops(module: torch.nn.Module, *args: Any, **kwargs: Any) -> float | N
     Tried on a meta-device copy first (no compute); models with data-dependent control flow
     (``.item()``) are counted with a real forward on their own device instead.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
 
     def run(m: torch.nn.Module, a: tuple, kw: dict) -> float:
         # the math SDPA backend: the counter sees fused CPU attention kernels as 0 FLOPs
