@@ -231,6 +231,9 @@ class TrainingProcess:
     def start(self) -> TrainingProcess:
         env = {**os.environ, **(self.env or {})}
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # OpenMP threads that yield instead of spinning: on a busy machine (napari's own threads)
+        # spinning made a CPU training step ~4x slower here (25 s vs 6 s per step)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         kwargs: dict[str, Any] = {}
         if sys.platform == "win32":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
