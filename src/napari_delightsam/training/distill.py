@@ -565,6 +565,28 @@ def _autocast(device: torch.device, cfg: DistillConfig):
     return nullcontext()
 
 
+def _embedding_kd_loss(
+    teacher: nn.Module, model: DeLightSAM, device: torch.device, cfg: DistillConfig, route_modality: bool
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """MSE between the frozen teacher's and the DC-Encoder's embeddings (Eq. 9).
+
+    ``route_modality=False``: controllers off (common KD); True: each image through its own
+    modality's controller (domain KD).
+    """
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = normalise(batch["image"].to(device, non_blocking=True))
+        modality = batch["modality"].to(device, non_blocking=True) if route_modality else None
+        with torch.no_grad(), _autocast(device, cfg):
+            t = teacher(x)
+        with _autocast(device, cfg):
+            s = model.encoder(x, modality)
+        _check_channels(t, s, "teacher")
+        return F.mse_loss(s.float(), _match_grid(t, s).float())
+
+    return loss_fn
+
+
 def _save_student(model: DeLightSAM, base_meta: dict[str, str]) -> Callable[[Path, dict[str, str]], Path]:
     from ..checkpoint import save_checkpoint
 
@@ -617,14 +639,7 @@ def distill_common(
         for _, p in trainable:
             p.requires_grad_(True)
 
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            x = normalise(batch["image"].to(device, non_blocking=True))
-            with torch.no_grad(), _autocast(device, cfg):
-                t = teacher(x)
-            with _autocast(device, cfg):
-                s = model.encoder(x, None)
-            _check_channels(t, s, "teacher")
-            return F.mse_loss(s.float(), _match_grid(t, s).float())
+        loss_fn = _embedding_kd_loss(teacher, model, device, cfg, route_modality=False)
 
         meta = _student_meta(report, teacher_info)
         return _run_stage(
@@ -760,15 +775,7 @@ def distill_domain(
         for _, p in trainable:
             p.requires_grad_(True)
 
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            x = normalise(batch["image"].to(device, non_blocking=True))
-            modality = batch["modality"].to(device, non_blocking=True)
-            with torch.no_grad(), _autocast(device, cfg):
-                t = teacher(x)
-            with _autocast(device, cfg):
-                s = model.encoder(x, modality)
-            _check_channels(t, s, "teacher")
-            return F.mse_loss(s.float(), _match_grid(t, s).float())
+        loss_fn = _embedding_kd_loss(teacher, model, device, cfg, route_modality=True)
 
         meta = _student_meta(report, teacher_info)
         # backbone frozen: eval mode keeps its BatchNorm statistics fixed (controllers have no BN)
