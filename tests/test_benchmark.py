@@ -181,3 +181,23 @@ def test_real_peers_litemedsam_and_amg_run():
     # tiny encoder + SAM's full mask decoder once per point (4 points, > 3 GFLOPs each)
     assert amg["flops"] > 4 * 3e9
     assert "De-LightSAM end to end" in bm.format_report(report)
+
+
+def _parse_benchmark_args(*argv: str):
+    import argparse
+
+    from napari_delightsam.commands import benchmark as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.add_parser(parser.add_subparsers())
+    return cmd.options_from_args(parser.parse_args(["benchmark", *argv]))
+
+
+def test_cli_defaults_compare_against_sams_own_32x32_amg_grid_on_cpu():
+    opts = _parse_benchmark_args("--device", "cpu")
+    assert opts.amg_points == 32  # the paper's prompt-free comparison, not a cheaper grid
+    assert opts.repeats >= 20 and opts.sizes == bm.DEFAULT_SIZES
+    assert set(opts.peers) == set(bm.PEERS)
+    quick = _parse_benchmark_args("--device", "cpu", "--quick")
+    assert "sam_vit_b_amg" not in quick.peers and quick.repeats < opts.repeats
+    assert _parse_benchmark_args("--amg-points", "16").amg_points == 16
