@@ -106,6 +106,12 @@ def save_checkpoint(
         raise TypeError(
             f"save_checkpoint expects a DeLightSAM model with a ModelConfig, got {type(model).__name__}"
         )
+    if getattr(model, "_delightsam_conv_bn_fused", False):
+        raise ValueError(
+            "this model had its BatchNorm folded into its convolutions for inference (load_model's fast "
+            "path) and no longer has the checkpoint's layout; save the model it was loaded from, or load "
+            "with load_model(..., fast=False)"
+        )
     if dtype not in _STORAGE_DTYPES:
         raise ValueError(f"storage dtype must be one of float32, float16, bfloat16, got {dtype}")
     user_meta = dict(metadata or {})

@@ -17,7 +17,9 @@ Fast paths (``fast=True``, the default): ``torch.inference_mode``, channels_last
 format, bf16 autocast on CUDA GPUs with native bf16 (compute capability >= 8) and on CPUs
 with native bf16 (AVX512-BF16 / AMX; see ``devices.cpu_supports_bf16``), fp32 everywhere else
 and as the fallback when a bf16 forward fails. ``compile=True`` wraps the network in
-``torch.compile`` and falls back to eager mode if compilation fails. ``Segmenter.precision``
+``torch.compile`` and falls back to eager mode if compilation fails. ``load_model`` (not a
+``Segmenter`` built around a caller's model) also folds BatchNorm into the convolutions
+(``model/fusion.py``, exact up to float rounding). ``Segmenter.precision``
 says what is used. The CPU thread count is left as the process has it (``set_threads``
 changes it).
 """
@@ -40,6 +42,7 @@ import torch
 
 from .config import ModelConfig
 from .devices import cpu_supports_bf16, cuda_supports_bf16, resolve_device
+from .model.fusion import is_fused
 from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array, to_input_size, to_model_tensor
 
 __all__ = [
@@ -219,6 +222,8 @@ class Segmenter:
 
     def fast_path_description(self) -> str:
         parts = ["inference_mode", "bf16 autocast" if self.precision == "bf16" else "fp32"]
+        if is_fused(self.model):
+            parts.append("conv-BN fused")
         if self.channels_last:
             parts.append("channels_last")
         if self.compiled:
@@ -504,6 +509,7 @@ def load_model(
     from .checkpoint import CheckpointError, bundled_checkpoint_path, load_checkpoint, read_checkpoint_info
     from .io_utils import sha256_file
     from .model import DeLightSAM
+    from .model.fusion import fuse_conv_bn
 
     kwargs: dict[str, Any] = dict(
         fast=fast, precision=precision, compile=compile, channels_last=channels_last
@@ -513,6 +519,8 @@ def load_model(
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
             torch.manual_seed(seed)
             model = DeLightSAM(config or ModelConfig())
+        if fast:
+            fuse_conv_bn(model.eval())
         meta = {MODALITY_HEAD_TRAINED_KEY: "false", "weights": "untrained"}
         return Segmenter(model, dev, metadata=meta, **kwargs)
     if config is not None:
@@ -532,6 +540,8 @@ def load_model(
             )
     _, meta = read_checkpoint_info(path)
     model = load_checkpoint(path, map_location="cpu")
+    if fast:
+        fuse_conv_bn(model.eval())  # our own copy: nobody else holds it
     return Segmenter(
         model, dev, metadata=meta, checkpoint_path=path, checkpoint_sha256=sha256_file(path), **kwargs
     )
