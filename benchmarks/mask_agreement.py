@@ -48,9 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     records = discover(args.data)
     splits, source = resolve_eval_splits(records, args.splits, args.reference, seed=None)
     chosen = records if args.split == "all" else select_records(records, splits, args.split, args.max_per_dataset)
-    ref = load_model(args.reference, device=args.device, precision=args.reference_precision)
+    # an fp32 reference is plain eager mode: no conv-BN folding, no channels_last
+    ref_fast = args.reference_precision != "fp32"
+    ref = load_model(args.reference, device=args.device, precision=args.reference_precision, fast=ref_fast)
     cand = load_model(args.candidate, device=args.device, precision=args.candidate_precision)
-    print(f"split: {args.split} ({source}), {len(chosen)} images; reference {ref.precision}, candidate {cand.precision}")
+    print(
+        f"split: {args.split} ({source}), {len(chosen)} images; reference {ref.fast_path_description()}, "
+        f"candidate {cand.fast_path_description()}"
+    )
 
     per_modality: dict[str, list[float]] = defaultdict(list)
     rows = []
