@@ -238,3 +238,27 @@ def test_cli_train_progress_jsonl_and_refusal(tmp_path: Path, data_root: Path, c
     assert "not empty" in capsys.readouterr().err
     assert main([*args[:5], "--resume", "--epochs", "2", "--progress-jsonl"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_completed"] == 2
+
+
+def test_channels_last_training_matches_contiguous_and_may_change_on_resume(tmp_path: Path, data_root: Path):
+    # the memory format is a layout, not a different computation: same run, same weights (to rounding)
+    cl = train(TrainConfig(epochs=1, **TINY), tmp_path / "cl", data_root=data_root, show_progress=False)
+    assert cl.model is not None
+    assert cl.model.encoder.stem.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = train(
+        TrainConfig(epochs=1, channels_last=False, **TINY), tmp_path / "plain", data_root=data_root, show_progress=False
+    )
+    a = load_checkpoint(tmp_path / "cl" / "last.safetensors").state_dict()
+    b = load_checkpoint(tmp_path / "plain" / "last.safetensors").state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+    # numerics settings may change when a run moves to another machine
+    resumed = train(
+        TrainConfig(epochs=2, channels_last=False, amp_cpu=True, **TINY),
+        tmp_path / "cl",
+        data_root=data_root,
+        show_progress=False,
+        resume=True,
+    )
+    assert resumed.epochs_completed == 2

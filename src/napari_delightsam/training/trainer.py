@@ -544,6 +544,8 @@ def _train(
     trainable = _apply_freeze(model, cfg)
     param_names = [n for n, _ in trainable]
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # resume loads into these tensors, keeping the format
     optimizer = torch.optim.Adam([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
     start_epoch = 0
@@ -845,6 +847,8 @@ def _forward_loss(
     head: bool,
 ):
     images = normalise(batch["image"].to(device, non_blocking=True))
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     masks = batch["mask"].to(device, non_blocking=True).float()
     modality = batch["modality"].to(device, non_blocking=True)
     ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
