@@ -274,3 +274,28 @@ def test_a_run_that_got_worse_is_handed_over_with_a_warning(make_napari_viewer, 
     warnings = _messages("warning")
     assert any("did not improve" in m and "0.800" in m and "0.100" in m for m in warnings), warnings
     assert "best val Dice 0.1000 (epoch 1)" in ft.log.toPlainText()
+
+
+def test_image_size_defaults_to_the_starting_models_own_size(make_napari_viewer, tiny_checkpoint, tmp_path):
+    import torch
+
+    from napari_delightsam.checkpoint import save_checkpoint
+    from napari_delightsam.config import tiny_config
+    from napari_delightsam.model import DeLightSAM
+
+    torch.manual_seed(0)
+    big = save_checkpoint(tmp_path / "big.safetensors", DeLightSAM(tiny_config().replace(img_size=1024)).eval())
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM segment")
+    assert seg.use_checkpoint(tiny_checkpoint)
+    _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
+    ft.device_combo.setCurrentText("cpu")
+    assert ft.img_size_combo.currentText() == "128"  # the tiny model was trained at 128²
+    assert seg.use_checkpoint(big)
+    ft._update_init_label()
+    assert ft.img_size_combo.currentText() == "512"  # a 1024² model, capped on a CPU
+    ft.img_size_combo.setCurrentText("256")
+    ft.img_size_combo.activated.emit(ft.img_size_combo.currentIndex())  # the user's own choice sticks
+    assert seg.use_checkpoint(tiny_checkpoint)
+    ft._update_init_label()
+    assert ft.img_size_combo.currentText() == "256"

@@ -103,6 +103,19 @@ def test_build_train_command_and_parse_lines(tmp_path):
     train.add_parser(parser.add_subparsers(dest="command"))
     parsed = parser.parse_args(cmd[3:])
     assert parsed.command == "train" and parsed.progress_jsonl and parsed.epochs == 3
+    # bf16 training exactly where the CPU has native bf16
+    assert parsed.amp_cpu == fj.cpu_supports_bf16()
+
+
+def test_fine_tune_uses_bf16_only_on_a_cpu_with_native_bf16(tmp_path, monkeypatch):
+    s = fj.FinetuneSettings(device="cpu")
+    monkeypatch.setattr(fj, "cpu_supports_bf16", lambda: True)
+    assert "--amp-cpu" in fj.build_train_command(s, tmp_path / "d", tmp_path / "o")
+    monkeypatch.setattr(fj, "cpu_supports_bf16", lambda: False)
+    assert "--amp-cpu" not in fj.build_train_command(s, tmp_path / "d", tmp_path / "o")
+    monkeypatch.setattr(fj, "cpu_supports_bf16", lambda: True)
+    gpu = fj.FinetuneSettings(device="cuda")
+    assert "--amp-cpu" not in fj.build_train_command(gpu, tmp_path / "d", tmp_path / "o")
 
     assert fj.parse_progress_line('{"event": "step", "loss": 0.5}\n') == {"event": "step", "loss": 0.5}
     assert fj.parse_progress_line("epoch 1/3: 100%|####|") is None

@@ -248,6 +248,8 @@ def test_channels_last_training_matches_contiguous_and_may_change_on_resume(tmp_
     plain = train(
         TrainConfig(epochs=1, channels_last=False, **TINY), tmp_path / "plain", data_root=data_root, show_progress=False
     )
+    assert plain.model is not None
+    assert not plain.model.encoder.stem.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last)
     a = load_checkpoint(tmp_path / "cl" / "last.safetensors").state_dict()
     b = load_checkpoint(tmp_path / "plain" / "last.safetensors").state_dict()
     assert a.keys() == b.keys()

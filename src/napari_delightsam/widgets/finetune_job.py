@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..config import MODALITIES
+from ..devices import cpu_supports_bf16
 
 USER_DATASET = "user"
 
@@ -170,6 +171,16 @@ def link_folder_dataset(folder: str | os.PathLike[str], root: str | os.PathLike[
     return counts
 
 
+def _trains_on_cpu(device: str) -> bool:
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
 def build_train_command(settings: FinetuneSettings, data_root: str | os.PathLike[str],
                         out_dir: str | os.PathLike[str]) -> list[str]:
     """The child process's command line: ``python -m napari_delightsam.cli train ... --progress-jsonl``."""
@@ -187,6 +198,8 @@ def build_train_command(settings: FinetuneSettings, data_root: str | os.PathLike
     ]
     if settings.steps_per_epoch:
         cmd += ["--steps-per-epoch", str(int(settings.steps_per_epoch))]
+    if _trains_on_cpu(settings.device) and cpu_supports_bf16():
+        cmd += ["--amp-cpu"]  # bf16 autocast: about 2x per step on CPUs with native bf16
     if settings.init:
         cmd += ["--init", str(settings.init)]
     elif settings.model_preset != "default":

@@ -205,11 +205,31 @@ class FinetuneWidget(QWidget):
         self._update_init_label()
 
     def _default_img_size(self, device: str) -> None:
-        # 256 keeps a CPU fine-tune to minutes; 1024 (the paper's size) on a GPU
+        # the starting model's own training size (its scale of objects); on a CPU at most 512 to keep
+        # a fine-tune to minutes; from scratch 1024 (the paper's size) on a GPU, 256 on a CPU
         if self._img_size_chosen:
             return
         gpu = device.startswith("cuda") or (device == "auto" and any(d.startswith("cuda") for d in _device_choices()))
-        self.img_size_combo.setCurrentText("1024" if gpu else "256")
+        native = self._init_img_size()
+        if native is None:
+            size = 1024 if gpu else 256
+        else:
+            size = native if gpu else min(native, 512)
+        if self.img_size_combo.findText(str(size)) < 0:
+            self.img_size_combo.addItem(str(size))
+        self.img_size_combo.setCurrentText(str(size))
+
+    def _init_img_size(self) -> int | None:
+        """The image size stored in the starting checkpoint (header only), or None."""
+        path, _ = self._init_checkpoint()
+        if path is None:
+            return None
+        try:
+            from ..checkpoint import read_checkpoint_info
+
+            return int(read_checkpoint_info(path)[0].img_size)
+        except Exception:  # noqa: BLE001 - a bad file is reported when training starts
+            return None
 
     def _browse_into(self, edit: QLineEdit, title: str) -> None:
         folder = QFileDialog.getExistingDirectory(self, title, edit.text() or str(Path.home()))
@@ -350,6 +370,7 @@ class FinetuneWidget(QWidget):
     def _update_init_label(self) -> None:
         if _alive(self):
             self.init_label.setText(self._init_checkpoint()[1])
+            self._default_img_size(self.device_combo.currentText())
 
     # -- running ---------------------------------------------------------------------------------
 
