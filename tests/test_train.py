@@ -264,3 +264,21 @@ def test_channels_last_training_matches_contiguous_and_may_change_on_resume(tmp_
         resume=True,
     )
     assert resumed.epochs_completed == 2
+
+
+def test_a_given_splits_file_is_used_and_copied(tmp_path: Path, data_root: Path):
+    from napari_delightsam.data import discover
+    from napari_delightsam.data.splits import load_splits, make_splits, save_splits
+
+    records = discover(data_root)
+    other = make_splits(records, seed=7)  # not the run's own seed-0 split
+    assert other.to_dict() != make_splits(records, seed=0).to_dict()
+    path = save_splits(tmp_path / "other_splits.json", other)
+    result = train(
+        TrainConfig(epochs=1, splits_file=str(path), **TINY), tmp_path / "run", data_root=data_root, show_progress=False
+    )
+    assert load_splits(tmp_path / "run" / "splits.json").to_dict() == other.to_dict()
+    assert result.epochs_completed == 1
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TrainingError, match="splits file"):
+        train(TrainConfig(epochs=1, splits_file=str(tmp_path / "bad.json"), **TINY), tmp_path / "run2", data_root=data_root)

@@ -69,6 +69,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="PART",
         help="backbone controllers encoder prompt_generator decoder modality_head",
     )
+    p.add_argument(
+        "--splits",
+        type=Path,
+        default=None,
+        help="splits.json to use (e.g. an earlier run's) instead of making a seeded split",
+    )
     p.add_argument("--no-augment", action="store_true", help="no augmentation")
     p.add_argument(
         "--amp-cpu",
@@ -108,6 +114,10 @@ def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
         data["cache"] = False
     if args.amp_cpu:
         data["amp_cpu"] = True
+    if args.splits is not None:
+        if not args.splits.is_file():
+            raise CommandError(f"--splits: {args.splits} is not a file")
+        data["splits_file"] = str(args.splits.resolve())
     try:
         return TrainConfig.from_dict(data)
     except (TypeError, ValueError) as exc:

@@ -33,6 +33,8 @@ RESUME_MUTABLE = frozenset(
         "amp",
         "amp_cpu",
         "channels_last",
+        # a resumed run reads its own splits.json copy
+        "splits_file",
     }
 )
 
@@ -71,6 +73,9 @@ class TrainConfig:
     max_per_dataset: int | None = None
     val_max_per_dataset: int | None = None
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    #: use this splits.json (e.g. an earlier run's) instead of making a split; samples it does not
+    #: name are left out, and named samples missing from the data are simply absent
+    splits_file: str | None = None
     balanced: bool = True
     augment: bool = True
     cache: bool = True

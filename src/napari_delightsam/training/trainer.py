@@ -299,6 +299,14 @@ def _resolve_splits(
     records: Sequence[SampleRecord], cfg: TrainConfig, out: Path, resume: bool, dist_ctx: DistContext
 ) -> Splits:
     path = out / SPLITS_FILE
+    if not resume and cfg.splits_file and not path.is_file():
+        try:
+            given = load_splits(cfg.splits_file)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise TrainingError(f"splits file {cfg.splits_file}: {exc}") from exc
+        if dist_ctx.is_main:
+            save_splits(path, given)  # the run folder keeps its own copy (resume, evaluate)
+        return given
     if resume or path.is_file():
         splits = load_splits(path)
         known = {r.key: set() for r in records}
