@@ -1,12 +1,18 @@
 """Each inference lever of issue 6, measured alone on this machine: the network forward at 1024².
 
     python benchmarks/cpu_levers.py --threads 2 --repeats 10 [--device cpu] [--json levers.json]
+    python benchmarks/cpu_levers.py --train --size 512 --batch 4 --repeats 4   (training steps)
 
 Variants (random weights, one image, one modality, ``inference_mode``): fp32 eager;
 + channels_last; bf16 autocast; bf16 autocast + channels_last; + conv-BN folding (the
 Segmenter default from ``load_model`` on a CPU with native bf16). Prints the median of the last
 ``repeats - 2`` calls of each (the first two warm up oneDNN) and the max |Δ| of the mask logits
 against fp32 eager. Variants run in alternating rounds so that drifting load hits all alike.
+
+``--train`` times a training step instead (forward + loss + backward + Adam, train mode, the
+default model at ``--size`` with ``--batch`` images): fp32, + channels_last, bf16 autocast,
+bf16 autocast + channels_last (conv-BN folding does not apply to training); the median skips
+the first step.
 """
 
 from __future__ import annotations
@@ -36,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--train", action="store_true", help="time training steps instead of forwards")
+    p.add_argument("--batch", type=int, default=4, help="images per training step (--train)")
     args = p.parse_args(argv)
+    if args.train:
+        return train_levers(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -98,6 +108,55 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['variant']:28s} {r['median_s'] * 1000:7.1f}ms {r['speedup_vs_fp32']:7.2f}× "
             f"{r['max_abs_diff_vs_fp32']:12.4f}"
         )
+    if args.json:
+        args.json.write_text(json.dumps({"setup": head, "rows": rows}, indent=1))
+    return 0
+
+
+def train_levers(args: argparse.Namespace) -> int:
+    from napari_delightsam.model import delightsam_loss
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    base = DeLightSAM(ModelConfig(img_size=args.size)).train().to(device)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    masks = (torch.rand(args.batch, 1, args.size, args.size, device=device) > 0.7).float()
+    mod = torch.arange(args.batch, device=device) % base.config.num_modalities
+    variants = ("fp32", "fp32+channels_last", "bf16", "bf16+channels_last")
+    models = {v: copy.deepcopy(base) for v in variants}
+    for v, m in models.items():
+        if "channels_last" in v:
+            m.to(memory_format=torch.channels_last)
+    optims = {v: torch.optim.Adam(m.parameters(), lr=1e-6) for v, m in models.items()}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v in variants:
+            m, opt = models[v], optims[v]
+            inp = x.contiguous(memory_format=torch.channels_last) if "channels_last" in v else x
+            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if v.startswith("bf16") else contextlib.nullcontext()
+            t = time.perf_counter()
+            with ctx:
+                out = m(inp, mod)
+            loss = delightsam_loss(out.mask_logits, out.patch_logits, masks).total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[v].append(time.perf_counter() - t)
+    head = (
+        f"training step, {platform.processor() or platform.machine()}, {args.threads} threads, torch "
+        f"{torch.__version__}, {args.size}², batch {args.batch}, {args.repeats} rounds, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    print(head)
+    ref = float(np.median(times["fp32"][1:] or times["fp32"]))
+    rows = []
+    for v in variants:
+        med = float(np.median(times[v][1:] or times[v]))
+        rows.append({"variant": v, "median_s": med, "speedup_vs_fp32": ref / med, "images_per_s": args.batch / med})
+        print(f"{v:22s} {med:6.2f} s/step {ref / med:5.2f}× {args.batch / med:6.2f} images/s")
     if args.json:
         args.json.write_text(json.dumps({"setup": head, "rows": rows}, indent=1))
     return 0
