@@ -87,8 +87,9 @@ class TrainConfig:
     #: bf16 autocast on CPU too: about 2x faster per step on CPUs with native bf16
     #: (AMX / AVX512-BF16, see ``devices.cpu_supports_bf16``); off by default
     amp_cpu: bool = False
-    #: channels_last memory format for weights and images (1.3x per step in fp32, 1.15x more with
-    #: bf16 at 512², batch 4, on this project's 2-core CPU; recommended for TinyViT on GPUs too)
+    #: channels_last memory format for weights and images (1.5x per step in fp32, 1.27x with bf16,
+    #: 512², batch 4, this project's 2-core CPU: benchmarks/cpu_levers.py --train; also the faster
+    #: layout for TinyViT's convolutions on GPUs)
     channels_last: bool = True
     val_every: int = 1
     #: validate the starting weights too (an "initial" line in metrics.jsonl: the baseline)
