@@ -4,8 +4,11 @@
 
 Writes ``docs/screenshots/segment_widget.png`` (an image, the segment widget, the mask and the
 patch-prompt heatmap) and ``docs/screenshots/finetune_widget.png`` (the fine-tune widget after a
-short fine-tune of the same model on the image and its mask). The image is the first
-dermoscopy image of ``../shared/data`` (or ``--image``), else the bundled synthetic sample.
+short fine-tune of the same model on the image and its mask). The image is the package's
+synthetic dermoscopy sample: committed screenshots must not carry images of the training
+data (``../shared/data``'s licenses forbid copies in this repository). ``--image FILE`` (with a
+mask beside it) or ``--from-data`` (the first image of ``--modality`` in the data) show a real
+image, for local looks only.
 The model is the bundled one when installed, else random weights (``--checkpoint`` to choose).
 """
 
@@ -56,13 +59,14 @@ def _wait(app, predicate, timeout: float) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image", type=Path, help="image file (default: first dermoscopy image of the data)")
+    parser.add_argument("--image", type=Path, help="image file (default: the synthetic dermoscopy sample)")
+    parser.add_argument("--from-data", action="store_true", help="the first --modality image of the data (not to commit)")
     parser.add_argument("--modality", default="dermoscopy")
     parser.add_argument("--checkpoint", help="checkpoint file or 'untrained' (default: bundled if installed)")
     parser.add_argument("--out", type=Path, default=HERE / "screenshots")
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-steps", type=int, default=3)
-    parser.add_argument("--finetune-size", type=int, default=256)
+    parser.add_argument("--finetune-size", type=int, default=512)
     parser.add_argument("--size", default="1600x1000", help="window size WxH")
     args = parser.parse_args(argv)
 
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("DELIGHTSAM_CONFIG_DIR", str(Path.home() / ".cache" / "delightsam-screenshots"))
     args.out.mkdir(parents=True, exist_ok=True)
-    image_path = args.image or _data_image(args.modality)
+    image_path = args.image or (_data_image(args.modality) if args.from_data else None)
     if image_path is not None:
         image, mask, name = read_image(image_path), _mask_for(image_path), image_path.stem
     else:

@@ -201,3 +201,17 @@ def test_cli_defaults_compare_against_sams_own_32x32_amg_grid_on_cpu():
     quick = _parse_benchmark_args("--device", "cpu", "--quick")
     assert "sam_vit_b_amg" not in quick.peers and quick.repeats < opts.repeats
     assert _parse_benchmark_args("--amg-points", "16").amg_points == 16
+
+
+def test_fast_path_reference_is_plain_fp32_eager_with_the_same_weights():
+    from napari_delightsam.model.fusion import is_fused
+
+    seg, _ = bm._load_ours("tiny", "cpu")
+    fp32, fast, desc = bm._fast_path_pair(seg, torch.device("cpu"), "tiny")
+    assert fast is seg and is_fused(seg.model) and not is_fused(fp32.model)
+    assert fp32.precision == "fp32" and fp32.memory_format is torch.contiguous_format
+    assert "conv-BN folded" in desc
+    image = bm.synthetic_image(96, 80)
+    a = fp32.segment(image, modality="dermoscopy")
+    b = fast.segment(image, modality="dermoscopy")
+    assert bm._dice(a.mask, b.mask) > 0.95  # same weights: only rounding differs

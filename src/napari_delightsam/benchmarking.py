@@ -313,18 +313,19 @@ def real_images(data_dir: Path | None, per_modality: int = 1) -> list[tuple[str,
 # ----------------------------------------------------------------------------- ours
 
 
-def _load_ours(checkpoint: str, device: str, compile: bool = False):
-    """(segmenter with the default fast path, how it was built)."""
+def _load_ours(checkpoint: str, device: str, compile: bool = False, fast: bool = True):
+    """(segmenter with the default fast path, or plain fp32 eager with ``fast=False``; how it was built)."""
     from . import inference
 
+    kw: dict[str, Any] = {"compile": compile} if fast else {"fast": False, "precision": "fp32"}
     if checkpoint == "tiny":
         from .config import tiny_config
 
-        seg = inference.load_model("untrained", device=device, config=tiny_config(), compile=compile)
+        seg = inference.load_model("untrained", device=device, config=tiny_config(), **kw)
         return seg, "untrained (tiny test config)"
     if checkpoint == "bundled":
-        return inference.load_model(None, device=device, compile=compile), "bundled"
-    return inference.load_model(checkpoint, device=device, compile=compile), checkpoint
+        return inference.load_model(None, device=device, **kw), "bundled"
+    return inference.load_model(checkpoint, device=device, **kw), checkpoint
 
 
 def _segmenter_model(seg: Any) -> torch.nn.Module:
@@ -337,6 +338,9 @@ def _segmenter_model(seg: Any) -> torch.nn.Module:
 def fast_path_description(seg: Any) -> str:
     """What the Segmenter's forward uses, e.g. "bf16 autocast + channels_last"."""
     parts = ["bf16 autocast" if getattr(seg, "precision", "fp32") == "bf16" else "fp32"]
+    model = getattr(seg, "model", None)
+    if model is not None and getattr(model, "_delightsam_conv_bn_fused", False):
+        parts.append("conv-BN folded")
     if getattr(seg, "memory_format", None) is torch.channels_last:
         parts.append("channels_last")
     if getattr(seg, "compiled", False):
@@ -345,16 +349,21 @@ def fast_path_description(seg: Any) -> str:
     return " + ".join(parts)
 
 
-def _fast_path_pair(seg: Any, device: torch.device) -> tuple[Any, Any, str]:
+def _fast_path_pair(seg: Any, device: torch.device, checkpoint: str | None = None) -> tuple[Any, Any, str]:
     """(fp32 eager segmenter, the given default segmenter, description of its fast path).
 
-    The fp32 one wraps a deep copy of the same weights: ``Segmenter`` converts its model's
-    memory format in place, so sharing the module would undo the fast path's channels_last.
+    The fp32 one is loaded again from ``checkpoint`` without the fast path (no conv-BN
+    folding, no channels_last: the same weights, as ``load_model(..., fast=False)`` gives them);
+    without a checkpoint it wraps a deep copy of the same module (``Segmenter`` converts its
+    model's memory format in place, so sharing it would undo the fast path's channels_last).
     """
     from . import inference
 
-    model = copy.deepcopy(_segmenter_model(seg))
-    fp32 = inference.Segmenter.from_model(model, device=device, fast=False, precision="fp32")
+    if checkpoint is not None:
+        fp32, _ = _load_ours(checkpoint, str(device), fast=False)
+    else:
+        model = copy.deepcopy(_segmenter_model(seg))
+        fp32 = inference.Segmenter.from_model(model, device=device, fast=False, precision="fp32")
     return fp32, seg, fast_path_description(seg)
 
 
@@ -899,7 +908,7 @@ def _fast_path_section(
 ) -> dict[str, Any]:
     """fp32 eager vs the default fast path: speed at the first size, mask Dice on every image."""
     try:
-        fp32, fast, desc = _fast_path_pair(seg, device)
+        fp32, fast, desc = _fast_path_pair(seg, device, opts.checkpoint)
     except Exception as exc:  # an API without a precision switch: say so instead of guessing
         return {"skipped": f"no fp32/fast switch on the Segmenter: {exc}"}
     key = next(iter(images))
