@@ -2,6 +2,11 @@
 
 - ``tiny_model``: a ``DeLightSAM(tiny_config())`` built with a fixed seed, in eval mode.
 - ``tiny_cfg``: the tiny ``ModelConfig`` itself.
+- ``one_thread``: torch at one intra-op thread for the test (tiny models gain nothing from
+  threads; on a shared CPU they only add contention); files opt in with
+  ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+- ``single_process_env``: no torchrun variables (WORLD_SIZE / RANK / LOCAL_RANK) in the
+  environment, so in-process CLI runs never try to join a process group.
 - ``shared_data_dir``: the real data folder (``$DELIGHTSAM_DATA`` or ``../shared/data`` beside the
   repository checkout); the test is skipped when it is absent.
 """
@@ -17,6 +22,20 @@ import torch
 from napari_delightsam.config import ModelConfig, tiny_config
 
 SEED = 0
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def single_process_env(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
 
 
 def _data_dir() -> Path | None:

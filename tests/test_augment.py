@@ -9,14 +9,7 @@ import torch
 from napari_delightsam.data import SegmentationDataset, records_from_items
 from napari_delightsam.data.augment import POLICIES, AugmentPolicy, augment, policy_for
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FULL_GEOMETRY = AugmentPolicy(scale_p=1.0)  # always rescale, so the crop/pad path runs

@@ -28,13 +28,7 @@ from napari_delightsam.config import MODALITIES
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_baselines.py"
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _script():

@@ -32,14 +32,7 @@ from napari_delightsam.data import (
 from napari_delightsam.data.sampling import sample_counts
 from napari_delightsam.data.synthetic import make_synthetic_dataset
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

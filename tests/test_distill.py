@@ -34,14 +34,7 @@ CFG = DistillConfig(
     lr=1e-3,
 )
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_sam_encoder(seed: int = 1) -> ImageEncoderViT:

@@ -8,21 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from napari_delightsam.data import discover, load_pair, make_splits, select
 from napari_delightsam.data.synthetic import make_synthetic_dataset
 from napari_delightsam.training.evaluate import evaluate_records, format_markdown, resolve_eval_splits
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

@@ -21,14 +21,7 @@ from napari_delightsam.inference import (
     threshold_probability,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model gains nothing from threads; on a shared CPU they only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

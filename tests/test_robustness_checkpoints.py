@@ -21,7 +21,7 @@ import pickle
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +42,13 @@ from napari_delightsam.config import CHECKPOINT_FORMAT_VERSION, ModelConfig, tin
 from napari_delightsam.inference import load_model
 from napari_delightsam.model import DeLightSAM
 
+pytestmark = pytest.mark.usefixtures("one_thread", "single_process_env")
+
 
 @pytest.fixture(autouse=True)
-def _quiet_env(monkeypatch) -> Iterator[None]:
+def _two_commands(monkeypatch) -> None:
     # only the two CLIs under test (the other subcommands are not needed to refuse a file)
     monkeypatch.setattr(cli, "COMMANDS", ("segment", "info"))
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

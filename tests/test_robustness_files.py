@@ -18,7 +18,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,8 @@ from napari_delightsam.inference import Segmenter
 from napari_delightsam.model import DeLightSAM
 
 _RGB = np.random.default_rng(0).integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
+
+pytestmark = pytest.mark.usefixtures("one_thread", "single_process_env")
 
 
 def _encode(fmt: str, array: np.ndarray = _RGB, **tiff_options) -> bytes:
@@ -235,16 +236,6 @@ def test_a_named_pipe_is_refused_without_blocking(tmp_path):
 
 
 # -- the CLI on a folder of good and bad files -------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _in_process_cli_env(monkeypatch) -> Iterator[None]:
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

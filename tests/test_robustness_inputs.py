@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 import tracemalloc
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -38,14 +37,7 @@ NAPARI_DTYPES = (
 _CHANNELS = (1, 3, 4)
 _MODALITY = "dermoscopy"
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tiny model gains nothing from threads; on a shared CPU they only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

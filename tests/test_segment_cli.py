@@ -15,17 +15,13 @@ from napari_delightsam.checkpoint import save_checkpoint
 from napari_delightsam.config import MODALITIES, tiny_config
 from napari_delightsam.model import DeLightSAM
 
+pytestmark = pytest.mark.usefixtures("one_thread", "single_process_env")
+
 
 @pytest.fixture(autouse=True)
 def _segment_only(monkeypatch):
     """Build the CLI with only `segment`, so these tests do not depend on other subcommands."""
     monkeypatch.setattr(cli, "COMMANDS", ("segment",))
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: threads only add contention on a shared CPU
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Iterator
 
 import numpy as np
 import psutil
 import pytest
-import torch
 
 from napari_delightsam.inference import Segmenter
 
@@ -22,13 +20,7 @@ _MIB = 2**20
 #: allowed RSS growth after the warm-up
 _GROWTH_BOUND_MIB = 50
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rss_mib() -> float:
