@@ -337,9 +337,11 @@ def _segmenter_model(seg: Any) -> torch.nn.Module:
 
 def fast_path_description(seg: Any) -> str:
     """What the Segmenter's forward uses, e.g. "bf16 autocast + channels_last"."""
+    from .model.fusion import is_fused
+
     parts = ["bf16 autocast" if getattr(seg, "precision", "fp32") == "bf16" else "fp32"]
     model = getattr(seg, "model", None)
-    if model is not None and getattr(model, "_delightsam_conv_bn_fused", False):
+    if isinstance(model, torch.nn.Module) and is_fused(model):
         parts.append("conv-BN folded")
     if getattr(seg, "memory_format", None) is torch.channels_last:
         parts.append("channels_last")

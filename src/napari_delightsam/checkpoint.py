@@ -106,7 +106,9 @@ def save_checkpoint(
         raise TypeError(
             f"save_checkpoint expects a DeLightSAM model with a ModelConfig, got {type(model).__name__}"
         )
-    if getattr(model, "_delightsam_conv_bn_fused", False):
+    from .model.fusion import is_fused
+
+    if is_fused(model):
         raise ValueError(
             "this model had its BatchNorm folded into its convolutions for inference (load_model's fast "
             "path) and no longer has the checkpoint's layout; save the model it was loaded from, or load "

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..config import MODALITIES
-from ..devices import cpu_supports_bf16
+from ..devices import cpu_supports_bf16, resolve_device
 
 USER_DATASET = "user"
 
@@ -172,13 +172,10 @@ def link_folder_dataset(folder: str | os.PathLike[str], root: str | os.PathLike[
 
 
 def _trains_on_cpu(device: str) -> bool:
-    if device == "cpu":
-        return True
-    if device != "auto":
+    try:
+        return resolve_device(device).type == "cpu"
+    except ValueError:  # an unusable device: the child reports it
         return False
-    import torch
-
-    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
 def build_train_command(settings: FinetuneSettings, data_root: str | os.PathLike[str],
