@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from napari_delightsam.data import discover
-from napari_delightsam.data.splits import load_splits, make_splits, save_splits
+from napari_delightsam.data import discover, load_pair
+from napari_delightsam.data.splits import load_splits, make_splits, save_splits, select
 from napari_delightsam.litemedsam import export_litemedsam_weights
 
 LIMIT = 64 * 2**20
@@ -43,33 +43,20 @@ def _tracked_size(repo: Path) -> int:
     return total
 
 
-def pack_data(src: Path, dst: Path, quality: int, keep: dict[str, set[str]]) -> int:
-    n = 0
-    for mask_path in sorted(src.glob("*/*/masks/*.png")):
-        ds = mask_path.parent.parent
-        rel = ds.relative_to(src)
-        if mask_path.stem not in keep.get(rel.as_posix(), set()):
-            continue
-        image_path = next((p for p in (ds / "images").glob(mask_path.stem + ".*")), None)
-        if image_path is None:
-            continue
-        (dst / rel / "images").mkdir(parents=True, exist_ok=True)
-        (dst / rel / "masks").mkdir(parents=True, exist_ok=True)
-        with Image.open(image_path) as im:
-            im = im.convert("L" if im.mode in ("L", "I;16", "I", "F") else "RGB")
-            if im.mode == "RGB":
-                rgb = np.asarray(im).astype(np.int16)
-                if np.abs(rgb - rgb[..., :1]).max() <= 3:  # grey stored as RGB (ultrasound, x-ray)
-                    im = im.convert("L")
-            im.save(dst / rel / "images" / f"{mask_path.stem}.jpg", quality=quality)
-        with Image.open(mask_path) as m:
-            arr = np.asarray(m)
-        arr = (arr[..., 0] if arr.ndim == 3 else arr) > 127
-        Image.fromarray((arr * 255).astype(np.uint8)).convert("1").save(
-            dst / rel / "masks" / f"{mask_path.stem}.png", optimize=True
-        )
-        n += 1
-    return n
+def pack_data(records, dst: Path, quality: int) -> int:
+    """Write ``records`` into ``dst`` in the dataset layout, decoded by the training loader's own
+    ``load_pair`` (so masks are binarised exactly as in training)."""
+    for record in records:
+        image, mask = load_pair(record)
+        folder = dst / record.key
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        if np.abs(pixels.astype(np.int16) - pixels[..., :1]).max() <= 3:  # grey (ultrasound, x-ray)
+            pixels = pixels[..., 0]
+        Image.fromarray(pixels).save(folder / "images" / f"{record.sample_id}.jpg", quality=quality)
+        Image.fromarray(mask).convert("1").save(folder / "masks" / f"{record.sample_id}.png", optimize=True)
+    return len(records)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out} is not empty; remove it first", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    splits = load_splits(args.splits) if args.splits else make_splits(discover(args.data), seed=args.seed)
-    keep = {key: set(parts.get("train", ())) | set(parts.get("val", ())) for key, parts in splits.assignments.items()}
-    n = pack_data(args.data, out / "data", args.quality, keep)
+    records = discover(args.data)
+    splits = load_splits(args.splits) if args.splits else make_splits(records, seed=args.seed)
+    chosen = select(records, splits, "train") + select(records, splits, "val")
+    n = pack_data(chosen, out / "data", args.quality)
     packed = {(r.key, r.sample_id) for r in discover(out / "data")}
-    if packed != {(k, i) for k, ids in keep.items() for i in ids}:
+    if packed != {(r.key, r.sample_id) for r in chosen}:
         print("the packed folder does not hold exactly the train and val samples; refusing", file=sys.stderr)
         return 1
     save_splits(out / "splits.json", splits)
