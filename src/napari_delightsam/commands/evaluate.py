@@ -31,7 +31,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", help="a .safetensors checkpoint, or 'untrained' (default: the bundled model)"
     )
-    p.add_argument("--split", choices=("test", "val", "train", "all"), default="test")
+    p.add_argument(
+        "--split",
+        choices=("test", "val", "train", "unseen", "all"),
+        default="test",
+        help="test (default): the in-domain test split; unseen: the held-out domains of --holdout",
+    )
+    p.add_argument(
+        "--holdout",
+        default=None,
+        help="unseen-domain protocol (e.g. unseen-v1, see data/holdout.py) when the split is "
+        "recomputed; a splits file names its own",
+    )
     p.add_argument(
         "--splits",
         type=Path,
@@ -88,9 +99,19 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     ckpt_path = segmenter.checkpoint_path
     try:
-        splits, source = resolve_eval_splits(records, args.splits, ckpt_path, args.seed)
+        if args.holdout is not None and args.splits is None:
+            from ..data import make_splits
+            from ..data.holdout import holdout_by_name
+
+            seed = 0 if args.seed is None else args.seed
+            splits = make_splits(records, seed=seed, holdout=holdout_by_name(args.holdout))
+            source = f"recomputed, seed {seed}, holdout {args.holdout}"
+        else:
+            splits, source = resolve_eval_splits(records, args.splits, ckpt_path, args.seed)
     except (FileNotFoundError, ValueError) as exc:
         raise CommandError(f"cannot use the split: {exc}") from exc
+    if args.split == "unseen" and splits.holdout is None:
+        raise CommandError("--split unseen needs a hold-out protocol: pass --holdout NAME or a --splits file made with one")
     chosen = select_records(records, splits, args.split, args.max_per_dataset)
     if not chosen:
         raise CommandError(f"no images in split {args.split!r} (split from {source})")

@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from .holdout import HoldoutSet
 from .records import SampleRecord
 
 __all__ = ["SPLIT_NAMES", "Splits", "default_group", "load_splits", "make_splits", "save_splits", "select"]
 
-SPLIT_NAMES = ("train", "val", "test")
+SPLIT_NAMES = ("train", "val", "test", "unseen")
 GROUP_RULE = (
     "v1: leading numeric sequence token before '_'; strip trailing -day<N>; strip trailing -<panel letter>"
 )
@@ -69,6 +70,8 @@ class Splits:
     ratios: tuple[float, float, float]
     assignments: dict[str, dict[str, list[str]]]
     group_rule: str = GROUP_RULE
+    #: the unseen-domain protocol whose samples form the "unseen" split (None: no hold-out)
+    holdout: HoldoutSet | None = None
 
     def ids(self, key: str, split: str) -> list[str]:
         return list(self.assignments.get(key, {}).get(split, []))
@@ -79,6 +82,7 @@ class Splits:
             "ratios": list(self.ratios),
             "group_rule": self.group_rule,
             "datasets": self.assignments,
+            "holdout": self.holdout.to_dict() if self.holdout is not None else None,
         }
 
     @classmethod
@@ -89,13 +93,15 @@ class Splits:
                 str(k): {s: [str(i) for i in v.get(s, [])] for s in SPLIT_NAMES} for k, v in datasets.items()
             }
             for k, v in datasets.items():
-                if v.get("val_is_train"):
+                if "val_is_train" in v:
                     assignments[k]["val_is_train"] = []  # marker kept through a round trip
+            holdout = data.get("holdout")
             return cls(
                 int(data["seed"]),
                 tuple(float(r) for r in data["ratios"]),
                 assignments,
                 str(data.get("group_rule", "")),
+                HoldoutSet.from_dict(holdout) if holdout else None,
             )  # type: ignore[arg-type]
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"not a valid splits file ({exc})") from exc
@@ -120,6 +126,8 @@ def _split_dataset(
     n_test = round(n * ratios[2] / total)
     n_test = max(0, min(n_test, n - n_val - 1))
     out: dict[str, list[str]] = {s: [] for s in SPLIT_NAMES}
+    if n == 0:
+        return out
     remaining = list(order)
     # Largest-last greedy fill: a group goes to test/val only if it fits (or the split is empty),
     # so one long video sequence does not swallow the test set.
@@ -151,8 +159,14 @@ def make_splits(
     seed: int = 0,
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
     group_fn: Callable[[str], str] = default_group,
+    holdout: HoldoutSet | None = None,
 ) -> Splits:
-    """Split every dataset in ``records`` (see the module docstring)."""
+    """Split every dataset in ``records`` (see the module docstring).
+
+    ``holdout``: samples its rules match form the ``unseen`` split and leave train/val/test.
+    The in-domain split is made on all ids first, so the other samples keep the assignment a
+    split without the hold-out gives them (``data/holdout.py``).
+    """
     if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
         raise ValueError(f"split ratios must be three non-negative numbers, got {ratios}")
     by_key: dict[str, list[str]] = {}
@@ -161,21 +175,34 @@ def make_splits(
     assignments = {
         key: _split_dataset(ids, key, seed, tuple(ratios), group_fn) for key, ids in sorted(by_key.items())
     }
+    if holdout is not None:
+        for key, parts in assignments.items():
+            unseen = set(holdout.held_out_ids(key, by_key[key]))
+            if not unseen:
+                continue
+            for split in ("train", "val", "test"):
+                parts[split] = [i for i in parts[split] if i not in unseen]
+            parts["unseen"] = sorted(unseen)
+            if not parts["train"]:  # the whole dataset is held out
+                parts.pop("val_is_train", None)
+            elif not parts["val"]:
+                parts["val"] = list(parts["train"])
+                parts["val_is_train"] = []
     rule = GROUP_RULE if group_fn is default_group else getattr(group_fn, "__name__", "custom")
-    return Splits(seed, tuple(ratios), assignments, rule)  # type: ignore[arg-type]
+    return Splits(seed, tuple(ratios), assignments, rule, holdout)  # type: ignore[arg-type]
 
 
 def select(
     records: Sequence[SampleRecord], splits: Splits, split: str, max_per_dataset: int | None = None
 ) -> list[SampleRecord]:
-    """The records of ``split`` ("train" | "val" | "test" | "all"), in the order given.
+    """The records of ``split`` ("train" | "val" | "test" | "unseen" | "all"), in the order given.
 
     Records the splits do not know (added after the split was made) are left out.
     ``max_per_dataset`` keeps N records per dataset, chosen by a seeded hash of the id
     (deterministic, not biased towards the alphabetically first names).
     """
     if split not in (*SPLIT_NAMES, "all"):
-        raise ValueError(f"split must be train, val, test or all, got {split!r}")
+        raise ValueError(f"split must be train, val, test, unseen or all, got {split!r}")
     wanted: dict[str, set[str]] = {}
     for key, parts in splits.assignments.items():
         names = SPLIT_NAMES if split == "all" else (split,)
