@@ -23,7 +23,8 @@ from napari_delightsam.widgets.export import (
 PROVENANCE = {
     "model_file": "/models/best.safetensors",
     "model_sha256": "ab" * 32,
-    "modality": "dermoscopy",
+    "modality": "auto",
+    "modality_used": "dermoscopy",
     "threshold": 0.42,
     "input_layer": "lesion 1",
     "input_shape": [32, 40, 3],
@@ -50,7 +51,8 @@ def test_png_binary_is_0_255_and_reads_back_identical(tmp_path):
     assert record["encoding"] == "binary-0-255"
     assert record["model_file"] == PROVENANCE["model_file"]
     assert record["model_sha256"] == PROVENANCE["model_sha256"]
-    assert record["modality"] == "dermoscopy" and record["threshold"] == 0.42
+    assert record["modality"] == "auto" and record["modality_used"] == "dermoscopy"
+    assert record["threshold"] == 0.42
     assert record["input_layer"] == "lesion 1" and record["input_shape"] == [32, 40, 3]
     assert record["package_version"] == __version__
     assert record["shape"] == [32, 40] and record["segmentation"]["device"] == "cpu"

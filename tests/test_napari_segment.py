@@ -364,6 +364,7 @@ def test_export_button_writes_files_that_read_back_and_asks_before_overwriting(
     record = json.loads(written[1].read_text())
     assert record["model_sha256"] == sha256_file(tiny_checkpoint)
     assert record["threshold"] == pytest.approx(0.45) and record["modality"] == "dermoscopy"
+    assert record["modality_used"] == "dermoscopy"
     assert record["input_layer"] == "lesion" and record["edited_after_segmentation"] is True
 
     # exists -> asked; "No" keeps the file

@@ -8,8 +8,9 @@ Formats
     * ``.tif`` / ``.tiff``: any shape, the smallest unsigned dtype that holds the largest id
       (uint8/16/32/64; Fiji reads all of them), zlib-compressed with tifffile.
 
-The sidecar records how the file was made: model file + SHA-256, modality, threshold, input
-layer name and shape, time, package version, and how the pixel values are encoded, so
+The sidecar records how the file was made: model file + SHA-256, the modality asked for (maybe
+``auto``) and the one the model used, threshold, input layer name and shape, time, package
+version, and how the pixel values are encoded, so
 :func:`read_labels` gives back exactly the exported array. Nothing is overwritten unless the
 caller says so, and every file is written atomically (``io_utils.atomic_write``).
 """
@@ -112,7 +113,8 @@ def build_sidecar(
         # how the mask was made (absent for labels drawn by hand)
         "model_file": prov.pop("model_file", None),
         "model_sha256": prov.pop("model_sha256", None),
-        "modality": prov.pop("modality", None),
+        "modality": prov.pop("modality", None),  # as asked: one of the six, or "auto"
+        "modality_used": prov.pop("modality_used", None),  # what the model ran (auto's choice)
         "threshold": prov.pop("threshold", None),
         "input_layer": prov.pop("input_layer", None),
         "input_shape": prov.pop("input_shape", None),
