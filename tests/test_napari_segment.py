@@ -90,12 +90,12 @@ class _Spy:
 
 
 def _install_spy(monkeypatch, delay=0.0) -> _Spy:
-    from napari_delightsam.widgets.model_cache import _default_loader
+    from napari_delightsam.widgets.model_cache import default_loader
 
     holder = {}
 
     def loader(spec, device):
-        holder["spy"] = _Spy(_default_loader(spec, device), delay)
+        holder["spy"] = _Spy(default_loader(spec, device), delay)
         return holder["spy"]
 
     MODEL_CACHE.clear()
@@ -275,12 +275,12 @@ def test_bad_inputs_give_notifications_not_exceptions(make_napari_viewer, qtbot,
 
 
 def test_device_error_offers_retry_on_cpu(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):
-    from napari_delightsam.widgets.model_cache import _default_loader
+    from napari_delightsam.widgets.model_cache import default_loader
 
     def loader(spec, device):
         if device != "cpu":
             raise RuntimeError("CUDA error: out of memory (simulated)")
-        return _default_loader(spec, device)
+        return default_loader(spec, device)
 
     MODEL_CACHE.clear()
     monkeypatch.setattr(MODEL_CACHE, "loader", loader)

@@ -42,9 +42,9 @@ from qtpy.QtWidgets import (
 from ..config import MODALITIES
 from . import registry, settings
 from ._llvm import avoid_triton_llvm_clash
+from .common import alive, checkpoint_label, device_choices, notify
 from .core import METADATA_KEY, check_output_dir, default_run_dir, guard_worker, output_names
 from .finetune_job import FinetuneSettings, TrainingPair, run_finetune
-from .segment_widget import _alive, _checkpoint_label, _device_choices, _notify
 
 if TYPE_CHECKING:
     import napari
@@ -158,7 +158,7 @@ class FinetuneWidget(QWidget):
         self.lr_spin.setValue(1e-4)
         form.addRow("Learning rate", self.lr_spin)
         self.device_combo = QComboBox()
-        self.device_combo.addItems(_device_choices())
+        self.device_combo.addItems(device_choices())
         self.device_combo.currentTextChanged.connect(self._default_img_size)
         form.addRow("Device", self.device_combo)
         self._default_img_size(self.device_combo.currentText())
@@ -209,7 +209,7 @@ class FinetuneWidget(QWidget):
         # a fine-tune to minutes; from scratch 1024 (the paper's size) on a GPU, 256 on a CPU
         if self._img_size_chosen:
             return
-        gpu = device.startswith("cuda") or (device == "auto" and any(d.startswith("cuda") for d in _device_choices()))
+        gpu = device.startswith("cuda") or (device == "auto" and any(d.startswith("cuda") for d in device_choices()))
         native = self._init_img_size()
         if native is None:
             size = 1024 if gpu else 256
@@ -237,11 +237,11 @@ class FinetuneWidget(QWidget):
             edit.setText(folder)
 
     def _log(self, text: str) -> None:
-        if _alive(self):
+        if alive(self):
             self.log.appendPlainText(text)
 
     def _set_status(self, text: str) -> None:
-        if _alive(self):
+        if alive(self):
             self.status_label.setText(text)
 
     # -- layers and pairs ----------------------------------------------------------------------
@@ -254,7 +254,7 @@ class FinetuneWidget(QWidget):
                 emitter.connect(self._on_layers_changed)
 
     def _on_layers_changed(self, event: Any = None) -> None:
-        if _alive(self):
+        if alive(self):
             if event is not None and getattr(event, "type", None) == "inserted":
                 event.value.events.name.connect(self._on_layers_changed)
             self._refresh_layer_combos()
@@ -318,14 +318,14 @@ class FinetuneWidget(QWidget):
         layers = {layer.name: layer for layer in self.viewer.layers}
         image, labels = layers.get(image_name), layers.get(labels_name)
         if image is None or labels is None:
-            _notify("warning", "choose an image layer and a labels layer for the pair")
+            notify("warning", "choose an image layer and a labels layer for the pair")
             return False
         if modality not in MODALITIES:
-            _notify("warning", f"choose the modality of '{image_name}'")
+            notify("warning", f"choose the modality of '{image_name}'")
             return False
         spatial = image.data.shape[:-1] if getattr(image, "rgb", False) else image.data.shape
         if tuple(labels.data.shape) != tuple(spatial):
-            _notify("error", f"'{labels_name}' has shape {labels.data.shape} but '{image_name}' is {tuple(spatial)}; "
+            notify("error", f"'{labels_name}' has shape {labels.data.shape} but '{image_name}' is {tuple(spatial)}; "
                              "a pair needs labels of the image's size")
             return False
         if any(p["image"] == image_name and p["labels"] == labels_name for p in self.pairs):
@@ -354,7 +354,7 @@ class FinetuneWidget(QWidget):
         seg = registry.segment_widget_for(self.viewer)
         spec = seg.current_model() if seg is not None else settings.last_model() or settings.BUNDLED
         if spec not in (settings.BUNDLED, settings.UNTRAINED) and Path(spec).is_file():
-            return spec, _checkpoint_label(spec)
+            return spec, checkpoint_label(spec)
         if spec == settings.UNTRAINED:
             return None, "random weights (the segment widget's untrained model)"
         try:
@@ -368,7 +368,7 @@ class FinetuneWidget(QWidget):
         return None, "random weights (no bundled model installed)"
 
     def _update_init_label(self) -> None:
-        if _alive(self):
+        if alive(self):
             self.init_label.setText(self._init_checkpoint()[1])
             self._default_img_size(self.device_combo.currentText())
 
@@ -396,7 +396,7 @@ class FinetuneWidget(QWidget):
         for p in self.pairs:
             image, labels = layers.get(p["image"]), layers.get(p["labels"])
             if image is None or labels is None:
-                _notify("error", f"layer '{p['image'] if image is None else p['labels']}' of a training pair is gone; "
+                notify("error", f"layer '{p['image'] if image is None else p['labels']}' of a training pair is gone; "
                                  "remove that pair")
                 return None
             data = image.data[0] if getattr(image, "multiscale", False) else image.data
@@ -428,11 +428,11 @@ class FinetuneWidget(QWidget):
     def start(self) -> Any:
         """Write the pairs, start ``delightsam train`` as a child process; returns the worker."""
         if self.busy:
-            _notify("info", "a fine-tune is already running; press Stop to end it")
+            notify("info", "a fine-tune is already running; press Stop to end it")
             return None
         folder = self.folder_edit.text().strip() or None
         if not self.pairs and not folder:
-            _notify("warning", "add at least one (image, labels) pair or choose a training folder")
+            notify("warning", "add at least one (image, labels) pair or choose a training folder")
             return None
         pairs = self._collect_pairs()
         if pairs is None:
@@ -440,7 +440,7 @@ class FinetuneWidget(QWidget):
         try:
             out_dir = self._output_dir()
         except ValueError as exc:
-            _notify("error", str(exc))
+            notify("error", str(exc))
             return None
         cfg = self.current_settings()
         return self._start_worker(pairs, folder, cfg, out_dir)
@@ -485,7 +485,7 @@ class FinetuneWidget(QWidget):
         if job is not None:
             job.stop()
         self._set_status("Stopping: the trainer validates the current weights and keeps the best checkpoint…")
-        if _alive(self):
+        if alive(self):
             self.stop_button.setEnabled(False)
 
     def _tick(self) -> None:
@@ -502,7 +502,7 @@ class FinetuneWidget(QWidget):
         return {"ticks": len(gaps), "max_gap_ms": max(gaps), "mean_gap_ms": sum(gaps) / len(gaps)}
 
     def _on_event(self, event: dict[str, Any] | None) -> None:
-        if event is None or not _alive(self):
+        if event is None or not alive(self):
             return
         kind = event.get("event")
         if kind == "status":
@@ -553,7 +553,7 @@ class FinetuneWidget(QWidget):
 
     def _on_returned(self, summary: dict[str, Any]) -> None:
         self.last_summary = summary
-        if not _alive(self):
+        if not alive(self):
             return
         end = summary.get("end") or {}
         best = end.get("best_checkpoint")
@@ -571,14 +571,14 @@ class FinetuneWidget(QWidget):
             if "out of memory" in reason.lower():
                 reason += " (try a smaller image size or batch size, or the CPU)"
             self._set_status(f"Training failed: {reason}")
-            _notify("error", f"fine-tuning failed: {reason}")
+            notify("error", f"fine-tuning failed: {reason}")
             if best:
                 self._log(f"the best checkpoint so far is kept: {best}")
                 self._adopt(best, announce=False)
             return
         if not best:
             self._set_status("Training ended without a checkpoint (stopped before the first validation).")
-            _notify("warning", "fine-tuning ended without a checkpoint (stopped before the first validation)")
+            notify("warning", "fine-tuning ended without a checkpoint (stopped before the first validation)")
             return
         self._adopt(best)
         dice = end.get("best_val_dice")
@@ -590,7 +590,7 @@ class FinetuneWidget(QWidget):
                        "the previous model is still in the segment widget's model list "
                        "(try more epochs, a lower learning rate or more pairs)")
             self._log(f"warning: {message}")
-            _notify("warning", f"fine-tuning did not improve: {message}")
+            notify("warning", f"fine-tuning did not improve: {message}")
 
     def _adopt(self, best: str, announce: bool = True) -> None:
         """Hand the new checkpoint to the segment widget (or remember it for the next one)."""
@@ -603,17 +603,17 @@ class FinetuneWidget(QWidget):
             where = "open 'De-LightSAM segment' to use it"
         self._log(f"new checkpoint: {best}; {where}")
         if announce:
-            _notify("info", f"fine-tuned model saved to {best}; {where}")
+            notify("info", f"fine-tuned model saved to {best}; {where}")
 
     def _on_errored(self, exc: BaseException) -> None:
-        if _alive(self):
+        if alive(self):
             self._set_status(f"Fine-tuning failed: {exc}")
-        _notify("error", f"fine-tuning failed: {exc}")
+        notify("error", f"fine-tuning failed: {exc}")
 
     def _on_finished(self) -> None:
         self._worker = None
         self._holder.pop("worker", None)
-        if _alive(self):
+        if alive(self):
             self._timer.stop()
             self.start_button.setEnabled(True)
             self.stop_button.setEnabled(False)

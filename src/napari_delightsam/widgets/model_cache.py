@@ -16,7 +16,8 @@ from typing import Any
 from .settings import BUNDLED, UNTRAINED
 
 
-def _default_loader(spec: str, device: str) -> Any:
+def default_loader(spec: str, device: str) -> Any:
+    """Load a Segmenter for a model choice (``bundled``, ``untrained`` or a checkpoint path)."""
     from ..inference import load_model
     from ._llvm import avoid_triton_llvm_clash
 
@@ -45,7 +46,7 @@ class ModelCache:
 
     def __init__(self, max_entries: int = 2, loader: Callable[[str, str], Any] | None = None) -> None:
         self.max_entries = max_entries
-        self.loader = loader or _default_loader
+        self.loader = loader or default_loader
         self.loads = 0
         self._items: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._lock = threading.Lock()

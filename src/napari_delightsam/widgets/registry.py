@@ -5,15 +5,9 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+from .common import alive
+
 _SEGMENT_WIDGETS: list[tuple[weakref.ref, weakref.ref]] = []
-
-
-def _alive(widget: Any) -> bool:
-    try:
-        widget.objectName()  # raises RuntimeError once the Qt object is deleted
-    except RuntimeError:
-        return False
-    return True
 
 
 def register_segment_widget(viewer: Any, widget: Any) -> None:
@@ -26,7 +20,7 @@ def segment_widget_for(viewer: Any) -> Any | None:
     keep = []
     for vref, wref in _SEGMENT_WIDGETS:
         v, w = vref(), wref()
-        if v is None or w is None or not _alive(w):
+        if v is None or w is None or not alive(w):
             continue
         keep.append((vref, wref))
         if v is viewer:

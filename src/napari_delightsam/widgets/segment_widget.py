@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
 from ..config import MODALITIES
 from . import registry, settings
 from ._llvm import avoid_triton_llvm_clash
+from .common import alive, checkpoint_label, device_choices, notify
 from .core import (
     METADATA_KEY,
     InputError,
@@ -65,29 +66,6 @@ MODEL_LABELS = {
     settings.BUNDLED: "bundled model",
     settings.UNTRAINED: "untrained (random weights, for testing)",
 }
-
-
-def _notify(kind: str, message: str, actions: tuple = ()) -> None:
-    """napari notification (info/warning/error), optionally with action buttons."""
-    from napari.utils.notifications import Notification, NotificationSeverity, notification_manager
-
-    severity = {"info": NotificationSeverity.INFO, "warning": NotificationSeverity.WARNING}.get(
-        kind, NotificationSeverity.ERROR
-    )
-    notification_manager.dispatch(Notification(f"De-LightSAM: {message}", severity=severity, actions=actions))
-
-
-def _alive(obj: Any) -> bool:
-    try:
-        obj.objectName()
-    except RuntimeError:
-        return False
-    return True
-
-
-def _checkpoint_label(path: str) -> str:
-    p = Path(path)
-    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
 @dataclass
@@ -151,7 +129,7 @@ class SegmentWidget(QWidget):
         form.addRow("Modality", self.modality_combo)
 
         self.device_combo = QComboBox()
-        self.device_combo.addItems(_device_choices())
+        self.device_combo.addItems(device_choices())
         self.device_combo.setToolTip("auto = CUDA, then Apple MPS, then CPU (only devices found here are listed)")
         form.addRow("Device", self.device_combo)
 
@@ -208,7 +186,7 @@ class SegmentWidget(QWidget):
         layout.addStretch(1)
 
     def _set_status(self, text: str) -> None:
-        if _alive(self):
+        if alive(self):
             self.status_label.setText(text)
 
     # -- model combo ---------------------------------------------------------------------------
@@ -227,7 +205,7 @@ class SegmentWidget(QWidget):
                 item.setEnabled(False)
         combo.addItem(MODEL_LABELS[settings.UNTRAINED], settings.UNTRAINED)
         for path in settings.recent_checkpoints():
-            combo.addItem(_checkpoint_label(path), path)
+            combo.addItem(checkpoint_label(path), path)
             combo.setItemData(combo.count() - 1, path, Qt.ItemDataRole.ToolTipRole)
         combo.addItem("choose checkpoint file…", CHOOSE_FILE)
         last = settings.last_model()
@@ -270,16 +248,16 @@ class SegmentWidget(QWidget):
 
             read_checkpoint_info(path)
         except Exception as exc:  # noqa: BLE001 -- any unreadable file -> one message
-            _notify("error", f"cannot use checkpoint {path}: {exc}")
-            if _alive(self):
+            notify("error", f"cannot use checkpoint {path}: {exc}")
+            if alive(self):
                 self.model_combo.setCurrentIndex(self._previous_model_index)
             return False
-        if not _alive(self):
+        if not alive(self):
             return False
         index = self.model_combo.findData(path)
         if index < 0:
             index = self.model_combo.count() - 1  # before "choose checkpoint file…"
-            self.model_combo.insertItem(index, _checkpoint_label(path), path)
+            self.model_combo.insertItem(index, checkpoint_label(path), path)
             self.model_combo.setItemData(index, path, Qt.ItemDataRole.ToolTipRole)
         if select:
             self.model_combo.setCurrentIndex(index)
@@ -308,7 +286,7 @@ class SegmentWidget(QWidget):
             layer.events.name.disconnect(self._on_layers_changed)
 
     def _on_layers_changed(self, event: Any = None) -> None:
-        if not _alive(self):
+        if not alive(self):
             return
         if event is not None and getattr(event, "type", None) == "inserted":
             event.value.events.name.connect(self._on_layers_changed)
@@ -353,25 +331,25 @@ class SegmentWidget(QWidget):
     def run(self, device: str | None = None) -> Any:
         """Start segmenting the chosen image layer; returns the worker (None when nothing started)."""
         if self.busy:
-            _notify("info", "a segmentation is already running; press Cancel to stop it")
+            notify("info", "a segmentation is already running; press Cancel to stop it")
             return None
         name = self.image_combo.currentText()
         layer = self._layer_by_name(name) if name else None
         if layer is None:
-            _notify("warning", "no image layer to segment; open an image first")
+            notify("warning", "no image layer to segment; open an image first")
             return None
         try:
             prepared = prepare_input(layer.data, bool(getattr(layer, "rgb", False)), layer.name,
                                      bool(getattr(layer, "multiscale", False)))
         except InputError as exc:
-            _notify("error", str(exc))
+            notify("error", str(exc))
             return None
         if isinstance(prepared.data, np.ndarray):
             # a private copy: the user may edit or delete the layer while the worker reads it
             prepared = type(prepared)(**{**prepared.__dict__, "data": prepared.data.copy()})
         spec = self.current_model()
         if spec == CHOOSE_FILE:
-            _notify("warning", "choose a model first")
+            notify("warning", "choose a model first")
             return None
         device = device or self.device_combo.currentText() or "auto"
         modality = self.modality_combo.currentText()
@@ -395,7 +373,7 @@ class SegmentWidget(QWidget):
         from napari.utils import progress
 
         if not self.model_cache.is_loaded(spec, device):
-            self._set_status(f"Loading {MODEL_LABELS.get(spec, _checkpoint_label(spec))} on {device} (first use)…")
+            self._set_status(f"Loading {MODEL_LABELS.get(spec, checkpoint_label(spec))} on {device} (first use)…")
         else:
             self._set_status("Segmenting…")
         worker = create_worker(
@@ -424,7 +402,7 @@ class SegmentWidget(QWidget):
 
     def _on_yielded(self, item: tuple) -> None:
         # a late progress item of a cancelled/finished run must not overwrite the status
-        if not _alive(self) or self._worker is None or self._worker.abort_requested:
+        if not alive(self) or self._worker is None or self._worker.abort_requested:
             return
         kind = item[0]
         if kind == "loaded":
@@ -438,7 +416,7 @@ class SegmentWidget(QWidget):
                 self._set_status(f"Segmenting slice {done}/{total}…")
 
     def _on_aborted(self) -> None:
-        if _alive(self):
+        if alive(self):
             self._set_status("Cancelled; no layer was changed.")
 
     def _on_finished(self) -> None:
@@ -447,27 +425,27 @@ class SegmentWidget(QWidget):
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
-        if _alive(self):
+        if alive(self):
             self.run_button.setEnabled(True)
             self.cancel_button.setEnabled(False)
 
     def _on_errored(self, exc: BaseException) -> None:
-        if not _alive(self):
+        if not alive(self):
             return
         job = self._job
         device = job.get("device", "auto")
         kind = device_error_kind(exc)
         if kind is not None and device != "cpu":
             self._set_status(f"{kind} on {device}; you can retry on the CPU.")
-            _notify("error", f"{kind} on device '{device}' ({exc}). Retry on the CPU?",
+            notify("error", f"{kind} on device '{device}' ({exc}). Retry on the CPU?",
                     actions=(("Retry on CPU", lambda *_: self.retry_on_cpu()),))
             return
         self._set_status(f"Failed: {exc}")
-        _notify("error", f"segmentation of '{job.get('input_name', '?')}' failed: {exc}")
+        notify("error", f"segmentation of '{job.get('input_name', '?')}' failed: {exc}")
 
     def retry_on_cpu(self) -> Any:
         """The device-error fallback: switch the device to CPU and run again."""
-        if not _alive(self):
+        if not alive(self):
             return None
         index = self.device_combo.findText("cpu")
         if index >= 0:
@@ -475,14 +453,14 @@ class SegmentWidget(QWidget):
         return self.run(device="cpu")
 
     def _on_returned(self, payload: tuple[SegmentationRun, dict[str, Any]]) -> None:
-        if not _alive(self) or self._closing:
+        if not alive(self) or self._closing:
             return
         run, model_info = payload
         job = self._job
         layer = job["layer"]()
         if layer is None or layer not in self.viewer.layers:
             self._set_status("The input layer was removed during the run; results discarded.")
-            _notify("warning", f"layer '{job['input_name']}' was removed during the run; results discarded")
+            notify("warning", f"layer '{job['input_name']}' was removed during the run; results discarded")
             return
         threshold = float(self.threshold_slider.value())
         instances = self.instances_check.isChecked()
@@ -510,7 +488,7 @@ class SegmentWidget(QWidget):
             p = run.modality_probabilities[0].get(mod)
             mod = f"{mod} (auto, p={p:.2f})" if p is not None else f"{mod} (auto)"
         self._set_status(
-            f"Done in {run.seconds:.2f} s · modality {mod} · model {_checkpoint_label(str(provenance['model_file'])) if provenance['model_file'] else job['spec']}"
+            f"Done in {run.seconds:.2f} s · modality {mod} · model {checkpoint_label(str(provenance['model_file'])) if provenance['model_file'] else job['spec']}"
             f" on {model_info.get('device')}"
         )
 
@@ -569,12 +547,12 @@ class SegmentWidget(QWidget):
         layer = self.viewer.add_labels(mask, name=new_name, opacity=0.6,
                                        metadata=self._mask_metadata(mask, provenance), **geom)
         if kept:
-            _notify("info", f"kept your edited layer '{kept[0]}'; the new result is in '{new_name}'")
+            notify("info", f"kept your edited layer '{kept[0]}'; the new result is in '{new_name}'")
         return layer
 
     def _on_threshold_changed(self, *_: Any) -> None:
         """Re-derive the mask from the cached probability map (no network call)."""
-        if not _alive(self) or self._last is None:
+        if not alive(self) or self._last is None:
             return
         last = self._last
         layer = last.mask_layer()
@@ -594,7 +572,7 @@ class SegmentWidget(QWidget):
                                          translate=layer.translate, metadata=self._mask_metadata(mask, provenance))
             assert isinstance(new, Labels)
             last.mask_layer = weakref.ref(new)
-            _notify("info", f"kept your edited layer '{layer.name}'; the re-thresholded mask is in '{new_name}'")
+            notify("info", f"kept your edited layer '{layer.name}'; the re-thresholded mask is in '{new_name}'")
             return
         layer.data = mask
         layer.metadata = self._mask_metadata(mask, provenance)
@@ -643,7 +621,7 @@ class SegmentWidget(QWidget):
 
         layer = self._export_target()
         if layer is None:
-            _notify("warning", "no Labels layer to export; run a segmentation or select a Labels layer")
+            notify("warning", "no Labels layer to export; run a segmentation or select a Labels layer")
             return []
         if path is None:
             source = getattr(getattr(layer, "source", None), "path", None)
@@ -665,11 +643,11 @@ class SegmentWidget(QWidget):
                     return []
                 written = export_labels(path, layer.data, layer_name=layer.name, provenance=provenance, overwrite=True)
         except (ExportError, OSError) as exc:
-            _notify("error", f"export of '{layer.name}' failed: {exc}")
+            notify("error", f"export of '{layer.name}' failed: {exc}")
             return []
         settings.save_settings({"export_dir": str(path.parent)})
         self._set_status(f"Exported '{layer.name}' to {written[0]} (+ {written[1].name}).")
-        _notify("info", f"saved {written[0]} and {written[1].name}")
+        notify("info", f"saved {written[0]} and {written[1].name}")
         return written
 
     # -- teardown ------------------------------------------------------------------------------
@@ -709,15 +687,6 @@ def _segment_job(cache: ModelCache, prepared: Any, spec: str, device: str, modal
         except StopIteration as stop:
             return stop.value, info
         yield ("progress", done, total)
-
-
-def _device_choices() -> list[str]:
-    try:
-        from ..devices import device_choices
-
-        return device_choices()
-    except Exception:  # noqa: BLE001 -- torch probing failed: CPU still works
-        return ["auto", "cpu"]
 
 
 def _bundled_path() -> Path | None:
