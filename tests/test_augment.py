@@ -34,7 +34,7 @@ def test_geometry_moves_image_and_mask_together(policy):
     image, mask = pattern()
     changed = 0
     for seed in range(40):
-        img, msk = augment(image, mask, seed, policy, intensity=False)
+        img, msk = augment(image, mask, seed, policy, intensity=False, appearance=False)
         assert img.shape == (3, 64, 64) and msk.shape == (1, 64, 64) and img.dtype == torch.uint8
         assert set(torch.unique(msk).tolist()) <= {0, 1}
         # channel 0 carried the mask: after the transform it must still coincide with it exactly
@@ -101,3 +101,55 @@ def test_dataset_applies_the_same_transform_to_image_and_mask():
         # (intensity changes are monotone, resampling acts on both the same way)
         agree = ((ch > (lo + hi) / 2) == (sample["mask"][0] == 1)).float().mean().item()
         assert agree > 0.98, seed
+
+
+def test_appearance_never_changes_the_geometry_or_the_mask():
+    image, mask = pattern()
+    for seed in range(20):
+        img_a, msk_a = augment(image, mask, seed, POLICIES["microscopy"], appearance=False)
+        img_b, msk_b = augment(image, mask, seed, POLICIES["microscopy"], appearance=True)
+        assert torch.equal(msk_a, msk_b)
+
+
+@pytest.mark.parametrize("modality", ["xray", "ultrasound", "colonoscopy", "microscopy"])
+def test_a_grey_image_stays_grey_under_appearance_changes(modality):
+    grey = torch.rand(1, 64, 64).repeat(3, 1, 1) * 255
+    mask = torch.zeros(1, 64, 64)
+    changed = 0
+    for seed in range(30):
+        img, _ = augment(grey, mask, seed, policy_for(modality), geometry=False, intensity=False)
+        assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2]), seed
+        changed += int(not torch.equal(img[0], grey[0].round().to(torch.uint8)))
+    assert changed >= 5  # blur, sharpening, noise or JPEG did act on it
+
+
+def test_appearance_changes_colour_images_in_every_way_it_promises():
+    """Across seeds, a colour image gets hue/saturation shifts, greyscale, blur and JPEG."""
+    rng = np.random.default_rng(0)
+    base = np.zeros((64, 64, 3), dtype=np.float32)
+    base[..., 0], base[..., 1], base[..., 2] = 200, 90, 60  # a reddish tissue colour
+    base += rng.normal(0, 3, base.shape)
+    image = torch.from_numpy(np.clip(base, 0, 255)).permute(2, 0, 1)
+    mask = torch.zeros(1, 64, 64)
+    hue_shift = grey = 0
+    for seed in range(60):
+        img, _ = augment(image, mask, seed, POLICIES["colonoscopy"], geometry=False, intensity=False)
+        rgb = img.float().mean(dim=(1, 2))
+        grey += int(float(rgb.max() - rgb.min()) < 2)
+        hue_shift += int(abs(float(rgb[1] - 90)) > 5)
+    assert grey >= 1 and hue_shift >= 10
+
+
+def test_stain_jitter_keeps_he_images_plausible():
+    """H&E stain jitter changes the colours but keeps pixels in range and roughly in place."""
+    he = np.zeros((32, 32, 3), dtype=np.uint8)
+    he[..., 0], he[..., 1], he[..., 2] = 180, 110, 190  # pink-purple
+    he[8:16, 8:16] = (70, 40, 120)  # a dark nucleus
+    image = torch.from_numpy(he).permute(2, 0, 1).float()
+    stain_only = AugmentPolicy(stain_p=1.0, stain_sigma=0.2, hue=0, saturation=(1, 1), greyscale_p=0,
+                               blur_p=0, sharpen_p=0, noise_p=0, jpeg_p=0)
+    outs = [augment(image, torch.zeros(1, 32, 32), s, stain_only, geometry=False, intensity=False)[0]
+            for s in range(10)]
+    assert any(not torch.equal(o, outs[0]) for o in outs[1:])
+    for o in outs:  # the nucleus stays darker than the tissue around it
+        assert o[:, 8:16, 8:16].float().mean() < o[:, 20:, 20:].float().mean()

@@ -10,6 +10,13 @@ Everything stays uint8 and channels-last (H,W,4): flips and rotations are numpy 
 rescale is torch's uint8 channels-last bilinear kernel — a 1024² sample costs a few
 milliseconds, so DataLoader workers keep up with a GPU.
 
+Appearance changes (``appearance=True``, on by default) imitate what differs between centres,
+scanners and stains rather than between images of one source, as domain-generalisation work
+does: hue and saturation (one 3×3 colour matrix in YIQ space), H&E stain jitter in HED space
+(microscopy), random greyscale, Gaussian blur or unsharp-mask sharpening, Gaussian or speckle
+noise, and JPEG re-compression. They are drawn after the geometry and intensity parameters, so
+a seed's geometry and intensity do not depend on them. A grey image (equal channels) stays grey.
+
 Per-modality policy (``POLICIES``): dermoscopy, fundus, colonoscopy and microscopy have no
 canonical orientation and get all 8 flips/rotations and colour jitter; chest X-ray and
 ultrasound keep their orientation (left-right flip only: lungs upright, probe on top) and are
@@ -20,6 +27,8 @@ policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import io
 
 import numpy as np
 import torch
@@ -42,18 +51,52 @@ class AugmentPolicy:
     #: per-channel gain jitter (white balance); 0 for grey modalities
     colour: float = 0.1
     intensity_p: float = 0.8
+    # appearance (centre / scanner / stain differences)
+    #: hue rotation, fraction of a full turn (0.05 = ±18°); 0 for grey modalities
+    hue: float = 0.05
+    #: saturation factor range (1 = unchanged)
+    saturation: tuple[float, float] = (0.7, 1.3)
+    #: probability of H&E stain jitter in HED space, and its scale/shift per stain
+    stain_p: float = 0.0
+    stain_sigma: float = 0.05
+    greyscale_p: float = 0.05
+    blur_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.5, 1.5)
+    sharpen_p: float = 0.15
+    noise_p: float = 0.2
+    #: Gaussian noise sigma range, grey levels (0..255)
+    noise_sigma: tuple[float, float] = (2.0, 8.0)
+    #: noise multiplies the image (ultrasound speckle) instead of adding to it
+    speckle: bool = False
+    jpeg_p: float = 0.2
+    jpeg_quality: tuple[int, int] = (35, 90)
 
 
 _FULL = AugmentPolicy()
-_UPRIGHT_GREY = AugmentPolicy(vflip=False, rot90=False, scale=(0.85, 1.15), colour=0.0)
+_UPRIGHT_GREY = AugmentPolicy(
+    vflip=False, rot90=False, scale=(0.85, 1.15), colour=0.0, hue=0.0, saturation=(1.0, 1.0), greyscale_p=0.0
+)
 
 POLICIES: dict[str, AugmentPolicy] = {
     "dermoscopy": _FULL,
     "fundus": _FULL,
     "colonoscopy": _FULL,
-    "microscopy": _FULL,
+    # H&E and fluorescence: stain jitter, and greyscale more often (shape, not stain, is the cue)
+    "microscopy": AugmentPolicy(stain_p=0.5, greyscale_p=0.15),
     "xray": _UPRIGHT_GREY,
-    "ultrasound": _UPRIGHT_GREY,
+    # speckle: multiplicative noise, the texture that differs between ultrasound machines
+    "ultrasound": AugmentPolicy(
+        vflip=False,
+        rot90=False,
+        scale=(0.85, 1.15),
+        colour=0.0,
+        hue=0.0,
+        saturation=(1.0, 1.0),
+        greyscale_p=0.0,
+        speckle=True,
+        noise_sigma=(0.05, 0.2),
+        noise_p=0.3,
+    ),
 }
 
 
@@ -95,13 +138,104 @@ def _intensity_luts(image: np.ndarray, rng: np.random.Generator, p: AugmentPolic
     return np.clip(np.round(np.clip(x[None, :] * gains[:, None], 0, 1) * 255), 0, 255).astype(np.uint8)
 
 
+# YIQ: hue is a rotation of the (I, Q) plane, saturation a scaling of it
+_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = np.linalg.inv(_RGB2YIQ)
+
+
+def _colour_matrix(hue_turns: float, saturation: float) -> np.ndarray:
+    """3×3 RGB -> RGB matrix: rotate hue by ``hue_turns`` of a full turn, scale saturation."""
+    a = 2 * np.pi * hue_turns
+    c, s = np.cos(a) * saturation, np.sin(a) * saturation
+    rot = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    return _YIQ2RGB @ rot @ _RGB2YIQ
+
+
+def _stain_jitter(rgb: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
+    """H&E stain jitter: per-stain scale and shift in HED space (Tellez et al. 2018)."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(rgb)
+    alpha = rng.uniform(1 - sigma, 1 + sigma, size=3)
+    beta = rng.uniform(-sigma, sigma, size=3) * 0.1  # HED values are ~0..0.3
+    return np.clip(hed2rgb(hed * alpha + beta) * 255.0, 0, 255)
+
+
+def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """(H,W,C) float32 -> blurred, separable Gaussian (torch conv, reflect padding)."""
+    radius = max(1, int(round(3 * sigma)))
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k = torch.from_numpy((k / k.sum()).astype(np.float32))
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[:, None]  # (C,1,H,W)
+    t = F.pad(t, (radius, radius, radius, radius), mode="reflect")
+    t = F.conv2d(F.conv2d(t, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+    return t[:, 0].permute(1, 2, 0).numpy()
+
+
+def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """Re-compress (H,W,C) uint8 (C = 1 or 3) as JPEG at ``quality``."""
+    from PIL import Image
+
+    pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=int(quality))
+    out = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L" if img.shape[-1] == 1 else "RGB"))
+    return out.reshape(img.shape)
+
+
+def _appearance(rgb: np.ndarray, rng: np.random.Generator, p: AugmentPolicy) -> np.ndarray:
+    """(S,S,3) uint8 -> (S,S,3) uint8 with the policy's appearance changes (all drawn here)."""
+    hue = rng.uniform(-p.hue, p.hue) if p.hue else 0.0
+    sat = rng.uniform(*p.saturation)
+    do_stain = rng.random() < p.stain_p
+    do_grey = rng.random() < p.greyscale_p
+    u_filter = rng.random()
+    sigma = rng.uniform(*p.blur_sigma)
+    do_noise = rng.random() < p.noise_p
+    noise_sigma = rng.uniform(*p.noise_sigma)
+    do_jpeg = rng.random() < p.jpeg_p
+    quality = int(rng.integers(p.jpeg_quality[0], p.jpeg_quality[1] + 1))
+    noise_seed = int(rng.integers(0, 2**31 - 1))
+
+    grey_in = bool(np.array_equal(rgb[::7, ::7, 0], rgb[::7, ::7, 1])) and bool(
+        np.array_equal(rgb[::7, ::7, 1], rgb[::7, ::7, 2])
+    )
+    x = rgb[..., :1].astype(np.float32) if grey_in else rgb.astype(np.float32)
+    if not grey_in:
+        if do_stain:
+            x = _stain_jitter(x / 255.0, rng, p.stain_sigma).astype(np.float32)
+        if hue or sat != 1.0:
+            x = x @ _colour_matrix(hue, sat).T.astype(np.float32)
+        if do_grey:
+            x = x @ _RGB2YIQ[0].astype(np.float32)[:, None]
+            x = np.repeat(x, 3, axis=-1)
+    if u_filter < p.blur_p:
+        x = _gaussian_blur(x, sigma)
+    elif u_filter < p.blur_p + p.sharpen_p:  # unsharp mask
+        x = x + 0.8 * (x - _gaussian_blur(x, sigma))
+    if do_noise:
+        noise = np.random.default_rng(noise_seed).standard_normal(x.shape[:2] + (1,)).astype(np.float32)
+        x = x * (1 + noise_sigma * noise) if p.speckle else x + noise_sigma * noise
+    out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    if do_jpeg:
+        out = _jpeg(out, quality)
+    return np.repeat(out, 3, axis=-1) if out.shape[-1] == 1 else out
+
+
 def augment_hwc(
-    x: np.ndarray, seed: int, policy: AugmentPolicy = _FULL, *, geometry: bool = True, intensity: bool = True
+    x: np.ndarray,
+    seed: int,
+    policy: AugmentPolicy = _FULL,
+    *,
+    geometry: bool = True,
+    intensity: bool = True,
+    appearance: bool = True,
 ) -> np.ndarray:
     """(S,S,4) uint8 — RGB + mask (0..255, may be soft) — -> augmented (S,S,4) uint8 (may be a view).
 
-    Deterministic in ``seed``. All geometry parameters are drawn before the intensity ones, so
-    switching intensity off never changes the geometry of a seed.
+    Deterministic in ``seed``. All geometry parameters are drawn before the intensity ones, and
+    those before the appearance ones, so switching intensity or appearance off never changes
+    the geometry of a seed.
     """
     rng = np.random.default_rng(int(seed))
     hflip, vflip = rng.random() < 0.5, rng.random() < 0.5
@@ -115,6 +249,9 @@ def augment_hwc(
         x = x.copy()
         for c in range(3):
             x[..., c] = np.take(luts[c], x[..., c])
+    if appearance:
+        rgb = _appearance(x[..., :3], rng, policy)
+        x = np.concatenate([rgb, x[..., 3:]], axis=-1)
     if geometry:
         # one RGBA pixel = one uint32: flips/rotations move 4-byte pixels, not single bytes
         px = np.ascontiguousarray(x).view(np.uint32)[..., 0]
@@ -140,6 +277,7 @@ def augment(
     *,
     geometry: bool = True,
     intensity: bool = True,
+    appearance: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Randomly transform image (3,S,S) and mask (1,S,S) with the same geometry.
 
@@ -155,6 +293,6 @@ def augment(
     if mask.dtype != torch.uint8:
         mask = (mask.float().clamp(0, 1) * 255).round().to(torch.uint8)
     stacked = torch.cat([image, mask], 0).permute(1, 2, 0).contiguous().numpy()
-    out = augment_hwc(stacked, seed, policy, geometry=geometry, intensity=intensity)
+    out = augment_hwc(stacked, seed, policy, geometry=geometry, intensity=intensity, appearance=appearance)
     t = torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)
     return t[:3].contiguous(), (t[3:] > 127).to(torch.uint8)
