@@ -26,9 +26,8 @@ policy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
