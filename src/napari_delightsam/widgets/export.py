@@ -10,7 +10,8 @@ Formats
 
 The sidecar records how the file was made: model file + SHA-256, the modality asked for (maybe
 ``auto``) and the one the model used, threshold, input layer name and shape, time, package
-version, and how the pixel values are encoded, so
+version, the boxes used to correct it (De-LightSAM refine), and how the pixel values are
+encoded, so
 :func:`read_labels` gives back exactly the exported array. Nothing is overwritten unless the
 caller says so, and every file is written atomically (``io_utils.atomic_write``).
 """
@@ -120,6 +121,9 @@ def build_sidecar(
         "input_shape": prov.pop("input_shape", None),
         "segmented": prov.pop("time", None),
         "edited_after_segmentation": prov.pop("edited_after_segmentation", None),
+        # boxes drawn in "De-LightSAM refine" (order applied, pixel edges x0, y0, x1, y1) and its model
+        "boxes": prov.pop("boxes", None),
+        "box_model": prov.pop("box_model", None),
         "segmentation": prov,  # everything else the widget recorded (device, instances, ...)
     }
 
