@@ -1,12 +1,14 @@
 """Device selection for inference and training: ``auto`` = cuda -> mps -> cpu.
 
 Also answers the questions the fast paths need: which devices exist (for the GUI's device
-menu) and whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX) rather than
-emulating it.
+menu), whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX) rather than
+emulating it, and when training autocasts (``autocast_dtype`` / ``autocast_context``: the one
+place that decides and applies mixed precision for training, distillation and inference).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -129,3 +131,23 @@ def cuda_supports_bf16(device: torch.device) -> bool:
         return False
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 8
+
+
+def autocast_dtype(device: torch.device, enabled: bool = True, *, cpu: bool = False) -> torch.dtype | None:
+    """The autocast dtype training uses on ``device``: bf16 or None (fp32).
+
+    ``enabled`` (``amp``) turns bf16 on for CUDA; on the CPU it also needs ``cpu`` (``amp_cpu``:
+    only CPUs with native bf16 gain from it); MPS always computes in fp32 (partial bf16 coverage).
+    """
+    if not enabled:
+        return None
+    if device.type == "cuda" or (device.type == "cpu" and cpu):
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device`` with ``dtype``, or a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

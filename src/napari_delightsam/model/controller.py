@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _single_modality(modality: torch.Tensor) -> int | None:
+def single_modality(modality: torch.Tensor) -> int | None:
     """Return the modality index if every sample uses the same one, else None."""
     if modality.numel() == 0:
         return None
@@ -52,7 +52,7 @@ class ModalityFFN(nn.Module):
         nn.init.trunc_normal_(self.up_weight, std=0.02)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        single = _single_modality(modality)
+        single = single_modality(modality)
         if single is not None:
             k = single
             h = F.layer_norm(x, (self.dim,), self.norm_weight[k], self.norm_bias[k])
@@ -87,7 +87,7 @@ class ModalityPromptTokens(nn.Module):
         self, modality: torch.Tensor, rows_per_sample: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """modality (B,) -> key, value (B*rows, H, T, D) [expanded views] and bias (B*rows|1, H, 1, T)."""
-        single = _single_modality(modality)
+        single = single_modality(modality)
         rows = modality.shape[0] * rows_per_sample
         if single is not None:
             key = self.key[single].unsqueeze(0).expand(rows, -1, -1, -1)

@@ -18,7 +18,7 @@ from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
 from ..config import ModelConfig
-from .controller import _single_modality
+from .controller import single_modality
 
 
 class QMDecoder(nn.Module):
@@ -56,7 +56,7 @@ class QMDecoder(nn.Module):
         rows = torch.arange(b, device=hs.device)
         if len(self.hypernetworks) == 1:
             return self.hypernetworks[0](hs[rows, modality])
-        single = _single_modality(modality)
+        single = single_modality(modality)
         if single is not None:
             return self.hypernetworks[single](hs[:, single])
         all_k = torch.stack([mlp(hs[:, k]) for k, mlp in enumerate(self.hypernetworks)], dim=1)

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FREEZE_GROUPS", "RESUME_MUTABLE", "TrainConfig"]
+__all__ = ["FREEZE_GROUPS", "LR_SCALE_GROUPS", "RESUME_MUTABLE", "TrainConfig", "require_positive_int"]
 
-#: parameter groups that ``freeze`` may name
+#: parameter groups that ``freeze`` may name ("encoder": backbone + controllers)
 FREEZE_GROUPS = ("backbone", "controllers", "encoder", "prompt_generator", "decoder", "modality_head")
+#: parameter groups that ``lr_scale`` may name (``optim.PARAM_GROUPS``)
+LR_SCALE_GROUPS = ("backbone", "controllers", "prompt_generator", "decoder", "modality_head")
 #: fields a resumed run may change without breaking its schedule
 RESUME_MUTABLE = frozenset(
     {
@@ -51,6 +54,9 @@ class TrainConfig:
     lr: float = 1e-4
     gamma: float = 0.98
     weight_decay: float = 0.0
+    #: learning-rate multiplier per parameter group (LR_SCALE_GROUPS), e.g. {"backbone": 0.1};
+    #: groups not named train at ``lr``. Empty: one optimizer group, as the paper's recipe
+    lr_scale: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = None
     # losses (Eq. 3, 8) + modality head
     patch_weight: float = 0.7
@@ -105,19 +111,14 @@ class TrainConfig:
             if isinstance(value, list):
                 setattr(self, name, tuple(value))
         self.validate()
+        # floats, so that a JSON round trip (run.json, --config) gives an equal config
+        self.lr_scale = {g: float(v) for g, v in self.lr_scale.items()}
 
     def validate(self) -> None:
-        def positive(name: str) -> None:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-
-        for name in ("epochs", "img_size", "batch_size", "grad_accum", "val_every"):
-            positive(name)
-        if self.steps_per_epoch is not None:
-            positive("steps_per_epoch")
-        for name in ("max_per_dataset", "val_max_per_dataset"):
+        require_positive_int(self, "epochs", "img_size", "batch_size", "grad_accum", "val_every")
+        for name in ("steps_per_epoch", "max_per_dataset", "val_max_per_dataset"):
             if getattr(self, name) is not None:
-                positive(name)
+                require_positive_int(self, name)
         if self.img_size % 64:
             raise ValueError(f"img_size must be a multiple of 64, got {self.img_size}")
         if not self.lr > 0:
@@ -135,6 +136,22 @@ class TrainConfig:
             )
         if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios):
             raise ValueError(f"split_ratios must be three non-negative numbers, got {self.split_ratios}")
+        self._validate_lr_scale()
+
+    def _validate_lr_scale(self) -> None:
+        if not isinstance(self.lr_scale, dict):
+            raise ValueError(f"lr_scale must be a mapping of group -> multiplier, got {self.lr_scale!r}")
+        bad = [g for g in self.lr_scale if g not in LR_SCALE_GROUPS]
+        if bad:
+            raise ValueError(
+                f"unknown lr_scale group(s) {', '.join(map(str, bad))}; choose from {', '.join(LR_SCALE_GROUPS)}"
+            )
+        for group, scale in self.lr_scale.items():
+            ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+            if not ok or not scale > 0:
+                raise ValueError(
+                    f"lr_scale[{group!r}] must be a number > 0, got {scale!r} (to keep a group fixed, freeze it)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,3 +189,11 @@ class TrainConfig:
     def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def require_positive_int(obj: object, *names: str) -> None:
+    """``ValueError`` unless each attribute ``names`` of ``obj`` is an int >= 1."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")

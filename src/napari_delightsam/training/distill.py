@@ -13,10 +13,16 @@
     modality's controller slice).
 (d) segmentation training of the whole model is ``training.train``.
 
-Every stage writes a run folder like ``train`` does — ``distill.json``, ``last.safetensors``
-(a De-LightSAM checkpoint for (a)/(c), usable as ``train --init``; the ViT-Med trainable parts for
-(b)), ``last_state.safetensors`` (resume without pickle) and ``metrics.jsonl`` — and resumes with
+Every stage runs the training loop of ``loop.py`` (the one ``train`` uses); what differs is
+passed in: the network that trains and what of it, the loss, the images. Every stage writes a
+run folder like ``train`` does — ``distill.json``, ``last.safetensors`` (a De-LightSAM checkpoint
+for (a)/(c), usable as ``train --init``; the ViT-Med trainable parts for (b)),
+``last_state.safetensors`` (resume without pickle) and ``metrics.jsonl`` — and resumes with
 ``resume=True``.
+
+Progress events: ``warning`` {message}; ``start`` {stage, epochs, start_epoch, steps_per_epoch,
+n_images}; ``step`` {epoch, step, steps, global_step, loss}; ``epoch`` {epoch, global_step,
+train_loss, lr, epoch_seconds}; ``end`` {status: finished|stopped, checkpoint}.
 
 Teachers are fed the same SAM-normalised batch as the student, resized to their own input size;
 their embeddings are resized (area) to the student's grid when the sizes differ.
@@ -26,11 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,27 +41,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..config import ModelConfig, tiny_config
-from ..data import BalancedSampler, SampleRecord, SegmentationDataset, discover, discover_images, normalise
+from ..data import SampleRecord, SegmentationDataset, discover, discover_images, normalise
+from ..devices import autocast_context, autocast_dtype, resolve_device
 from ..io_utils import atomic_write, sha256_file
 from ..model import DeLightSAM, delightsam_loss
 from ..model.decoder import QMDecoder
 from ..model.prompt_generator import SPGenerator
-from .config import TrainConfig
-from .state import load_training_state, save_training_state
-from .trainer import (
+from .batches import EpochBatches, cache_cap, relayed_warnings, steps_per_epoch
+from .config import TrainConfig, require_positive_int
+from .errors import TrainingError
+from .loop import EpochHooks, Loss, LossFn, Schedule, StopFlag, isolated_rng, run_loop
+from .model_setup import build_model
+from .optim import adam_exponential, train_only
+from .runfolder import (
     LAST,
-    LAST_STATE,
     METRICS,
-    TrainingError,
-    _append_metrics,
-    _cache_cap,
-    _read_metrics,
-    _write_json,
-    _write_metrics,
-    build_model,
+    ProgressFn,
+    RunLog,
+    SaveModel,
+    load_resumable,
+    prepare_run_folder,
+    require_resumable,
+    save_resumable,
+    write_json,
 )
 
 __all__ = [
@@ -111,9 +118,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if isinstance(self.modalities, list):
             self.modalities = tuple(self.modalities)
-        for name in ("epochs", "batch_size", "img_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        require_positive_int(self, "epochs", "batch_size", "img_size")
         if self.img_size % 64:
             raise ValueError(f"img_size must be a multiple of 64, got {self.img_size}")
         if not self.lr > 0 or not 0 < self.gamma <= 1:
@@ -348,176 +353,127 @@ def load_vitmed(path: str | Path, sam_checkpoint: str | Path, sam_type: str = "a
     return freeze(teacher)  # type: ignore[return-value]
 
 
-# -- the shared loop ----------------------------------------------------------------------------
+# -- the stage runner: one loop, what differs passed in -------------------------------------------
 
 
-def _match_grid(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if t.shape[-2:] != like.shape[-2:]:
-        t = F.interpolate(
-            t.float(), size=like.shape[-2:], mode="area" if t.shape[-1] > like.shape[-1] else "bilinear"
-        )
-    return t
+@dataclass
+class _Stage:
+    """What one MDKD stage trains, on what, with which loss."""
 
-
-def _check_channels(t: torch.Tensor, s: torch.Tensor, what: str) -> None:
-    if t.shape[1] != s.shape[1]:
-        raise TrainingError(
-            f"{what} embedding has {t.shape[1]} channels but the student's has {s.shape[1]}; "
-            "use a student whose embed_dim matches the teacher's output channels"
-        )
+    name: str
+    #: the network that trains and is saved (the De-LightSAM student or ViT-Med)
+    module: nn.Module
+    trainable: list[tuple[str, nn.Parameter]]
+    loss_fn: LossFn
+    #: (path, metadata) -> the written ``last`` file
+    save_model: SaveModel
+    #: extra fields of distill.json
+    run_info: dict[str, Any]
+    records: Sequence[SampleRecord]
+    modalities: Sequence[str]
+    #: modality-balanced sampling (source domains) or uniform (natural images)
+    balanced: bool
+    #: training mode for the loop; None: ``module.train()``
+    train_mode: Callable[[], Any] | None = None
 
 
 def _run_stage(
-    stage: str,
+    stage: _Stage,
     cfg: DistillConfig,
     out: Path,
-    records: Sequence[SampleRecord],
-    modalities: Sequence[str],
-    saved_module: nn.Module,
-    trainable: list[tuple[str, nn.Parameter]],
-    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-    save_fn: Callable[[Path, dict[str, str]], Path],
-    run_info: dict[str, Any],
     device: torch.device,
     resume: bool,
-    progress: Callable[[dict[str, Any]], None] | None,
-    stop_event: Any,
+    progress: ProgressFn | None,
+    stop_event: StopFlag | None,
     show_progress: bool,
-    balanced: bool,
-    train_mode: Callable[[], None] | None = None,
 ) -> DistillResult:
-    from .trainer import _progress_bar
-
-    emit = progress or (lambda e: None)
-    if not trainable:
-        raise TrainingError(f"{stage}: no trainable parameters")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    log = RunLog(out / METRICS, progress)
+    if not stage.trainable:
+        raise TrainingError(f"{stage.name}: no trainable parameters")
+    with relayed_warnings(log):
         ds = SegmentationDataset(
-            records,
+            stage.records,
             cfg.img_size,
-            modalities,
+            stage.modalities,
             augment=cfg.augment,
             cache=cfg.cache,
-            cache_max_bytes=_cache_cap(),
+            cache_max_bytes=cache_cap(),
             any_modality=True,
         )
-    for w in caught:
-        if issubclass(w.category, UserWarning):
-            warnings.warn(str(w.message), w.category, stacklevel=3)
-            emit({"event": "warning", "message": str(w.message)})
-    steps = cfg.steps_per_epoch or max(1, math.ceil(len(ds) / cfg.batch_size))
-    sampler = BalancedSampler(ds.records, steps * cfg.batch_size, seed=cfg.seed, balanced=balanced)
-    loader = DataLoader(
+    steps = steps_per_epoch(len(ds), cfg.batch_size, cfg.steps_per_epoch)
+    batches = EpochBatches(
         ds,
         batch_size=cfg.batch_size,
-        sampler=sampler,
+        steps=steps,
+        seed=cfg.seed,
+        balanced=stage.balanced,
         num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
         pin_memory=device.type == "cuda",
     )
-    names = [n for n, _ in trainable]
-    optimizer = torch.optim.Adam([p for _, p in trainable], lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
+    opt = adam_exponential([(stage.trainable, 1.0)], cfg.lr, cfg.gamma)
     start = 0
-    history: list[dict[str, Any]] = []
     if resume:
-        if not (out / LAST_STATE).is_file():
-            raise TrainingError(f"cannot resume {out}: no finished epoch yet")
-        info = load_training_state(out / LAST_STATE, optimizer, scheduler, names)
+        info = load_resumable(out, opt.optimizer, opt.scheduler, opt.param_names)
         start = int(info["epoch"]) + 1
-        history = [r for r in _read_metrics(out / METRICS) if int(r.get("epoch", 0)) < start]
-        _write_metrics(out / METRICS, history)
+        log.resume_at(start)
     else:
-        _write_json(
+        write_json(
             out / RUN_FILE,
-            {"stage": stage, "config": cfg.to_dict(), "n_images": len(ds), "skipped": ds.skipped, **run_info},
+            {
+                "stage": stage.name,
+                "config": cfg.to_dict(),
+                "n_images": len(ds),
+                "skipped": ds.skipped,
+                **stage.run_info,
+            },
         )
-    emit(
+    log.emit(
         {
             "event": "start",
-            "stage": stage,
+            "stage": stage.name,
             "epochs": cfg.epochs,
             "start_epoch": start,
             "steps_per_epoch": steps,
             "n_images": len(ds),
         }
     )
-    stopped = False
-    loss_value: float | None = None
-    epoch = start
-    global_step = start * steps
-    for epoch in range(start, cfg.epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(cfg.seed * 100003 + epoch)
-        if train_mode is not None:
-            train_mode()
-        else:
-            saved_module.train()
-        losses = []
-        t0 = time.perf_counter()
-        bar = _progress_bar(steps, epoch, cfg.epochs, show_progress)
-        for step, batch in enumerate(loader):
-            if stop_event is not None and stop_event.is_set():
-                stopped = True
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(batch)
-            loss.backward()
-            optimizer.step()
-            global_step += 1
-            loss_value = float(loss.detach())
-            losses.append(loss_value)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.5f}")
-                bar.update(1)
-            event = {
-                "epoch": epoch,
-                "step": step + 1,
-                "steps": steps,
-                "global_step": global_step,
-                "loss": loss_value,
-            }
-            emit({"event": "step", **event})
-            if cfg.log_every and global_step % cfg.log_every == 0:
-                _append_metrics(out / METRICS, {"type": "step", **event})
-        if bar is not None:
-            bar.close()
-        if stopped:
-            break
-        scheduler.step()
-        row = {
-            "type": "epoch",
-            "epoch": epoch,
-            "global_step": global_step,
-            "train_loss": sum(losses) / len(losses),
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": time.perf_counter() - t0,
-        }
-        save_training_state(out / LAST_STATE, optimizer, scheduler, names, {"epoch": epoch, "stage": stage})
-        save_fn(
-            out / LAST,
-            {"distill_stage": stage, "epoch": str(epoch), "distill_config": json.dumps(cfg.to_dict())},
-        )
-        _append_metrics(out / METRICS, row)
-        history.append(row)
-        emit({"event": "epoch", **{k: v for k, v in row.items() if k != "type"}})
-    else:
-        epoch = cfg.epochs
-    saved_module.eval()
+
+    def save_last(epoch: int, global_step: int, row: dict[str, Any]) -> None:
+        meta = {"distill_stage": stage.name, "epoch": str(epoch), "distill_config": json.dumps(cfg.to_dict())}
+        info = {"epoch": epoch, "stage": stage.name}
+        save_resumable(out, opt.optimizer, opt.scheduler, opt.param_names, info, stage.save_model, meta)
+
+    outcome = run_loop(
+        Schedule(cfg.epochs, steps, start_epoch=start, seed=cfg.seed, log_every=cfg.log_every),
+        batches,
+        stage.loss_fn,
+        opt.optimizer,
+        opt.scheduler,
+        stage.trainable,
+        EpochHooks(train_mode=stage.train_mode or stage.module.train, save_last=save_last),
+        log,
+        stop=stop_event,
+        show_progress=show_progress,
+        step_details=False,  # the MDKD rows as they were: no per-step lr or timing
+        oom_message=lambda: (
+            f"out of memory on {device} at batch size {cfg.batch_size}, image size {cfg.img_size}: "
+            "reduce --batch-size or --img-size"
+        ),
+    )
+    stage.module.eval()
     result = DistillResult(
         out,
         (out / LAST) if (out / LAST).is_file() else None,
-        epoch,
-        stopped,
-        loss_value,
-        history,
-        saved_module,
+        outcome.epochs_completed,
+        outcome.stopped,
+        outcome.last_loss,
+        log.history,
+        stage.module,
     )
-    emit(
+    log.emit(
         {
             "event": "end",
-            "status": "stopped" if stopped else "finished",
+            "status": "stopped" if outcome.stopped else "finished",
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         }
     )
@@ -526,14 +482,26 @@ def _run_stage(
 
 def _prepare(out_dir: str | Path, resume: bool) -> Path:
     out = Path(out_dir).expanduser()
+    prepare_run_folder(out, resume, RUN_FILE)
     if resume:
-        if not (out / RUN_FILE).is_file():
-            raise TrainingError(f"cannot resume: {out} holds no {RUN_FILE}")
-        return out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TrainingError(f"output folder {out} is not empty; choose a new folder or resume")
-    out.mkdir(parents=True, exist_ok=True)
+        require_resumable(out)
     return out
+
+
+def _source_records(data: str | Path | Sequence[SampleRecord], cfg: DistillConfig) -> list[SampleRecord]:
+    """The source-domain images of stages (b) and (c): a data folder's training split (capped
+    per dataset) or the given records."""
+    if not isinstance(data, (str, Path)):
+        return list(data)
+    records = discover(data, cfg.modalities)
+    if cfg.max_per_dataset is not None:
+        from ..data import make_splits, select
+
+        records = select(records, make_splits(records, seed=cfg.seed), "train", cfg.max_per_dataset)
+    return records
+
+
+# -- the student (stages a and c) ------------------------------------------------------------------
 
 
 def _student(
@@ -553,57 +521,92 @@ def _student(
     return model.to(device), report
 
 
-def _device(cfg: DistillConfig) -> torch.device:
-    from ..devices import resolve_device
+def _student_saver(
+    model: DeLightSAM, report: dict[str, Any], teacher_info: dict[str, Any] | None
+) -> SaveModel:
+    """Writes the student as a De-LightSAM checkpoint. Distillation never trains the modality
+    head: the flag of the checkpoint it started from is kept."""
+    from ..checkpoint import save_checkpoint
 
-    return resolve_device(cfg.device)
+    base = {
+        "modality_head_trained": str(report.get("source_modality_head_trained", "false")) or "false",
+        "teacher": json.dumps(teacher_info or {}, default=str),
+        "init": json.dumps(report, default=str),
+    }
+    return lambda path, meta: save_checkpoint(path, model, {**base, **meta})
 
 
-def _autocast(device: torch.device, cfg: DistillConfig):
-    if cfg.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def _match_grid(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if t.shape[-2:] != like.shape[-2:]:
+        t = F.interpolate(
+            t.float(), size=like.shape[-2:], mode="area" if t.shape[-1] > like.shape[-1] else "bilinear"
+        )
+    return t
+
+
+def _check_channels(t: torch.Tensor, s: torch.Tensor, what: str) -> None:
+    if t.shape[1] != s.shape[1]:
+        raise TrainingError(
+            f"{what} embedding has {t.shape[1]} channels but the student's has {s.shape[1]}; "
+            "use a student whose embed_dim matches the teacher's output channels"
+        )
 
 
 def _embedding_kd_loss(
     teacher: nn.Module, model: DeLightSAM, device: torch.device, cfg: DistillConfig, route_modality: bool
-) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+) -> LossFn:
     """MSE between the frozen teacher's and the DC-Encoder's embeddings (Eq. 9).
 
     ``route_modality=False``: controllers off (common KD); True: each image through its own
     modality's controller (domain KD).
     """
+    amp_dtype = autocast_dtype(device, cfg.amp)
 
-    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_fn(batch: dict[str, torch.Tensor]) -> Loss:
         x = normalise(batch["image"].to(device, non_blocking=True))
         modality = batch["modality"].to(device, non_blocking=True) if route_modality else None
-        with torch.no_grad(), _autocast(device, cfg):
+        with torch.no_grad(), autocast_context(device, amp_dtype):
             t = teacher(x)
-        with _autocast(device, cfg):
+        with autocast_context(device, amp_dtype):
             s = model.encoder(x, modality)
         _check_channels(t, s, "teacher")
-        return F.mse_loss(s.float(), _match_grid(t, s).float())
+        return Loss(F.mse_loss(s.float(), _match_grid(t, s).float()))
 
     return loss_fn
 
 
-def _save_student(model: DeLightSAM, base_meta: dict[str, str]) -> Callable[[Path, dict[str, str]], Path]:
-    from ..checkpoint import save_checkpoint
-
-    def save(path: Path, meta: dict[str, str]) -> Path:
-        return save_checkpoint(path, model, {**base_meta, **meta})
-
-    return save
-
-
-def _student_meta(report: dict[str, Any], teacher_info: dict[str, Any] | None) -> dict[str, str]:
-    """Distillation never trains the modality head; keep the flag of a checkpoint it started from."""
-    head = str(report.get("source_modality_head_trained", "false")) or "false"
-    return {
-        "modality_head_trained": head,
-        "teacher": json.dumps(teacher_info or {}, default=str),
-        "init": json.dumps(report, default=str),
-    }
+def _encoder_kd_stage(
+    name: str,
+    group: str,
+    teacher: nn.Module,
+    records: Sequence[SampleRecord],
+    cfg: DistillConfig,
+    out: Path,
+    device: torch.device,
+    resume: bool,
+    teacher_info: dict[str, Any] | None,
+    balanced: bool,
+) -> _Stage:
+    """Stages (a) and (c): the student's ``group`` ("backbone" or "controllers") learns the
+    teacher's embedding; controllers are routed by modality only when they are what trains."""
+    model, report = _student(cfg, out, resume, device)
+    teacher = freeze(teacher).to(device)
+    trainable = train_only(model, group)
+    if not trainable and group == "controllers":
+        raise TrainingError("this model has no modality controllers to distil into")
+    return _Stage(
+        name,
+        model,
+        trainable,
+        _embedding_kd_loss(teacher, model, device, cfg, route_modality=group == "controllers"),
+        _student_saver(model, report, teacher_info),
+        {"teacher": teacher_info or {}, "init": report},
+        records,
+        model.config.modalities,
+        balanced=balanced,
+        # domain KD: the frozen backbone's BatchNorm statistics stay fixed (controllers have no BN)
+        train_mode=model.eval if group == "controllers" else None,
+    )
 
 
 # -- stage (a): common KD ----------------------------------------------------------------------
@@ -624,42 +627,15 @@ def distill_common(
     """(a) SAM encoder -> shared DC-Encoder (controllers off). ``teacher``: normalised (B,3,S,S)
     -> (B,C,g,g), e.g. ``ResizingTeacher(load_sam_image_encoder(ckpt), 1024)``."""
     out = _prepare(out_dir, resume)
-    device = _device(cfg)
+    device = resolve_device(cfg.device)
     records = discover_images(images) if isinstance(images, (str, Path)) else list(images)
     if cfg.max_images is not None:
         records = records[: cfg.max_images]
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        model, report = _student(cfg, out, resume, device)
-        teacher = freeze(teacher).to(device)
-        controller_ids = {id(p) for p in model.encoder.controller_parameters()}
-        model.requires_grad_(False)
-        trainable = [
-            (f"encoder.{n}", p) for n, p in model.encoder.named_parameters() if id(p) not in controller_ids
-        ]
-        for _, p in trainable:
-            p.requires_grad_(True)
-
-        loss_fn = _embedding_kd_loss(teacher, model, device, cfg, route_modality=False)
-
-        meta = _student_meta(report, teacher_info)
-        return _run_stage(
-            "common",
-            cfg,
-            out,
-            records,
-            model.config.modalities,
-            model,
-            trainable,
-            loss_fn,
-            _save_student(model, meta),
-            {"teacher": teacher_info or {}, "init": report},
-            device,
-            resume,
-            progress,
-            stop_event,
-            show_progress,
-            balanced=False,
+    with isolated_rng(device):
+        stage = _encoder_kd_stage(
+            "common", "backbone", teacher, records, cfg, out, device, resume, teacher_info, balanced=False
         )
+        return _run_stage(stage, cfg, out, device, resume, progress, stop_event, show_progress)
 
 
 # -- stage (b): ViT-Med teacher --------------------------------------------------------------------
@@ -682,14 +658,10 @@ def train_medical_teacher(
     Images are fed at the SAM encoder's own input size (``cfg.img_size`` is set to it).
     """
     out = _prepare(out_dir, resume)
-    device = _device(cfg)
+    device = resolve_device(cfg.device)
     cfg = dataclasses.replace(cfg, img_size=int(sam_encoder.img_size))
-    records = discover(data, cfg.modalities) if isinstance(data, (str, Path)) else list(data)
-    if isinstance(data, (str, Path)) and cfg.max_per_dataset is not None:
-        from ..data import make_splits, select
-
-        records = select(records, make_splits(records, seed=cfg.seed), "train", cfg.max_per_dataset)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+    records = _source_records(data, cfg)
+    with isolated_rng(device):
         torch.manual_seed(cfg.seed)
         teacher = ViTMedTeacher(sam_encoder, _vitmed_config(sam_encoder, cfg), cfg.adapter_ratio)
         if resume:
@@ -697,42 +669,34 @@ def train_medical_teacher(
 
             teacher.load_state_dict(load_file(str(out / LAST)), strict=False)
         teacher.to(device)
-        trainable = teacher.trainable_named_parameters()
+        amp_dtype = autocast_dtype(device, cfg.amp)
 
-        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        def loss_fn(batch: dict[str, torch.Tensor]) -> Loss:
             x = normalise(batch["image"].to(device, non_blocking=True))
             masks = batch["mask"].to(device, non_blocking=True).float()
             modality = batch["modality"].to(device, non_blocking=True)
-            with _autocast(device, cfg):
+            with autocast_context(device, amp_dtype):
                 mask_logits, patch_logits, _ = teacher(x, modality)
-            return delightsam_loss(mask_logits, patch_logits, masks, patch_weight=cfg.patch_weight).total
+            return Loss(
+                delightsam_loss(mask_logits, patch_logits, masks, patch_weight=cfg.patch_weight).total
+            )
 
         info = dict(teacher_info or {})
         meta = {
             k: str(v) for k, v in info.items() if k in ("sam_type", "sam_checkpoint", "sam_checkpoint_sha256")
         }
-
-        def save(path: Path, extra: dict[str, str]) -> Path:
-            return save_vitmed(path, teacher, {**meta, **extra})
-
-        return _run_stage(
+        stage = _Stage(
             "medical-teacher",
-            cfg,
-            out,
+            teacher,
+            teacher.trainable_named_parameters(),
+            loss_fn,
+            lambda path, extra: save_vitmed(path, teacher, {**meta, **extra}),
+            {"teacher": info},
             records,
             teacher.config.modalities,
-            teacher,
-            trainable,
-            loss_fn,
-            save,
-            {"teacher": info},
-            device,
-            resume,
-            progress,
-            stop_event,
-            show_progress,
             balanced=True,
         )
+        return _run_stage(stage, cfg, out, device, resume, progress, stop_event, show_progress)
 
 
 # -- stage (c): domain KD ---------------------------------------------------------------------------
@@ -756,45 +720,10 @@ def distill_domain(
     ``ResizingTeacher(load_vitmed(...).encoder, size)``.
     """
     out = _prepare(out_dir, resume)
-    device = _device(cfg)
-    records = discover(data, cfg.modalities) if isinstance(data, (str, Path)) else list(data)
-    if isinstance(data, (str, Path)) and cfg.max_per_dataset is not None:
-        from ..data import make_splits, select
-
-        records = select(records, make_splits(records, seed=cfg.seed), "train", cfg.max_per_dataset)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        model, report = _student(cfg, out, resume, device)
-        teacher = freeze(teacher).to(device)
-        model.requires_grad_(False)
-        controller_ids = {id(p) for p in model.encoder.controller_parameters()}
-        trainable = [
-            (f"encoder.{n}", p) for n, p in model.encoder.named_parameters() if id(p) in controller_ids
-        ]
-        if not trainable:
-            raise TrainingError("this model has no modality controllers to distil into")
-        for _, p in trainable:
-            p.requires_grad_(True)
-
-        loss_fn = _embedding_kd_loss(teacher, model, device, cfg, route_modality=True)
-
-        meta = _student_meta(report, teacher_info)
-        # backbone frozen: eval mode keeps its BatchNorm statistics fixed (controllers have no BN)
-        return _run_stage(
-            "domain",
-            cfg,
-            out,
-            records,
-            model.config.modalities,
-            model,
-            trainable,
-            loss_fn,
-            _save_student(model, meta),
-            {"teacher": teacher_info or {}, "init": report},
-            device,
-            resume,
-            progress,
-            stop_event,
-            show_progress,
-            balanced=True,
-            train_mode=model.eval,
+    device = resolve_device(cfg.device)
+    records = _source_records(data, cfg)
+    with isolated_rng(device):
+        stage = _encoder_kd_stage(
+            "domain", "controllers", teacher, records, cfg, out, device, resume, teacher_info, balanced=True
         )
+        return _run_stage(stage, cfg, out, device, resume, progress, stop_event, show_progress)

@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["aggregate", "boundary", "dice_score", "hausdorff", "image_metrics", "resize_nearest"]
+__all__ = [
+    "aggregate",
+    "boundary",
+    "dice_from_counts",
+    "dice_score",
+    "hausdorff",
+    "image_metrics",
+    "resize_nearest",
+]
 
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
@@ -37,15 +45,24 @@ def _as_bool(mask: np.ndarray, name: str) -> np.ndarray:
     return m.astype(bool, copy=False)
 
 
+def dice_from_counts(intersection: int, pred_area: int, gt_area: int) -> float:
+    """Dice = 2|P∩G| / (|P|+|G|) from pixel counts; 1.0 when both masks are empty.
+
+    The one Dice definition of the project: ``dice_score`` (numpy masks), the trainer's
+    validation (counts taken on the training device) and the benchmarks all end here.
+    """
+    total = int(pred_area) + int(gt_area)
+    if total == 0:
+        return 1.0
+    return 2.0 * int(intersection) / total
+
+
 def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
     """Dice of two (H,W) masks; 1.0 when both are empty."""
     p, g = _as_bool(pred, "pred"), _as_bool(gt, "gt")
     if p.shape != g.shape:
         raise ValueError(f"pred shape {p.shape} != gt shape {g.shape}")
-    total = int(p.sum()) + int(g.sum())
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(p, g).sum()) / total
+    return dice_from_counts(int(np.logical_and(p, g).sum()), int(p.sum()), int(g.sum()))
 
 
 def boundary(mask: np.ndarray) -> np.ndarray:

@@ -1,0 +1,101 @@
+"""The network a training run starts from: ``TrainConfig`` -> a seeded ``DeLightSAM``.
+
+Initialisation is ``cfg.init``: "none" (random, seeded), "litemedsam" (the DC-Encoder backbone
+from LiteMedSAM's TinyViT) or a De-LightSAM checkpoint (its architecture, with ``cfg.model``
+overrides that keep the tensors' shapes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, tiny_config
+from ..model import DeLightSAM
+from .config import TrainConfig
+from .errors import TrainingError
+
+__all__ = ["build_model", "model_config_for", "set_train_mode"]
+
+
+def model_config_for(cfg: TrainConfig) -> ModelConfig:
+    """The preset's ``ModelConfig`` with ``cfg.model`` overrides and the training image size."""
+    base = tiny_config() if cfg.model_preset == "tiny" else ModelConfig()
+    changes = dict(cfg.model)
+    changes["img_size"] = cfg.img_size
+    try:
+        return ModelConfig.from_dict({**base.to_dict(), **changes})
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"invalid model settings: {exc}") from exc
+
+
+def build_model(cfg: TrainConfig) -> tuple[DeLightSAM, dict[str, Any]]:
+    """A seeded ``DeLightSAM`` for ``cfg`` with its initialisation applied; returns a report."""
+    init = cfg.init
+    torch.manual_seed(cfg.seed)
+    if init not in ("none", "litemedsam"):
+        return _from_checkpoint(cfg, Path(init).expanduser())
+    model = DeLightSAM(model_config_for(cfg))
+    if init == "litemedsam":
+        try:
+            from ..litemedsam import init_encoder_from_litemedsam
+        except ImportError as exc:
+            raise TrainingError(f"--init litemedsam needs the LiteMedSAM interop ({exc})") from exc
+        try:
+            report = init_encoder_from_litemedsam(model)
+        except (ImportError, FileNotFoundError) as exc:
+            raise TrainingError(
+                f"--init litemedsam: {exc} (install the extra: pip install 'napari-delightsam[litemedsam]')"
+            ) from exc
+        return model, {"init": "litemedsam", **{k: _jsonable(v) for k, v in dict(report).items()}}
+    return model, {"init": "none"}
+
+
+def _from_checkpoint(cfg: TrainConfig, path: Path) -> tuple[DeLightSAM, dict[str, Any]]:
+    from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
+
+    try:
+        stored_cfg, meta = read_checkpoint_info(path)
+        source = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise TrainingError(f"--init: {exc}") from exc
+    changes = dict(cfg.model)
+    changes["img_size"] = cfg.img_size
+    try:
+        model_cfg = stored_cfg.replace(**changes)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"invalid model settings for {path.name}: {exc}") from exc
+    model = DeLightSAM(model_cfg)
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "attention_bias_idxs" not in k]:
+        raise TrainingError(
+            f"--init {path.name}: model settings {sorted(cfg.model)} change the architecture "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
+        )
+    return model, {
+        "init": "checkpoint",
+        "path": str(path),
+        "source_modality_head_trained": meta.get("modality_head_trained", ""),
+    }
+
+
+def _jsonable(v: Any) -> Any:
+    try:
+        json.dumps(v)
+        return v
+    except TypeError:
+        return str(v)
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Training mode; with ``freeze_bn`` BatchNorm layers stay in eval mode (running statistics
+    fixed: a pretrained backbone's statistics are better than a small batch's)."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
