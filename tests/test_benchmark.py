@@ -12,6 +12,7 @@ from torch import nn
 
 from napari_delightsam import benchmarking as bm
 from napari_delightsam.cli import main
+from napari_delightsam.training.metrics import dice_score
 
 
 def test_count_flops_matches_hand_count_for_linear():
@@ -46,16 +47,6 @@ def test_stats_median_and_p90():
     assert s["median_s"] == pytest.approx(5.5)
     assert s["min_s"] == 1.0 and s["max_s"] == 10.0
     assert s["p90_s"] == 9.0
-
-
-def test_dice_of_masks():
-    a = np.zeros((4, 4), bool)
-    b = np.zeros((4, 4), bool)
-    assert bm._dice(a, b) == 1.0  # both empty agree
-    a[:2] = True
-    assert bm._dice(a, b) == 0.0
-    b[:1] = True
-    assert bm._dice(a, b) == pytest.approx(2 * 4 / (8 + 4))
 
 
 def test_synthetic_image_is_uint8_rgb_of_the_requested_size():
@@ -214,4 +205,4 @@ def test_fast_path_reference_is_plain_fp32_eager_with_the_same_weights():
     image = bm.synthetic_image(96, 80)
     a = fp32.segment(image, modality="dermoscopy")
     b = fast.segment(image, modality="dermoscopy")
-    assert bm._dice(a.mask, b.mask) > 0.95  # same weights: only rounding differs
+    assert dice_score(a.mask, b.mask) > 0.95  # same weights: only rounding differs

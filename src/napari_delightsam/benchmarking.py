@@ -223,15 +223,6 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(bool)
-    b = b.astype(bool)
-    total = int(a.sum()) + int(b.sum())
-    if total == 0:
-        return 1.0  # both empty: they agree
-    return 2.0 * int((a & b).sum()) / total
-
-
 def count_flops(module: torch.nn.Module, *args: Any, **kwargs: Any) -> float | None:
     """Total FLOPs of one forward (FlopCounterMode; 1 MAC = 2 FLOPs), or None if it fails.
 
@@ -395,9 +386,9 @@ class _Peer:
 
 
 def _autocast(device: torch.device, bf16: bool):
-    if bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    from .devices import autocast_context
+
+    return autocast_context(device, torch.bfloat16 if bf16 else None)
 
 
 def _build_sam(tiny: bool) -> torch.nn.Module:
@@ -929,6 +920,8 @@ def _fast_path_section(
     data_dir = find_data_dir(opts.data_dir)
     real = real_images(data_dir)
     checks += [(f"{m}/{name}", m, im) for m, name, im in real]
+    from .training.metrics import dice_score  # the project's one Dice (both empty: 1.0, they agree)
+
     dice: list[dict[str, Any]] = []
     for label, modality, im in checks:
         use = opts.modality if modality == "synthetic" else modality
@@ -938,7 +931,7 @@ def _fast_path_section(
         dice.append(
             {
                 "image": label,
-                "dice": _dice(a.mask, b.mask),
+                "dice": dice_score(a.mask, b.mask),
                 "fp32_foreground": float(a.mask.mean()),
                 "max_prob_diff": prob_diff,
             }

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .devices import cpu_supports_bf16, cuda_supports_bf16, resolve_device
+from .devices import autocast_context, cpu_supports_bf16, cuda_supports_bf16, resolve_device
 from .model.fusion import is_fused
 from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array, to_input_size, to_model_tensor
 
@@ -275,9 +275,7 @@ class Segmenter:
         return PreparedImage(tensor, info, time.perf_counter() - t0)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_context(self.device, torch.bfloat16 if self.precision == "bf16" else None)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
