@@ -216,3 +216,50 @@ def test_cli_distill_refuses_bad_input_with_one_line(tmp_path: Path, data: Path,
     ]
     assert main(args) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["common", "domain", "medical-teacher"])
+def test_every_stage_resumes_bit_for_bit(tmp_path: Path, data: Path, stage: str):
+    """1 epoch + resume to 2 gives the weights, optimizer state and history of 2 epochs straight."""
+    two = DistillConfig(**{**CFG.to_dict(), "epochs": 2, "steps_per_epoch": 2, "log_every": 1})
+    one = DistillConfig(**{**two.to_dict(), "epochs": 1})
+
+    def go(out: Path, cfg: DistillConfig, resume: bool = False):
+        if stage == "medical-teacher":
+            return train_medical_teacher(
+                tiny_sam_encoder(), data, out, cfg, resume=resume, show_progress=False
+            )
+        fn = distill_common if stage == "common" else distill_domain
+        source = data / "dermoscopy" if stage == "common" else data
+        return fn(
+            ResizingTeacher(tiny_sam_encoder(), 128), source, out, cfg, resume=resume, show_progress=False
+        )
+
+    straight = go(tmp_path / "a", two)
+    go(tmp_path / "b", one)
+    resumed = go(tmp_path / "b", two, resume=True)
+    assert resumed.epochs_completed == 2 and resumed.final_loss == straight.final_loss
+    from safetensors import safe_open
+
+    for name in ("last.safetensors", "last_state.safetensors"):
+        with (
+            safe_open(str(tmp_path / "a" / name), "pt") as fa,
+            safe_open(str(tmp_path / "b" / name), "pt") as fb,
+        ):
+            assert set(fa.keys()) == set(fb.keys())
+            assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys()), name
+
+    def no_time(rows):
+        return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]
+
+    assert no_time(resumed.history) == no_time(straight.history)
+    assert [r["type"] for r in straight.history] == ["step", "step", "epoch"] * 2
+
+
+def test_a_stage_refuses_to_resume_an_unfinished_folder(tmp_path: Path, data: Path):
+    from napari_delightsam.training import TrainingError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "distill.json").write_text("{}")
+    with pytest.raises(TrainingError, match="no finished epoch"):
+        distill_domain(ResizingTeacher(tiny_sam_encoder(), 128), data, tmp_path / "run", CFG, resume=True)

@@ -10,6 +10,7 @@ import pytest
 from napari_delightsam.training.metrics import (
     aggregate,
     boundary,
+    dice_from_counts,
     dice_score,
     hausdorff,
     image_metrics,
@@ -119,3 +120,48 @@ def test_aggregate_counts_and_excludes_empty_cases():
     none = aggregate([image_metrics(empty, a, grid=None)])
     assert none["hd"] is None and none["dice"] == 0.0
     assert aggregate([])["n"] == 0
+
+
+def test_dice_from_counts_is_the_one_definition():
+    assert dice_from_counts(0, 0, 0) == 1.0  # both empty
+    assert dice_from_counts(0, 5, 0) == 0.0 and dice_from_counts(0, 0, 5) == 0.0
+    assert dice_from_counts(3, 4, 6) == pytest.approx(0.6)
+    a, b = square(left=10), square(left=13)
+    assert dice_score(a, b) == dice_from_counts(int((a & b).sum()), int(a.sum()), int(b.sum()))
+
+
+def test_training_validation_dice_is_the_metrics_dice():
+    """``validate`` (counts on the device, logits > 0 vs mask > 0.5) equals ``dice_score``."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from napari_delightsam.training.validation import validate
+
+    size, rng = 16, np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(3, 1, size // 4, size // 4)).astype(np.float32))
+    masks = [square((size, size), 2, 3, 6), np.zeros((size, size), bool), square((size, size), 8, 8, 5)]
+
+    class Stub(torch.nn.Module):
+        seen = 0  # samples served so far: validate walks the indices in order
+
+        def forward(self, images, modality):
+            out = logits[self.seen : self.seen + len(images)]
+            self.seen += len(images)
+            return SimpleNamespace(mask_logits=out, modality_logits=None)
+
+    items = [
+        {
+            "image": torch.zeros(3, size, size),
+            "mask": torch.from_numpy(m[None].astype(np.float32)),
+            "modality": torch.tensor(0),
+        }
+        for m in masks
+    ]
+    records = [SimpleNamespace(key="x/d", modality="x", sample_id=str(i)) for i in range(3)]
+    dataset = type("DS", (), {"records": records, "__getitem__": lambda self, i: items[i]})()
+    rows = validate(Stub(), dataset, [0, 1, 2], torch.device("cpu"), batch_size=2, amp_dtype=None)
+    up = torch.nn.functional.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+    for row, m, lg in zip(rows, masks, up, strict=True):
+        assert row["dice"] == dice_score(lg[0].numpy() > 0, m)
+    assert [r["head_ok"] for r in rows] == [None] * 3

@@ -14,6 +14,7 @@ from napari_delightsam.checkpoint import load_checkpoint, read_checkpoint_info
 from napari_delightsam.data.synthetic import make_synthetic_dataset, synthetic_pair
 from napari_delightsam.training import TrainConfig, TrainingError, train
 from napari_delightsam.training import trainer as trainer_mod
+from napari_delightsam.training.optim import named_parameter_groups
 
 TINY = dict(
     img_size=64,
@@ -275,3 +276,63 @@ def test_a_given_splits_file_is_used_and_copied(tmp_path: Path, data_root: Path)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(TrainingError, match="splits file"):
         train(TrainConfig(epochs=1, splits_file=str(tmp_path / "bad.json"), **TINY), tmp_path / "run2", data_root=data_root)
+
+
+def test_lr_scale_is_validated_and_survives_json(tmp_path: Path):
+    cfg = TrainConfig(lr_scale={"backbone": 0.1, "decoder": 2})
+    assert cfg.lr_scale == {"backbone": 0.1, "decoder": 2.0}
+    (tmp_path / "c.json").write_text(cfg.to_json())
+    assert TrainConfig.from_json_file(tmp_path / "c.json") == cfg
+    assert TrainConfig().lr_scale == {}
+    with pytest.raises(ValueError, match="unknown lr_scale group.*backbone"):
+        TrainConfig(lr_scale={"encoder": 0.1})
+    for bad in (0, -1.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="lr_scale"):
+            TrainConfig(lr_scale={"decoder": bad})
+
+
+def test_lr_scale_gives_each_part_its_own_learning_rate(tmp_path: Path, data_root: Path):
+    scale = {"backbone": 0.5, "decoder": 4.0}
+    cfg = TrainConfig(epochs=1, lr_scale=scale, **{**TINY, "steps_per_epoch": 1})
+    start, _ = trainer_mod.build_model(cfg)
+    result = train(cfg, tmp_path / "run", data_root=data_root, show_progress=False)
+    before = {n: p.detach() for n, p in start.named_parameters()}
+    groups = named_parameter_groups(result.model)
+    # Adam's first step moves every parameter with a gradient by about its learning rate
+    for group, factor in {**scale, "prompt_generator": 1.0, "modality_head": 1.0}.items():
+        moved = max(float((p.detach().cpu() - before[n]).abs().max()) for n, p in groups[group])
+        assert moved == pytest.approx(1e-4 * factor, rel=0.02), group
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["train_config"]["lr_scale"] == scale
+    epoch_row = [r for r in result.history if r["type"] == "epoch"][-1]
+    assert epoch_row["lr"] == pytest.approx(1e-4 * 0.98)  # the schedule's base rate
+    with pytest.raises(TrainingError, match="lr_scale"):
+        train(
+            TrainConfig(epochs=2, lr_scale={"backbone": 0.5}, **{**TINY, "steps_per_epoch": 1}),
+            tmp_path / "run",
+            data_root=data_root,
+            resume=True,
+        )
+    resumed = train(
+        TrainConfig(epochs=2, lr_scale=scale, **{**TINY, "steps_per_epoch": 1}),
+        tmp_path / "run",
+        data_root=data_root,
+        resume=True,
+        show_progress=False,
+    )
+    assert resumed.epochs_completed == 2
+
+
+def test_cli_lr_scale_flag_builds_the_mapping():
+    from napari_delightsam.cli import CommandError, build_parser
+    from napari_delightsam.commands.train import build_config
+
+    parse = build_parser().parse_args
+    assert build_config(parse(["train", "--lr-scale", "backbone=0.1", "decoder=2"])).lr_scale == {
+        "backbone": 0.1,
+        "decoder": 2.0,
+    }
+    with pytest.raises(CommandError, match="GROUP=FACTOR"):
+        build_config(parse(["train", "--lr-scale", "backbone"]))
+    with pytest.raises(CommandError, match="unknown lr_scale group"):
+        build_config(parse(["train", "--lr-scale", "encoder=0.1"]))

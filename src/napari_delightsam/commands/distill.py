@@ -14,8 +14,6 @@ the next stage's input: ``train --init RUN/last.safetensors`` after (a) or (c).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,21 +121,15 @@ def _sam_info(path: Path, sam_type: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import TrainingError
     from ..training import distill as D
+    from .train import jsonl_progress, reported_failures
 
     cfg = _config(args)
     if not args.resume and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise CommandError(f"{args.out} exists and is not empty; choose a new --out folder or pass --resume")
-    progress = None
-    if args.progress_jsonl:
-
-        def progress(event: dict[str, Any]) -> None:
-            sys.stdout.write(json.dumps(event, default=str) + "\n")
-            sys.stdout.flush()
-
+    progress = jsonl_progress(args.progress_jsonl)
     common = dict(resume=args.resume, progress=progress, show_progress=not args.progress_jsonl)
-    try:
+    with reported_failures(progress):
         if args.stage in ("common", "medical-teacher"):
             if not args.teacher_sam.is_file():
                 raise CommandError(f"--teacher-sam {args.teacher_sam}: file not found")
@@ -172,10 +164,6 @@ def run(args: argparse.Namespace) -> int:
                     **_sam_info(args.teacher_sam, args.sam_type),
                 }
             result = D.distill_domain(teacher, args.data, args.out, cfg, teacher_info=info, **common)
-    except (TrainingError, FileNotFoundError, ValueError) as exc:
-        if progress is not None:
-            progress({"event": "error", "message": str(exc)})
-        raise CommandError(str(exc)) from exc
     if not args.progress_jsonl:
         loss = f"{result.final_loss:.6f}" if result.final_loss is not None else "n/a"
         print(

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="backbone controllers encoder prompt_generator decoder modality_head",
     )
     p.add_argument(
+        "--lr-scale",
+        nargs="+",
+        metavar="GROUP=FACTOR",
+        help="learning-rate multiplier per part, e.g. backbone=0.1 (parts: backbone controllers "
+        "prompt_generator decoder modality_head; default 1)",
+    )
+    p.add_argument(
         "--splits",
         type=Path,
         default=None,
@@ -108,6 +117,8 @@ def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
         data["modalities"] = tuple(args.modalities)
     if args.freeze:
         data["freeze"] = tuple(args.freeze)
+    if getattr(args, "lr_scale", None):
+        data["lr_scale"] = {**data.get("lr_scale", {}), **_lr_scale(args.lr_scale)}
     if args.no_augment:
         data["augment"] = False
     if args.no_cache:
@@ -124,6 +135,47 @@ def build_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
         raise CommandError(f"invalid training settings: {exc}") from exc
 
 
+def _lr_scale(pairs: list[str]) -> dict[str, float]:
+    """``["backbone=0.1", ...]`` -> ``{"backbone": 0.1}`` (names and values checked by TrainConfig)."""
+    out: dict[str, float] = {}
+    for pair in pairs:
+        group, sep, value = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[group.strip()] = float(value)
+        except ValueError:
+            raise CommandError(f"--lr-scale {pair!r}: expected GROUP=FACTOR, e.g. backbone=0.1") from None
+    return out
+
+
+def jsonl_progress(enabled: bool) -> Callable[[dict[str, Any]], None] | None:
+    """With ``enabled``: a progress callback printing one JSON object per line on stdout (for a
+    parent process such as the napari widget); None otherwise."""
+    if not enabled:
+        return None
+
+    def progress(event: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(event, default=str) + "\n")
+        sys.stdout.flush()
+
+    return progress
+
+
+@contextmanager
+def reported_failures(progress: Callable[[dict[str, Any]], None] | None) -> Iterator[None]:
+    """An expected failure of a run (``TrainingError``, a missing file, a bad value) becomes an
+    ``error`` event for the parent process and a one-line ``CommandError``."""
+    from ..training import TrainingError
+
+    try:
+        yield
+    except (TrainingError, FileNotFoundError, ValueError) as exc:
+        if progress is not None:
+            progress({"event": "error", "message": str(exc)})
+        raise CommandError(str(exc)) from exc
+
+
 def _json_fields(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -135,7 +187,7 @@ def _json_fields(path: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import TrainingError, train
+    from ..training import train
     from ..training.trainer import RUN_FILE, benchmark_loader
 
     if args.benchmark_loader is not None:
@@ -178,16 +230,10 @@ def run(args: argparse.Namespace) -> int:
             )
         cfg = build_config(args)
 
-    progress = None
-    if args.progress_jsonl:
-
-        def progress(event: dict[str, Any]) -> None:
-            sys.stdout.write(json.dumps(event, default=str) + "\n")
-            sys.stdout.flush()
-
+    progress = jsonl_progress(args.progress_jsonl)
     # driven by a parent (the napari fine-tune widget): its SIGINT means "stop cleanly"
     stop_event = _parent_stop_event() if args.progress_jsonl else None
-    try:
+    with reported_failures(progress):
         result = train(
             cfg,
             args.out,
@@ -197,10 +243,6 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             show_progress=not args.progress_jsonl,
         )
-    except (TrainingError, FileNotFoundError, ValueError) as exc:
-        if progress is not None:
-            progress({"event": "error", "message": str(exc)})
-        raise CommandError(str(exc)) from exc
     if not args.progress_jsonl:
         best = f"{result.best_val_dice:.4f}" if result.best_val_dice is not None else "n/a"
         print(
