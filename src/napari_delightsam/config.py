@@ -71,6 +71,9 @@ class ModelConfig:
     decoder_mlp_dim: int = 2048
     #: one hypernetwork MLP per modality (paper) or one shared (authors' code)
     per_modality_hypernetworks: bool = True
+    #: detail skips into the decoder's upscaling path (beyond the paper, ``model/detail.py``):
+    #: "stage0" (stride-8 encoder features), "image" (a small conv branch on the image)
+    decoder_skips: tuple[str, ...] = ()
     # Beyond the paper: a modality classifier on pooled image embeddings for "auto".
     modality_head: bool = True
     format_version: int = CHECKPOINT_FORMAT_VERSION
@@ -88,6 +91,9 @@ class ModelConfig:
             raise ValueError(f"controller_attention must be 'kv' or 'none', got {self.controller_attention!r}")
         if len(set(self.modalities)) != len(self.modalities) or not self.modalities:
             raise ValueError("modalities must be a non-empty list of unique names")
+        bad = [s for s in self.decoder_skips if s not in ("stage0", "image")]
+        if bad or len(set(self.decoder_skips)) != len(self.decoder_skips):
+            raise ValueError(f"decoder_skips must be distinct names from stage0, image; got {self.decoder_skips!r}")
 
     @property
     def num_modalities(self) -> int:

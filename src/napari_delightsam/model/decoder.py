@@ -6,6 +6,8 @@
     mask_k = MLP_k(token_k) · upscaled  -> low-res logits (B,1,256,256) for each sample's modality
 
 No IoU token. Hypernetworks are one per modality (paper) or one shared (authors' code).
+With ``cfg.decoder_skips`` (beyond the paper, ``detail.py``) the upscaling path also adds the
+stage-0 features after the first transposed conv and an image detail branch after the second.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .controller import single_modality
+from .detail import ImageDetail, Stage0Detail
 
 
 class QMDecoder(nn.Module):
@@ -38,18 +41,50 @@ class QMDecoder(nn.Module):
             nn.ConvTranspose2d(dim // 4, dim // 8, 2, stride=2),
             nn.GELU(),
         )
+        skips = set(cfg.decoder_skips)
+        self.stage0_detail = Stage0Detail(cfg.embed_dims[1], dim // 4) if "stage0" in skips else None
+        self.image_detail = ImageDetail(dim // 8) if "image" in skips else None
         n_hyper = cfg.num_modalities if cfg.per_modality_hypernetworks else 1
         self.hypernetworks = nn.ModuleList([MLP(dim, dim, dim // 8, 3) for _ in range(n_hyper)])
 
-    def forward(self, h: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """h (B,C,g,g) already fused with the dense prompt; modality (B,) -> logits (B,1,4g,4g)."""
+    def forward(
+        self,
+        h: torch.Tensor,
+        modality: torch.Tensor,
+        stage0: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """h (B,C,g,g) already fused with the dense prompt; modality (B,) -> logits (B,1,4g,4g).
+
+        ``stage0`` (B,C0,2g,2g) and ``image`` (B,3,16g,16g, normalised) feed the detail skips
+        of a decoder built with them (and are ignored otherwise).
+        """
         b, c, g, _ = h.shape
         pe = self.pe_layer((g, g)).unsqueeze(0).to(h.dtype)
         tokens = self.queries.weight.unsqueeze(0).expand(b, -1, -1).to(h.dtype)
         hs, src = self.transformer(h, pe, tokens)
-        up = self.upscale(src.transpose(1, 2).reshape(b, c, g, g))
+        up = self._upscale(src.transpose(1, 2).reshape(b, c, g, g), stage0, image)
         weights = self._hyper_weights(hs, modality)  # (B, c/8)
         return torch.bmm(weights.unsqueeze(1), up.flatten(2)).view(b, 1, up.shape[-2], up.shape[-1])
+
+    def _upscale(
+        self, x: torch.Tensor, stage0: torch.Tensor | None, image: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B,C,g,g) -> (B,C/8,4g,4g), with the detail skips this decoder was built with."""
+        if self.stage0_detail is None and self.image_detail is None:
+            return self.upscale(x)
+        conv1, norm1, act1, conv2, act2 = self.upscale
+        x = norm1(conv1(x))
+        if self.stage0_detail is not None:
+            if stage0 is None:
+                raise ValueError("this decoder has a stage-0 skip: pass the stage-0 features")
+            x = x + self.stage0_detail(stage0.to(x.dtype))
+        x = conv2(act1(x))
+        if self.image_detail is not None:
+            if image is None:
+                raise ValueError("this decoder has an image detail branch: pass the normalised image")
+            x = x + self.image_detail(image.to(x.dtype))
+        return act2(x)
 
     def _hyper_weights(self, hs: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         b = hs.shape[0]

@@ -81,7 +81,7 @@ class DeLightSAM(nn.Module):
             raise ValueError(f"modality must have shape ({images.shape[0]},), got {tuple(modality.shape)}")
         h = self.encoder.forward_vit(feats, modality if use_controller else None)
         patch_logits, dense = self.prompt_generator(h)
-        mask_logits = self.decoder(h + dense, modality)
+        mask_logits = self.decoder(h + dense, modality, stage0=feats, image=images)
         return DeLightSAMOutput(mask_logits, patch_logits, modality, modality_logits, h)
 
     # -- parameter groups, used by `info`, distillation and fine-tuning ---------------------
