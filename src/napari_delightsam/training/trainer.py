@@ -177,6 +177,7 @@ def _train(
     device: torch.device,
     dist_ctx: DistContext,
 ) -> TrainResult:
+    """The run, one named step each: folder, model, data, optimizer, resume, epochs, result."""
     _prepare_run(out, cfg, resume, dist_ctx)
     model, init_report = _model_for_run(cfg, out, resume)  # seeded: every rank builds the same
     data = _build_data(cfg, out, data_root, items, model.config.modalities, resume, dist_ctx, log, device)
@@ -209,31 +210,12 @@ def _train(
     def validate_now() -> dict[str, Any]:
         return gather_validation(model, data.val, val_indices, device, cfg.batch_size, amp_dtype, dist_ctx)
 
+    files = _Checkpoints(out, model, opt, cfg, len(data.train), init_report, data.splits, head_trained)
     if not resume:
-        _start_of_run(out, cfg, model, data.splits, init_report, log, dist_ctx, validate_now)
-    meta_base = {
-        "modality_head_trained": "true" if head_trained else "false",
-        "train_config": cfg.to_json(),
-        "sampling_rule": SAMPLING_RULE,
-        "split_seed": str(data.splits.seed),
-        "init": json.dumps(init_report, default=str),
-    }
+        _start_of_run(cfg, files, log, dist_ctx, validate_now)
+    best = BestKeeper("val_dice", files.save_best, start.best_val, start.best_epoch)
 
-    def save_best(summary: dict[str, Any], epoch: int) -> Path:
-        info = _train_info(summary, epoch, cfg, len(data.train))
-        return _save_model(out / BEST, model, {**meta_base, "training": json.dumps(info)})
-
-    best = BestKeeper("val_dice", save_best, start.best_val, start.best_epoch)
-
-    def save_last(epoch: int, global_step: int, row: dict[str, Any]) -> None:
-        info = {"epoch": epoch, "best_val": best.value, "best_epoch": best.epoch, "global_step": global_step}
-        meta = {
-            **meta_base,
-            "epoch": str(epoch),
-            "training": json.dumps(_train_info(row, epoch, cfg, len(data.train))),
-        }
-        save_resumable(out, opt.optimizer, opt.scheduler, opt.param_names, info, _model_saver(model), meta)
-
+    # step 6: the epochs (loop.py)
     outcome = run_loop(
         Schedule(
             epochs=cfg.epochs,
@@ -252,7 +234,7 @@ def _train(
         trainable,
         EpochHooks(
             train_mode=lambda: set_train_mode(ddp_model, freeze_bn),
-            save_last=save_last,
+            save_last=lambda epoch, step, row: files.save_last(epoch, step, row, best),
             validate=validate_now,
             best=best,
         ),
@@ -477,7 +459,7 @@ def _resume(out: Path, model: DeLightSAM, opt: Optimisation, device: torch.devic
     return start
 
 
-# -- step 6: what the loop needs -------------------------------------------------------------------
+# -- what the loop is given: run.json, DDP, checkpoints, the loss ----------------------------------
 
 
 def _write_run_json(
@@ -530,27 +512,81 @@ def _enable_cuda_speedups(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+@dataclass
+class _Checkpoints:
+    """The model files of a segmentation run and their metadata (``checkpoint.save_checkpoint``):
+    ``best`` by validation Dice, ``last`` + its optimizer state, ``init`` (the starting weights)."""
+
+    out: Path
+    model: DeLightSAM
+    opt: Optimisation
+    cfg: TrainConfig
+    n_train: int
+    init_report: dict[str, Any]
+    splits: Splits
+    head_trained: bool
+
+    @property
+    def meta(self) -> dict[str, str]:
+        return {
+            "modality_head_trained": "true" if self.head_trained else "false",
+            "train_config": self.cfg.to_json(),
+            "sampling_rule": SAMPLING_RULE,
+            "split_seed": str(self.splits.seed),
+            "init": json.dumps(self.init_report, default=str),
+        }
+
+    def _training(self, summary: dict[str, Any], epoch: int) -> str:
+        """What the file's weights scored: ``summary`` holds the validation fields (or none)."""
+        return json.dumps(
+            {
+                "epoch": epoch,
+                "epochs": self.cfg.epochs,
+                "img_size": self.cfg.img_size,
+                "n_train": self.n_train,
+                "val_dice": summary.get("val_dice"),
+                "val_dice_per_modality": summary.get("val_dice_per_modality"),
+                "val_modality_accuracy": summary.get("val_modality_accuracy"),
+            }
+        )
+
+    def save_best(self, summary: dict[str, Any], epoch: int) -> Path:
+        return _save_model(
+            self.out / BEST, self.model, {**self.meta, "training": self._training(summary, epoch)}
+        )
+
+    def save_last(self, epoch: int, global_step: int, row: dict[str, Any], best: BestKeeper) -> None:
+        info = {"epoch": epoch, "best_val": best.value, "best_epoch": best.epoch, "global_step": global_step}
+        meta = {**self.meta, "epoch": str(epoch), "training": self._training(row, epoch)}
+        save_resumable(
+            self.out,
+            self.opt.optimizer,
+            self.opt.scheduler,
+            self.opt.param_names,
+            info,
+            lambda path, m: _save_model(path, self.model, m),
+            meta,
+        )
+
+    def save_init(self) -> Path:
+        meta = {
+            "modality_head_trained": "false",
+            "init": json.dumps(self.init_report, default=str),
+            "split_seed": str(self.splits.seed),
+        }
+        return _save_model(self.out / INIT, self.model, meta)
+
+
 def _start_of_run(
-    out: Path,
     cfg: TrainConfig,
-    model: DeLightSAM,
-    splits: Splits,
-    init_report: dict[str, Any],
+    files: _Checkpoints,
     log: RunLog,
     dist_ctx: DistContext,
     validate_now: Callable[[], dict[str, Any]],
 ) -> None:
     """A new run's optional ``init.safetensors`` and its "initial" validation (the baseline)."""
     if cfg.save_init and dist_ctx.is_main:
-        _save_model(
-            out / INIT,
-            model,
-            {
-                "modality_head_trained": "false",
-                "init": json.dumps(init_report, default=str),
-                "split_seed": str(splits.seed),
-            },
-        )
+        files.save_init()
     if cfg.val_at_start:
         row = {"type": "initial", "epoch": -1, "global_step": 0, **validate_now()}
         log.record(row)
@@ -603,10 +639,6 @@ def _save_model(path: Path, model: DeLightSAM, meta: dict[str, str]) -> Path:
     return save_checkpoint(path, model, meta)
 
 
-def _model_saver(model: DeLightSAM):
-    return lambda path, meta: _save_model(path, model, meta)
-
-
 def _oom_message(out: Path, device: torch.device, cfg: TrainConfig) -> str:
     kept = f"; best checkpoint kept at {out / BEST}" if (out / BEST).is_file() else ""
     return (
@@ -621,18 +653,6 @@ def _dataset_counts(train: Sequence[SampleRecord], val: Sequence[SampleRecord]) 
         for r in recs:
             out.setdefault(r.key, {"train": 0, "val": 0})[name] += 1
     return out
-
-
-def _train_info(summary: dict[str, Any], epoch: int, cfg: TrainConfig, n_train: int) -> dict[str, Any]:
-    return {
-        "epoch": epoch,
-        "epochs": cfg.epochs,
-        "img_size": cfg.img_size,
-        "n_train": n_train,
-        "val_dice": summary.get("val_dice"),
-        "val_dice_per_modality": summary.get("val_dice_per_modality"),
-        "val_modality_accuracy": summary.get("val_modality_accuracy"),
-    }
 
 
 # -- step 7: the result ------------------------------------------------------------------------------
