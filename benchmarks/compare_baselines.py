@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--splits", type=Path, help="splits.json to use (default: beside the checkpoint, else recomputed)"
     )
     p.add_argument("--seed", type=int, help="split seed when recomputed (default: the checkpoint's, else 0)")
-    p.add_argument("--split", choices=("test", "val", "train", "all"), default="test")
+    p.add_argument("--split", choices=("test", "val", "train", "unseen", "all"), default="test")
     p.add_argument("--max-per-dataset", type=int, help="at most N images per dataset (deterministic choice)")
     p.add_argument("--modalities", nargs="+", metavar="M", help="only these modalities")
     p.add_argument(
