@@ -104,7 +104,22 @@ def test_build_train_command_and_parse_lines(tmp_path):
     parsed = parser.parse_args(cmd[3:])
     assert parsed.command == "train" and parsed.progress_jsonl and parsed.epochs == 3
     # bf16 training exactly where the CPU has native bf16
-    assert parsed.amp_cpu == fj.cpu_supports_bf16()
+    assert train.build_config(parsed).amp_cpu == fj.cpu_supports_bf16()
+
+
+def test_train_cli_amp_cpu_defaults_to_native_bf16_and_can_be_forced(monkeypatch):
+    import argparse
+
+    from napari_delightsam import devices
+    from napari_delightsam.commands import train
+
+    parser = argparse.ArgumentParser()
+    train.add_parser(parser.add_subparsers(dest="command"))
+    for native in (True, False):
+        monkeypatch.setattr(devices, "cpu_supports_bf16", lambda native=native: native)
+        for flags, want in (([], native), (["--amp-cpu"], True), (["--no-amp-cpu"], False)):
+            args = parser.parse_args(["train", "--data", "d", "--out", "o", *flags])
+            assert train.build_config(args).amp_cpu is want, (native, flags)
 
 
 def test_fine_tune_uses_bf16_only_on_a_cpu_with_native_bf16(tmp_path, monkeypatch):

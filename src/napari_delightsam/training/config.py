@@ -42,6 +42,12 @@ RESUME_MUTABLE = frozenset(
 )
 
 
+def _cpu_has_native_bf16() -> bool:
+    from ..devices import cpu_supports_bf16  # imports torch: only when a config is built
+
+    return cpu_supports_bf16()
+
+
 @dataclass
 class TrainConfig:
     # schedule (paper: Adam 1e-4, ×0.98 per epoch, batch 4, 200 epochs at 1024²)
@@ -90,9 +96,10 @@ class TrainConfig:
     device: str = "auto"
     #: bf16 autocast on CUDA (ignored on CPU unless ``amp_cpu``)
     amp: bool = True
-    #: bf16 autocast on CPU too: about 2x faster per step on CPUs with native bf16
-    #: (AMX / AVX512-BF16, see ``devices.cpu_supports_bf16``); off by default
-    amp_cpu: bool = False
+    #: bf16 autocast on CPU too. Default: on where the CPU computes bf16 natively (AMX /
+    #: AVX512-BF16, ``devices.cpu_supports_bf16``: 1.8x per step there), off elsewhere (emulated
+    #: bf16 is slower than fp32); measured with benchmarks/cpu_levers.py --train, see the README
+    amp_cpu: bool = field(default_factory=_cpu_has_native_bf16)
     #: channels_last memory format for weights and images (1.5x per step in fp32, 1.27x with bf16,
     #: 512², batch 4, this project's 2-core CPU: benchmarks/cpu_levers.py --train; also the faster
     #: layout for TinyViT's convolutions on GPUs)
