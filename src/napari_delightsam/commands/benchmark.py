@@ -55,9 +55,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: physical cores)")
     p.add_argument(
         "--checkpoint",
-        default="untrained",
-        help="'untrained' (random weights, default: speed does not depend on weights), 'bundled', "
-        "'tiny' (a very small test config) or a .safetensors file",
+        default="bundled",
+        help="'bundled' (the default model, default), 'untrained' (random weights of the paper's 1024² "
+        "architecture), 'tiny' (a very small test config) or a .safetensors file",
+    )
+    p.add_argument(
+        "--architecture-row",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the paper's 1024² architecture (random weights) end to end at the first size, "
+        "as a second row (default: on, unless --checkpoint is untrained or tiny, or --quick)",
     )
     p.add_argument(
         "--modality", default="dermoscopy", help="modality of the benchmark images (default dermoscopy)"
@@ -150,12 +157,21 @@ def options_from_args(args: argparse.Namespace):
         raise CommandError(f"--json: folder {args.json.parent} does not exist")
     if args.checkpoint not in ("untrained", "bundled", "tiny") and not Path(args.checkpoint).is_file():
         raise CommandError(f"checkpoint {args.checkpoint} not found")
+    if args.checkpoint == "bundled":
+        from ..checkpoint import bundled_checkpoint_path
+
+        if bundled_checkpoint_path() is None:
+            raise CommandError("no bundled model is installed; use --checkpoint untrained or a file")
+    architecture_row = args.architecture_row
+    if architecture_row is None:
+        architecture_row = not quick and args.checkpoint not in ("untrained", "tiny")
     if args.threads is not None and args.threads < 1:
         raise CommandError("--threads must be >= 1")
     return BenchmarkOptions(
         device=args.device,
         threads=args.threads,
         checkpoint=args.checkpoint,
+        architecture="untrained" if architecture_row else None,
         modality=args.modality,
         sizes=sizes,
         repeats=pick(args.repeats, 3, 20, 50),
