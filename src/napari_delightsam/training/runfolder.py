@@ -31,6 +31,7 @@ __all__ = [
     "METRICS",
     "ProgressFn",
     "RunLog",
+    "SaveModel",
     "load_resumable",
     "prepare_run_folder",
     "read_metrics",
@@ -155,6 +156,7 @@ class RunLog:
 # -- last checkpoint + optimizer state: what resume starts from --------------------------------------
 
 
+#: (path, metadata) -> writes a model file there (a checkpoint, ViT-Med's trained parts...)
 SaveModel = Callable[[Path, dict[str, str]], Path]
 
 
