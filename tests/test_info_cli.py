@@ -42,7 +42,10 @@ def test_json_counts_match_the_model(tiny_ckpt: Path, tiny_model: DeLightSAM, ca
     assert sum(f["by_component_gflops"].values()) == pytest.approx(f["gflops"], rel=1e-9)
     assert info["metadata"]["recipe"] == "unit test"
     assert info["metadata"]["sha256"] == sha256_file(tiny_ckpt)
-    assert info["paper"]["gmacs_rel_diff"] is None  # paper figure is at 1024²
+    # the paper's figure is at 1024²: the same architecture is counted there too
+    f1024 = info["flops_1024"]
+    assert f1024["img_size"] == 1024 and f1024["flops"] > 40 * f["flops"]  # ~ (1024/128)² = 64×
+    assert info["paper"]["gmacs_rel_diff"] == pytest.approx((f1024["gmacs"] - 55.86) / 55.86)
     assert "note" not in info
 
 
@@ -59,6 +62,8 @@ def test_text_output(tiny_ckpt: Path, capsys) -> None:
         "MACs",
         "paper 12.74 M",
         "recipe: unit test",
+        "at 128x128 (this model's input size): FLOPs",  # what one call of this model costs
+        "at 1024x1024 (the paper's size): FLOPs",  # the figure to compare with the paper
     ):
         assert needle in out, needle
 
@@ -143,7 +148,7 @@ def test_default_config_counts_against_paper(capsys) -> None:
     p, f, paper = info["parameters"], info["flops"], info["paper"]
     assert p["active"] == p["shared"] + p["per_modality"]
     assert p["total"] == p["shared"] + 6 * p["per_modality"]
-    assert f["img_size"] == 1024
+    assert f["img_size"] == 1024 and info["flops_1024"] == f
     assert abs(paper["active_params_rel_diff"]) < 0.15
     assert abs(paper["gmacs_rel_diff"]) < 0.15
     assert paper["active_params_rel_diff"] == pytest.approx((p["active"] - 12.74e6) / 12.74e6)

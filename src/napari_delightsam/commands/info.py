@@ -2,8 +2,11 @@
 
 Parameters are reported as total / shared / per modality / active (= shared + one modality's
 controller, query token and hypernetwork — what one forward pass uses). FLOPs are measured with
-``torch.utils.flop_counter.FlopCounterMode`` for one image at ``--img-size`` with one modality
-active; it counts matrix multiplies and convolutions (2 FLOPs per multiply-add). Two details:
+``torch.utils.flop_counter.FlopCounterMode`` for one image with one modality active, at two
+sizes: the model's own input size (``--img-size`` to choose another; what one call of this
+model costs, e.g. 512² for the bundled model) and 1024² (the paper's size, the figure to
+compare with it); it counts matrix multiplies and convolutions (2 FLOPs per multiply-add).
+Two details:
 
 * The counter has no formula for PyTorch's fused CPU attention kernel, so
   ``F.scaled_dot_product_attention`` with a mask would count as 0 FLOPs; the count is taken
@@ -117,21 +120,40 @@ def _rel(ours: float, paper: float) -> float:
     return (ours - paper) / paper
 
 
-def gather_info(checkpoint: str | None, img_size: int | None) -> dict[str, Any]:
-    model, source, note, meta = _resolve(checkpoint)
+#: the paper's input size: FLOPs are also reported there, whatever the model's own size
+PAPER_IMG_SIZE = 1024
+
+
+def _flops_at(model: nn.Module, size: int, what: str) -> FlopReport:
     cfg: ModelConfig = model.config  # type: ignore[assignment]
-    size = img_size or cfg.img_size
     if size != cfg.img_size:
         from ..model import DeLightSAM
 
         try:
             flop_cfg = cfg.replace(img_size=size)
         except ValueError as exc:
-            raise CommandError(f"--img-size {size}: {exc}") from exc
-        flop_model: nn.Module = DeLightSAM(flop_cfg)  # FLOPs do not depend on the weights
-    else:
-        flop_model = model
-    flops = count_flops(flop_model, size)
+            raise CommandError(f"{what} {size}: {exc}") from exc
+        model = DeLightSAM(flop_cfg)  # FLOPs do not depend on the weights
+    return count_flops(model, size)
+
+
+def _flops_dict(flops: FlopReport) -> dict[str, Any]:
+    return {
+        "img_size": flops.img_size,
+        "flops": flops.flops,
+        "gflops": flops.flops / 1e9,
+        "gmacs": flops.macs / 1e9,
+        "by_component_gflops": {k: v / 1e9 for k, v in flops.by_component.items()},
+        "method": "torch.utils.flop_counter.FlopCounterMode, batch 1, one modality, math SDPA backend",
+    }
+
+
+def gather_info(checkpoint: str | None, img_size: int | None) -> dict[str, Any]:
+    model, source, note, meta = _resolve(checkpoint)
+    cfg: ModelConfig = model.config  # type: ignore[assignment]
+    size = img_size or cfg.img_size
+    flops = _flops_at(model, size, "--img-size")
+    at_paper = flops if size == PAPER_IMG_SIZE else _flops_at(model, PAPER_IMG_SIZE, "FLOPs at")
     params = model.parameter_counts()
     info: dict[str, Any] = {
         "checkpoint": source,
@@ -139,19 +161,15 @@ def gather_info(checkpoint: str | None, img_size: int | None) -> dict[str, Any]:
         "img_size": cfg.img_size,
         "modalities": list(cfg.modalities),
         "parameters": params,
-        "flops": {
-            "img_size": size,
-            "flops": flops.flops,
-            "gflops": flops.flops / 1e9,
-            "gmacs": flops.macs / 1e9,
-            "by_component_gflops": {k: v / 1e9 for k, v in flops.by_component.items()},
-            "method": "torch.utils.flop_counter.FlopCounterMode, batch 1, one modality, math SDPA backend",
-        },
+        # at the model's own input size (or --img-size): what one call costs
+        "flops": _flops_dict(flops),
+        # at the paper's 1024², the same architecture: the figure to compare with the paper
+        "flops_1024": _flops_dict(at_paper),
         "paper": {
             "active_params": PAPER_PARAMS,
             "gflops_as_reported": PAPER_GFLOPS_AS_REPORTED,
             "active_params_rel_diff": _rel(params["active"], PAPER_PARAMS),
-            "gmacs_rel_diff": _rel(flops.macs / 1e9, PAPER_GFLOPS_AS_REPORTED) if size == 1024 else None,
+            "gmacs_rel_diff": _rel(at_paper.macs / 1e9, PAPER_GFLOPS_AS_REPORTED),
         },
         "metadata": meta,
     }
@@ -169,8 +187,9 @@ def _pct(x: float) -> str:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    p, f, paper = info["parameters"], info["flops"], info["paper"]
+    p, f, f1024, paper = info["parameters"], info["flops"], info["flops_1024"], info["paper"]
     size = f["img_size"]
+    own = "this model's input size" if size == info["img_size"] else "--img-size"
     lines = ["De-LightSAM model info"]
     if "note" in info:
         lines.append(f"  note:        {info['note']}")
@@ -184,15 +203,18 @@ def format_info(info: dict[str, Any]) -> str:
         f"    per modality   {_m(p['per_modality']):>10}  ({p['per_modality']:,})",
         f"    active         {_m(p['active']):>10}  ({p['active']:,}) = shared + one modality"
         f"   paper {PAPER_PARAMS / 1e6:.2f} M ({_pct(paper['active_params_rel_diff'])})",
-        f"  compute at {size}x{size} (one image, one modality):",
-        f"    FLOPs          {f['gflops']:>8.2f} G",
-        f"    MACs           {f['gmacs']:>8.2f} G"
-        + (
-            f'   paper {PAPER_GFLOPS_AS_REPORTED:.2f} "GFLOPs" = MACs ({_pct(paper["gmacs_rel_diff"])})'
-            if paper["gmacs_rel_diff"] is not None
-            else "   (the paper's figure is at 1024x1024)"
-        ),
-        "    by component   "
+        "  compute (one image, one modality):",
+        f"    at {size}x{size} ({own}): FLOPs {f['gflops']:.2f} G, MACs {f['gmacs']:.2f} G",
+    ]
+    if f1024["img_size"] != size:
+        lines.append(
+            f"    at {f1024['img_size']}x{f1024['img_size']} (the paper's size): FLOPs {f1024['gflops']:.2f} G, "
+            f"MACs {f1024['gmacs']:.2f} G"
+        )
+    lines += [
+        f'    paper          {PAPER_GFLOPS_AS_REPORTED:.2f} "GFLOPs" at 1024x1024 = MACs '
+        f"(ours {_pct(paper['gmacs_rel_diff'])})",
+        f"    by component at {size}x{size}: "
         + ", ".join(f"{k} {v:.2f}" for k, v in f["by_component_gflops"].items())
         + " GFLOPs",
         f"    counted with   {f['method']}",
@@ -209,7 +231,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "info",
         help="show a model's variant, modalities, parameter counts and FLOPs",
         description="Show variant, modalities, parameters (total/shared/per modality/active) and FLOPs "
-        "measured with torch's FLOP counter, next to the paper's figures.",
+        "measured with torch's FLOP counter at the model's own input size and at the paper's 1024², "
+        "next to the paper's figures.",
     )
     p.add_argument(
         "--checkpoint",
@@ -223,7 +246,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=int,
         default=None,
         metavar="S",
-        help="input size for the FLOP count (default: the model's)",
+        help="input size for the first FLOP count (default: the model's own; 1024² is always counted too)",
     )
     return p
 
