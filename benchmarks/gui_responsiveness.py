@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         seg.model_combo.setCurrentIndex(seg.model_combo.findData("untrained"))
     seg.modality_combo.setCurrentText("dermoscopy")
     seg.device_combo.setCurrentText("cpu")
-    seg.image_combo.setCurrentText("image")
+    seg.image_combo.value = viewer.layers["image"]
     # first run loads the model (in the worker); measure a second, warm run too
     for label in ("segment_first_run", "segment_warm_run"):
         probe.start()

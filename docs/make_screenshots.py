@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         seg.model_combo.setCurrentIndex(seg.model_combo.findData(spec))
     seg.modality_combo.setCurrentText(args.modality)
     seg.device_combo.setCurrentText("auto")
-    seg.image_combo.setCurrentText(name)
+    seg.image_combo.value = viewer.layers[name]
     seg.run()
     if not _wait(app, lambda: not seg.busy, 600):
         print("segmentation did not finish in time", file=sys.stderr)

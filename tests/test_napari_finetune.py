@@ -108,7 +108,7 @@ def test_finetune_runs_in_a_child_stops_cleanly_and_hands_over(make_napari_viewe
     assert ft.tick_stats["ticks"] > 10
     assert "GUI responsiveness" in log
     # and the new model segments
-    seg.image_combo.setCurrentText("lesion")
+    seg.image_combo.value = viewer.layers["lesion"]
     seg.run()
     qtbot.waitUntil(lambda: not seg.busy, timeout=WAIT_MS)
     mask = viewer.layers["lesion_delightsam_mask"]
@@ -205,9 +205,9 @@ def test_pair_suggestions_follow_the_segment_widget_naming(make_napari_viewer):
     assert layers
     viewer.add_labels((mask > 0).astype(np.uint8), name="synthetic_microscopy_delightsam_mask")
     _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
-    ft.image_combo.setCurrentText("synthetic_microscopy")
+    ft.image_combo.value = viewer.layers["synthetic_microscopy"]
     ft._suggest_labels("synthetic_microscopy")
-    assert ft.labels_combo.currentText() == "synthetic_microscopy_delightsam_mask"
+    assert ft.labels_combo.value is viewer.layers["synthetic_microscopy_delightsam_mask"]
     assert ft.pair_modality_combo.currentText() == "microscopy"
     assert ft.add_pair_from_combos()
     assert ft.pairs == [{"image": "synthetic_microscopy", "labels": "synthetic_microscopy_delightsam_mask",

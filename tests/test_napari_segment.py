@@ -108,7 +108,7 @@ def test_run_adds_mask_heatmap_probability_with_input_shape_and_scale(make_napar
     image = _sample_rgb()
     viewer.add_image(image, name="lesion", rgb=True, scale=(0.5, 0.25), translate=(10.0, -3.0))
     widget = _open(viewer, tiny_checkpoint)
-    widget.image_combo.setCurrentText("lesion")
+    widget.image_combo.value = viewer.layers["lesion"]
     _run_and_wait(qtbot, widget)
 
     names = core.output_names("lesion")
@@ -144,7 +144,7 @@ def test_real_dermoscopy_image(make_napari_viewer, qtbot, tiny_checkpoint, share
     viewer = make_napari_viewer()
     viewer.add_image(image, name="real", rgb=image.ndim == 3, scale=(2.0, 2.0))
     widget = _open(viewer, tiny_checkpoint)
-    widget.image_combo.setCurrentText("real")
+    widget.image_combo.value = viewer.layers["real"]
     _run_and_wait(qtbot, widget)
     for kind in ("mask", "heatmap", "probability"):
         layer = viewer.layers[core.output_names("real")[kind]]
@@ -222,7 +222,7 @@ def test_stack_slice_by_slice_and_cancel(make_napari_viewer, qtbot, tiny_checkpo
     stack = rng.integers(0, 255, (4, 48, 40), dtype=np.uint8)
     viewer.add_image(stack, name="stack", scale=(3.0, 1.0, 1.0))
     widget = _open(viewer, tiny_checkpoint)
-    widget.image_combo.setCurrentText("stack")
+    widget.image_combo.value = viewer.layers["stack"]
     _run_and_wait(qtbot, widget)
     mask = viewer.layers["stack_delightsam_mask"]
     assert mask.data.shape == (4, 48, 40)
@@ -252,23 +252,22 @@ def test_bad_inputs_give_notifications_not_exceptions(make_napari_viewer, qtbot,
     assert any("no image layer" in m for m in _messages("warning"))
     # 3D + channels (not RGB)
     viewer.add_image(np.zeros((2, 3, 16, 16), dtype=np.float32), name="zc")
-    widget.image_combo.setCurrentText("zc")
+    widget.image_combo.value = viewer.layers["zc"]
     assert widget.run() is None
     assert any("'zc'" in m and "dimensions" in m for m in _messages("error"))
     # a layer whose data napari holds but the model refuses (NaN) -> the worker's error, notified
     nan = np.ones((32, 32), dtype=np.float32)
     nan[3, 3] = np.nan
     viewer.add_image(nan, name="nan")
-    widget.image_combo.setCurrentText("nan")
+    widget.image_combo.value = viewer.layers["nan"]
     _run_and_wait(qtbot, widget)
     assert any("NaN" in m or "nan" in m for m in _messages("error"))
     assert "nan_delightsam_mask" not in viewer.layers
     # empty / complex data cannot be added to napari, but a plugin-made layer could hold them
     for data, words in ((np.zeros((0, 16)), "empty"), (np.zeros((8, 8), np.complex64), "complex64")):
         fake = SimpleNamespace(name="odd", data=data, rgb=False, multiscale=False, scale=(1, 1), translate=(0, 0))
-        widget._layer_by_name = lambda name, fake=fake: fake
-        widget.image_combo.addItem("odd")
-        widget.image_combo.setCurrentText("odd")
+        widget.image_combo.set_choice("odd", fake)
+        widget.image_combo.value = fake
         assert widget.run() is None
         assert any("'odd'" in m and words in m for m in _messages("error"))
     assert not widget.busy
@@ -326,7 +325,7 @@ def test_closing_the_viewer_during_a_run(make_napari_viewer, qtbot, tiny_checkpo
     stack = np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8)
     viewer.add_image(stack, name="stack")
     widget = _open(viewer, tiny_checkpoint)
-    widget.image_combo.setCurrentText("stack")
+    widget.image_combo.value = viewer.layers["stack"]
     worker = widget.run()
     done = []
     worker.finished.connect(lambda: done.append(True))
@@ -417,13 +416,13 @@ def test_changing_layers_during_a_run_uses_the_snapshot(make_napari_viewer, qtbo
     layer = viewer.add_image(image, name="lesion", rgb=True, scale=(2.0, 2.0))
     viewer.add_image(np.zeros((20, 20), dtype=np.uint8), name="other")
     widget = _open(viewer, tiny_checkpoint)
-    widget.image_combo.setCurrentText("lesion")
+    widget.image_combo.value = viewer.layers["lesion"]
     widget.run()
     qtbot.waitUntil(lambda: "spy" in holder and holder["spy"].calls == 1, timeout=WAIT_MS)
     # the user edits the input, rescales it and picks another layer while the worker runs
     layer.data = np.zeros((64, 64, 3), dtype=np.uint8)
     layer.scale = (5.0, 5.0)
-    widget.image_combo.setCurrentText("other")
+    widget.image_combo.value = viewer.layers["other"]
     holder["spy"].release.set()
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
     mask = viewer.layers["lesion_delightsam_mask"]
@@ -440,7 +439,7 @@ def test_hundred_runs_do_not_leak_layers_or_threads(make_napari_viewer, qtbot, t
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), name="small")
     widget = _open(viewer, tiny_checkpoint)
-    widget.image_combo.setCurrentText("small")
+    widget.image_combo.value = viewer.layers["small"]
     _run_and_wait(qtbot, widget)
     threads = threading.active_count()
     for i in range(100):
@@ -450,3 +449,36 @@ def test_hundred_runs_do_not_leak_layers_or_threads(make_napari_viewer, qtbot, t
     qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=WAIT_MS)
     assert threading.active_count() <= threads + 1
     assert not _messages("error")
+
+
+def test_layer_pickers_follow_the_viewer(make_napari_viewer):
+    """magicgui's layer combo boxes, refilled by napari through the widgets' reset_choices."""
+    viewer = make_napari_viewer()
+    a = viewer.add_image(np.zeros((16, 16), dtype=np.uint8), name="a")
+    _, seg = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM segment")
+    _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
+
+    def names(combo):
+        return [layer.name for layer in combo.choices]
+
+    assert names(seg.image_combo) == ["a"] and names(ft.image_combo) == ["a"] and names(ft.labels_combo) == []
+    b = viewer.add_image(np.zeros((16, 16), dtype=np.uint8), name="b")
+    viewer.add_labels(np.zeros((16, 16), dtype=np.uint8), name="b_corrected")
+    assert sorted(names(seg.image_combo)) == ["a", "b"] and sorted(names(ft.image_combo)) == ["a", "b"]
+    assert names(ft.labels_combo) == ["b_corrected"]
+    # the chosen layer stays chosen when renamed or moved
+    seg.image_combo.value = b
+    b.name = "b renamed"
+    assert seg.image_combo.value is b and seg.image_combo.current_choice == "b renamed"
+    viewer.layers.move(viewer.layers.index(b), 0)
+    assert seg.image_combo.value is b
+    # the widget's own heatmap / probability outputs are not offered as inputs
+    viewer.add_image(np.zeros((16, 16), dtype=np.float32), name="a_delightsam_heatmap",
+                     metadata={core.METADATA_KEY: {"kind": "heatmap"}})
+    assert "a_delightsam_heatmap" not in names(seg.image_combo) + names(ft.image_combo)
+    # a removed layer leaves every combo
+    viewer.layers.remove(b)
+    assert names(seg.image_combo) == ["a"] and seg.image_combo.value is a
+    assert names(ft.image_combo) == ["a"]
+    viewer.layers.remove("b_corrected")
+    assert names(ft.labels_combo) == [] and ft.labels_combo.value is None

@@ -74,8 +74,7 @@ class FinetuneWidget(QWidget):
         self.initial_dice: float | None = None
         self._steps_total = 0
         self._build_ui()
-        self._refresh_layer_combos()
-        self._connect_viewer()
+        self.reset_choices()
         self._timer = QTimer(self)
         self._timer.setInterval(TICK_MS)
         self._timer.timeout.connect(self._tick)
@@ -85,6 +84,9 @@ class FinetuneWidget(QWidget):
     # -- UI ------------------------------------------------------------------------------------
 
     def _build_ui(self) -> None:
+        from magicgui.widgets import create_widget
+        from napari.layers import Image, Labels
+
         layout = QVBoxLayout(self)
 
         pairs_box = QGroupBox("Training pairs (image layer + corrected labels layer)")
@@ -99,15 +101,20 @@ class FinetuneWidget(QWidget):
         self.pairs_table.setMaximumHeight(150)
         pv.addWidget(self.pairs_table)
         add_row = QHBoxLayout()
-        self.image_combo = QComboBox()
-        self.image_combo.setToolTip("Image layer")
-        self.image_combo.currentTextChanged.connect(self._suggest_labels)
-        self.labels_combo = QComboBox()
-        self.labels_combo.setToolTip("Labels layer with the corrected mask (any label > 0 = target)")
+        # magicgui's layer-typed combo boxes; napari calls reset_choices (below) on layer changes
+        self.image_combo = create_widget(
+            annotation=Image, options={"choices": self._image_choices, "tooltip": "Image layer"}
+        )
+        self.image_combo.changed.connect(lambda layer: self._suggest_labels(layer.name if layer is not None else ""))
+        self.labels_combo = create_widget(
+            annotation=Labels,
+            options={"choices": self._labels_choices,
+                     "tooltip": "Labels layer with the corrected mask (any label > 0 = target)"},
+        )
         self.pair_modality_combo = QComboBox()
         self.pair_modality_combo.addItems(list(MODALITIES))
         self.pair_modality_combo.setToolTip("Modality of this pair")
-        for w in (self.image_combo, self.labels_combo, self.pair_modality_combo):
+        for w in (self.image_combo.native, self.labels_combo.native, self.pair_modality_combo):
             w.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             w.setMinimumContentsLength(6)
             add_row.addWidget(w, 1)
@@ -246,53 +253,46 @@ class FinetuneWidget(QWidget):
 
     # -- layers and pairs ----------------------------------------------------------------------
 
-    def _connect_viewer(self) -> None:
-        ev = self.viewer.layers.events
-        for name in ("inserted", "removed", "moved", "reordered"):
-            emitter = getattr(ev, name, None)
-            if emitter is not None:
-                emitter.connect(self._on_layers_changed)
+    def _image_choices(self, _combo: Any = None) -> list[Any]:
+        """The viewer's Image layers, without the segment widget's heatmap and probability outputs."""
+        from napari.layers import Image
 
-    def _on_layers_changed(self, event: Any = None) -> None:
-        if alive(self):
-            if event is not None and getattr(event, "type", None) == "inserted":
-                event.value.events.name.connect(self._on_layers_changed)
-            self._refresh_layer_combos()
-            self._update_init_label()
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)
+                and layer.metadata.get(METADATA_KEY, {}).get("kind") not in ("heatmap", "probability")]
 
-    def _layers_of(self, kind: str) -> list[Any]:
-        from napari.layers import Image, Labels
+    def _labels_choices(self, _combo: Any = None) -> list[Any]:
+        from napari.layers import Labels
 
-        cls = Image if kind == "image" else Labels
-        out = [layer for layer in self.viewer.layers if isinstance(layer, cls)]
-        if kind == "image":
-            out = [lay for lay in out if lay.metadata.get(METADATA_KEY, {}).get("kind") not in ("heatmap", "probability")]
-        return out
+        return [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
 
-    def _refresh_layer_combos(self) -> None:
-        for combo, kind in ((self.image_combo, "image"), (self.labels_combo, "labels")):
-            current = combo.currentText()
-            names = [layer.name for layer in self._layers_of(kind)]
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
-            combo.blockSignals(False)
-        self._suggest_labels(self.image_combo.currentText())
+    def reset_choices(self, *_: Any) -> None:
+        """Refill the layer combos (napari calls this on every layer-list change), keeping the
+        chosen layers, then suggest the labels and modality of the chosen image."""
+        if not alive(self):
+            return
+        for combo in (self.image_combo, self.labels_combo):
+            previous = combo.value
+            with combo.changed.blocked():
+                combo.reset_choices()
+                if previous is not None and any(layer is previous for layer in combo.choices):
+                    combo.value = previous
+        image = self.image_combo.value
+        self._suggest_labels(image.name if image is not None else "")
+        self._update_init_label()
 
     def _suggest_labels(self, image_name: str) -> None:
         """Pre-select the labels layer and modality that belong to ``image_name``."""
         if not image_name:
             return
-        names = [self.labels_combo.itemText(i) for i in range(self.labels_combo.count())]
+        by_name = {layer.name: layer for layer in self.labels_combo.choices}
+        names = list(by_name)
         # the newest De-LightSAM result of this image (the user corrects it), else any labels
         # layer named after the image (e.g. a sample's reference mask)
         ours = [n for n in names if n.startswith(output_names(image_name)["mask"])]
         others = [n for n in names if n.startswith(image_name) and n not in ours]
         choice = ours[-1] if ours else (others[0] if others else None)
         if choice:
-            self.labels_combo.setCurrentText(choice)
+            self.labels_combo.value = by_name[choice]
         modality = self._guess_modality(image_name, choice)
         if modality:
             self.pair_modality_combo.setCurrentText(modality)
@@ -338,7 +338,8 @@ class FinetuneWidget(QWidget):
         return True
 
     def add_pair_from_combos(self) -> bool:
-        return self.add_pair(self.image_combo.currentText(), self.labels_combo.currentText(),
+        image, labels = self.image_combo.value, self.labels_combo.value
+        return self.add_pair(image.name if image is not None else "", labels.name if labels is not None else "",
                              self.pair_modality_combo.currentText())
 
     def remove_selected_pairs(self) -> None:

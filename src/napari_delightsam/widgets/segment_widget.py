@@ -12,6 +12,8 @@ carrying its scale/translate: ``<name>_delightsam_mask`` (Labels), ``<name>_deli
 * A mask layer the user has painted on is never overwritten: the next result goes to a new
   layer ``<name>_delightsam_mask [2]``.
 * Errors become napari notifications; device errors offer "Retry on CPU".
+* The image picker is magicgui's layer-typed combo box; napari keeps it in step with the layer
+  list by calling the widget's ``reset_choices`` (the rest of the form is plain Qt).
 """
 
 from __future__ import annotations
@@ -101,8 +103,7 @@ class SegmentWidget(QWidget):
 
         self._build_ui()
         self._populate_models()
-        self._refresh_image_layers()
-        self._connect_viewer()
+        self.reset_choices()
         registry.register_segment_widget(self.viewer, self)
         # stop a running worker when the dock (or the whole window) goes away; the closure
         # must not reference `self`, whose Qt side is already gone when `destroyed` fires
@@ -113,15 +114,21 @@ class SegmentWidget(QWidget):
     # -- UI ------------------------------------------------------------------------------------
 
     def _build_ui(self) -> None:
+        from magicgui.widgets import create_widget
+        from napari.layers import Image
         from superqt import QLabeledDoubleSlider
 
         layout = QVBoxLayout(self)
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
 
-        self.image_combo = QComboBox()
-        self.image_combo.setToolTip("Image layer to segment: 2D grey or RGB, or a stack (slice by slice)")
-        form.addRow("Image", self.image_combo)
+        # magicgui's layer-typed combo box: its value is the Image layer itself, and napari calls
+        # reset_choices (below) when layers are added, removed, reordered or renamed
+        self.image_combo = create_widget(
+            annotation=Image, options={"choices": self._image_choices,
+                                       "tooltip": "Image layer to segment: 2D grey or RGB, or a stack (slice by slice)"},
+        )
+        form.addRow("Image", self.image_combo.native)
 
         self.modality_combo = QComboBox()
         self.modality_combo.addItems(["auto", *MODALITIES])
@@ -267,32 +274,8 @@ class SegmentWidget(QWidget):
 
     # -- image layer combo -------------------------------------------------------------------
 
-    def _connect_viewer(self) -> None:
-        events = self.viewer.layers.events
-        for name in ("inserted", "removed", "moved", "reordered"):
-            emitter = getattr(events, name, None)
-            if emitter is not None:
-                emitter.connect(self._on_layers_changed)
-        for layer in self.viewer.layers:
-            layer.events.name.connect(self._on_layers_changed)
-
-    def _disconnect_viewer(self) -> None:
-        events = self.viewer.layers.events
-        for name in ("inserted", "removed", "moved", "reordered"):
-            emitter = getattr(events, name, None)
-            if emitter is not None:
-                emitter.disconnect(self._on_layers_changed)
-        for layer in self.viewer.layers:
-            layer.events.name.disconnect(self._on_layers_changed)
-
-    def _on_layers_changed(self, event: Any = None) -> None:
-        if not alive(self):
-            return
-        if event is not None and getattr(event, "type", None) == "inserted":
-            event.value.events.name.connect(self._on_layers_changed)
-        self._refresh_image_layers()
-
-    def _image_layers(self) -> list[Any]:
+    def _image_choices(self, _combo: Any = None) -> list[Any]:
+        """The viewer's Image layers, without this widget's own heatmap and probability outputs."""
         from napari.layers import Image
 
         ours = {"heatmap", "probability"}
@@ -301,20 +284,24 @@ class SegmentWidget(QWidget):
             if isinstance(layer, Image) and layer.metadata.get(METADATA_KEY, {}).get("kind") not in ours
         ]
 
-    def _refresh_image_layers(self) -> None:
+    def reset_choices(self, *_: Any) -> None:
+        """Refill the image combo from the viewer (napari calls this on every layer-list change).
+
+        The chosen layer stays chosen, renamed or moved; when it is gone, the selected layer
+        is taken if it is an image, else the first image.
+        """
+        if not alive(self):
+            return
         combo = self.image_combo
-        current = combo.currentText()
-        names = [layer.name for layer in self._image_layers()]
-        combo.blockSignals(True)
-        combo.clear()
-        combo.addItems(names)
-        if current in names:
-            combo.setCurrentIndex(names.index(current))
-        else:
-            active = self.viewer.layers.selection.active
-            if active is not None and active.name in names:
-                combo.setCurrentIndex(names.index(active.name))
-        combo.blockSignals(False)
+        previous = combo.value
+        combo.reset_choices()
+        choices = combo.choices
+        if previous is not None and any(layer is previous for layer in choices):
+            combo.value = previous
+            return
+        active = self.viewer.layers.selection.active
+        if active is not None and any(layer is active for layer in choices):
+            combo.value = active
 
     def _layer_by_name(self, name: str) -> Any | None:
         for layer in self.viewer.layers:
@@ -333,8 +320,7 @@ class SegmentWidget(QWidget):
         if self.busy:
             notify("info", "a segmentation is already running; press Cancel to stop it")
             return None
-        name = self.image_combo.currentText()
-        layer = self._layer_by_name(name) if name else None
+        layer = self.image_combo.value
         if layer is None:
             notify("warning", "no image layer to segment; open an image first")
             return None
@@ -655,10 +641,6 @@ class SegmentWidget(QWidget):
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
         self._closing = True
         _quit_worker(self._worker_box)
-        try:
-            self._disconnect_viewer()
-        except Exception:  # noqa: BLE001 -- the viewer may be half torn down already
-            pass
         super().closeEvent(event)
 
 
