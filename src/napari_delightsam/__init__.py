@@ -6,6 +6,11 @@ Public API::
     seg = load_model()                      # bundled model in weights/, offline
     result = seg.segment(image, modality="dermoscopy")
     result.mask, result.probability, result.patch_heatmap
+
+    from napari_delightsam import load_refiner   # correct with a box (LiteMedSAM)
+    refiner = load_refiner()
+    refiner.set_image(image)                # embedding computed once per image
+    mask = refiner.segment_box((x0, y0, x1, y1))   # (H, W) bool, x = column, y = row
 """
 
 from __future__ import annotations
@@ -14,7 +19,16 @@ __version__ = "0.1.0"
 
 from .config import MODALITIES, ModelConfig  # noqa: E402
 
-__all__ = ["MODALITIES", "ModelConfig", "__version__", "load_model", "Segmenter", "SegmentationResult"]
+__all__ = [
+    "MODALITIES",
+    "BoxRefiner",
+    "ModelConfig",
+    "SegmentationResult",
+    "Segmenter",
+    "__version__",
+    "load_model",
+    "load_refiner",
+]
 
 
 def __getattr__(name: str):  # lazy: keep `import napari_delightsam` light for napari's plugin scan
@@ -22,4 +36,8 @@ def __getattr__(name: str):  # lazy: keep `import napari_delightsam` light for n
         from . import inference
 
         return getattr(inference, name)
+    if name in ("load_refiner", "BoxRefiner"):
+        from . import refine
+
+        return getattr(refine, name)
     raise AttributeError(name)

