@@ -39,7 +39,11 @@ def test_every_manifest_command_imports():
 def test_manifest_contributions():
     manifest = PluginManifest.from_file(str(PACKAGED))
     contrib = manifest.contributions
-    assert {w.display_name for w in contrib.widgets} == {"De-LightSAM segment", "De-LightSAM fine-tune"}
+    assert {w.display_name for w in contrib.widgets} == {
+        "De-LightSAM segment",
+        "De-LightSAM fine-tune",
+        "De-LightSAM refine",
+    }
     writers = {tuple(w.filename_extensions): w.layer_types for w in contrib.writers}
     assert writers == {(".png",): ["labels"], (".tif", ".tiff"): ["labels"]}
     assert {s.key for s in contrib.sample_data} == set(sample_data.SAMPLES)

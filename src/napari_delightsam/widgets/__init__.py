@@ -4,13 +4,14 @@ The napari/Qt-free logic lives in plain modules that can be tested without a vie
 ``core`` (input checks, thresholds, layer naming, edit detection, output folders),
 ``export`` (PNG/TIFF + provenance JSON), ``settings`` (remembered choices),
 ``model_cache`` (one Segmenter per checkpoint and device) and ``finetune_job`` (the training
-child process and its progress stream). ``segment_widget`` and ``finetune_widget`` are the Qt
-dock widgets named in ``napari.yaml``; importing this package does not import Qt.
+child process and its progress stream), ``notify`` (notifications). ``segment_widget``,
+``finetune_widget`` and ``refine_widget`` (correct with a box, LiteMedSAM) are the dock widgets
+named in ``napari.yaml``; importing this package does not import Qt.
 """
 
 from __future__ import annotations
 
-__all__ = ["SegmentWidget", "FinetuneWidget"]
+__all__ = ["SegmentWidget", "FinetuneWidget", "RefineWidget"]
 
 
 def __getattr__(name: str):  # lazy: keep Qt out of `import napari_delightsam.widgets`
@@ -22,4 +23,8 @@ def __getattr__(name: str):  # lazy: keep Qt out of `import napari_delightsam.wi
         from .finetune_widget import FinetuneWidget
 
         return FinetuneWidget
+    if name == "RefineWidget":
+        from .refine_widget import RefineWidget
+
+        return RefineWidget
     raise AttributeError(name)

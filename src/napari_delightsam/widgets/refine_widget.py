@@ -1,0 +1,510 @@
+"""The "De-LightSAM refine" dock widget: correct a mask by drawing a box around an object.
+
+Image + mask (Labels) pickers (magicgui's layer-typed combo boxes), a write mode and a device.
+**Box** adds (or reuses) a Shapes layer ``<image>_delightsam_boxes`` with the rectangle tool
+active and starts computing the image's LiteMedSAM embedding in the background. Every rectangle
+drawn there becomes a job for a napari ``thread_worker``: ``refine.BoxRefiner.segment_box`` on
+the rectangle's slice (a stack: the slice it was drawn on), then, back on the GUI thread, the
+object is written into the mask with ``refine.merge_object``:
+
+* binary: the object replaces the mask in its region (its pixels 1; the rest of the foreground
+  components it touches inside the box 0, except objects earlier boxes wrote);
+* instances: the object's pixels get a new id.
+
+Only pixels whose centres lie inside the box change. Each refinement is one
+``Labels.data_setitem`` inside ``Labels.block_history()``: one step of napari's Labels undo.
+The boxes used are appended to the mask layer's provenance (``metadata['delightsam']['boxes']``,
+written to the export sidecar). Jobs run one at a time in drawing order; the GUI thread never
+waits for the model. Bad boxes, unusable images and device errors become notifications
+(device errors with **Retry on CPU**).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, Label, PushButton, create_widget
+
+from ..refine import box_pixels, check_box, merge_object
+from ._llvm import avoid_triton_llvm_clash
+from .core import (
+    METADATA_KEY,
+    InputError,
+    device_error_kind,
+    fingerprint,
+    guard_worker,
+    output_names,
+    prepare_input,
+    utc_now,
+)
+from .model_cache import ModelCache
+from .notify import alive, notify
+
+if TYPE_CHECKING:
+    import napari
+
+BOXES_SUFFIX = "_delightsam_boxes"
+REFINER_SPEC = "litemedsam"
+MODES = (("binary: replace the object's region", "binary"), ("instances: add a new id", "instances"))
+
+
+def _load_refiner(spec: str, device: str) -> Any:
+    from ..refine import load_refiner
+
+    avoid_triton_llvm_clash()
+    return load_refiner(device)
+
+
+#: one LiteMedSAM per device for every refine widget of the process
+REFINER_CACHE = ModelCache(max_entries=1, loader=_load_refiner)
+
+
+@dataclass
+class RefineJob:
+    """One unit of work for the worker: embed a slice (``box`` None) or refine one box."""
+
+    image: weakref.ref
+    labels: weakref.ref | None
+    prepared: Any  # core.PreparedInput of the image layer
+    z: int | None
+    box: np.ndarray | None
+    device: str
+    mode: str = "binary"
+    image_name: str = ""
+    drawn: dict[str, Any] = field(default_factory=dict)
+
+
+class RefineWidget(Container):
+    """Dock widget: LiteMedSAM box refinement of a De-LightSAM (or any) mask."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, refiner_cache: ModelCache | None = None) -> None:
+        import napari.layers
+
+        super().__init__(labels=True)
+        avoid_triton_llvm_clash()  # before anything imports the model (see _llvm.py)
+        # napari hands plugins a PublicOnlyProxy; keep the real viewer (layer identity, weakrefs)
+        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
+        self.refiner_cache = refiner_cache or REFINER_CACHE
+        self.native.setObjectName("DeLightSAMRefineWidget")
+        self.image_picker = create_widget(annotation=napari.layers.Image, label="Image")
+        self.image_picker.tooltip = "Image the boxes are drawn on (2D grey or RGB, or a stack: the current slice)"
+        self.labels_picker = create_widget(annotation=napari.layers.Labels, label="Mask")
+        self.labels_picker.tooltip = "Labels layer the refined objects are written into"
+        self.mode_combo = ComboBox(label="Write", choices=MODES, value="binary")
+        self.mode_combo.tooltip = (
+            "binary: the object replaces the mask in its region (inside the box only); "
+            "instances: the object gets a new label id"
+        )
+        self.device_combo = ComboBox(label="Device", choices=_device_choices(), value="auto")
+        self.box_button = PushButton(text="Box")
+        self.box_button.tooltip = "Add a boxes layer with the rectangle tool; each rectangle refines one object"
+        self.status = Label(value="Pick the image and its mask, press Box, draw a rectangle around an object.")
+        self.extend([self.image_picker, self.labels_picker, self.mode_combo, self.device_combo,
+                     self.box_button, self.status])
+        self.status.native.setWordWrap(True)
+
+        self._queue: deque[RefineJob] = deque()
+        self._worker: Any = None
+        self._job: RefineJob | None = None
+        self._progress: Any = None
+        self._closing = False
+        self._sessions: dict[int, tuple[weakref.ref, weakref.ref, weakref.ref]] = {}
+        self._seen: dict[int, int] = {}
+        self._protected: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+        self.refinements = 0  # refinements written (for tests and the status line)
+
+        self.box_button.changed.connect(self.start_boxes)
+        self.image_picker.changed.connect(self._on_image_changed)
+        self.labels_picker.changed.connect(self._on_labels_changed)
+        for name in ("inserted", "removed", "moved", "reordered"):
+            emitter = getattr(self.viewer.layers.events, name, None)
+            if emitter is not None:
+                emitter.connect(self.reset_choices)
+        state: dict[str, Any] = {"worker": None}
+        self._worker_box = state
+        self.native.destroyed.connect(lambda *_: _quit(state))
+        self.reset_choices()
+        self._on_image_changed(self.image_picker.value)  # the pickers may be filled already
+        self._on_labels_changed(self.labels_picker.value)
+
+    # -- pickers ---------------------------------------------------------------------------------
+
+    def reset_choices(self, *_: Any) -> None:
+        if self._closing or not alive(self):
+            return
+        super().reset_choices()
+        image = self.image_picker.value
+        if image is not None and image.metadata.get(METADATA_KEY, {}).get("kind") in ("heatmap", "probability"):
+            # our own heatmap/probability maps are listed too; prefer a real image
+            for choice in self.image_picker.choices:
+                if choice.metadata.get(METADATA_KEY, {}).get("kind") not in ("heatmap", "probability"):
+                    self.image_picker.value = choice
+                    break
+
+    def _on_image_changed(self, image: Any) -> None:
+        """Suggest the image's De-LightSAM mask (the newest ``<image>_delightsam_mask[ [k]]``)."""
+        if image is None:
+            return
+        base = output_names(image.name)["mask"]
+        candidates = [c for c in self.labels_picker.choices if c.name == base or c.name.startswith(base + " [")]
+        if candidates:
+            self.labels_picker.value = candidates[-1]
+
+    def _on_labels_changed(self, labels: Any) -> None:
+        if labels is not None and labels.metadata.get(METADATA_KEY, {}).get("instances"):
+            self.mode_combo.value = "instances"
+
+    def _set_status(self, text: str) -> None:
+        if alive(self):
+            self.status.value = text
+
+    # -- Box: the shapes layer -------------------------------------------------------------------
+
+    def _check_pair(self) -> tuple[Any, Any, Any] | None:
+        image, labels = self.image_picker.value, self.labels_picker.value
+        if image is None:
+            notify("warning", "no image layer: open an image first")
+            return None
+        if labels is None:
+            notify("warning", "no mask (Labels) layer: run De-LightSAM segment first or add a Labels layer")
+            return None
+        try:
+            prepared = prepare_input(image.data, bool(getattr(image, "rgb", False)), image.name,
+                                     bool(getattr(image, "multiscale", False)))
+        except InputError as exc:
+            notify("error", str(exc))
+            return None
+        if tuple(labels.data.shape) != tuple(prepared.output_shape):
+            notify("error", f"mask '{labels.name}' has shape {tuple(labels.data.shape)} but image '{image.name}' "
+                            f"is {tuple(prepared.output_shape)}; choose the image's own mask")
+            return None
+        return image, labels, prepared
+
+    def start_boxes(self, *_: Any) -> Any:
+        """The Box button: the image's boxes layer with the rectangle tool, embedding started."""
+        checked = self._check_pair()
+        if checked is None:
+            return None
+        image, labels, prepared = checked
+        shapes = self._boxes_layer(image, prepared)
+        self._sessions[id(shapes)] = (weakref.ref(shapes), weakref.ref(image), weakref.ref(labels))
+        self.viewer.layers.selection.active = shapes
+        shapes.mode = "add_rectangle"
+        z = self._current_slice(image) if prepared.stack else None
+        self._submit(RefineJob(weakref.ref(image), None, prepared, z, None, self.device_combo.value,
+                               image_name=image.name))
+        self._set_status(f"Draw a rectangle around an object in '{image.name}'; it is written into '{labels.name}'.")
+        return shapes
+
+    def _boxes_layer(self, image: Any, prepared: Any) -> Any:
+        from napari.layers import Shapes
+
+        name = f"{image.name}{BOXES_SUFFIX}"
+        for layer in self.viewer.layers:
+            if isinstance(layer, Shapes) and layer.name == name and layer.ndim == image.ndim:
+                break
+        else:
+            layer = self.viewer.add_shapes(
+                ndim=image.ndim, name=name, scale=image.scale, translate=image.translate,
+                edge_color="yellow", face_color="transparent", edge_width=max(1.0, max(prepared.plane_shape) / 300),
+                metadata={METADATA_KEY: {"kind": "boxes", "image": image.name}},
+            )
+        if id(layer) not in self._seen:
+            self._seen[id(layer)] = len(layer.data)
+            ref = weakref.ref(layer)
+            layer.events.data.connect(lambda event: self._on_shapes_data(ref, event))
+        return layer
+
+    def _current_slice(self, image: Any) -> int:
+        point = image.world_to_data(self.viewer.dims.point[-image.ndim:] if image.ndim else ())
+        return int(np.clip(round(float(point[0])), 0, image.data.shape[0] - 1))
+
+    def _on_shapes_data(self, ref: weakref.ref, event: Any) -> None:
+        shapes = ref()
+        if shapes is None or self._closing or not alive(self):
+            return
+        action = str(getattr(event, "action", "added"))
+        if action not in ("added", "removed"):
+            return
+        seen = self._seen.get(id(shapes), 0)
+        count = len(shapes.data)
+        self._seen[id(shapes)] = count
+        if action == "removed" or count <= seen:
+            return
+        for index in range(seen, count):
+            self._on_rectangle(shapes, index)
+
+    def _on_rectangle(self, shapes: Any, index: int) -> None:
+        session = self._sessions.get(id(shapes))
+        refs = [r() for r in session] if session else [None, None, None]
+        _, image, labels = refs
+        if image is None or labels is None or image not in self.viewer.layers or labels not in self.viewer.layers:
+            notify("warning", "the image or mask of this boxes layer is gone; press Box again")
+            return
+        if shapes.shape_type[index] != "rectangle":
+            notify("warning", f"only rectangles refine objects; the {shapes.shape_type[index]} was ignored")
+            return
+        try:
+            prepared = prepare_input(image.data, bool(getattr(image, "rgb", False)), image.name,
+                                     bool(getattr(image, "multiscale", False)))
+            box, z = rectangle_to_box(shapes, index, image, prepared)
+        except (InputError, ValueError) as exc:
+            notify("warning", f"box ignored: {exc}")
+            return
+        drawn = {"box": [round(float(v), 2) for v in box], "slice": z, "shape_index": index}
+        self._submit(RefineJob(weakref.ref(image), weakref.ref(labels), prepared, z, box, self.device_combo.value,
+                               mode=self.mode_combo.value, image_name=image.name, drawn=drawn))
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._worker is not None
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + (1 if self._worker is not None else 0)
+
+    def _submit(self, job: RefineJob) -> None:
+        self._queue.append(job)
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._worker is not None or not self._queue or self._closing:
+            return
+        from napari.qt.threading import create_worker
+
+        job = self._queue.popleft()
+        self._job = job
+        # errors are ours to report (notifications), not tracebacks re-raised in the GUI thread
+        worker = create_worker(_guarded_job, self.refiner_cache, job.prepared, job.z, job.box, job.device,
+                               _start_thread=False, _ignore_errors=True)
+        worker.yielded.connect(self._on_yielded)
+        worker.returned.connect(lambda result, job=job: self._on_returned(job, result))
+        worker.errored.connect(lambda exc, job=job: self._on_errored(job, exc))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._worker_box["worker"] = worker
+        if job.box is not None:
+            self._set_status(f"Refining the box {job.drawn.get('box')}…")
+        worker.start()
+
+    def _on_yielded(self, item: tuple) -> None:
+        if not alive(self) or self._job is None:
+            return
+        if item[0] == "loading":
+            self._set_status(f"Loading LiteMedSAM on {item[1]}…")
+        elif item[0] == "embedding":
+            what = f"slice {self._job.z} of '{self._job.image_name}'" if self._job.z is not None else f"'{self._job.image_name}'"
+            self._set_status(f"Computing the LiteMedSAM image embedding of {what} (once per image; "
+                             "later boxes reuse it)…")
+            from napari.utils import progress
+
+            self._close_progress()
+            self._progress = progress(total=0, desc=f"De-LightSAM refine: embedding {what}")
+
+    def _close_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self._worker_box["worker"] = None
+        self._job = None
+        self._close_progress()
+        if alive(self) and not self._closing:
+            self._pump()
+
+    def _on_errored(self, job: RefineJob, exc: BaseException) -> None:
+        if not alive(self) or self._closing:
+            return
+        original = getattr(exc, "original", exc)
+        kind = device_error_kind(original)
+        if kind is not None and job.device != "cpu":
+            self._set_status(f"{kind} on {job.device}; you can retry on the CPU.")
+            notify("error", f"{kind} on device '{job.device}' ({original}). Retry on the CPU?",
+                   actions=(("Retry on CPU", lambda *_, job=job: self.retry_on_cpu(job)),))
+            return
+        self._set_status(f"Failed: {original}")
+        notify("error", f"box refinement of '{job.image_name}' failed: {original}")
+
+    def retry_on_cpu(self, job: RefineJob) -> None:
+        """The device-error fallback: the same job (and later ones) on the CPU."""
+        if not alive(self):
+            return
+        self.device_combo.value = "cpu"
+        job.device = "cpu"
+        for queued in self._queue:
+            queued.device = "cpu"
+        self._queue.appendleft(job)
+        self._pump()
+
+    def _on_returned(self, job: RefineJob, result: dict[str, Any]) -> None:
+        if not alive(self) or self._closing:
+            return
+        if job.box is None:
+            self._set_status(f"Ready: boxes on '{job.image_name}' now reuse its embedding "
+                             f"({result['seconds']:.2f} s).")
+            return
+        labels = job.labels() if job.labels is not None else None
+        if labels is None or labels not in self.viewer.layers:
+            notify("warning", "the mask layer was removed while refining; the box was not applied")
+            return
+        changed = self.write_object(labels, result["mask"], job, result["model"])
+        took = f"{result['seconds']:.2f} s" + (" incl. the image embedding" if result["embedded"] else "")
+        if changed == 0:
+            self._set_status(f"No change: LiteMedSAM found no new object pixels in the box ({took}).")
+            notify("info", "the box found no object pixels to add or replace; the mask is unchanged")
+        else:
+            self._set_status(f"Refined: {changed} pixels of '{labels.name}' changed ({took}); Ctrl+Z in the "
+                             "mask layer undoes it.")
+
+    # -- writing into the mask -------------------------------------------------------------------
+
+    def write_object(self, labels: Any, obj: np.ndarray, job: RefineJob, model: dict[str, Any]) -> int:
+        """Merge ``obj`` (the slice's (H,W) bool object) into ``labels`` as one undo step;
+        returns the number of pixels changed."""
+        assert job.box is not None
+        lead: tuple[int, ...] = () if job.z is None else (int(job.z),)
+        plane_shape = tuple(labels.data.shape[len(lead):])
+        rows, cols = box_pixels(job.box, plane_shape)
+        current = np.asarray(labels.data[(*lead, rows, cols)])
+        crop = np.asarray(obj[rows, cols], dtype=bool)
+        if not crop.any():
+            return 0
+        protected_full = self._protected_for(labels)
+        protected = protected_full[(*lead, rows, cols)]
+        if job.mode == "instances":
+            value = int(np.asarray(labels.data).max()) + 1
+        else:
+            value = 1
+        dtype = np.asarray(current).dtype
+        if dtype.kind in "ui" and value > np.iinfo(dtype).max:
+            notify("error", f"'{labels.name}' ({dtype}) has no free label id above {value - 1}; "
+                            "the box was not applied")
+            return 0
+        new = merge_object(current, crop, mode=job.mode, value=value, protected=protected)
+        changed = new != current
+        n = int(np.count_nonzero(changed))
+        if n:
+            r, c = np.nonzero(changed)
+            index = (*(np.full(n, v) for v in lead), r + rows.start, c + cols.start)
+            with labels.block_history():  # one undo step
+                labels.data_setitem(index, new[changed])
+            protected_full[(*lead, rows, cols)] |= crop
+            self.refinements += 1
+        self._record(labels, job, value, n, model)
+        return n
+
+    def _protected_for(self, labels: Any) -> np.ndarray:
+        ref, arr = self._protected.get(id(labels), (None, None))
+        if ref is None or ref() is not labels or arr is None or arr.shape != tuple(labels.data.shape):
+            arr = np.zeros(labels.data.shape, dtype=bool)
+            self._protected[id(labels)] = (weakref.ref(labels), arr)
+        return arr
+
+    def _record(self, labels: Any, job: RefineJob, value: int, changed: int, model: dict[str, Any]) -> None:
+        meta = dict(labels.metadata or {})
+        record = dict(meta.get(METADATA_KEY, {}) or {})
+        boxes = list(record.get("boxes", []) or [])
+        boxes.append({
+            **job.drawn,
+            "mode": job.mode,
+            "label": value,
+            "pixels_changed": changed,
+            "image_layer": job.image_name,
+            "time": utc_now(),
+        })
+        record["boxes"] = boxes
+        record["box_model"] = model
+        meta[METADATA_KEY] = record
+        labels.metadata = meta
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def close_widget(self) -> None:
+        """Stop the worker and drop queued jobs (also on the dock's close)."""
+        self._closing = True
+        self._queue.clear()
+        _quit(self._worker_box)
+        self._close_progress()
+        for name in ("inserted", "removed", "moved", "reordered"):
+            emitter = getattr(self.viewer.layers.events, name, None)
+            if emitter is not None:
+                emitter.disconnect(self.reset_choices)
+
+
+def rectangle_to_box(shapes: Any, index: int, image: Any, prepared: Any) -> tuple[np.ndarray, int | None]:
+    """(box in the image's pixel-edge coordinates, slice index or None) of ``shapes.data[index]``.
+
+    napari puts pixel centres on integer data coordinates, so an edge is a coordinate + 0.5.
+    ``ValueError`` for a box refine cannot use (``refine.check_box``) or a slice outside the stack.
+    """
+    vertices = np.asarray(shapes.data[index], dtype=np.float64)
+    world = np.array([shapes.data_to_world(v) for v in vertices])
+    data = np.array([image.world_to_data(w) for w in world])
+    rows, cols = data[:, -2], data[:, -1]
+    box = np.array([cols.min() + 0.5, rows.min() + 0.5, cols.max() + 0.5, rows.max() + 0.5])
+    z = None
+    if prepared.stack:
+        zs = np.round(data[:, 0]).astype(int)
+        z = int(zs[0])
+        if not 0 <= z < prepared.n_slices:
+            raise ValueError(f"the rectangle is on slice {z}, outside the {prepared.n_slices}-slice stack")
+    check_box(box, prepared.plane_shape)  # the one-line ValueError for a bad box
+    return box, z
+
+
+def _refine_job(cache: ModelCache, prepared: Any, z: int | None, box: np.ndarray | None, device: str):
+    """Worker body (off the GUI thread): load/reuse LiteMedSAM, embed the slice if it is new,
+    segment the box. Returns {"mask", "embedded", "seconds", "model"}."""
+    import time
+
+    start = time.perf_counter()
+    if not cache.is_loaded(REFINER_SPEC, device):
+        yield ("loading", device)
+    refiner = cache.get(REFINER_SPEC, device)
+    plane = np.array(prepared.plane(z if z is not None else 0))  # a private copy of the slice
+    key = fingerprint(plane)
+    with refiner.lock:  # one refiner may serve several widgets
+        embedded = refiner.image_id != key
+        if embedded:
+            yield ("embedding",)
+            refiner.set_image(plane, image_id=key)
+        mask = refiner.segment_box(box) if box is not None else None
+    model = {
+        **{k: v for k, v in getattr(refiner, "weights", {}).items() if k != "conv_bn_fused"},
+        "device": str(getattr(refiner, "device", device)),
+        "precision": getattr(refiner, "precision", None),
+    }
+    return {"mask": mask, "embedded": embedded, "seconds": time.perf_counter() - start, "model": model}
+
+
+def _guarded_job(*args: Any):
+    return (yield from guard_worker(_refine_job(*args)))
+
+
+def _quit(state: dict[str, Any]) -> None:
+    worker = state.get("worker")
+    if worker is not None:
+        try:
+            worker.quit()
+        except RuntimeError:
+            pass
+
+
+def _device_choices() -> list[str]:
+    try:
+        from ..devices import device_choices
+
+        return device_choices()
+    except Exception:  # noqa: BLE001 -- torch probing failed: CPU still works
+        return ["auto", "cpu"]
+
+
+__all__ = ["REFINER_CACHE", "RefineJob", "RefineWidget", "rectangle_to_box"]
