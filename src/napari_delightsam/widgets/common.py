@@ -1,37 +1,14 @@
-"""Small helpers every De-LightSAM dock widget uses: notifications, Qt liveness, labels, devices.
+"""Small helpers the De-LightSAM dock widgets share: model labels and the device menu.
 
-Importing this module imports neither Qt nor napari (``notify`` imports napari when called).
+(Notifications and Qt liveness are in ``notify``.) Importing this module imports neither Qt
+nor napari.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-__all__ = ["alive", "checkpoint_label", "device_choices", "notify"]
-
-
-def notify(kind: str, message: str, actions: tuple = ()) -> None:
-    """A napari notification prefixed "De-LightSAM: ".
-
-    ``kind`` is ``"info"``, ``"warning"`` or anything else for an error; ``actions`` are
-    ``(label, callback)`` buttons, e.g. ``(("Retry on CPU", retry),)``.
-    """
-    from napari.utils.notifications import Notification, NotificationSeverity, notification_manager
-
-    severity = {"info": NotificationSeverity.INFO, "warning": NotificationSeverity.WARNING}.get(
-        kind, NotificationSeverity.ERROR
-    )
-    notification_manager.dispatch(Notification(f"De-LightSAM: {message}", severity=severity, actions=actions))
-
-
-def alive(obj: Any) -> bool:
-    """False once the C++ side of a Qt object is deleted (a late worker signal must not touch it)."""
-    try:
-        obj.objectName()
-    except RuntimeError:
-        return False
-    return True
+__all__ = ["checkpoint_label", "device_choices"]
 
 
 def checkpoint_label(path: str | Path) -> str:

@@ -42,9 +42,10 @@ from qtpy.QtWidgets import (
 from ..config import MODALITIES
 from . import registry, settings
 from ._llvm import avoid_triton_llvm_clash
-from .common import alive, checkpoint_label, device_choices, notify
+from .common import checkpoint_label, device_choices
 from .core import METADATA_KEY, check_output_dir, default_run_dir, guard_worker, output_names
 from .finetune_job import FinetuneSettings, TrainingPair, run_finetune
+from .notify import alive, notify
 
 if TYPE_CHECKING:
     import napari

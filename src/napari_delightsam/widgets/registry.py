@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from .common import alive
+from .notify import alive
 
 _SEGMENT_WIDGETS: list[tuple[weakref.ref, weakref.ref]] = []
 

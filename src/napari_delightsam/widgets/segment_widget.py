@@ -42,7 +42,7 @@ from qtpy.QtWidgets import (
 from ..config import MODALITIES
 from . import registry, settings
 from ._llvm import avoid_triton_llvm_clash
-from .common import alive, checkpoint_label, device_choices, notify
+from .common import checkpoint_label, device_choices
 from .core import (
     METADATA_KEY,
     InputError,
@@ -59,6 +59,7 @@ from .core import (
     was_edited,
 )
 from .model_cache import MODEL_CACHE, ModelCache
+from .notify import alive, notify
 
 if TYPE_CHECKING:
     import napari
