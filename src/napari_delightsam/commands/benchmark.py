@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="speed, memory, params and FLOPs vs SAM ViT-B and LiteMedSAM",
         description=(
             "End-to-end speed of De-LightSAM through the public Segmenter API (uint8 image -> mask at the "
-            "input size), load time, cold and steady-state latency, batch throughput, peak memory, the fast "
+            "input size): the bundled model, and the paper's 1024² architecture as a second row; load time, cold and steady-state latency, batch throughput, peak memory, the fast "
             "path vs fp32 eager (with mask Dice), training throughput, and the same process's peers with "
             "random weights: SAM ViT-B image encoder alone, SAM ViT-B automatic mask generator, LiteMedSAM "
             "encoder. Peers are timed in rounds alternating with ours. The defaults take about 4.5 minutes "
