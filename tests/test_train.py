@@ -235,12 +235,14 @@ def test_cli_train_progress_jsonl_and_refusal(tmp_path: Path, data_root: Path, c
 
 
 def test_channels_last_training_matches_contiguous_and_may_change_on_resume(tmp_path: Path, data_root: Path):
-    # the memory format is a layout, not a different computation: same run, same weights (to rounding)
-    cl = train(TrainConfig(epochs=1, **TINY), tmp_path / "cl", data_root=data_root, show_progress=False)
+    # the memory format is a layout, not a different computation: same run, same weights (to rounding);
+    # fp32 on every host (amp_cpu defaults to bf16 where the CPU has it natively)
+    cl = train(TrainConfig(epochs=1, amp_cpu=False, **TINY), tmp_path / "cl", data_root=data_root, show_progress=False)
     assert cl.model is not None
     assert cl.model.encoder.stem.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last)
     plain = train(
-        TrainConfig(epochs=1, channels_last=False, **TINY), tmp_path / "plain", data_root=data_root, show_progress=False
+        TrainConfig(epochs=1, channels_last=False, amp_cpu=False, **TINY), tmp_path / "plain", data_root=data_root,
+        show_progress=False,
     )
     assert plain.model is not None
     assert not plain.model.encoder.stem.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last)
