@@ -111,7 +111,6 @@ class RefineWidget(Container):
         self._worker: Any = None
         self._job: RefineJob | None = None
         self._progress: Any = None
-        self._closing = False
         self._sessions: dict[int, tuple[weakref.ref, weakref.ref, weakref.ref]] = {}
         self._seen: dict[int, int] = {}
         self._protected: dict[int, tuple[weakref.ref, np.ndarray]] = {}
@@ -126,6 +125,7 @@ class RefineWidget(Container):
                 emitter.connect(self.reset_choices)
         state: dict[str, Any] = {"worker": None}
         self._worker_box = state
+        # stop the worker when the dock goes away; the closure must not hold `self`
         self.native.destroyed.connect(lambda *_: _quit(state))
         self.reset_choices()
         self._on_image_changed(self.image_picker.value)  # the pickers may be filled already
@@ -134,7 +134,7 @@ class RefineWidget(Container):
     # -- pickers ---------------------------------------------------------------------------------
 
     def reset_choices(self, *_: Any) -> None:
-        if self._closing or not alive(self):
+        if not alive(self):
             return
         super().reset_choices()
         image = self.image_picker.value
@@ -225,7 +225,7 @@ class RefineWidget(Container):
 
     def _on_shapes_data(self, ref: weakref.ref, event: Any) -> None:
         shapes = ref()
-        if shapes is None or self._closing or not alive(self):
+        if shapes is None or not alive(self):
             return
         action = str(getattr(event, "action", "added"))
         if action not in ("added", "removed"):
@@ -274,7 +274,7 @@ class RefineWidget(Container):
         self._pump()
 
     def _pump(self) -> None:
-        if self._worker is not None or not self._queue or self._closing:
+        if self._worker is not None or not self._queue or not alive(self):
             return
         from napari.qt.threading import create_worker
 
@@ -317,11 +317,11 @@ class RefineWidget(Container):
         self._worker_box["worker"] = None
         self._job = None
         self._close_progress()
-        if alive(self) and not self._closing:
+        if alive(self):
             self._pump()
 
     def _on_errored(self, job: RefineJob, exc: BaseException) -> None:
-        if not alive(self) or self._closing:
+        if not alive(self):
             return
         original = getattr(exc, "original", exc)
         kind = device_error_kind(original)
@@ -345,7 +345,7 @@ class RefineWidget(Container):
         self._pump()
 
     def _on_returned(self, job: RefineJob, result: dict[str, Any]) -> None:
-        if not alive(self) or self._closing:
+        if not alive(self):
             return
         if job.box is None:
             self._set_status(f"Ready: boxes on '{job.image_name}' now reuse its embedding "
@@ -372,6 +372,10 @@ class RefineWidget(Container):
         assert job.box is not None
         lead: tuple[int, ...] = () if job.z is None else (int(job.z),)
         plane_shape = tuple(labels.data.shape[len(lead):])
+        if tuple(obj.shape) != plane_shape or (lead and not 0 <= lead[0] < labels.data.shape[0]):
+            notify("error", f"'{labels.name}' no longer matches the image (shape {tuple(labels.data.shape)}); "
+                            "the box was not applied")
+            return 0
         rows, cols = box_pixels(job.box, plane_shape)
         current = np.asarray(labels.data[(*lead, rows, cols)])
         crop = np.asarray(obj[rows, cols], dtype=bool)
@@ -424,19 +428,6 @@ class RefineWidget(Container):
         record["box_model"] = model
         meta[METADATA_KEY] = record
         labels.metadata = meta
-
-    # -- teardown ------------------------------------------------------------------------------
-
-    def close_widget(self) -> None:
-        """Stop the worker and drop queued jobs (also on the dock's close)."""
-        self._closing = True
-        self._queue.clear()
-        _quit(self._worker_box)
-        self._close_progress()
-        for name in ("inserted", "removed", "moved", "reordered"):
-            emitter = getattr(self.viewer.layers.events, name, None)
-            if emitter is not None:
-                emitter.disconnect(self.reset_choices)
 
 
 def rectangle_to_box(shapes: Any, index: int, image: Any, prepared: Any) -> tuple[np.ndarray, int | None]:
