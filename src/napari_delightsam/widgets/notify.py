@@ -29,8 +29,9 @@ def notify(kind: str, message: str, actions: Sequence[tuple[str, Callable[..., A
 def alive(widget: Any) -> bool:
     """False once the Qt object behind ``widget`` (a QWidget, or a magicgui widget's ``native``)
     has been deleted."""
-    native = getattr(widget, "native", widget)
     try:
+        # on a deleted PyQt wrapper even the attribute lookup raises RuntimeError
+        native = getattr(widget, "native", widget)
         native.objectName()
     except RuntimeError:
         return False
