@@ -221,6 +221,23 @@ class DCEncoder(nn.Module):
     def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_vit(self.forward_conv(x), modality)
 
+    @torch.no_grad()
+    def neutralise_controllers(self) -> None:
+        """Make every modality controller a no-op (up to the prompt tokens' share of attention).
+
+        The parallel FFNs already start with a zero down-projection; the prompt tokens' values
+        are set to zero here, so a token only takes its (small) share of each softmax and adds
+        nothing. A pretrained backbone then gives its own features with the controller on, and
+        a controller trained for one modality leaves the others as they were.
+        """
+        for module in self.modules():
+            if isinstance(module, ModalityPromptTokens):
+                module.value.zero_()
+                module.logit_bias.zero_()
+            elif isinstance(module, ModalityFFN):
+                module.down_weight.zero_()
+                module.down_bias.zero_()
+
     def controller_parameters(self) -> list[nn.Parameter]:
         """Parameters of the modality controllers (all modalities)."""
         return [p for n, p in self.named_parameters() if ".prompt." in n or ".controller_ffn." in n]

@@ -121,22 +121,28 @@ def compute_embeddings(
     model: DeLightSAM,
     records: Sequence[SampleRecord],
     *,
-    views: int = 1,
+    views: int | Sequence[int] = 1,
     seed: int = 0,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = True,
     keep_skip: bool = False,
+    keep_stage0: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EmbeddingSet:
     """Encoder outputs of ``views`` copies of each record at the model's ``img_size``.
 
-    The model is used as it is (eval mode, no gradients); its own modality controller is
-    applied per sample. View v of record i uses augmentation seed ``hash(seed, i, v)``.
+    ``views``: a count (views 0..n-1) or the view numbers to compute (e.g. ``[2]`` adds a third
+    view to a set computed with ``views=2``). The model is used as it is (eval mode, no
+    gradients); its own modality controller is applied per sample. View v of record i uses
+    augmentation seed ``hash(seed, i, v)``. ``keep_skip`` keeps the (augmented) image and, unless
+    ``keep_stage0=False``, the stage-0 features (1 MiB per view at 512²: the larger part).
     """
-    if views < 1:
-        raise ValueError(f"views must be >= 1, got {views}")
+    view_ids = list(range(views)) if isinstance(views, int) else [int(v) for v in views]
+    if not view_ids or min(view_ids) < 0 or len(set(view_ids)) != len(view_ids):
+        raise ValueError(f"views must be >= 1 or distinct view numbers >= 0, got {views!r}")
+    keep_stage0 = keep_skip if keep_stage0 is None else (keep_stage0 and keep_skip)
     device = torch.device(device)
     cfg = model.config
     size = cfg.img_size
@@ -145,7 +151,7 @@ def compute_embeddings(
     model = model.eval().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    items = [(i, v) for i in range(len(ds)) for v in range(views)]
+    items = [(i, v) for i in range(len(ds)) for v in view_ids]
     emb, masks, head_in, mods, recs, vws, stage0, images = [], [], [], [], [], [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -164,7 +170,7 @@ def compute_embeddings(
         flat = feats.float().flatten(2)
         head_in.append(torch.cat([flat.mean(-1), flat.std(-1)], dim=1).cpu())
         emb.append(h.to(torch.float16).cpu())
-        if keep_skip:
+        if keep_stage0:
             stage0.append(feats.to(torch.float16).cpu().contiguous())
         m = torch.stack([s["mask"] for s in samples]).float()
         masks.append((F.interpolate(m, size=(mask_size, mask_size), mode="area") * 255).round().to(torch.uint8))
@@ -186,12 +192,12 @@ def compute_embeddings(
             "format": FORMAT,
             "encoder_sha256": encoder_fingerprint(model),
             "img_size": str(size),
-            "views": str(views),
+            "views": json.dumps(view_ids),
             "seed": str(seed),
             "autocast": str(autocast_dtype),
             "skipped": json.dumps(ds.skipped),
         },
-        torch.cat(stage0) if keep_skip else None,
+        torch.cat(stage0) if keep_stage0 else None,
         torch.cat(images) if keep_skip else None,
     )
 
@@ -358,3 +364,97 @@ def heads_loss(
         mod = F.cross_entropy(model.modality_head.mlp(batch["head_input"]).float(), modality)
         total = total + modality_weight * mod
     return LossTerms(total, focal, dice, patch, mod)
+
+
+def cache_file_name(split: str, dataset_key: str, views: Sequence[int]) -> str:
+    """``<split>__<modality>__<dataset>__v<views>.safetensors`` (one file per dataset and split)."""
+    tag = "-".join(str(v) for v in views)
+    return f"{split}__{dataset_key.replace('/', '__')}__v{tag}.safetensors"
+
+
+def build_cache_folder(
+    model: DeLightSAM,
+    records: Sequence[SampleRecord],
+    folder: str | Path,
+    split: str,
+    *,
+    views: Sequence[int] = (0,),
+    seed: int = 0,
+    batch_size: int = 8,
+    keep_skip: bool = False,
+    keep_stage0: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[Path]:
+    """Embedding sets of ``records`` (one ``split``), one file per dataset in ``folder``.
+
+    Resumable: a file that exists and was made from the same encoder weights is kept (computing
+    a cache is the expensive part: one encoder pass per view). Returns the files.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = encoder_fingerprint(model)
+    by_key: dict[str, list[SampleRecord]] = {}
+    for r in records:
+        by_key.setdefault(r.key, []).append(r)
+    out: list[Path] = []
+    for key in sorted(by_key):
+        path = folder / cache_file_name(split, key, views)
+        if path.exists() and _cached_fingerprint(path) == fingerprint:
+            out.append(path)
+            continue
+        data = compute_embeddings(
+            model,
+            by_key[key],
+            views=list(views),
+            seed=seed,
+            batch_size=batch_size,
+            keep_skip=keep_skip,
+            keep_stage0=keep_stage0,
+            progress=(lambda done, total, k=key: progress(k, done, total)) if progress else None,
+        )
+        data.meta["split"] = split
+        out.append(save_embeddings(path, data))
+    return out
+
+
+def _cached_fingerprint(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return (fh.metadata() or {}).get("encoder_sha256")
+    except Exception:  # noqa: BLE001 - an unreadable (e.g. truncated) file is recomputed
+        return None
+
+
+def concatenate(sets: Sequence[EmbeddingSet]) -> EmbeddingSet:
+    """One set of several (e.g. the per-dataset files of a split); record indices are renumbered."""
+    if not sets:
+        raise ValueError("no embedding sets to concatenate")
+    keys: list[str] = []
+    records = []
+    for s in sets:
+        if s.modalities != sets[0].modalities:
+            raise ValueError("embedding sets of different modality lists cannot be joined")
+        records.append(s.record + len(keys))
+        keys.extend(s.keys)
+
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(s, name) for s in sets]
+        if any(p is None for p in parts):
+            return None
+        return torch.cat(parts)
+
+    return EmbeddingSet(
+        torch.cat([s.embedding for s in sets]),
+        torch.cat([s.mask for s in sets]),
+        torch.cat([s.head_input for s in sets]),
+        torch.cat([s.modality for s in sets]),
+        torch.cat(records),
+        torch.cat([s.view for s in sets]),
+        keys,
+        sets[0].modalities,
+        dict(sets[0].meta),
+        cat("stage0"),
+        cat("image"),
+    )
