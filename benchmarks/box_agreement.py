@@ -28,9 +28,9 @@ import numpy as np
 
 
 def main(argv: list[str] | None = None) -> int:
-    from napari_delightsam.baselines import component_boxes
+    from napari_delightsam.benchmarking.baselines import component_boxes
     from napari_delightsam.data import discover, load_pair, make_splits, select
-    from napari_delightsam.litemedsam import build_litemedsam
+    from napari_delightsam.model.litemedsam import build_litemedsam
     from napari_delightsam.refine import BoxRefiner, load_refiner
     from napari_delightsam.training.metrics import dice_score
 

@@ -52,7 +52,11 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from napari_delightsam.baselines import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, METHOD_NAMES
+    from napari_delightsam.benchmarking.baselines import (
+        DEFAULT_MAX_BOXES,
+        DEFAULT_MIN_COMPONENT_FRACTION,
+        METHOD_NAMES,
+    )
 
     p = argparse.ArgumentParser(
         prog="compare_baselines.py",
@@ -150,7 +154,7 @@ def _choose_methods(
     args: argparse.Namespace, checkpoint: Path | None, head_trained: bool
 ) -> tuple[list[str], list[str]]:
     """(methods to run, notes about default methods left out)."""
-    from napari_delightsam.litemedsam import litemedsam_available
+    from napari_delightsam.model.litemedsam import litemedsam_available
 
     notes: list[str] = []
     if args.methods:
@@ -185,7 +189,7 @@ def _build_methods(
     names: list[str], args: argparse.Namespace, checkpoint: Path | None
 ) -> tuple[list[Any], dict[str, float], dict[str, Any]]:
     """Method objects in ``names`` order, their load times, and facts about the models."""
-    from napari_delightsam.baselines import (
+    from napari_delightsam.benchmarking.baselines import (
         DeLightSAMMethod,
         LiteMedSAMGTBoxes,
         LiteMedSAMWholeBox,
@@ -205,7 +209,7 @@ def _build_methods(
         t0 = time.perf_counter()
         if name in LITEMEDSAM_METHODS:
             if box_segmenter is None:
-                from napari_delightsam.litemedsam import LiteMedSAMBoxSegmenter
+                from napari_delightsam.benchmarking.baselines import LiteMedSAMBoxSegmenter
 
                 box_segmenter = LiteMedSAMBoxSegmenter(device)
             if name == "litemedsam_gt_boxes":
@@ -278,11 +282,15 @@ def _progress_printer(quiet: bool, partial: Any) -> Any:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from napari_delightsam.baselines import format_comparison_markdown, run_comparison, summarise_method
+    from napari_delightsam.atomic_files import atomic_write
+    from napari_delightsam.benchmarking.baselines import (
+        format_comparison_markdown,
+        run_comparison,
+        summarise_method,
+    )
     from napari_delightsam.checkpoint import CheckpointError, bundled_checkpoint_path, read_checkpoint_info
     from napari_delightsam.data import discover, load_pair
     from napari_delightsam.inference import MODALITY_HEAD_TRAINED_KEY, set_threads
-    from napari_delightsam.io_utils import atomic_write
     from napari_delightsam.training.evaluate import resolve_eval_splits, select_records
 
     if args.max_per_dataset is not None and args.max_per_dataset < 1:

@@ -102,7 +102,7 @@ def gt_objects(gt: np.ndarray) -> tuple[np.ndarray, list[Any]]:
     """(labelled GT, kept regionprops largest first) by ``baselines.component_boxes``' rule."""
     from skimage.measure import label, regionprops
 
-    from napari_delightsam.baselines import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION
+    from napari_delightsam.benchmarking.baselines import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION
 
     lab = label(gt, connectivity=2)
     ranked = sorted(regionprops(lab), key=lambda p: (-int(p.area), p.label))
@@ -478,9 +478,9 @@ def _clean(v: Any) -> Any:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from napari_delightsam.atomic_files import atomic_write
     from napari_delightsam.data import BadSampleError, discover, load_pair, make_splits, select
     from napari_delightsam.inference import load_model, set_threads
-    from napari_delightsam.io_utils import atomic_write
     from napari_delightsam.refine import load_refiner
 
     if not (0.0 < args.iou <= 1.0 and 0.0 < args.strict_iou <= 1.0):

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from napari_delightsam.checkpoint import bundled_checkpoint_path
-    from napari_delightsam.image_io import read_image
+    from napari_delightsam.image_files import read_image
     from napari_delightsam.inference import load_model
     from napari_delightsam.widgets.finetune_job import FinetuneSettings, TrainingPair, run_finetune
 

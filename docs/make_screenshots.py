@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_delightsam.checkpoint import bundled_checkpoint_path
-    from napari_delightsam.image_io import read_image
+    from napari_delightsam.image_files import read_image
     from napari_delightsam.sample_data import load_sample
 
     os.environ.setdefault("DELIGHTSAM_CONFIG_DIR", str(Path.home() / ".cache" / "delightsam-screenshots"))

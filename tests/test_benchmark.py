@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from napari_delightsam import benchmarking as bm
+from napari_delightsam.benchmarking import speed as bm
 from napari_delightsam.cli import main
 from napari_delightsam.training.metrics import dice_score
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from napari_delightsam import checkpoint as ckpt
+from napari_delightsam.atomic_files import atomic_write, sha256_file
 from napari_delightsam.checkpoint import (
     CheckpointError,
     bundled_checkpoint_path,
@@ -22,10 +23,9 @@ from napari_delightsam.checkpoint import (
     save_checkpoint,
 )
 from napari_delightsam.config import CHECKPOINT_FORMAT_VERSION, tiny_config
-from napari_delightsam.io_utils import atomic_write, sha256_file
 from napari_delightsam.model import DeLightSAM
 
-# -- io_utils -------------------------------------------------------------------------------------
+# -- atomic_files -------------------------------------------------------------------------------------
 
 
 def test_atomic_write_creates_and_replaces(tmp_path: Path) -> None:

@@ -397,7 +397,7 @@ def _first_image(root, modality):
 
 @pytest.mark.data
 def test_real_image_every_modality(shared_data_dir, tiny_model):
-    from napari_delightsam.image_io import read_image
+    from napari_delightsam.image_files import read_image
 
     seg = Segmenter.from_model(tiny_model, "cpu")
     for modality in MODALITIES:
@@ -485,7 +485,7 @@ def test_bf16_agrees_with_fp32_on_real_images_untrained(shared_data_dir):
     """Random weights give probabilities within about 0.5 ± 0.06, so a mask flips where fp32 itself
     is within rounding of the threshold; the check is: probabilities within 0.01, and identical
     masks wherever fp32 is more than 0.005 away from the threshold."""
-    from napari_delightsam.image_io import read_image
+    from napari_delightsam.image_files import read_image
 
     torch.set_num_threads(2)
     fast = load_model("untrained", "cpu")
@@ -523,7 +523,7 @@ def test_bf16_masks_dice_with_the_bundled_model(shared_data_dir):
     same bf16 rounding): means 0.991-0.999 per modality, 0.995 overall, lowest image 0.986.
     """
     from napari_delightsam.checkpoint import bundled_checkpoint_path
-    from napari_delightsam.image_io import read_image
+    from napari_delightsam.image_files import read_image
 
     if bundled_checkpoint_path() is None:
         pytest.skip("no bundled model in weights/ yet")

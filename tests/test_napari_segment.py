@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from napari_delightsam.io_utils import sha256_file
+from napari_delightsam.atomic_files import sha256_file
 from napari_delightsam.widgets import core
 from napari_delightsam.widgets.model_cache import MODEL_CACHE
 
@@ -135,7 +135,7 @@ def test_run_adds_mask_heatmap_probability_with_input_shape_and_scale(make_napar
 
 @pytest.mark.data
 def test_real_dermoscopy_image(make_napari_viewer, qtbot, tiny_checkpoint, shared_data_dir):
-    from napari_delightsam.image_io import read_image
+    from napari_delightsam.image_files import read_image
 
     files = sorted((shared_data_dir / "dermoscopy").glob("*/images/*"))
     if not files:

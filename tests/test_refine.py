@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_delightsam import litemedsam as L
+from napari_delightsam.benchmarking.baselines import LiteMedSAMBoxSegmenter
+from napari_delightsam.model import litemedsam as L
 from napari_delightsam.refine import MERGE_MODES, box_pixels, check_box, merge_object
 from napari_delightsam.training.metrics import dice_score
 
@@ -209,7 +210,7 @@ def test_fast_path_agrees_with_fp32_eager(refiner):
 def test_box_baseline_is_the_refiners_union():
     image, disc = _disc_image()
     boxes = [(28, 18, 73, 63), (95, 55, 130, 85)]
-    baseline = L.LiteMedSAMBoxSegmenter("cpu")
+    baseline = LiteMedSAMBoxSegmenter("cpu")
     union = baseline.segment(image, boxes)
     np.testing.assert_array_equal(union, baseline.refiner.segment_boxes(boxes).any(axis=0))
     assert not baseline.segment(image, []).any()

@@ -334,7 +334,7 @@ def test_export_sidecar_lists_the_boxes_and_refined_masks_feed_finetuning(
 @pytest.mark.slow
 def test_real_litemedsam_refines_a_synthetic_lesion(make_napari_viewer, qtbot):
     """End to end with LiteMedSAM itself (no stand-in): one box around the sample's lesion."""
-    from napari_delightsam.litemedsam import litemedsam_available
+    from napari_delightsam.model.litemedsam import litemedsam_available
     from napari_delightsam.sample_data import load_sample
     from napari_delightsam.training.metrics import dice_score
 

@@ -432,7 +432,7 @@ def test_a_pickle_inside_a_valid_checkpoint_is_never_run(tmp_path, good_bytes):
 def test_litemedsam_reader_uses_weights_only(tmp_path, monkeypatch, no_unpickling):
     """The one foreign-format reader in the inference path (LiteMedSAM .pth, via
     torch.load(weights_only=True)) refuses a pickle that carries code."""
-    from napari_delightsam import litemedsam
+    from napari_delightsam.model import litemedsam
 
     sentinel = tmp_path / "PWNED"
     files = _pickle_files(tmp_path, sentinel)

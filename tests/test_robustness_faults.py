@@ -1,6 +1,6 @@
 """Faults during writes: an exception, an interrupt or a kill never costs the previous file.
 
-Every writer the package uses for user-visible files goes through ``io_utils.atomic_write``
+Every writer the package uses for user-visible files goes through ``atomic_files.atomic_write``
 (temporary file in the same folder, fsync, ``os.replace``): checkpoints
 (``save_checkpoint``) and mask/heatmap exports (``write_mask_png``, ``write_png``,
 ``write_tiff``, and ``delightsam segment`` which uses them). Here each of them is made to fail
@@ -10,7 +10,7 @@ after an exception. A killed process cannot clean up: its temporary file stays, 
 (``.<name>.<random><suffix>.tmp``, or safetensors' own ``.tmpXXXXXX``), and is ignored by the
 CLI's folder scan.
 
-Complements tests/test_checkpoint.py and tests/test_image_io.py (A, B), which check one
+Complements tests/test_checkpoint.py and tests/test_image_files.py (A, B), which check one
 failing writer each.
 """
 
@@ -32,13 +32,13 @@ import pytest
 import torch
 from PIL import Image
 
-from napari_delightsam import checkpoint, cli, image_io, io_utils
+from napari_delightsam import atomic_files, checkpoint, cli, image_files
 from napari_delightsam.checkpoint import load_checkpoint, save_checkpoint
 from napari_delightsam.config import tiny_config
-from napari_delightsam.image_io import read_image, write_mask_png, write_png, write_tiff
+from napari_delightsam.image_files import read_image, write_mask_png, write_png, write_tiff
 from napari_delightsam.model import DeLightSAM
 
-_REAL_ATOMIC_WRITE = io_utils.atomic_write
+_REAL_ATOMIC_WRITE = atomic_files.atomic_write
 
 
 def _masks(seed: int) -> np.ndarray:
@@ -60,13 +60,13 @@ def _write_checkpoint(path: Path, version: int) -> None:
 _WRITERS = {
     "checkpoint": _Writer("checkpoint", checkpoint, ".safetensors", _write_checkpoint),
     "mask-png": _Writer(
-        "mask-png", image_io, ".png", lambda p, v: write_mask_png(p, _masks(v), overwrite=True)
+        "mask-png", image_files, ".png", lambda p, v: write_mask_png(p, _masks(v), overwrite=True)
     ),
     "png": _Writer(
-        "png", image_io, ".png", lambda p, v: write_png(p, (_masks(v) * 200).astype(np.uint8), overwrite=True)
+        "png", image_files, ".png", lambda p, v: write_png(p, (_masks(v) * 200).astype(np.uint8), overwrite=True)
     ),
     "tiff": _Writer(
-        "tiff", image_io, ".tif", lambda p, v: write_tiff(p, _masks(v).astype(np.float32) * v, overwrite=True)
+        "tiff", image_files, ".tif", lambda p, v: write_tiff(p, _masks(v).astype(np.float32) * v, overwrite=True)
     ),
 }
 
@@ -126,13 +126,13 @@ def test_an_exception_at_any_stage_keeps_the_previous_file(tmp_path, monkeypatch
         def fsync(fd):
             raise OSError(errno.EIO, "Input/output error")
 
-        monkeypatch.setattr(io_utils.os, "fsync", fsync)
+        monkeypatch.setattr(atomic_files.os, "fsync", fsync)
     elif stage == "rename-fails":
 
         def replace(src, dst):
             raise OSError(errno.EACCES, "Permission denied")
 
-        monkeypatch.setattr(io_utils.os, "replace", replace)
+        monkeypatch.setattr(atomic_files.os, "replace", replace)
     else:
         wrap = _failing_write_fn(stage)
         monkeypatch.setattr(
@@ -176,9 +176,9 @@ _SLOW_WRITER = """
 import sys, time
 from pathlib import Path
 import numpy as np, torch
-from napari_delightsam import checkpoint, image_io, io_utils
+from napari_delightsam import checkpoint, image_files, atomic_files
 
-real = io_utils.atomic_write
+real = atomic_files.atomic_write
 
 def slow(path, write_fn):
     def fn(tmp):
@@ -193,7 +193,7 @@ def slow(path, write_fn):
     return real(path, fn)
 
 checkpoint.atomic_write = slow
-image_io.atomic_write = slow
+image_files.atomic_write = slow
 kind, target = sys.argv[1], Path(sys.argv[2])
 mask = np.random.default_rng(7).random((96, 128)) > 0.5
 if kind == "checkpoint":
@@ -202,11 +202,11 @@ if kind == "checkpoint":
     torch.manual_seed(7)
     checkpoint.save_checkpoint(target, DeLightSAM(tiny_config()), {"version": "7"})
 elif kind == "mask-png":
-    image_io.write_mask_png(target, mask, overwrite=True)
+    image_files.write_mask_png(target, mask, overwrite=True)
 elif kind == "png":
-    image_io.write_png(target, (mask * 200).astype(np.uint8), overwrite=True)
+    image_files.write_png(target, (mask * 200).astype(np.uint8), overwrite=True)
 else:
-    image_io.write_tiff(target, mask.astype(np.float32) * 7, overwrite=True)
+    image_files.write_tiff(target, mask.astype(np.float32) * 7, overwrite=True)
 print("FINISHED", flush=True)
 """
 
@@ -261,7 +261,7 @@ def test_sigkill_at_a_random_moment_of_real_writes(tmp_path):
         "import sys, numpy as np, torch\n"
         "from napari_delightsam.checkpoint import save_checkpoint\n"
         "from napari_delightsam.config import ModelConfig\n"
-        "from napari_delightsam.image_io import write_mask_png\n"
+        "from napari_delightsam.image_files import write_mask_png\n"
         "from napari_delightsam.model import DeLightSAM\n"
         "folder = sys.argv[1]\n"
         "model = DeLightSAM(ModelConfig())\n"
@@ -374,7 +374,7 @@ def test_cli_a_failing_output_write_is_reported_and_the_rest_finish(tmp_path, ti
 
         return _REAL_ATOMIC_WRITE(path, broken)
 
-    monkeypatch.setattr(image_io, "atomic_write", disk_full_for_img002)
+    monkeypatch.setattr(image_files, "atomic_write", disk_full_for_img002)
     code = cli.main(
         ["segment", str(tmp_path / "in"), "-m", "xray", "-o", str(out), "--checkpoint", str(tiny_ckpt), "-q"]
     )

@@ -4,7 +4,7 @@ Every bad file gives one ``ImageReadError`` (a ``ValueError``) whose one-line me
 file and the problem; in a batch (``delightsam segment FOLDER``) each bad file costs one stderr
 line, the other files are still segmented, and the exit code is 1.
 
-Complements tests/test_image_io.py and tests/test_segment_cli.py (B): those check one
+Complements tests/test_image_files.py and tests/test_segment_cli.py (B): those check one
 truncation point per format, a PNG bomb header and a small folder; here truncation and
 corruption are drawn anywhere in the file (hypothesis), every format gets a bomb header, and
 one folder holds every kind of bad file next to good ones with awkward names.
@@ -31,7 +31,7 @@ from PIL import Image
 from napari_delightsam import cli
 from napari_delightsam.checkpoint import save_checkpoint
 from napari_delightsam.config import tiny_config
-from napari_delightsam.image_io import ImageReadError, read_image
+from napari_delightsam.image_files import ImageReadError, read_image
 from napari_delightsam.inference import Segmenter
 from napari_delightsam.model import DeLightSAM
 

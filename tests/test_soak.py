@@ -119,7 +119,7 @@ def test_read_and_write_cycles_do_not_leak_files(tmp_path):
     temporary file is left behind."""
     from PIL import Image
 
-    from napari_delightsam.image_io import ImageReadError, read_image, write_mask_png
+    from napari_delightsam.image_files import ImageReadError, read_image, write_mask_png
 
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)

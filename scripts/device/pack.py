@@ -24,7 +24,7 @@ from PIL import Image
 
 from napari_delightsam.data import discover, load_pair
 from napari_delightsam.data.splits import load_splits, make_splits, save_splits, select
-from napari_delightsam.litemedsam import export_litemedsam_weights
+from napari_delightsam.model.litemedsam import export_litemedsam_weights
 
 LIMIT = 64 * 2**20
 

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic_files import atomic_write
 from .config import CHECKPOINT_FORMAT_VERSION, ModelConfig
-from .io_utils import atomic_write
 
 __all__ = [
     "BUNDLED_CHECKPOINT_NAME",

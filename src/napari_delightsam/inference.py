@@ -504,8 +504,8 @@ def load_model(
     cpu), "cpu", "cuda", "cuda:N", "mps". Raises ``CheckpointError`` (a ``ValueError``) for a
     missing or invalid checkpoint and ``ValueError`` for an unusable device.
     """
+    from .atomic_files import sha256_file
     from .checkpoint import CheckpointError, bundled_checkpoint_path, load_checkpoint, read_checkpoint_info
-    from .io_utils import sha256_file
     from .model import DeLightSAM
     from .model.fusion import fuse_conv_bn
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from .config import PIXEL_MEAN, PIXEL_STD
 
-#: Largest image accepted (height × width), shared with ``image_io``: 10000×10000 = 100 MP.
+#: Largest image accepted (height × width), shared with ``image_files``: 10000×10000 = 100 MP.
 DEFAULT_MAX_PIXELS = 100_000_000
 #: Percentile window for images that are not already 8-bit-like.
 DEFAULT_PERCENTILES: tuple[float, float] = (0.5, 99.5)

@@ -266,7 +266,7 @@ class BoxRefiner:
         RGB(A), channel-first; any real dtype; at most ``max_pixels``) and raises the same
         ``ValueError`` for anything else. ``image_id`` is stored as ``self.image_id``.
         """
-        from .litemedsam import litemedsam_box_input
+        from .model.litemedsam import litemedsam_box_input
 
         t0 = time.perf_counter()
         arr, info = prepare_array(image, max_pixels=self.max_pixels, nan_policy=nan_policy)
@@ -348,8 +348,8 @@ def load_refiner(
     for an unusable device and ``litemedsam.LiteMedSAMUnavailableError`` when the weights are
     missing or do not hold the full network.
     """
-    from .io_utils import sha256_file
-    from .litemedsam import build_litemedsam, fuse_litemedsam, litemedsam_checkpoint_path
+    from .atomic_files import sha256_file
+    from .model.litemedsam import build_litemedsam, fuse_litemedsam, litemedsam_checkpoint_path
 
     dev = resolve_device(device)  # a bad device fails before any loading
     net = build_litemedsam()

@@ -219,7 +219,7 @@ def regenerate(folder: Path = SAMPLE_DIR) -> list[Path]:
     """Write every sample's image and mask PNG into ``folder`` (atomic writes)."""
     from PIL import Image
 
-    from .io_utils import atomic_write
+    from .atomic_files import atomic_write
 
     written: list[Path] = []
     folder.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def options_from_args(args: argparse.Namespace):
-    from ..benchmarking import DEFAULT_SIZES, PEERS, BenchmarkOptions
+    from ..benchmarking.speed import DEFAULT_SIZES, PEERS, BenchmarkOptions
 
     cuda = str(args.device).startswith("cuda") or (args.device == "auto" and _cuda_available())
     quick = bool(args.quick)
@@ -210,7 +210,7 @@ def _cuda_available() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..benchmarking import format_markdown, format_report, run_benchmark, write_json
+    from ..benchmarking.speed import format_markdown, format_report, run_benchmark, write_json
 
     opts = options_from_args(args)
     if not opts.command:

@@ -115,7 +115,7 @@ def _config(args: argparse.Namespace):
 
 
 def _sam_info(path: Path, sam_type: str) -> dict[str, Any]:
-    from ..io_utils import sha256_file
+    from ..atomic_files import sha256_file
 
     return {"sam_checkpoint": str(path), "sam_type": sam_type, "sam_checkpoint_sha256": sha256_file(path)}
 
@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
                 )
         else:
             if args.teacher == "litemedsam":
-                from ..litemedsam import LiteMedSAMTeacher, LiteMedSAMUnavailableError
+                from ..model.litemedsam import LiteMedSAMUnavailableError
+                from ..training.litemedsam_init import LiteMedSAMTeacher
 
                 try:
                     teacher = LiteMedSAMTeacher()

@@ -79,10 +79,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic_files import atomic_write
     from ..checkpoint import CheckpointError
     from ..data import discover
     from ..inference import load_model
-    from ..io_utils import atomic_write
     from ..training.evaluate import evaluate_records, format_markdown, resolve_eval_splits, select_records
 
     if args.max_per_dataset is not None and args.max_per_dataset < 1:

@@ -91,8 +91,8 @@ def count_flops(model: nn.Module, img_size: int | None = None, modality: int = 0
 
 def _resolve(checkpoint: str | None) -> tuple[nn.Module, str, str | None, dict[str, str]]:
     """-> (model, description, note, checkpoint metadata)."""
+    from ..atomic_files import sha256_file
     from ..checkpoint import CheckpointError, bundled_checkpoint_path, load_checkpoint, read_checkpoint_info
-    from ..io_utils import sha256_file
     from ..model import DeLightSAM
 
     note = None

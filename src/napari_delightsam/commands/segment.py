@@ -124,7 +124,7 @@ class _Reporter:
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """(image files in order, problems). Folders give their image files, sorted by name."""
-    from ..image_io import IMAGE_EXTENSIONS
+    from ..image_files import IMAGE_EXTENSIONS
 
     files: list[Path] = []
     problems: list[str] = []
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
     _escape_unprintable_output()
 
-    from ..image_io import ImageReadError, read_image, write_mask_png, write_tiff
+    from ..image_files import ImageReadError, read_image, write_mask_png, write_tiff
     from ..inference import load_model
 
     files, problems = expand_inputs(list(args.inputs))

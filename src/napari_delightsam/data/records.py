@@ -187,7 +187,7 @@ def load_image_only(record: SampleRecord) -> np.ndarray:
     if record.image is not None:
         raw = record.image
     else:
-        from ..image_io import read_image
+        from ..image_files import read_image
 
         assert record.image_path is not None
         try:
@@ -279,7 +279,7 @@ def load_pair(record: SampleRecord, notes: list[str] | None = None) -> tuple[np.
     if record.image is not None:
         raw_image, raw_mask, from_file = record.image, record.mask, False
     else:
-        from ..image_io import read_image
+        from ..image_files import read_image
 
         assert record.image_path is not None and record.mask_path is not None
         try:

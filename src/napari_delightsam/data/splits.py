@@ -225,7 +225,7 @@ def select(
 
 
 def save_splits(path: str | Path, splits: Splits) -> Path:
-    from ..io_utils import atomic_write
+    from ..atomic_files import atomic_write
 
     text = json.dumps(splits.to_dict(), indent=1, sort_keys=True)
     return atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))

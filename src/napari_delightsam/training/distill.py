@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic_files import atomic_write, sha256_file
 from ..config import ModelConfig, tiny_config
 from ..data import SampleRecord, SegmentationDataset, discover, discover_images, normalise
 from ..devices import autocast_context, autocast_dtype, resolve_device
-from ..io_utils import atomic_write, sha256_file
 from ..model import DeLightSAM, delightsam_loss
 from ..model.decoder import QMDecoder
 from ..model.prompt_generator import SPGenerator

@@ -218,7 +218,7 @@ def save_embeddings(path: str | Path, data: EmbeddingSet) -> Path:
     """Write ``data`` as one safetensors file (atomically)."""
     from safetensors.torch import save_file
 
-    from ..io_utils import atomic_write
+    from ..atomic_files import atomic_write
 
     tensors = {
         "embedding": data.embedding.contiguous(),

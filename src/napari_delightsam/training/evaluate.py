@@ -129,7 +129,7 @@ def write_overlay(path: Path, image: np.ndarray, pred: np.ndarray, gt: np.ndarra
     """Side-by-side PNG: image | prediction in red | ground truth in green (contours filled 40%)."""
     from PIL import Image, ImageDraw
 
-    from ..io_utils import atomic_write
+    from ..atomic_files import atomic_write
 
     img = _to_uint8_rgb(image).astype(np.float32)
 

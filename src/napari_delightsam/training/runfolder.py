@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..io_utils import atomic_write
+from ..atomic_files import atomic_write
 from .errors import TrainingError
 from .state import load_training_state, save_training_state
 

@@ -13,7 +13,7 @@ The sidecar records how the file was made: model file + SHA-256, the modality as
 version, the boxes used to correct it (De-LightSAM refine), and how the pixel values are
 encoded, so
 :func:`read_labels` gives back exactly the exported array. Nothing is overwritten unless the
-caller says so, and every file is written atomically (``io_utils.atomic_write``).
+caller says so, and every file is written atomically (``atomic_files.atomic_write``).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def export_labels(
     Raises ``FileExistsError`` when either file exists and ``overwrite`` is False (ask the user,
     then call again with ``overwrite=True``), ``ExportError`` when the labels do not fit the format.
     """
-    from ..io_utils import atomic_write
+    from ..atomic_files import atomic_write
 
     target = Path(path).expanduser()
     ext = target.suffix.lower()

@@ -116,7 +116,7 @@ def write_dataset(pairs: Sequence[TrainingPair], root: str | os.PathLike[str]) -
     import tifffile
     from PIL import Image
 
-    from ..io_utils import atomic_write
+    from ..atomic_files import atomic_write
 
     root = Path(root)
     counts: dict[str, int] = {}

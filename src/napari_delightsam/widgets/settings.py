@@ -46,7 +46,7 @@ def load_settings() -> dict[str, Any]:
 
 def save_settings(values: dict[str, Any]) -> bool:
     """Merge ``values`` into the settings file (atomic write); False when it could not be written."""
-    from ..io_utils import atomic_write
+    from ..atomic_files import atomic_write
 
     merged = {**load_settings(), **values}
     text = json.dumps(merged, indent=2, sort_keys=True) + "\n"

@@ -294,8 +294,8 @@ def real_images(data_dir: Path | None, per_modality: int = 1) -> list[tuple[str,
     """(modality, file name, image) for the first ``per_modality`` images of each modality."""
     if data_dir is None:
         return []
-    from .config import MODALITIES
-    from .image_io import read_image
+    from ..config import MODALITIES
+    from ..image_files import read_image
 
     out: list[tuple[str, str, np.ndarray]] = []
     for modality in MODALITIES:
@@ -314,11 +314,11 @@ def real_images(data_dir: Path | None, per_modality: int = 1) -> list[tuple[str,
 
 def _load_ours(checkpoint: str, device: str, compile: bool = False, fast: bool = True):
     """(segmenter with the default fast path, or plain fp32 eager with ``fast=False``; how it was built)."""
-    from . import inference
+    from .. import inference
 
     kw: dict[str, Any] = {"compile": compile} if fast else {"fast": False, "precision": "fp32"}
     if checkpoint == "tiny":
-        from .config import tiny_config
+        from ..config import tiny_config
 
         seg = inference.load_model("untrained", device=device, config=tiny_config(), **kw)
         return seg, "untrained (tiny test config)"
@@ -336,7 +336,7 @@ def _segmenter_model(seg: Any) -> torch.nn.Module:
 
 def fast_path_description(seg: Any) -> str:
     """What the Segmenter's forward uses, e.g. "bf16 autocast + channels_last"."""
-    from .model.fusion import is_fused
+    from ..model.fusion import is_fused
 
     parts = ["bf16 autocast" if getattr(seg, "precision", "fp32") == "bf16" else "fp32"]
     model = getattr(seg, "model", None)
@@ -358,7 +358,7 @@ def _fast_path_pair(seg: Any, device: torch.device, checkpoint: str | None = Non
     without a checkpoint it wraps a deep copy of the same module (``Segmenter`` converts its
     model's memory format in place, so sharing it would undo the fast path's channels_last).
     """
-    from . import inference
+    from .. import inference
 
     if checkpoint is not None:
         fp32, _ = _load_ours(checkpoint, str(device), fast=False)
@@ -394,7 +394,7 @@ class _Peer:
 
 
 def _autocast(device: torch.device, bf16: bool):
-    from .devices import autocast_context
+    from ..devices import autocast_context
 
     return autocast_context(device, torch.bfloat16 if bf16 else None)
 
@@ -593,8 +593,8 @@ def _machine(device: torch.device) -> dict[str, Any]:
 
 def _train_throughput(cfg: Any, opts: BenchmarkOptions, device: torch.device) -> dict[str, Any]:
     """images/s of forward + loss + backward + Adam step at ``train_size`` (bf16 on CUDA)."""
-    from .model import DeLightSAM
-    from .model.losses import delightsam_loss
+    from ..model import DeLightSAM
+    from ..model.losses import delightsam_loss
 
     size = opts.train_size or (
         cfg.img_size if cfg.img_size < 512 else (1024 if device.type == "cuda" else 512)
@@ -707,7 +707,7 @@ def _segment_process_rss(opts: BenchmarkOptions, device: torch.device) -> dict[s
 
 def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every enabled section and return the results (see the module docstring)."""
-    from .devices import resolve_device
+    from ..devices import resolve_device
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
@@ -975,7 +975,7 @@ def _fast_path_section(
     data_dir = find_data_dir(opts.data_dir)
     real = real_images(data_dir)
     checks += [(f"{m}/{name}", m, im) for m, name, im in real]
-    from .training.metrics import dice_score  # the project's one Dice (both empty: 1.0, they agree)
+    from ..training.metrics import dice_score  # the project's one Dice (both empty: 1.0, they agree)
 
     dice: list[dict[str, Any]] = []
     for label, modality, im in checks:
@@ -1225,8 +1225,8 @@ def _vs_architecture(r: dict[str, Any]) -> str:
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
-    """Write the report atomically (``io_utils.atomic_write``)."""
-    from .io_utils import atomic_write
+    """Write the report atomically (``atomic_files.atomic_write``)."""
+    from ..atomic_files import atomic_write
 
     text = json.dumps(report, indent=2, sort_keys=False, default=str)
     return atomic_write(Path(path), lambda tmp: tmp.write_text(text + "\n"))

@@ -8,7 +8,7 @@
   Pixels are returned as stored: EXIF orientation is not applied, so masks line up with
   what scientific readers (tifffile, imageio, napari) show.
 * :func:`write_mask_png`, :func:`write_png` and :func:`write_tiff` write atomically
-  (``io_utils.atomic_write``) and refuse to replace an existing file unless
+  (``atomic_files.atomic_write``) and refuse to replace an existing file unless
   ``overwrite=True``.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io_utils import atomic_write
+from .atomic_files import atomic_write
 from .preprocess import DEFAULT_MAX_PIXELS
 
 #: File extensions the CLI picks up from a folder.

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from napari_delightsam.image_io import (
+from napari_delightsam.image_files import (
     ImageReadError,
     read_image,
     write_mask_png,

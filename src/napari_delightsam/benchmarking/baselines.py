@@ -7,7 +7,7 @@ the same metrics (``training.metrics.image_metrics``).
 Methods (the names are the column names of the comparison table)
 ----------------------------------------------------------------
 ``litemedsam_gt_boxes``
-    LiteMedSAM (``litemedsam.LiteMedSAMBoxSegmenter``) given one box per connected component of
+    LiteMedSAM (``LiteMedSAMBoxSegmenter`` below) given one box per connected component of
     the *ground-truth* mask: the manual-prompt upper bound a user would pay for in clicks. The
     only method that sees the ground truth. Box rule (``component_boxes``): components with
     8-connectivity; a component smaller than ``min_fraction`` of the image (default 0.01 %) is
@@ -47,6 +47,7 @@ __all__ = [
     "CachedEncoder",
     "ComponentBoxes",
     "DeLightSAMMethod",
+    "LiteMedSAMBoxSegmenter",
     "LiteMedSAMGTBoxes",
     "LiteMedSAMWholeBox",
     "Method",
@@ -74,6 +75,62 @@ METHOD_NAMES: tuple[str, ...] = (
 DEFAULT_MIN_COMPONENT_FRACTION = 1e-4
 DEFAULT_MAX_BOXES = 200
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+
+
+# -- LiteMedSAM with box prompts ---------------------------------------------------------------
+
+
+Box = Sequence[float]
+
+
+class LiteMedSAMBoxSegmenter:
+    """LiteMedSAM with box prompts, as a baseline: ``segment(image, boxes) -> (H,W) bool``.
+
+    A thin wrapper over ``refine.BoxRefiner`` (one implementation of LiteMedSAM's pre-processing
+    and box decoding, ``model.litemedsam.litemedsam_box_input``): the longest side resized to 256 (area
+    average), min-max scaled to [0, 1], padded bottom/right to 256²; boxes (pixel edges, clipped
+    to the image) scaled by the same factor. Each box gives one mask (the 256² low-res logits
+    cropped to the unpadded area, resized back to H×W bilinearly, probability > ``threshold``);
+    the result is their union. ``fast=False`` (default here): plain fp32 eager, the reference
+    the refiner's fast path is measured against. ``net`` is the LiteMedSAM network.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        preprocessing: str = "longest_side",
+        threshold: float = 0.5,
+        *,
+        fast: bool = False,
+    ) -> None:
+        if preprocessing != "longest_side":
+            raise ValueError(
+                "preprocessing must be 'longest_side' (LiteMedSAM's own: longest side to 256, min-max, pad)"
+            )
+        from ..model.litemedsam import build_litemedsam, fuse_litemedsam
+        from ..refine import BoxRefiner
+
+        net = build_litemedsam()
+        if fast:
+            fuse_litemedsam(net)
+        self.refiner = BoxRefiner(net, device, fast=fast, threshold=threshold)
+        self.device = self.refiner.device
+        self.preprocessing = preprocessing
+        self.threshold = self.refiner.threshold
+        self.net = self.refiner.net
+
+    def segment(self, image: np.ndarray, boxes: Sequence[Box] | np.ndarray) -> np.ndarray:
+        """Union of the LiteMedSAM masks of all ``boxes`` ((x0,y0,x1,y1) pixel edges) -> (H,W) bool.
+
+        The image follows the Segmenter's input rules (``preprocess.prepare_array``).
+        """
+        from ..preprocess import prepare_array
+
+        if len(boxes) == 0:
+            _, info = prepare_array(image, max_pixels=self.refiner.max_pixels)  # the same checks
+            return np.zeros(info.size, dtype=bool)
+        self.refiner.set_image(image)
+        return self.refiner.segment_boxes(boxes).any(axis=0)
 
 
 # -- ground-truth boxes -------------------------------------------------------------------------
@@ -339,7 +396,7 @@ def run_comparison(
     with ``ValueError`` (``BadSampleError``) is skipped for all methods and listed. Row keys:
     ``key, modality, id, seconds`` + ``image_metrics`` + the method's ``info``.
     """
-    from .training.metrics import image_metrics
+    from ..training.metrics import image_metrics
 
     rows: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
     skipped: list[str] = []
@@ -396,7 +453,7 @@ def _box_counts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def summarise_method(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per dataset, per modality and overall means (``metrics.aggregate``), plus time, box counts
     (GT-box method) and the modality head's accuracy and confusion (auto method)."""
-    from .training.metrics import aggregate
+    from ..training.metrics import aggregate
 
     by_key: dict[str, list[dict[str, Any]]] = {}
     by_mod: dict[str, list[dict[str, Any]]] = {}
