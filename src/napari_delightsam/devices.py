@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -131,6 +132,31 @@ def cuda_supports_bf16(device: torch.device) -> bool:
         return False
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 8
+
+
+def choose_precision(device: torch.device, precision: str, fast: bool, *, honour_bf16: bool = False) -> str:
+    """The inference precision, "fp32" or "bf16", for ``precision`` ("auto" | "fp32" | "bf16").
+
+    "auto" is bf16 exactly where ``device`` computes it natively (and ``fast``), fp32 elsewhere.
+    An explicit "bf16" where it is not native warns and falls back to fp32, or, with
+    ``honour_bf16``, is kept (emulated: slower, but what an agreement check asks for).
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and not fast):
+        return "fp32"
+    if device.type == "cuda":
+        native = cuda_supports_bf16(device)
+    elif device.type == "cpu":
+        native = cpu_supports_bf16()
+    else:  # mps: bf16 autocast coverage is partial
+        native = False
+    if precision == "bf16" and not native:
+        if honour_bf16:
+            warnings.warn(f"bf16 is not native on {device}: emulated, slower than fp32", stacklevel=3)
+            return "bf16"
+        warnings.warn(f"bf16 is not supported natively on {device}; using fp32", stacklevel=3)
+    return "bf16" if native else "fp32"
 
 
 def autocast_dtype(device: torch.device, enabled: bool = True, *, cpu: bool = False) -> torch.dtype | None:

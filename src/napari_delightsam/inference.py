@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .devices import autocast_context, cpu_supports_bf16, cuda_supports_bf16, resolve_device
+from .devices import autocast_context, choose_precision, resolve_device
 from .model.fusion import is_fused
 from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array, to_input_size, to_model_tensor
 
@@ -178,7 +178,7 @@ class Segmenter:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.checkpoint_sha256 = checkpoint_sha256
         self.max_pixels = int(max_pixels)
-        self.precision = self._choose_precision(precision)
+        self.precision = choose_precision(self.device, precision, self.fast)
         self._compiled: Any = None
         if compile:
             try:
@@ -204,21 +204,6 @@ class Segmenter:
         )
 
     # -- configuration ---------------------------------------------------------------------
-
-    def _choose_precision(self, precision: str) -> str:
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-        if precision == "fp32" or (precision == "auto" and not self.fast):
-            return "fp32"
-        if self.device.type == "cuda":
-            native = cuda_supports_bf16(self.device)
-        elif self.device.type == "cpu":
-            native = cpu_supports_bf16()
-        else:  # mps: bf16 autocast coverage is partial
-            native = False
-        if precision == "bf16" and not native:
-            warnings.warn(f"bf16 is not supported natively on {self.device}; using fp32", stacklevel=3)
-        return "bf16" if native else "fp32"
 
     def fast_path_description(self) -> str:
         parts = ["inference_mode", "bf16 autocast" if self.precision == "bf16" else "fp32"]

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .devices import cpu_supports_bf16, cuda_supports_bf16, resolve_device
+from .devices import choose_precision, resolve_device
 from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array
 
 __all__ = [
@@ -188,7 +188,7 @@ class BoxRefiner:
         self.net = net.eval().to(self.device)
         if self.channels_last:
             self.net.image_encoder.to(memory_format=torch.channels_last)
-        self.precision = self._choose_precision(precision)
+        self.precision = choose_precision(self.device, precision, self.fast, honour_bf16=True)
         self.threshold = t
         # probability > t  <=>  logit > log(t / (1 - t)); no sigmoid over H×W per box
         self._logit_threshold = -math.inf if t == 0 else math.inf if t == 1 else math.log(t / (1 - t))
@@ -209,23 +209,6 @@ class BoxRefiner:
         return f"BoxRefiner(LiteMedSAM, device={self.device}, precision={self.precision}, {size})"
 
     # -- configuration -----------------------------------------------------------------------
-
-    def _choose_precision(self, precision: str) -> str:
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-        if precision == "fp32" or (precision == "auto" and not self.fast):
-            return "fp32"
-        if self.device.type == "cuda":
-            native = cuda_supports_bf16(self.device)
-        elif self.device.type == "cpu":
-            native = cpu_supports_bf16()
-        else:
-            native = False
-        if precision == "bf16":  # asked for: honoured (emulated where not native, e.g. for agreement checks)
-            if not native:
-                warnings.warn(f"bf16 is not native on {self.device}: emulated, slower than fp32", stacklevel=3)
-            return "bf16"
-        return "bf16" if native else "fp32"
 
     def fast_path_description(self) -> str:
         parts = ["inference_mode", "bf16 autocast" if self.precision == "bf16" else "fp32"]

@@ -62,7 +62,7 @@ from .runfolder import (
     save_resumable,
     write_json,
 )
-from .trainer import BEST, TrainResult
+from .trainer import BEST, TrainResult, check_resume_settings, finish_run
 from .validation import summarise_validation
 
 __all__ = ["HEADS_FILE", "cached_validation", "load_cache_split", "train_heads"]
@@ -165,13 +165,7 @@ def _train_heads(
 ) -> TrainResult:
     prepare_run_folder(out, resume, HEADS_FILE)
     if resume:
-        stored = TrainConfig.from_dict(json.loads((out / HEADS_FILE).read_text(encoding="utf-8"))["train_config"])
-        from .config import RESUME_MUTABLE
-
-        diff = {k: v for k, v in stored.differences(cfg).items() if k not in RESUME_MUTABLE}
-        if diff:
-            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise TrainingError(f"cannot resume {out} with different settings ({listed})")
+        check_resume_settings(out, HEADS_FILE, cfg)
     model, init_report = build_model(cfg)
     if cfg.init == "litemedsam":
         model.encoder.neutralise_controllers()
@@ -330,26 +324,4 @@ def _train_heads(
         stop=stop_event,
         show_progress=show_progress,
     )
-    result = TrainResult(
-        out_dir=out,
-        best_checkpoint=(out / BEST) if (out / BEST).is_file() else None,
-        last_checkpoint=(out / LAST) if (out / LAST).is_file() else None,
-        best_val_dice=best.value,
-        best_epoch=best.epoch,
-        epochs_completed=outcome.epochs_completed,
-        stopped=outcome.stopped,
-        history=log.history,
-        model=model.eval(),
-    )
-    log.emit(
-        {
-            "event": "end",
-            "status": "stopped" if outcome.stopped else "finished",
-            "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
-            "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
-            "best_val_dice": best.value,
-            "best_epoch": best.epoch,
-            "epochs_completed": outcome.epochs_completed,
-        }
-    )
-    return result
+    return finish_run(out, model, outcome.epochs_completed, outcome.stopped, best, log, [])

@@ -104,6 +104,8 @@ __all__ = [
     "TrainingError",
     "benchmark_loader",
     "build_model",
+    "check_resume_settings",
+    "finish_run",
     "model_config_for",
     "summarise_validation",
     "train",
@@ -246,7 +248,7 @@ def _train(
         show_progress=show_progress,
         oom_message=lambda: _oom_message(out, device, cfg),
     )
-    return _finish(out, model, outcome.epochs_completed, outcome.stopped, best, log, data.skipped)
+    return finish_run(out, model, outcome.epochs_completed, outcome.stopped, best, log, data.skipped)
 
 
 # -- step 1: the run folder ----------------------------------------------------------------------
@@ -257,12 +259,18 @@ def _prepare_run(out: Path, cfg: TrainConfig, resume: bool, dist_ctx: DistContex
     prepare_run_folder(out, resume, RUN_FILE, create=dist_ctx.is_main)
     dist_ctx.barrier()
     if resume:
-        stored = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-        stored_cfg = TrainConfig.from_dict(stored["train_config"])
-        diff = {k: v for k, v in stored_cfg.differences(cfg).items() if k not in RESUME_MUTABLE}
-        if diff:
-            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise TrainingError(f"cannot resume {out} with different settings ({listed})")
+        check_resume_settings(out, RUN_FILE, cfg)
+
+
+def check_resume_settings(out: Path, descriptor: str, cfg: TrainConfig) -> None:
+    """``TrainingError`` unless ``cfg`` differs from the run's stored ``train_config`` (in the JSON
+    file ``descriptor``) only in settings a resumed run may change (``RESUME_MUTABLE``)."""
+    stored = json.loads((out / descriptor).read_text(encoding="utf-8"))
+    stored_cfg = TrainConfig.from_dict(stored["train_config"])
+    diff = {k: v for k, v in stored_cfg.differences(cfg).items() if k not in RESUME_MUTABLE}
+    if diff:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise TrainingError(f"cannot resume {out} with different settings ({listed})")
 
 
 # -- step 2: the model ---------------------------------------------------------------------------
@@ -658,7 +666,7 @@ def _dataset_counts(train: Sequence[SampleRecord], val: Sequence[SampleRecord]) 
 # -- step 7: the result ------------------------------------------------------------------------------
 
 
-def _finish(
+def finish_run(
     out: Path,
     model: DeLightSAM,
     epochs_completed: int,
@@ -667,6 +675,7 @@ def _finish(
     log: RunLog,
     skipped: list[str],
 ) -> TrainResult:
+    """The run's ``TrainResult`` (best/last files, best validation, history) and its ``end`` event."""
     result = TrainResult(
         out_dir=out,
         best_checkpoint=(out / BEST) if (out / BEST).is_file() else None,

@@ -59,6 +59,13 @@ class PreparedInput:
         return out
 
 
+def prepare_layer(layer: Any) -> PreparedInput:
+    """``prepare_input`` of a napari Image layer (its data, rgb flag, name and multiscale flag)."""
+    return prepare_input(
+        layer.data, bool(getattr(layer, "rgb", False)), layer.name, bool(getattr(layer, "multiscale", False))
+    )
+
+
 def prepare_input(data: Any, rgb: bool, name: str = "image", multiscale: bool = False) -> PreparedInput:
     """Check an Image layer's data and describe how to segment it; ``InputError`` otherwise.
 

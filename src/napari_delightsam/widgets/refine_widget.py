@@ -38,7 +38,7 @@ from .core import (
     fingerprint,
     guard_worker,
     output_names,
-    prepare_input,
+    prepare_layer,
     utc_now,
 )
 from .model_cache import ModelCache
@@ -173,8 +173,7 @@ class RefineWidget(Container):
             notify("warning", "no mask (Labels) layer: run De-LightSAM segment first or add a Labels layer")
             return None
         try:
-            prepared = prepare_input(image.data, bool(getattr(image, "rgb", False)), image.name,
-                                     bool(getattr(image, "multiscale", False)))
+            prepared = prepare_layer(image)
         except InputError as exc:
             notify("error", str(exc))
             return None
@@ -249,8 +248,7 @@ class RefineWidget(Container):
             notify("warning", f"only rectangles refine objects; the {shapes.shape_type[index]} was ignored")
             return
         try:
-            prepared = prepare_input(image.data, bool(getattr(image, "rgb", False)), image.name,
-                                     bool(getattr(image, "multiscale", False)))
+            prepared = prepare_layer(image)
             box, z = rectangle_to_box(shapes, index, image, prepared)
         except (InputError, ValueError) as exc:
             notify("warning", f"box ignored: {exc}")

@@ -52,7 +52,7 @@ from .core import (
     guard_worker,
     iterate_segmentation,
     output_names,
-    prepare_input,
+    prepare_layer,
     threshold_mask,
     unique_name,
     utc_now,
@@ -326,8 +326,7 @@ class SegmentWidget(QWidget):
             notify("warning", "no image layer to segment; open an image first")
             return None
         try:
-            prepared = prepare_input(layer.data, bool(getattr(layer, "rgb", False)), layer.name,
-                                     bool(getattr(layer, "multiscale", False)))
+            prepared = prepare_layer(layer)
         except InputError as exc:
             notify("error", str(exc))
             return None
