@@ -338,3 +338,39 @@ def test_cli_lr_scale_flag_builds_the_mapping():
         build_config(parse(["train", "--lr-scale", "backbone"]))
     with pytest.raises(CommandError, match="unknown lr_scale group"):
         build_config(parse(["train", "--lr-scale", "encoder=0.1"]))
+
+
+def test_unseen_domain_validation_is_reported_and_can_pick_best(tmp_path: Path):
+    """A split with an unseen part: both validations in every epoch row; "val+unseen" keeps the
+    checkpoint of the best mean, "val" the best in-domain Dice; no unseen part: refused."""
+    from napari_delightsam.data import discover, make_splits, save_splits
+    from napari_delightsam.data.holdout import HoldoutRule, HoldoutSet
+
+    root = make_synthetic_dataset(tmp_path / "data", n_per_dataset=8, size=(40, 52))
+    records = discover(root)
+    held = sorted({r.key for r in records})[0]
+    splits = make_splits(records, seed=0, holdout=HoldoutSet("t", (HoldoutRule(held),)))
+    split_file = save_splits(tmp_path / "splits.json", splits)
+    cfg = TrainConfig(**TINY, epochs=2, select_on="val+unseen", splits_file=str(split_file))
+    result = train(cfg, tmp_path / "run", data_root=root, show_progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["type"] == "epoch"]
+    for r in epochs:
+        assert held.split("/")[0] in r["unseen_dice_per_modality"]
+        assert r["select_dice"] == pytest.approx((r["val_dice"] + r["unseen_dice"]) / 2)
+    assert result.best_val_dice == pytest.approx(max(r["select_dice"] for r in epochs))
+    _, meta = read_checkpoint_info(result.best_checkpoint)
+    assert json.loads(meta["training"])["select_dice"] == pytest.approx(result.best_val_dice)
+
+    plain = train(
+        TrainConfig(**TINY, epochs=2, splits_file=str(split_file)), tmp_path / "run2", data_root=root, show_progress=False
+    )
+    rows = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["type"] == "epoch"]
+    assert all("unseen_dice" in r for r in epochs)  # reported, not used for the choice
+    assert plain.best_val_dice == pytest.approx(max(r["val_dice"] for r in epochs))
+
+    with pytest.raises(TrainingError, match="unseen-domain images"):
+        train(TrainConfig(**TINY, epochs=1, select_on="val+unseen"), tmp_path / "run3", data_root=root)
+    with pytest.raises(ValueError, match="select_on"):
+        TrainConfig(select_on="test")

@@ -36,6 +36,7 @@ _FLAG_FIELDS = {
     "max_per_dataset": "max_per_dataset",
     "val_max_per_dataset": "val_max_per_dataset",
     "model_preset": "model_preset",
+    "select_on": "select_on",
 }
 
 
@@ -61,6 +62,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of split, sampling, augmentation and init (default 0)")
     p.add_argument("--max-per-dataset", type=int, help="use at most N images per dataset and split")
     p.add_argument("--val-max-per-dataset", type=int, help="validate on at most N images per dataset")
+    p.add_argument(
+        "--select-on",
+        choices=("val", "val+unseen"),
+        help="validation that picks best.safetensors: the in-domain val split (default) or the mean of "
+        "it and the split's unseen-domain part (--splits benchmarks/protocol/splits-unseen-v1.json)",
+    )
     p.add_argument("--modalities", nargs="+", metavar="M", help="train only these modalities")
     p.add_argument(
         "--model-preset", choices=("default", "tiny"), help="architecture preset (default: the paper's)"

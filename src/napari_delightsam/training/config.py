@@ -84,6 +84,10 @@ class TrainConfig:
     modalities: tuple[str, ...] | None = None
     max_per_dataset: int | None = None
     val_max_per_dataset: int | None = None
+    #: which validation picks ``best``: "val" (the in-domain val split) or "val+unseen" (the mean
+    #: of in-domain and unseen-domain validation Dice; needs a split with an ``unseen`` part, e.g.
+    #: ``benchmarks/protocol/splits-unseen-v1.json``). Both are reported whenever the split has one
+    select_on: str = "val"
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     #: use this splits.json (e.g. an earlier run's) instead of making a split; samples it does not
     #: name are left out, and named samples missing from the data are simply absent
@@ -134,6 +138,8 @@ class TrainConfig:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.select_on not in ("val", "val+unseen"):
+            raise ValueError(f"select_on must be 'val' or 'val+unseen', got {self.select_on!r}")
         if self.model_preset not in ("default", "tiny"):
             raise ValueError(f"model_preset must be 'default' or 'tiny', got {self.model_preset!r}")
         bad = [g for g in self.freeze if g not in FREEZE_GROUPS]

@@ -208,14 +208,23 @@ def _train(
         }
     )
     val_indices = list(range(len(data.val)))[dist_ctx.rank :: dist_ctx.world_size]
+    unseen_indices = list(range(len(data.unseen)))[dist_ctx.rank :: dist_ctx.world_size] if data.unseen else []
 
     def validate_now() -> dict[str, Any]:
-        return gather_validation(model, data.val, val_indices, device, cfg.batch_size, amp_dtype, dist_ctx)
+        row = gather_validation(model, data.val, val_indices, device, cfg.batch_size, amp_dtype, dist_ctx)
+        if data.unseen is not None:
+            unseen = gather_validation(model, data.unseen, unseen_indices, device, cfg.batch_size, amp_dtype, dist_ctx)
+            row.update({k.replace("val_", "unseen_", 1): v for k, v in unseen.items()})
+        picked = [row.get("val_dice")] + ([row.get("unseen_dice")] if cfg.select_on == "val+unseen" else [])
+        row["select_dice"] = float(np.mean(picked)) if None not in picked else None
+        return row
 
     files = _Checkpoints(out, model, opt, cfg, len(data.train), init_report, data.splits, head_trained)
     if not resume:
         _start_of_run(cfg, files, log, dist_ctx, validate_now)
-    best = BestKeeper("val_dice", files.save_best, start.best_val, start.best_epoch)
+    # "val": the in-domain Dice picks best (rows keep their best_val_dice); "val+unseen": the mean
+    best_metric = "select_dice" if cfg.select_on == "val+unseen" else "val_dice"
+    best = BestKeeper(best_metric, files.save_best, start.best_val, start.best_epoch)
 
     # step 6: the epochs (loop.py)
     outcome = run_loop(
@@ -296,6 +305,8 @@ class _Data:
     splits: Splits
     train: SegmentationDataset
     val: SegmentationDataset
+    #: the split's unseen-domain part (None when it has none)
+    unseen: SegmentationDataset | None
     #: optimizer steps per epoch
     steps: int
     batches: EpochBatches
@@ -319,8 +330,14 @@ def _build_data(
         splits = _resolve_splits(records, cfg, out, resume, dist_ctx)
         train_recs = select(records, splits, "train", cfg.max_per_dataset)
         val_recs = select(records, splits, "val", cfg.val_max_per_dataset or cfg.max_per_dataset)
+        unseen_recs = select(records, splits, "unseen", cfg.val_max_per_dataset or cfg.max_per_dataset)
         if not train_recs:
             raise TrainingError("the split left no training images")
+        if cfg.select_on == "val+unseen" and not unseen_recs:
+            raise TrainingError(
+                "select_on 'val+unseen' needs a split with unseen-domain images "
+                "(e.g. --splits benchmarks/protocol/splits-unseen-v1.json)"
+            )
         mem_cap = cache_cap()
         train_ds = SegmentationDataset(
             train_recs,
@@ -338,6 +355,13 @@ def _build_data(
             cache=cfg.cache,
             cache_max_bytes=mem_cap,
         )
+        unseen_ds = (
+            SegmentationDataset(
+                unseen_recs, cfg.img_size, modalities, augment=False, cache=cfg.cache, cache_max_bytes=mem_cap
+            )
+            if unseen_recs
+            else None
+        )
     steps = steps_per_epoch(
         len(train_ds), cfg.batch_size * cfg.grad_accum * dist_ctx.world_size, cfg.steps_per_epoch
     )
@@ -353,7 +377,8 @@ def _build_data(
         rank=dist_ctx.rank,
         world_size=dist_ctx.world_size,
     )
-    return _Data(splits, train_ds, val_ds, steps, batches, train_ds.skipped + val_ds.skipped)
+    skipped = train_ds.skipped + val_ds.skipped + (unseen_ds.skipped if unseen_ds is not None else [])
+    return _Data(splits, train_ds, val_ds, unseen_ds, steps, batches, skipped)
 
 
 def _collect_records(
@@ -554,6 +579,9 @@ class _Checkpoints:
                 "n_train": self.n_train,
                 "val_dice": summary.get("val_dice"),
                 "val_dice_per_modality": summary.get("val_dice_per_modality"),
+                "unseen_dice": summary.get("unseen_dice"),
+                "unseen_dice_per_modality": summary.get("unseen_dice_per_modality"),
+                "select_dice": summary.get("select_dice"),
                 "val_modality_accuracy": summary.get("val_modality_accuracy"),
             }
         )
