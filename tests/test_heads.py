@@ -125,3 +125,12 @@ def test_stale_cache_and_bad_folders_are_refused(cache_dir: Path, tmp_path: Path
         train_heads(TrainConfig(**TINY, epochs=1), tmp_path, tmp_path / "b", show_progress=False)
     with pytest.raises(TrainingError, match="cannot resume"):
         train_heads(TrainConfig(**TINY, epochs=1), cache_dir, tmp_path / "c", show_progress=False, resume=True)
+
+
+def test_views_choose_the_augmented_copies_trained_on(cache_dir: Path, tmp_path: Path):
+    train_heads(TrainConfig(**TINY, epochs=1), cache_dir, tmp_path / "v0", views=[0], show_progress=False)
+    info = json.loads((tmp_path / "v0" / "heads.json").read_text())
+    all_rows = len(load_cache_split(cache_dir, "train"))
+    assert info["views"] == [0] and info["n_train_rows"] * 2 == all_rows
+    with pytest.raises(TrainingError, match="no training rows of views"):
+        train_heads(TrainConfig(**TINY, epochs=1), cache_dir, tmp_path / "v5", views=[5], show_progress=False)

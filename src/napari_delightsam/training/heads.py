@@ -138,19 +138,21 @@ def train_heads(
     progress: ProgressFn | None = None,
     stop_event: StopFlag | None = None,
     *,
+    views: Sequence[int] | None = None,
     resume: bool = False,
     show_progress: bool = True,
 ) -> TrainResult:
     """Train the SP-Generator, QM-Decoder and modality head on a cache folder; see the module
     docstring. ``train_config``: its schedule, optimizer, loss weights, model settings and
-    ``init`` are used (the encoder is always frozen; ``img_size`` must be the cache's)."""
+    ``init`` are used (the encoder is always frozen; ``img_size`` must be the cache's).
+    ``views``: train on these augmented views only (default: every view in the cache)."""
     cfg = train_config
     cfg.validate()
     out = Path(out_dir).expanduser()
     device = resolve_device(cfg.device)
     log = RunLog(out / METRICS, progress, curves=out / CURVES)
     with isolated_rng(device):
-        return _train_heads(cfg, Path(cache_dir), out, log, stop_event, resume, show_progress, device)
+        return _train_heads(cfg, Path(cache_dir), out, log, stop_event, resume, show_progress, device, views)
 
 
 def _train_heads(
@@ -162,6 +164,7 @@ def _train_heads(
     resume: bool,
     show_progress: bool,
     device: torch.device,
+    views: Sequence[int] | None,
 ) -> TrainResult:
     prepare_run_folder(out, resume, HEADS_FILE)
     if resume:
@@ -182,6 +185,11 @@ def _train_heads(
         raise TrainingError(
             f"the cache is at {train_set.meta.get('img_size')}², the model at {model.config.img_size}²"
         )
+    if views is not None:
+        rows = torch.nonzero(torch.isin(train_set.view, torch.as_tensor(list(views)))).flatten()
+        if rows.numel() == 0:
+            raise TrainingError(f"the cache holds no training rows of views {list(views)}")
+        train_set = train_set.subset(rows)
     val_set = load_cache_split(cache_dir, "val")
     unseen_set = load_cache_split(cache_dir, "unseen")
     train_ds = EmbeddingDataset(train_set, flips=cfg.augment)
@@ -209,6 +217,7 @@ def _train_heads(
                 "model_config": model.config.to_dict(),
                 "cache_dir": str(cache_dir.resolve()),
                 "cache_meta": train_set.meta,
+                "views": list(views) if views is not None else None,
                 "n_train_rows": len(train_set),
                 "n_train_records": len(train_set.keys),
                 "n_val": len(val_set) if val_set is not None else 0,
