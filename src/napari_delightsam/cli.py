@@ -1,4 +1,4 @@
-"""`delightsam` command line: segment | train | evaluate | distill | benchmark | info.
+"""`delightsam` command line: segment | train | recipe | evaluate | distill | benchmark | info.
 
 Each subcommand lives in ``napari_delightsam.commands.<name>`` with two functions:
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int`` (exit code).
@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("segment", "train", "evaluate", "distill", "benchmark", "info")
+COMMANDS: tuple[str, ...] = ("segment", "train", "recipe", "evaluate", "distill", "benchmark", "info")
 
 
 class CommandError(Exception):

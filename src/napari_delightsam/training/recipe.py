@@ -1,0 +1,265 @@
+"""A training recipe: the stages that make a default model, as one resumable command.
+
+``delightsam recipe v1 --data ../shared/data --out runs/v1`` runs ``recipes/v1.json``:
+
+1. **split** — ``splits.json``: the seeded 8:1:1 split per dataset with the recipe's unseen-domain
+   hold-out (``data.holdout``), or the file given with ``--splits``;
+2. **cache** — the frozen encoder's embeddings of every training image (``views``: the image and
+   augmented copies) and of the val / unseen images (``embedding_cache.build_cache_folder``);
+3. one folder per **stage**, in order: ``"heads"`` stages train on the cache
+   (``heads.train_heads``), ``"train"`` stages are end-to-end segmentation training
+   (``trainer.train``, e.g. modality controllers with the backbone frozen); each stage starts
+   from the previous stage's ``best.safetensors`` (``init: "previous"``) or from ``init``;
+4. **export** — the last stage's best weights in fp16 as ``model.safetensors`` (what
+   ``weights/`` ships), with the recipe and every stage's validation in its metadata.
+
+Every step is resumable: a finished stage (``stage.done``) is skipped, an interrupted one
+continues from its ``last`` checkpoint, cache files already computed are kept. Progress events
+are the stages' own (``progress(dict)``), plus ``recipe`` events {stage, status}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .errors import TrainingError
+
+__all__ = ["RECIPES", "Recipe", "RecipeStage", "load_recipe", "run_recipe"]
+
+#: the recipes shipped with the package (``training/recipes/<name>.json``)
+RECIPES = ("v1",)
+DONE = "stage.done"
+SPLITS = "splits.json"
+CACHE = "cache"
+EXPORT = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class RecipeStage:
+    name: str
+    #: "heads" (on the embedding cache) or "train" (end to end)
+    kind: str
+    #: TrainConfig fields of the stage (``init: "previous"`` = the previous stage's best)
+    config: dict[str, Any]
+    #: "heads" stages: train on these cached views only (None: all)
+    views: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    img_size: int
+    #: unseen-domain hold-out protocol (``data.holdout.HOLDOUTS``) of the split
+    holdout: str
+    seed: int
+    #: augmented views cached per training image (0 = the image itself)
+    views: tuple[int, ...]
+    #: TrainConfig fields every stage shares (a stage's own fields win)
+    common: dict[str, Any]
+    stages: tuple[RecipeStage, ...]
+    #: ModelConfig overrides of the network (e.g. the decoder's detail skips)
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        try:
+            stages = tuple(
+                RecipeStage(
+                    str(s["name"]),
+                    str(s["kind"]),
+                    dict(s.get("config", {})),
+                    tuple(s["views"]) if s.get("views") is not None else None,
+                )
+                for s in data["stages"]
+            )
+            recipe = cls(
+                str(data["name"]),
+                str(data.get("description", "")),
+                int(data["img_size"]),
+                str(data.get("holdout", "none")),
+                int(data.get("seed", 0)),
+                tuple(int(v) for v in data.get("views", (0,))),
+                dict(data.get("common", {})),
+                stages,
+                dict(data.get("model", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a valid recipe: {exc}") from exc
+        for s in recipe.stages:
+            if s.kind not in ("heads", "train"):
+                raise ValueError(f"recipe stage {s.name!r}: kind must be 'heads' or 'train', got {s.kind!r}")
+            recipe.stage_config(s)  # every stage's settings must be valid before anything runs
+        if len({s.name for s in recipe.stages}) != len(recipe.stages) or not recipe.stages:
+            raise ValueError("a recipe needs at least one stage, with distinct names")
+        return recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "img_size": self.img_size,
+            "holdout": self.holdout,
+            "seed": self.seed,
+            "views": list(self.views),
+            "common": self.common,
+            "model": self.model,
+            "stages": [
+                {"name": s.name, "kind": s.kind, "config": s.config, "views": list(s.views) if s.views else None}
+                for s in self.stages
+            ],
+        }
+
+    def stage_config(self, stage: RecipeStage, *, init: str = "litemedsam", **runtime: Any) -> TrainConfig:
+        """The stage's ``TrainConfig``: common fields, the stage's own, the model overrides, then
+        ``runtime`` (device, splits file...); ``init: "previous"`` is replaced by ``init``."""
+        data = {**self.common, **stage.config, **runtime}
+        data["img_size"] = self.img_size
+        data["seed"] = self.seed
+        data["model"] = {**self.model, **data.get("model", {})}
+        if data.get("init", "previous") == "previous":
+            data["init"] = init
+        return TrainConfig.from_dict(data)
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A shipped recipe by name (``RECIPES``) or a recipe JSON file."""
+    text: str
+    if str(name_or_path) in RECIPES:
+        text = resources.files("napari_delightsam.training").joinpath(f"recipes/{name_or_path}.json").read_text()
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no recipe {name_or_path!r}: not one of {', '.join(RECIPES)} and not a file")
+        text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"recipe {name_or_path}: not valid JSON ({exc})") from exc
+    return Recipe.from_dict(data)
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def run_recipe(
+    recipe: Recipe,
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    splits_file: str | Path | None = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    stop_event: Any = None,
+    show_progress: bool = True,
+) -> Path:
+    """Run (or continue) ``recipe`` in ``out_dir``; returns the exported model file."""
+    from ..checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+    from ..data import discover, load_splits, make_splits, save_splits, select
+    from ..data.holdout import holdout_by_name
+    from .embedding_cache import build_cache_folder
+    from .heads import train_heads
+    from .model_setup import build_model
+    from .runfolder import write_json
+    from .trainer import BEST, LAST, train
+
+    emit = progress or (lambda event: None)
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    stored = out / "recipe.json"
+    if stored.is_file():
+        previous = json.loads(stored.read_text(encoding="utf-8"))
+        if previous != recipe.to_dict():
+            raise TrainingError(f"{out} holds a run of another recipe ({previous.get('name')}); use a new --out")
+    else:
+        write_json(stored, recipe.to_dict())
+
+    # 1. the split
+    records = discover(data_root)
+    split_path = out / SPLITS
+    if not split_path.is_file():
+        if splits_file is not None:
+            splits = load_splits(splits_file)
+        else:
+            splits = make_splits(records, seed=recipe.seed, holdout=holdout_by_name(recipe.holdout))
+        save_splits(split_path, splits)
+    splits = load_splits(split_path)
+
+    # 2. the embedding cache of the frozen encoder (the starting network's)
+    heads_stages = [s for s in recipe.stages if s.kind == "heads"]
+    if heads_stages:
+        emit({"event": "recipe", "stage": CACHE, "status": "start"})
+        encoder_cfg = recipe.stage_config(heads_stages[0], device=device)
+        model, _ = build_model(encoder_cfg)
+        if encoder_cfg.init == "litemedsam":
+            model.encoder.neutralise_controllers()
+        model.eval()
+        for split, views in (("val", (0,)), ("unseen", (0,)), ("train", recipe.views)):
+            chosen = select(records, splits, split)
+            if chosen:
+                build_cache_folder(
+                    model,
+                    chosen,
+                    out / CACHE,
+                    split,
+                    views=views,
+                    seed=recipe.seed,
+                    keep_skip=True,
+                    progress=lambda key, done, total, split=split: emit(
+                        {"event": "cache", "split": split, "dataset": key, "done": done, "total": total}
+                    ),
+                )
+        del model
+        emit({"event": "recipe", "stage": CACHE, "status": "done"})
+
+    # 3. the stages (best picked on in-domain + unseen-domain validation where the split has both)
+    select_on = "val+unseen" if select(records, splits, "unseen") else "val"
+    init = "litemedsam"
+    last_best: Path | None = None
+    for stage in recipe.stages:
+        folder = out / stage.name
+        cfg = recipe.stage_config(
+            stage, init=init, device=device, splits_file=str(split_path.resolve()), select_on=select_on
+        )
+        if (folder / DONE).is_file():
+            emit({"event": "recipe", "stage": stage.name, "status": "skipped (done)"})
+        else:
+            resume = (folder / LAST).is_file()
+            emit({"event": "recipe", "stage": stage.name, "status": "resume" if resume else "start"})
+            if stage.kind == "heads":
+                result = train_heads(
+                    cfg, out / CACHE, folder, progress, stop_event, views=stage.views, resume=resume,
+                    show_progress=show_progress,
+                )
+            else:
+                result = train(
+                    cfg, folder, data_root=data_root, progress=progress, stop_event=stop_event, resume=resume,
+                    show_progress=show_progress,
+                )
+            if result.stopped:
+                raise TrainingError(f"stopped in stage {stage.name}; run the same command again to continue")
+            (folder / DONE).write_text(json.dumps({"best_select_dice": result.best_val_dice}), encoding="utf-8")
+            emit({"event": "recipe", "stage": stage.name, "status": "done"})
+        last_best = folder / BEST
+        init = str(last_best)
+
+    # 4. export: the last stage's best, fp16
+    assert last_best is not None
+    import torch
+
+    _, meta = read_checkpoint_info(last_best)
+    stages_meta = {}
+    for stage in recipe.stages:
+        _, m = read_checkpoint_info(out / stage.name / BEST)
+        stages_meta[stage.name] = json.loads(m.get("training", "{}"))
+    meta = {k: v for k, v in meta.items() if k in ("modality_head_trained", "sampling_rule", "train_config")}
+    meta.update({"recipe": json.dumps(recipe.to_dict()), "recipe_stages": json.dumps(stages_meta)})
+    exported = save_checkpoint(out / EXPORT, load_checkpoint(last_best), meta, dtype=torch.float16)
+    emit({"event": "recipe", "stage": "export", "status": "done", "path": str(exported)})
+    return exported

@@ -1,0 +1,101 @@
+"""Training recipes: the shipped v1 recipe is valid; a tiny recipe runs end to end, resumes, exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from napari_delightsam.checkpoint import load_checkpoint, read_checkpoint_info
+from napari_delightsam.cli import main
+from napari_delightsam.data.synthetic import make_synthetic_dataset
+from napari_delightsam.training import TrainingError
+from napari_delightsam.training.recipe import RECIPES, Recipe, load_recipe, run_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread", "single_process_env")
+
+TINY_RECIPE = {
+    "name": "tiny",
+    "description": "test",
+    "img_size": 64,
+    "holdout": "none",
+    "seed": 0,
+    "views": [0, 1],
+    "common": {
+        "model_preset": "tiny",
+        "init": "none",
+        "batch_size": 4,
+        "num_workers": 0,
+        "log_every": 0,
+        "val_at_start": False,
+        "amp_cpu": False,
+    },
+    "stages": [
+        {"name": "heads", "kind": "heads", "config": {"epochs": 2, "steps_per_epoch": 4, "lr": 2e-3}},
+        {
+            "name": "controllers",
+            "kind": "train",
+            "config": {"init": "previous", "epochs": 1, "steps_per_epoch": 2, "freeze": ["backbone"]},
+        },
+    ],
+}
+
+
+def test_shipped_recipes_are_valid():
+    for name in RECIPES:
+        recipe = load_recipe(name)
+        assert recipe.name == name and recipe.stages
+        for stage in recipe.stages:
+            cfg = recipe.stage_config(stage)
+            assert cfg.img_size == recipe.img_size
+    with pytest.raises(FileNotFoundError, match="no recipe"):
+        load_recipe("v999")
+    bad = dict(TINY_RECIPE, stages=[{"name": "x", "kind": "magic", "config": {}}])
+    with pytest.raises(ValueError, match="kind"):
+        Recipe.from_dict(bad)
+    with pytest.raises(ValueError, match="unknown training config"):
+        Recipe.from_dict(dict(TINY_RECIPE, common={"epochz": 1}))
+
+
+def test_tiny_recipe_runs_end_to_end_and_a_second_run_skips_finished_stages(tmp_path: Path, capsys):
+    root = make_synthetic_dataset(tmp_path / "data", n_per_dataset=8, size=(40, 52))
+    recipe = Recipe.from_dict(TINY_RECIPE)
+    out = tmp_path / "run"
+    events: list[dict] = []
+    exported = run_recipe(recipe, root, out, device="cpu", progress=events.append, show_progress=False)
+    assert exported == out / "model.safetensors"
+    statuses = [(e["stage"], e["status"]) for e in events if e.get("event") == "recipe"]
+    assert ("heads", "done") in statuses and ("controllers", "done") in statuses
+    assert {p.name.split("__")[0] for p in (out / "cache").iterdir()} == {"train", "val"}  # no unseen part here
+    # the exported model: fp16 storage, the controllers stage's best weights, the recipe inside
+    cfg, meta = read_checkpoint_info(exported)
+    assert cfg.img_size == 64 and meta["dtype"] == "float16"
+    assert json.loads(meta["recipe"])["name"] == "tiny"
+    assert set(json.loads(meta["recipe_stages"])) == {"heads", "controllers"}
+    best = load_checkpoint(out / "controllers" / "best.safetensors").state_dict()
+    got = load_checkpoint(exported).state_dict()
+    assert all(torch.equal(got[k], best[k].half().float() if best[k].is_floating_point() else best[k]) for k in best)
+    # the controllers stage started from the heads stage and kept the backbone frozen
+    heads = load_checkpoint(out / "heads" / "best.safetensors").state_dict()
+    assert torch.equal(best["encoder.stem.conv1.conv.weight"], heads["encoder.stem.conv1.conv.weight"])
+
+    stamp = (out / "heads" / "best.safetensors").stat().st_mtime_ns
+    again: list[dict] = []
+    run_recipe(recipe, root, out, device="cpu", progress=again.append, show_progress=False)
+    assert ("heads", "skipped (done)") in [(e["stage"], e["status"]) for e in again if e.get("event") == "recipe"]
+    assert (out / "heads" / "best.safetensors").stat().st_mtime_ns == stamp
+
+    other = Recipe.from_dict(dict(TINY_RECIPE, seed=1))
+    with pytest.raises(TrainingError, match="another recipe"):
+        run_recipe(other, root, out, device="cpu", show_progress=False)
+
+
+def test_recipe_command(tmp_path: Path, capsys):
+    assert main(["recipe", "v1", "--show"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["name"] == "v1"
+    assert main(["recipe", "v1"]) == 2
+    assert "--data ROOT and --out RUN_DIR are required" in capsys.readouterr().err
+    assert main(["recipe", str(tmp_path / "missing.json"), "--show"]) == 2
