@@ -170,6 +170,27 @@ def test_use_controller_false_ignores_controllers(tiny_model: DeLightSAM) -> Non
     assert off.modality.tolist() == [1, 4]  # the decoder still uses each sample's query
 
 
+def test_neutralised_controllers_leave_the_backbone_features(tiny_model: DeLightSAM) -> None:
+    """After ``neutralise_controllers`` every controller adds nothing (FFN and prompt values zero):
+    the embedding with a modality's controller on is the controller-off embedding, up to the
+    prompt tokens' small share of each attention softmax."""
+    _randomise_controllers(tiny_model, seed=3)
+    cfg = tiny_model.config
+    x = _images(cfg, 4)
+    mods = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        off = tiny_model.encoder(x, None)
+        assert (tiny_model.encoder(x, mods) - off).abs().max() > 1e-2  # randomised: they act
+        tiny_model.encoder.neutralise_controllers()
+        on = tiny_model.encoder(x, mods)
+    for module in _controller_modules(tiny_model):
+        for name, p in module.named_parameters():
+            if name.startswith(("down_", "value", "logit_bias")):
+                assert not p.any(), name
+    cos = torch.nn.functional.cosine_similarity(on.flatten(1), off.flatten(1))
+    assert cos.min() > 0.999
+
+
 def test_auto_modality_uses_argmax_of_head(tiny_model: DeLightSAM) -> None:
     _randomise_controllers(tiny_model)
     cfg = tiny_model.config
