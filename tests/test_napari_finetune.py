@@ -299,3 +299,16 @@ def test_image_size_defaults_to_the_starting_models_own_size(make_napari_viewer,
     assert seg.use_checkpoint(tiny_checkpoint)
     ft._update_init_label()
     assert ft.img_size_combo.currentText() == "256"
+
+
+def test_what_trains_defaults_to_a_fixed_backbone(make_napari_viewer, tiny_checkpoint):
+    from napari_delightsam.widgets.finetune_widget import TRAINS_ALL, TRAINS_CONTROLLERS
+
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM segment")
+    assert seg.use_checkpoint(tiny_checkpoint)
+    _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
+    assert ft.trains_combo.currentText() == TRAINS_CONTROLLERS
+    assert ft.current_settings().freeze_backbone
+    ft.trains_combo.setCurrentText(TRAINS_ALL)
+    assert not ft.current_settings().freeze_backbone

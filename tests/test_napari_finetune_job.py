@@ -105,6 +105,14 @@ def test_build_train_command_and_parse_lines(tmp_path):
     assert parsed.command == "train" and parsed.progress_jsonl and parsed.epochs == 3
     # bf16 training exactly where the CPU has native bf16
     assert train.build_config(parsed).amp_cpu == fj.cpu_supports_bf16()
+    # the shared backbone stays fixed by default when fine-tuning a model; on request it trains too
+    assert train.build_config(parsed).freeze == ("backbone",)
+    everything = fj.build_train_command(
+        fj.FinetuneSettings(init=str(tmp_path / "m.safetensors"), freeze_backbone=False), tmp_path / "d", tmp_path / "o"
+    )
+    assert train.build_config(parser.parse_args(everything[3:])).freeze == ()
+    scratch = fj.build_train_command(fj.FinetuneSettings(init=None), tmp_path / "d", tmp_path / "o")
+    assert "--freeze" not in scratch  # a random backbone is never kept fixed
 
 
 def test_train_cli_amp_cpu_defaults_to_native_bf16_and_can_be_forced(monkeypatch):

@@ -62,6 +62,9 @@ class FinetuneSettings:
     init: str | None = None
     #: "default" or "tiny" (architecture when starting from scratch)
     model_preset: str = "default"
+    #: keep the shared DC-Encoder backbone fixed (only with ``init``): the modality controllers
+    #: and the heads adapt, the pretrained features stay (and each step is ~1.7x cheaper on a CPU)
+    freeze_backbone: bool = True
     num_workers: int = 0
     extra_args: list[str] = field(default_factory=list)
 
@@ -199,6 +202,8 @@ def build_train_command(settings: FinetuneSettings, data_root: str | os.PathLike
         cmd += ["--amp-cpu"]  # bf16 autocast: about 2x per step on CPUs with native bf16
     if settings.init:
         cmd += ["--init", str(settings.init)]
+        if settings.freeze_backbone:
+            cmd += ["--freeze", "backbone"]
     elif settings.model_preset != "default":
         cmd += ["--model-preset", settings.model_preset]
     return cmd + list(settings.extra_args)

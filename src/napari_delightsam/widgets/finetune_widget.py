@@ -53,6 +53,11 @@ if TYPE_CHECKING:
 TICK_MS = 50
 
 
+
+#: the "What trains" choices
+TRAINS_CONTROLLERS = "controllers + heads (backbone fixed)"
+TRAINS_ALL = "everything"
+
 class FinetuneWidget(QWidget):
     """Dock widget: fine-tune De-LightSAM on the user's annotations, in a child process."""
 
@@ -165,6 +170,13 @@ class FinetuneWidget(QWidget):
         self.lr_spin.setSingleStep(1e-5)
         self.lr_spin.setValue(1e-4)
         form.addRow("Learning rate", self.lr_spin)
+        self.trains_combo = QComboBox()
+        self.trains_combo.addItems([TRAINS_CONTROLLERS, TRAINS_ALL])
+        self.trains_combo.setToolTip(
+            "Controllers + heads: the shared backbone keeps its pretrained features (the default: it "
+            "generalises better and trains faster). Everything: the backbone adapts too."
+        )
+        form.addRow("What trains", self.trains_combo)
         self.device_combo = QComboBox()
         self.device_combo.addItems(device_choices())
         self.device_combo.currentTextChanged.connect(self._default_img_size)
@@ -390,6 +402,7 @@ class FinetuneWidget(QWidget):
             batch_size=self.batch_spin.value(),
             device=self.device_combo.currentText() or "auto",
             init=init,
+            freeze_backbone=self.trains_combo.currentText() == TRAINS_CONTROLLERS,
         )
 
     def _collect_pairs(self) -> list[TrainingPair] | None:
