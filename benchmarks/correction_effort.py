@@ -4,7 +4,8 @@
         [--checkpoint FILE] [--split test] [--seed 0] [--max-per-dataset N] [--modalities M ...] \\
         [--iou 0.5] [--jitter 0.1] [--device cpu] [--threads N] [--resume] [--overwrite]
 
-A simulated user on the held-out split of ``--data`` (``data.make_splits(seed)`` + ``select``):
+A simulated user on the held-out split of ``--data`` (``data.make_splits(seed)``, or the
+``--splits`` file, e.g. ``benchmarks/protocol/splits-unseen-v1.json``, + ``select``):
 
 1. **Prompt-free pass.** De-LightSAM (the bundled model or ``--checkpoint``), the true modality
    given, threshold 0.5 -> a binary mask.
@@ -75,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="data root: <modality>/<dataset>/images|masks")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--checkpoint", type=Path, help="De-LightSAM .safetensors (default: the bundled model)")
-    p.add_argument("--split", choices=("test", "val", "train", "all"), default="test")
+    p.add_argument("--split", choices=("test", "val", "train", "unseen", "all"), default="test")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--splits", type=Path, help="a splits.json to use instead of make_splits(--seed)")
     p.add_argument("--max-per-dataset", type=int, help="at most N images per dataset (seeded choice)")
     p.add_argument("--modalities", nargs="+", metavar="M", help="only these modalities")
     p.add_argument("--iou", type=float, default=0.5, help="an object is missed below this IoU (default 0.5)")
@@ -346,7 +348,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         info["command"],
         "```",
         "",
-        f"- data `{info['data']}`, split {info['split']} (make_splits seed {info['seed']}), "
+        f"- data `{info['data']}`, split {info['split']} ({'file ' + info['splits_file'] if info.get('splits_file') else 'make_splits seed ' + str(info['seed'])}), "
         f"{result['overall']['n']} images; objects = GT 8-connected components (baselines.component_boxes rule); "
         f"missed = IoU < {info['iou']} with the overlapping prompt-free components; boxes jittered by up to "
         f"{100 * info['jitter']:g} % of their size (seed {info['jitter_seed']}), the same boxes for both methods",
@@ -479,7 +481,7 @@ def _clean(v: Any) -> Any:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from napari_delightsam.atomic_files import atomic_write
-    from napari_delightsam.data import BadSampleError, discover, load_pair, make_splits, select
+    from napari_delightsam.data import BadSampleError, discover, load_pair, load_splits, make_splits, select
     from napari_delightsam.inference import load_model, set_threads
     from napari_delightsam.refine import load_refiner
 
@@ -501,7 +503,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         records = discover(args.data, args.modalities)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
-    splits = make_splits(records, seed=args.seed)
+    if args.splits is not None:
+        if not args.splits.is_file():
+            raise UsageError(f"--splits: {args.splits} is not a file")
+        splits = load_splits(args.splits)
+    else:
+        splits = make_splits(records, seed=args.seed)
     chosen = select(records, splits, args.split, args.max_per_dataset)
     if not chosen:
         raise UsageError(f"no images in split {args.split!r}")
@@ -557,6 +564,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "data": str(args.data),
             "split": args.split,
             "seed": args.seed,
+            "splits_file": str(args.splits) if args.splits is not None else None,
             "max_per_dataset": args.max_per_dataset,
             "iou": args.iou,
             "strict_iou": args.strict_iou,
