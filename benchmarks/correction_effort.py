@@ -355,8 +355,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"- De-LightSAM: {info['checkpoint']} ({info['segmenter']}); LiteMedSAM: {info['refiner']}",
         f"- {info['cpu']} ({info['cpu_count']} CPUs), torch {info['torch']} with {info['threads']} threads, "
         f"niceness {info['niceness']}; load average {_num(info['load_average_start'], '.1f')} at the start, "
-        f"{_num(result['overall']['load_average_mean'], '.1f')} on average during the run (a training job shared "
-        f"the CPUs); {info['date']}; code {info['code_version']}",
+        f"{_num(result['overall']['load_average_mean'], '.1f')} on average during the run; "
+        f"{info['date']}; code {info['code_version']}",
         "",
         "## Dice % and boxes",
         "",

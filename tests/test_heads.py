@@ -83,6 +83,17 @@ def test_cache_folder_is_one_file_per_dataset_and_resumable(cache_dir: Path, tmp
     build_cache_folder(other.eval(), train_recs, folder, "train")
     assert all(f.stat().st_mtime_ns != stamps[f] for f in first)
 
+    # the encoder can run under bf16 autocast (the recipe does so where training would): the
+    # cache records it, and its embeddings stay close to the fp32 ones
+    fp32 = load_embeddings(first[0])
+    bf16 = build_cache_folder(
+        other, train_recs, tmp_path / "bf16", "train", device="cpu", autocast_dtype=torch.bfloat16
+    )
+    fast = load_embeddings(next(f for f in bf16 if f.name == first[0].name))
+    assert fast.meta["autocast"] == "torch.bfloat16" and fp32.meta["autocast"] == "None"
+    cos = torch.nn.functional.cosine_similarity(fast.embedding.float().flatten(1), fp32.embedding.float().flatten(1))
+    assert float(cos.min()) > 0.99
+
 
 def test_heads_learn_select_on_both_validations_and_resume(cache_dir: Path, tmp_path: Path):
     cfg = TrainConfig(**TINY, epochs=6)

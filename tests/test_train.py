@@ -362,6 +362,30 @@ def test_unseen_domain_validation_is_reported_and_can_pick_best(tmp_path: Path):
     _, meta = read_checkpoint_info(result.best_checkpoint)
     assert json.loads(meta["training"])["select_dice"] == pytest.approx(result.best_val_dice)
 
+    # resuming it: the unseen images belong to the split, so no sample is "left out"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*left out of this resumed run")
+        train(
+            TrainConfig(**TINY, epochs=3, select_on="val+unseen", splits_file=str(split_file)),
+            tmp_path / "run", data_root=root, resume=True, show_progress=False,
+        )
+    # a sample the split does not know is
+    extra = root / held / "images"
+    first = sorted(extra.iterdir())[0]
+    (extra / ("zz_new" + first.suffix)).write_bytes(first.read_bytes())
+    masks = root / held / "masks"
+    mfirst = sorted(masks.iterdir())[0]
+    (masks / ("zz_new" + mfirst.suffix)).write_bytes(mfirst.read_bytes())
+    with pytest.warns(UserWarning, match="1 sample\\(s\\) not in .* left out of this resumed run"):
+        train(
+            TrainConfig(**TINY, epochs=4, select_on="val+unseen", splits_file=str(split_file)),
+            tmp_path / "run", data_root=root, resume=True, show_progress=False,
+        )
+    for d in (extra, masks):
+        (d / next(p.name for p in d.iterdir() if p.name.startswith("zz_new"))).unlink()
+
     plain = train(
         TrainConfig(**TINY, epochs=2, splits_file=str(split_file)), tmp_path / "run2", data_root=root, show_progress=False
     )

@@ -163,6 +163,7 @@ def run_recipe(
     from ..checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
     from ..data import discover, load_splits, make_splits, save_splits, select
     from ..data.holdout import holdout_by_name
+    from ..devices import autocast_dtype, resolve_device
     from .embedding_cache import build_cache_folder
     from .heads import train_heads
     from .model_setup import build_model
@@ -199,7 +200,10 @@ def run_recipe(
         model, _ = build_model(encoder_cfg)
         if encoder_cfg.init == "litemedsam":
             model.encoder.neutralise_controllers()
-        model.eval()
+        # the encoder runs where and in the precision the stage trains (bf16 on a CPU with native bf16)
+        cache_device = resolve_device(encoder_cfg.device)
+        cache_dtype = autocast_dtype(cache_device, encoder_cfg.amp, cpu=encoder_cfg.amp_cpu)
+        model.to(cache_device).eval()
         for split, views in (("val", (0,)), ("unseen", (0,)), ("train", recipe.views)):
             chosen = select(records, splits, split)
             if chosen:
@@ -210,6 +214,8 @@ def run_recipe(
                     split,
                     views=views,
                     seed=recipe.seed,
+                    device=cache_device,
+                    autocast_dtype=cache_dtype,
                     keep_skip=True,
                     progress=lambda key, done, total, split=split: emit(
                         {"event": "cache", "split": split, "dataset": key, "done": done, "total": total}

@@ -66,7 +66,7 @@ from ..data import (
     save_splits,
     select,
 )
-from ..data.splits import Splits
+from ..data.splits import SPLIT_NAMES, Splits
 from ..devices import autocast_context, autocast_dtype, resolve_device
 from ..model import DeLightSAM, delightsam_loss
 from .batches import EpochBatches, cache_cap, relayed_warnings, steps_per_epoch
@@ -426,7 +426,7 @@ def _resolve_splits(
         for r in records:
             known[r.key].add(r.sample_id)
         new = sum(
-            len(ids - {i for s in ("train", "val", "test") for i in splits.ids(k, s)})
+            len(ids - {i for s in SPLIT_NAMES for i in splits.ids(k, s)})
             for k, ids in known.items()
         )
         if new:
