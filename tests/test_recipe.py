@@ -99,3 +99,29 @@ def test_recipe_command(tmp_path: Path, capsys):
     assert main(["recipe", "v1"]) == 2
     assert "--data ROOT and --out RUN_DIR are required" in capsys.readouterr().err
     assert main(["recipe", str(tmp_path / "missing.json"), "--show"]) == 2
+
+
+def test_recipe_until_a_stage_exports_it_and_the_full_run_continues_from_there(tmp_path: Path, capsys):
+    root = make_synthetic_dataset(tmp_path / "data", n_per_dataset=8, size=(40, 52))
+    recipe = Recipe.from_dict(TINY_RECIPE)
+    out = tmp_path / "run"
+    exported = run_recipe(recipe, root, out, device="cpu", show_progress=False, until="heads")
+    assert exported == out / "model-heads.safetensors"
+    assert not (out / "controllers").exists() and not (out / "model.safetensors").exists()
+    _, meta = read_checkpoint_info(exported)
+    assert set(json.loads(meta["recipe_stages"])) == {"heads"}
+    heads = load_checkpoint(out / "heads" / "best.safetensors").state_dict()
+    got = load_checkpoint(exported).state_dict()
+    assert all(torch.equal(got[k], heads[k].half().float() if heads[k].is_floating_point() else heads[k]) for k in heads)
+
+    events: list[dict] = []
+    full = run_recipe(recipe, root, out, device="cpu", progress=events.append, show_progress=False)
+    statuses = [(e["stage"], e["status"]) for e in events if e.get("event") == "recipe"]
+    assert ("heads", "skipped (done)") in statuses and ("controllers", "done") in statuses
+    assert full == out / "model.safetensors"
+
+    with pytest.raises(ValueError, match="no stage 'nope'"):
+        run_recipe(recipe, root, out, device="cpu", show_progress=False, until="nope")
+    assert main(["recipe", "v1", "--data", str(root), "--out", str(tmp_path / "x"), "--until", "nope"]) == 2
+    assert "has no stage 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -29,6 +29,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder (new, or the same one to continue)")
     p.add_argument("--splits", type=Path, help="use this splits.json instead of the recipe's seeded split")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument(
+        "--until",
+        metavar="STAGE",
+        help="run the stages up to and including STAGE and export its best as model-STAGE.safetensors",
+    )
     p.add_argument("--show", action="store_true", help="print the recipe as JSON and exit")
     p.add_argument("--progress-jsonl", action="store_true", help="machine-readable progress on stdout")
     return p
@@ -48,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--data ROOT and --out RUN_DIR are required")
     if args.splits is not None and not args.splits.is_file():
         raise CommandError(f"--splits: {args.splits} is not a file")
+    if args.until is not None and args.until not in [s.name for s in recipe.stages]:
+        raise CommandError(
+            f"--until: recipe {recipe.name} has no stage {args.until!r} "
+            f"(stages: {', '.join(s.name for s in recipe.stages)})"
+        )
     progress = jsonl_progress(args.progress_jsonl)
     printer = progress or _print_recipe_events
     with reported_failures(progress):
@@ -59,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             progress=printer,
             show_progress=not args.progress_jsonl,
+            until=args.until,
         )
     if not args.progress_jsonl:
         print(f"recipe {recipe.name} finished: {exported}")

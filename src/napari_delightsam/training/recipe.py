@@ -158,8 +158,13 @@ def run_recipe(
     progress: ProgressFn | None = None,
     stop_event: Any = None,
     show_progress: bool = True,
+    until: str | None = None,
 ) -> Path:
-    """Run (or continue) ``recipe`` in ``out_dir``; returns the exported model file."""
+    """Run (or continue) ``recipe`` in ``out_dir``; returns the exported model file.
+
+    ``until``: run the stages up to and including this one and export its best weights as
+    ``model-<until>.safetensors`` (the same command without it continues with the later stages).
+    """
     from ..checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
     from ..data import discover, load_splits, make_splits, save_splits, select
     from ..data.holdout import holdout_by_name
@@ -171,6 +176,10 @@ def run_recipe(
     from .trainer import BEST, LAST, train
 
     emit = progress or (lambda event: None)
+    names = [s.name for s in recipe.stages]
+    if until is not None and until not in names:
+        raise ValueError(f"recipe {recipe.name} has no stage {until!r} (stages: {', '.join(names)})")
+    stages = recipe.stages[: names.index(until) + 1] if until is not None else recipe.stages
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     stored = out / "recipe.json"
@@ -228,7 +237,7 @@ def run_recipe(
     select_on = "val+unseen" if select(records, splits, "unseen") else "val"
     init = "litemedsam"
     last_best: Path | None = None
-    for stage in recipe.stages:
+    for stage in stages:
         folder = out / stage.name
         cfg = recipe.stage_config(
             stage, init=init, device=device, splits_file=str(split_path.resolve()), select_on=select_on
@@ -261,11 +270,12 @@ def run_recipe(
 
     _, meta = read_checkpoint_info(last_best)
     stages_meta = {}
-    for stage in recipe.stages:
+    for stage in stages:
         _, m = read_checkpoint_info(out / stage.name / BEST)
         stages_meta[stage.name] = json.loads(m.get("training", "{}"))
     meta = {k: v for k, v in meta.items() if k in ("modality_head_trained", "sampling_rule", "train_config")}
     meta.update({"recipe": json.dumps(recipe.to_dict()), "recipe_stages": json.dumps(stages_meta)})
-    exported = save_checkpoint(out / EXPORT, load_checkpoint(last_best), meta, dtype=torch.float16)
+    target = out / (EXPORT if until is None else f"model-{until}.safetensors")
+    exported = save_checkpoint(target, load_checkpoint(last_best), meta, dtype=torch.float16)
     emit({"event": "recipe", "stage": "export", "status": "done", "path": str(exported)})
     return exported
