@@ -41,7 +41,7 @@ def table(columns: list[tuple[str, dict, dict]], metric: str) -> str:
         n = next((ds[k]["n"] for _, ds, _ in columns if k in ds), "")
         out.append(f"| {k} | {n} | " + " | ".join(_cell(ds.get(k, {}).get(metric), scale) for _, ds, _ in columns) + " |")
     means = []
-    for _, ds, mods in columns:
+    for _name, _datasets, mods in columns:
         vals = [m.get(metric) for m in mods.values() if m.get(metric) is not None]
         means.append(_cell(sum(vals) / len(vals), scale) if vals else "—")
     out.append("| **mean over modalities** | | " + " | ".join(f"**{m}**" for m in means) + " |")
