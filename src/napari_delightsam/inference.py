@@ -45,6 +45,10 @@ from .devices import autocast_context, choose_precision, resolve_device
 from .model.fusion import is_fused
 from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array, to_input_size, to_model_tensor
 
+#: checkpoint metadata key: "fp32" makes precision="auto" run this checkpoint in fp32 even where
+#: bf16 is native (set when the fast path's masks were measured to disagree with fp32 eager)
+INFERENCE_PRECISION_KEY = "inference_precision"
+
 __all__ = [
     "ModalitySpec",
     "PreparedImage",
@@ -178,6 +182,10 @@ class Segmenter:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.checkpoint_sha256 = checkpoint_sha256
         self.max_pixels = int(max_pixels)
+        if precision == "auto" and self.metadata.get(INFERENCE_PRECISION_KEY) == "fp32":
+            # the checkpoint says its bf16 masks do not match fp32 closely enough (its model card
+            # measures it): "auto" keeps fp32 (folding and channels_last stay); "bf16" still forces it
+            precision = "fp32"
         self.precision = choose_precision(self.device, precision, self.fast)
         self._compiled: Any = None
         if compile:
