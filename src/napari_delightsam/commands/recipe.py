@@ -53,11 +53,10 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--data ROOT and --out RUN_DIR are required")
     if args.splits is not None and not args.splits.is_file():
         raise CommandError(f"--splits: {args.splits} is not a file")
-    if args.until is not None and args.until not in [s.name for s in recipe.stages]:
-        raise CommandError(
-            f"--until: recipe {recipe.name} has no stage {args.until!r} "
-            f"(stages: {', '.join(s.name for s in recipe.stages)})"
-        )
+    try:
+        recipe.stages_until(args.until)
+    except ValueError as exc:
+        raise CommandError(f"--until: {exc}") from exc
     progress = jsonl_progress(args.progress_jsonl)
     printer = progress or _print_recipe_events
     with reported_failures(progress):

@@ -116,6 +116,15 @@ class Recipe:
             ],
         }
 
+    def stages_until(self, until: str | None) -> tuple[RecipeStage, ...]:
+        """The stages up to and including ``until`` (all of them for None); ValueError if unknown."""
+        if until is None:
+            return self.stages
+        names = [s.name for s in self.stages]
+        if until not in names:
+            raise ValueError(f"recipe {self.name} has no stage {until!r} (stages: {', '.join(names)})")
+        return self.stages[: names.index(until) + 1]
+
     def stage_config(self, stage: RecipeStage, *, init: str = "litemedsam", **runtime: Any) -> TrainConfig:
         """The stage's ``TrainConfig``: common fields, the stage's own, the model overrides, then
         ``runtime`` (device, splits file...); ``init: "previous"`` is replaced by ``init``."""
@@ -176,10 +185,7 @@ def run_recipe(
     from .trainer import BEST, LAST, train
 
     emit = progress or (lambda event: None)
-    names = [s.name for s in recipe.stages]
-    if until is not None and until not in names:
-        raise ValueError(f"recipe {recipe.name} has no stage {until!r} (stages: {', '.join(names)})")
-    stages = recipe.stages[: names.index(until) + 1] if until is not None else recipe.stages
+    stages = recipe.stages_until(until)  # an unknown stage fails before anything is written
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     stored = out / "recipe.json"
