@@ -57,6 +57,18 @@ def test_shipped_recipes_are_valid():
         Recipe.from_dict(bad)
     with pytest.raises(ValueError, match="unknown training config"):
         Recipe.from_dict(dict(TINY_RECIPE, common={"epochz": 1}))
+    for reserved in ("dtype", "recipe", "train_config"):
+        with pytest.raises(ValueError, match=f"may not set '{reserved}'"):
+            Recipe.from_dict(dict(TINY_RECIPE, export_metadata={reserved: "x"}))
+    with pytest.raises(ValueError, match="text to text"):
+        Recipe.from_dict(dict(TINY_RECIPE, export_metadata={"inference_precision": 32}))
+
+
+def test_a_stage_may_set_its_own_seed_and_the_others_keep_the_recipes():
+    stages = [dict(TINY_RECIPE["stages"][0]), dict(TINY_RECIPE["stages"][1])]
+    stages[1]["config"] = dict(stages[1]["config"], seed=5)
+    recipe = Recipe.from_dict(dict(TINY_RECIPE, seed=3, stages=stages))
+    assert [recipe.stage_config(s).seed for s in recipe.stages] == [3, 5]
 
 
 def test_tiny_recipe_runs_end_to_end_and_a_second_run_skips_finished_stages(tmp_path: Path, capsys):
@@ -103,13 +115,15 @@ def test_recipe_command(tmp_path: Path, capsys):
 
 def test_recipe_until_a_stage_exports_it_and_the_full_run_continues_from_there(tmp_path: Path, capsys):
     root = make_synthetic_dataset(tmp_path / "data", n_per_dataset=8, size=(40, 52))
-    recipe = Recipe.from_dict(TINY_RECIPE)
+    # the recipe's export metadata describes the finished model: only the full export carries it
+    recipe = Recipe.from_dict(dict(TINY_RECIPE, export_metadata={"inference_precision": "fp32"}))
     out = tmp_path / "run"
     exported = run_recipe(recipe, root, out, device="cpu", show_progress=False, until="heads")
     assert exported == out / "model-heads.safetensors"
     assert not (out / "controllers").exists() and not (out / "model.safetensors").exists()
     _, meta = read_checkpoint_info(exported)
     assert set(json.loads(meta["recipe_stages"])) == {"heads"}
+    assert "inference_precision" not in meta
     heads = load_checkpoint(out / "heads" / "best.safetensors").state_dict()
     got = load_checkpoint(exported).state_dict()
     assert all(torch.equal(got[k], heads[k].half().float() if heads[k].is_floating_point() else heads[k]) for k in heads)
@@ -118,6 +132,9 @@ def test_recipe_until_a_stage_exports_it_and_the_full_run_continues_from_there(t
     full = run_recipe(recipe, root, out, device="cpu", progress=events.append, show_progress=False)
     statuses = [(e["stage"], e["status"]) for e in events if e.get("event") == "recipe"]
     assert ("heads", "skipped (done)") in statuses and ("controllers", "done") in statuses
+    _, meta = read_checkpoint_info(full)
+    assert meta["inference_precision"] == "fp32"
+    assert json.loads(meta["recipe"])["export_metadata"] == {"inference_precision": "fp32"}
     assert full == out / "model.safetensors"
 
     with pytest.raises(ValueError, match="no stage 'nope'"):

@@ -11,7 +11,9 @@
    (``trainer.train``, e.g. modality controllers with the backbone frozen); each stage starts
    from the previous stage's ``best.safetensors`` (``init: "previous"``) or from ``init``;
 4. **export** — the last stage's best weights in fp16 as ``model.safetensors`` (what
-   ``weights/`` ships), with the recipe and every stage's validation in its metadata.
+   ``weights/`` ships), with the recipe and every stage's validation in its metadata, plus the
+   recipe's ``export_metadata`` (e.g. ``inference_precision: fp32``, measured on the model it
+   makes: ``inference.INFERENCE_PRECISION_KEY``).
 
 Every step is resumable: a finished stage (``stage.done``) is skipped, an interrupted one
 continues from its ``last`` checkpoint, cache files already computed are kept. Progress events
@@ -38,6 +40,8 @@ DONE = "stage.done"
 SPLITS = "splits.json"
 CACHE = "cache"
 EXPORT = "model.safetensors"
+#: metadata keys the export writes besides the checkpoint format's own (``export_metadata`` may set neither)
+EXPORT_METADATA_KEYS = ("recipe", "recipe_stages", "modality_head_trained", "sampling_rule", "train_config")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class Recipe:
     stages: tuple[RecipeStage, ...]
     #: ModelConfig overrides of the network (e.g. the decoder's detail skips)
     model: dict[str, Any] = field(default_factory=dict)
+    #: string metadata the full export carries (not the ``--until`` exports), e.g.
+    #: ``{"inference_precision": "fp32", "inference_precision_reason": "..."}``
+    export_metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -89,6 +96,7 @@ class Recipe:
                 dict(data.get("common", {})),
                 stages,
                 dict(data.get("model", {})),
+                dict(data.get("export_metadata", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a valid recipe: {exc}") from exc
@@ -96,6 +104,13 @@ class Recipe:
             if s.kind not in ("heads", "train"):
                 raise ValueError(f"recipe stage {s.name!r}: kind must be 'heads' or 'train', got {s.kind!r}")
             recipe.stage_config(s)  # every stage's settings must be valid before anything runs
+        from ..checkpoint import RESERVED_METADATA_KEYS
+
+        for key, value in recipe.export_metadata.items():
+            if not (isinstance(key, str) and isinstance(value, str)):
+                raise ValueError(f"recipe export_metadata must map text to text, got {key!r}: {value!r}")
+            if key in RESERVED_METADATA_KEYS or key in EXPORT_METADATA_KEYS:
+                raise ValueError(f"recipe export_metadata may not set {key!r}: the export writes it")
         if len({s.name for s in recipe.stages}) != len(recipe.stages) or not recipe.stages:
             raise ValueError("a recipe needs at least one stage, with distinct names")
         return recipe
@@ -110,6 +125,7 @@ class Recipe:
             "views": list(self.views),
             "common": self.common,
             "model": self.model,
+            "export_metadata": self.export_metadata,
             "stages": [
                 {"name": s.name, "kind": s.kind, "config": s.config, "views": list(s.views) if s.views else None}
                 for s in self.stages
@@ -127,10 +143,12 @@ class Recipe:
 
     def stage_config(self, stage: RecipeStage, *, init: str = "litemedsam", **runtime: Any) -> TrainConfig:
         """The stage's ``TrainConfig``: common fields, the stage's own, the model overrides, then
-        ``runtime`` (device, splits file...); ``init: "previous"`` is replaced by ``init``."""
+        ``runtime`` (device, splits file...); ``init: "previous"`` is replaced by ``init``.
+        The seed is the recipe's unless the stage sets its own (e.g. a continuation that should
+        not replay the previous stage's sample order)."""
         data = {**self.common, **stage.config, **runtime}
         data["img_size"] = self.img_size
-        data["seed"] = self.seed
+        data["seed"] = stage.config.get("seed", self.seed)
         data["model"] = {**self.model, **data.get("model", {})}
         if data.get("init", "previous") == "previous":
             data["init"] = init
@@ -281,6 +299,8 @@ def run_recipe(
         stages_meta[stage.name] = json.loads(m.get("training", "{}"))
     meta = {k: v for k, v in meta.items() if k in ("modality_head_trained", "sampling_rule", "train_config")}
     meta.update({"recipe": json.dumps(recipe.to_dict()), "recipe_stages": json.dumps(stages_meta)})
+    if until is None:
+        meta.update(recipe.export_metadata)
     target = out / (EXPORT if until is None else f"model-{until}.safetensors")
     exported = save_checkpoint(target, load_checkpoint(last_best), meta, dtype=torch.float16)
     emit({"event": "recipe", "stage": "export", "status": "done", "path": str(exported)})
