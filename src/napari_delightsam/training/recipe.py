@@ -32,7 +32,7 @@ from typing import Any
 from .config import TrainConfig
 from .errors import TrainingError
 
-__all__ = ["RECIPES", "Recipe", "RecipeStage", "load_recipe", "run_recipe"]
+__all__ = ["RECIPES", "Recipe", "RecipeStage", "export_model", "load_recipe", "run_recipe"]
 
 #: the recipes shipped with the package (``training/recipes/<name>.json``)
 RECIPES = ("v1",)
@@ -40,8 +40,10 @@ DONE = "stage.done"
 SPLITS = "splits.json"
 CACHE = "cache"
 EXPORT = "model.safetensors"
+#: metadata of the last stage's best that the export keeps
+KEPT_METADATA_KEYS = ("modality_head_trained", "sampling_rule", "train_config")
 #: metadata keys the export writes besides the checkpoint format's own (``export_metadata`` may set neither)
-EXPORT_METADATA_KEYS = ("recipe", "recipe_stages", "modality_head_trained", "sampling_rule", "train_config")
+EXPORT_METADATA_KEYS = ("recipe", "recipe_stages", *KEPT_METADATA_KEYS)
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ def run_recipe(
     ``until``: run the stages up to and including this one and export its best weights as
     ``model-<until>.safetensors`` (the same command without it continues with the later stages).
     """
-    from ..checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+    from ..checkpoint import read_checkpoint_info
     from ..data import discover, load_splits, make_splits, save_splits, select
     from ..data.holdout import holdout_by_name
     from ..devices import autocast_dtype, resolve_device
@@ -290,18 +292,29 @@ def run_recipe(
 
     # 4. export: the last stage's best, fp16
     assert last_best is not None
-    import torch
-
-    _, meta = read_checkpoint_info(last_best)
     stages_meta = {}
     for stage in stages:
         _, m = read_checkpoint_info(out / stage.name / BEST)
         stages_meta[stage.name] = json.loads(m.get("training", "{}"))
-    meta = {k: v for k, v in meta.items() if k in ("modality_head_trained", "sampling_rule", "train_config")}
-    meta.update({"recipe": json.dumps(recipe.to_dict()), "recipe_stages": json.dumps(stages_meta)})
-    if until is None:
-        meta.update(recipe.export_metadata)
     target = out / (EXPORT if until is None else f"model-{until}.safetensors")
-    exported = save_checkpoint(target, load_checkpoint(last_best), meta, dtype=torch.float16)
+    exported = export_model(recipe, last_best, stages_meta, target, final=until is None)
     emit({"event": "recipe", "stage": "export", "status": "done", "path": str(exported)})
     return exported
+
+
+def export_model(
+    recipe: Recipe, best: str | Path, stages_meta: dict[str, Any], target: str | Path, *, final: bool = True
+) -> Path:
+    """The recipe's export step: ``best`` in fp16 at ``target`` with the kept metadata of
+    ``best``, the recipe, ``stages_meta`` (each stage's validation) and, for the ``final``
+    model, the recipe's ``export_metadata``."""
+    import torch
+
+    from ..checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+
+    _, meta = read_checkpoint_info(best)
+    meta = {k: v for k, v in meta.items() if k in KEPT_METADATA_KEYS}
+    meta.update({"recipe": json.dumps(recipe.to_dict()), "recipe_stages": json.dumps(stages_meta)})
+    if final:
+        meta.update(recipe.export_metadata)
+    return save_checkpoint(target, load_checkpoint(best), meta, dtype=torch.float16)
