@@ -74,6 +74,10 @@ class ModelConfig:
     #: detail skips into the decoder's upscaling path (beyond the paper, ``model/detail.py``):
     #: "stage0" (stride-8 encoder features), "image" (a small conv branch on the image)
     decoder_skips: tuple[str, ...] = ()
+    #: the QM-Decoder's output stride: 4 (the paper: logits at S/4) or 2 (beyond the paper:
+    #: ``model/detail.py``'s ``FineUpscale`` adds a stride-2 stage that reads the image, for
+    #: structures a few pixels wide such as retinal vessels)
+    mask_stride: int = 4
     # Beyond the paper: a modality classifier on pooled image embeddings for "auto".
     modality_head: bool = True
     format_version: int = CHECKPOINT_FORMAT_VERSION
@@ -94,6 +98,8 @@ class ModelConfig:
         bad = [s for s in self.decoder_skips if s not in ("stage0", "image")]
         if bad or len(set(self.decoder_skips)) != len(self.decoder_skips):
             raise ValueError(f"decoder_skips must be distinct names from stage0, image; got {self.decoder_skips!r}")
+        if self.mask_stride not in (2, 4):
+            raise ValueError(f"mask_stride must be 4 (the paper) or 2, got {self.mask_stride!r}")
 
     @property
     def num_modalities(self) -> int:
@@ -103,6 +109,11 @@ class ModelConfig:
     def embedding_size(self) -> int:
         """Side of the image embedding grid (64 at 1024²: stride 16)."""
         return self.img_size // 16
+
+    @property
+    def mask_size(self) -> int:
+        """Side of the QM-Decoder's logit map (img_size / mask_stride)."""
+        return self.img_size // self.mask_stride
 
     @property
     def patch_grid(self) -> int:

@@ -7,7 +7,9 @@
 
 No IoU token. Hypernetworks are one per modality (paper) or one shared (authors' code).
 With ``cfg.decoder_skips`` (beyond the paper, ``detail.py``) the upscaling path also adds the
-stage-0 features after the first transposed conv and an image detail branch after the second.
+stage-0 features after the first transposed conv and an image detail branch after the second;
+with ``cfg.mask_stride = 2`` a ``FineUpscale`` stage doubles the upscaled features once more
+(logits at S/2 instead of S/4).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .controller import single_modality
-from .detail import ImageDetail, Stage0Detail
+from .detail import FineUpscale, ImageDetail, Stage0Detail
 
 
 class QMDecoder(nn.Module):
@@ -44,6 +46,7 @@ class QMDecoder(nn.Module):
         skips = set(cfg.decoder_skips)
         self.stage0_detail = Stage0Detail(cfg.embed_dims[1], dim // 4) if "stage0" in skips else None
         self.image_detail = ImageDetail(dim // 8) if "image" in skips else None
+        self.fine = FineUpscale(dim // 8) if cfg.mask_stride == 2 else None
         n_hyper = cfg.num_modalities if cfg.per_modality_hypernetworks else 1
         self.hypernetworks = nn.ModuleList([MLP(dim, dim, dim // 8, 3) for _ in range(n_hyper)])
 
@@ -54,16 +57,21 @@ class QMDecoder(nn.Module):
         stage0: torch.Tensor | None = None,
         image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """h (B,C,g,g) already fused with the dense prompt; modality (B,) -> logits (B,1,4g,4g).
+        """h (B,C,g,g) already fused with the dense prompt; modality (B,) -> logits (B,1,4g,4g),
+        or (B,1,8g,8g) with ``mask_stride = 2``.
 
         ``stage0`` (B,C0,2g,2g) and ``image`` (B,3,16g,16g, normalised) feed the detail skips
-        of a decoder built with them (and are ignored otherwise).
+        and the fine stage of a decoder built with them (and are ignored otherwise).
         """
         b, c, g, _ = h.shape
         pe = self.pe_layer((g, g)).unsqueeze(0).to(h.dtype)
         tokens = self.queries.weight.unsqueeze(0).expand(b, -1, -1).to(h.dtype)
         hs, src = self.transformer(h, pe, tokens)
         up = self._upscale(src.transpose(1, 2).reshape(b, c, g, g), stage0, image)
+        if self.fine is not None:
+            if image is None:
+                raise ValueError("this decoder has a stride-2 stage: pass the normalised image")
+            up = self.fine(up, image)
         weights = self._hyper_weights(hs, modality)  # (B, c/8)
         return torch.bmm(weights.unsqueeze(1), up.flatten(2)).view(b, 1, up.shape[-2], up.shape[-1])
 
@@ -85,6 +93,11 @@ class QMDecoder(nn.Module):
                 raise ValueError("this decoder has an image detail branch: pass the normalised image")
             x = x + self.image_detail(image.to(x.dtype))
         return act2(x)
+
+    @property
+    def needs_image(self) -> bool:
+        """Whether ``forward`` reads the normalised image (image detail branch or fine stage)."""
+        return self.image_detail is not None or self.fine is not None
 
     def _hyper_weights(self, hs: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         b = hs.shape[0]

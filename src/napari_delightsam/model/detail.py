@@ -12,15 +12,27 @@ where the decoder's resolution matches:
   transposed conv (B, C/8, 4g, 4g).
 
 Both cost little (≈0.1 GMAC at 512²) and are trained with the decoder.
+
+A third part raises the decoder's output resolution (``ModelConfig.mask_stride = 2``): at
+stride 4 a 512² input gives a 128² logit map, and a vessel one or two pixels wide cannot be
+drawn on it — even the ground truth, area-resized to 128² and bilinearly brought back, keeps
+only 70 % Dice on DRIVE (56–61 % on IDRiD and STARE); at 256² it keeps 86–95 %
+(``benchmarks/logit_resolution_bound.py``).
+
+* ``FineUpscale``: the stride-4 features are bilinearly doubled and a residual conv block reads
+  them together with a stride-2 conv branch of the image. Its last conv starts at zero, so a
+  model given this stage starts out with the masks it had (its logits bilinearly doubled) and
+  the stage learns only the detail (≈1.1 GMAC at 512²).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-__all__ = ["DETAIL_SKIPS", "ImageDetail", "Stage0Detail"]
+__all__ = ["DETAIL_SKIPS", "FineUpscale", "ImageDetail", "Stage0Detail"]
 
 #: names ``ModelConfig.decoder_skips`` may hold
 DETAIL_SKIPS = ("stage0", "image")
@@ -50,3 +62,29 @@ class ImageDetail(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv2(self.act(self.conv1(image))))
+
+
+class FineUpscale(nn.Module):
+    """(B, C, S/4, S/4) decoder features + (B, 3, S, S) normalised image -> (B, C, S/2, S/2).
+
+    ``up = bilinear ×2 (features)``; ``out = up + conv1×1(GELU(conv3×3([up, image branch])))``
+    with the image branch two 3×3 convs (the first of stride 2); the 1×1 conv is zero-initialised
+    (``out = up`` at the start).
+    """
+
+    def __init__(self, chs: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.image_conv = nn.Conv2d(3, hidden, 3, stride=2, padding=1)
+        self.image_conv2 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.mix = nn.Conv2d(chs + hidden, chs, 3, padding=1)
+        self.act = nn.GELU()
+        self.out = nn.Conv2d(chs, chs, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feats: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(feats, scale_factor=2.0, mode="bilinear", align_corners=False)
+        img = self.act(self.image_conv2(self.act(self.image_conv(image.to(feats.dtype)))))
+        if img.shape[-2:] != up.shape[-2:]:
+            raise ValueError(f"image of {tuple(image.shape[-2:])} does not match features of {tuple(feats.shape[-2:])}")
+        return up + self.out(self.act(self.mix(torch.cat([up, img], dim=1))))

@@ -12,7 +12,8 @@ views 1.. use the training augmentation (geometry, intensity, appearance) with s
 and keeps, per view:
 
     embedding   (C, g, g) float16     h, the encoder output (g = S/16)
-    mask        (1, m, m) uint8       the augmented mask, area-resized to the decoder's m = S/4,
+    mask        (1, m, m) uint8       the augmented mask, area-resized to the decoder's m = S/4
+                                      (S/2 with ``mask_stride = 2``),
                                       0..255 (a soft target at object edges)
     head_input  (2·C0,) float32       mean and std of the stage-0 features (the modality head's
                                       pooled input)
@@ -146,7 +147,7 @@ def compute_embeddings(
     device = torch.device(device)
     cfg = model.config
     size = cfg.img_size
-    mask_size = size // 4
+    mask_size = cfg.mask_size
     ds = SegmentationDataset(records, size, cfg.modalities, augment=True)
     model = model.eval().to(device)
     if channels_last:
@@ -192,6 +193,7 @@ def compute_embeddings(
             "format": FORMAT,
             "encoder_sha256": encoder_fingerprint(model),
             "img_size": str(size),
+            "mask_size": str(mask_size),
             "views": json.dumps(view_ids),
             "seed": str(seed),
             "autocast": str(autocast_dtype),
@@ -325,16 +327,15 @@ class _RowRecord:
 
 def heads_forward(model: DeLightSAM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """SP-Generator + QM-Decoder on a batch of stored embeddings (B,C,g,g) -> (mask logits
-    (B,1,4g,4g), patch logits); the decoder's detail skips read the stored stage-0 features and
-    image when the model has them."""
+    (B,1,m,m), patch logits); the decoder's detail skips and fine stage read the stored stage-0
+    features and image when the model has them."""
     embedding = batch["embedding"]
     patch_logits, dense = model.prompt_generator(embedding)
     skips = {}
-    if model.config.decoder_skips:
-        if "stage0" in model.config.decoder_skips:
-            skips["stage0"] = batch["stage0"]
-        if "image" in model.config.decoder_skips:
-            skips["image"] = normalise(batch["image"])
+    if "stage0" in model.config.decoder_skips:
+        skips["stage0"] = batch["stage0"]
+    if model.decoder.needs_image:
+        skips["image"] = normalise(batch["image"])
     return model.decoder(embedding + dense, batch["modality"], **skips), patch_logits
 
 
@@ -401,7 +402,7 @@ def build_cache_folder(
     out: list[Path] = []
     for key in sorted(by_key):
         path = folder / cache_file_name(split, key, views)
-        if path.exists() and _cached_fingerprint(path) == fingerprint:
+        if path.exists() and _cached_fingerprint(path) == (fingerprint, str(model.config.mask_size)):
             out.append(path)
             continue
         data = compute_embeddings(
@@ -421,12 +422,14 @@ def build_cache_folder(
     return out
 
 
-def _cached_fingerprint(path: Path) -> str | None:
+def _cached_fingerprint(path: Path) -> tuple[str | None, str] | None:
+    """(encoder SHA-256, mask size) a cache file was made with (None if unreadable)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return (fh.metadata() or {}).get("encoder_sha256")
+            meta = fh.metadata() or {}
+            return meta.get("encoder_sha256"), meta.get("mask_size", str(int(meta.get("img_size", 0)) // 4))
     except Exception:  # noqa: BLE001 - an unreadable (e.g. truncated) file is recomputed
         return None
 

@@ -185,6 +185,12 @@ def _train_heads(
         raise TrainingError(
             f"the cache is at {train_set.meta.get('img_size')}², the model at {model.config.img_size}²"
         )
+    cached_mask = int(train_set.meta.get("mask_size", model.config.img_size // 4))
+    if cached_mask != model.config.mask_size:
+        raise TrainingError(
+            f"the cache holds masks at {cached_mask}², the model's decoder outputs {model.config.mask_size}²; "
+            "rebuild the cache"
+        )
     if views is not None:
         rows = torch.nonzero(torch.isin(train_set.view, torch.as_tensor(list(views)))).flatten()
         if rows.numel() == 0:

@@ -2,7 +2,8 @@
 
 Initialisation is ``cfg.init``: "none" (random, seeded), "litemedsam" (the DC-Encoder backbone
 from LiteMedSAM's TinyViT) or a De-LightSAM checkpoint (its architecture, with ``cfg.model``
-overrides that keep the tensors' shapes).
+overrides that keep the tensors' shapes; ``mask_stride: 2`` on a stride-4 checkpoint adds the
+decoder's fine stage, which starts out as a plain ×2 upsampling of the checkpoint's logits).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from ..model import DeLightSAM
 from .config import TrainConfig
 from .errors import TrainingError
 
-__all__ = ["build_model", "model_config_for", "set_train_mode"]
+__all__ = ["ADDED_BY_OVERRIDE", "build_model", "model_config_for", "set_train_mode"]
+
+#: tensors a ``cfg.model`` override may add to a checkpoint's network (``mask_stride`` 4 -> 2)
+ADDED_BY_OVERRIDE = ("decoder.fine.",)
 
 
 def model_config_for(cfg: TrainConfig) -> ModelConfig:
@@ -71,7 +75,8 @@ def _from_checkpoint(cfg: TrainConfig, path: Path) -> tuple[DeLightSAM, dict[str
         raise TrainingError(f"invalid model settings for {path.name}: {exc}") from exc
     model = DeLightSAM(model_cfg)
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    if unexpected or [k for k in missing if "attention_bias_idxs" not in k]:
+    added = [k for k in missing if k.startswith(ADDED_BY_OVERRIDE) and stored_cfg.mask_stride != model_cfg.mask_stride]
+    if unexpected or [k for k in missing if "attention_bias_idxs" not in k and k not in added]:
         raise TrainingError(
             f"--init {path.name}: model settings {sorted(cfg.model)} change the architecture "
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
@@ -80,6 +85,7 @@ def _from_checkpoint(cfg: TrainConfig, path: Path) -> tuple[DeLightSAM, dict[str
         "init": "checkpoint",
         "path": str(path),
         "source_modality_head_trained": meta.get("modality_head_trained", ""),
+        "added_tensors": len(added),
     }
 
 

@@ -4,13 +4,15 @@
 
 1. **split** — ``splits.json``: the seeded 8:1:1 split per dataset with the recipe's unseen-domain
    hold-out (``data.holdout``), or the file given with ``--splits``;
-2. **cache** — the frozen encoder's embeddings of every training image (``views``: the image and
-   augmented copies) and of the val / unseen images (``embedding_cache.build_cache_folder``);
-3. one folder per **stage**, in order: ``"heads"`` stages train on the cache
-   (``heads.train_heads``), ``"train"`` stages are end-to-end segmentation training
+2. one folder per **stage**, in order: ``"heads"`` stages train on a **cache** of the frozen
+   encoder's embeddings (``heads.train_heads``), made just before the stage with the network it
+   starts from (``embedding_cache.build_cache_folder``: the training images' ``views`` — the image
+   and augmented copies — and the val / unseen images, each capped by the stage's
+   ``max_per_dataset`` / ``val_max_per_dataset``; ``cache/`` for the first heads stage,
+   ``cache-<stage>/`` for later ones); ``"train"`` stages are end-to-end segmentation training
    (``trainer.train``, e.g. modality controllers with the backbone frozen); each stage starts
    from the previous stage's ``best.safetensors`` (``init: "previous"``) or from ``init``;
-4. **export** — the last stage's best weights in fp16 as ``model.safetensors`` (what
+3. **export** — the last stage's best weights in fp16 as ``model.safetensors`` (what
    ``weights/`` ships), with the recipe and every stage's validation in its metadata, plus the
    recipe's ``export_metadata`` (e.g. ``inference_precision: fp32``, measured on the model it
    makes: ``inference.INFERENCE_PRECISION_KEY``).
@@ -32,7 +34,7 @@ from typing import Any
 from .config import TrainConfig
 from .errors import TrainingError
 
-__all__ = ["RECIPES", "Recipe", "RecipeStage", "export_model", "load_recipe", "run_recipe"]
+__all__ = ["RECIPES", "Recipe", "RecipeStage", "cache_folder_name", "export_model", "load_recipe", "run_recipe"]
 
 #: the recipes shipped with the package (``training/recipes/<name>.json``)
 RECIPES = ("v1",)
@@ -197,10 +199,7 @@ def run_recipe(
     from ..checkpoint import read_checkpoint_info
     from ..data import discover, load_splits, make_splits, save_splits, select
     from ..data.holdout import holdout_by_name
-    from ..devices import autocast_dtype, resolve_device
-    from .embedding_cache import build_cache_folder
     from .heads import train_heads
-    from .model_setup import build_model
     from .runfolder import write_json
     from .trainer import BEST, LAST, train
 
@@ -227,42 +226,12 @@ def run_recipe(
         save_splits(split_path, splits)
     splits = load_splits(split_path)
 
-    # 2. the embedding cache of the frozen encoder (the starting network's)
-    heads_stages = [s for s in recipe.stages if s.kind == "heads"]
-    if heads_stages:
-        emit({"event": "recipe", "stage": CACHE, "status": "start"})
-        encoder_cfg = recipe.stage_config(heads_stages[0], device=device)
-        model, _ = build_model(encoder_cfg)
-        if encoder_cfg.init == "litemedsam":
-            model.encoder.neutralise_controllers()
-        # the encoder runs where and in the precision the stage trains (bf16 on a CPU with native bf16)
-        cache_device = resolve_device(encoder_cfg.device)
-        cache_dtype = autocast_dtype(cache_device, encoder_cfg.amp, cpu=encoder_cfg.amp_cpu)
-        model.to(cache_device).eval()
-        for split, views in (("val", (0,)), ("unseen", (0,)), ("train", recipe.views)):
-            chosen = select(records, splits, split)
-            if chosen:
-                build_cache_folder(
-                    model,
-                    chosen,
-                    out / CACHE,
-                    split,
-                    views=views,
-                    seed=recipe.seed,
-                    device=cache_device,
-                    autocast_dtype=cache_dtype,
-                    keep_skip=True,
-                    progress=lambda key, done, total, split=split: emit(
-                        {"event": "cache", "split": split, "dataset": key, "done": done, "total": total}
-                    ),
-                )
-        del model
-        emit({"event": "recipe", "stage": CACHE, "status": "done"})
-
-    # 3. the stages (best picked on in-domain + unseen-domain validation where the split has both)
+    # 2. the stages (best picked on in-domain + unseen-domain validation where the split has both);
+    # a "heads" stage first caches the embeddings of the frozen encoder it starts from
     select_on = "val+unseen" if select(records, splits, "unseen") else "val"
     init = "litemedsam"
     last_best: Path | None = None
+    heads_names = [s.name for s in recipe.stages if s.kind == "heads"]
     for stage in stages:
         folder = out / stage.name
         cfg = recipe.stage_config(
@@ -272,10 +241,13 @@ def run_recipe(
             emit({"event": "recipe", "stage": stage.name, "status": "skipped (done)"})
         else:
             resume = (folder / LAST).is_file()
+            if stage.kind == "heads":
+                cache = out / cache_folder_name(stage.name, heads_names)
+                _build_stage_cache(cfg, records, splits, cache, recipe, emit)
             emit({"event": "recipe", "stage": stage.name, "status": "resume" if resume else "start"})
             if stage.kind == "heads":
                 result = train_heads(
-                    cfg, out / CACHE, folder, progress, stop_event, views=stage.views, resume=resume,
+                    cfg, cache, folder, progress, stop_event, views=stage.views, resume=resume,
                     show_progress=show_progress,
                 )
             else:
@@ -290,7 +262,7 @@ def run_recipe(
         last_best = folder / BEST
         init = str(last_best)
 
-    # 4. export: the last stage's best, fp16
+    # 3. export: the last stage's best, fp16
     assert last_best is not None
     stages_meta = {}
     for stage in stages:
@@ -300,6 +272,58 @@ def run_recipe(
     exported = export_model(recipe, last_best, stages_meta, target, final=until is None)
     emit({"event": "recipe", "stage": "export", "status": "done", "path": str(exported)})
     return exported
+
+
+def cache_folder_name(stage: str, heads_stages: list[str]) -> str:
+    """The run folder's embedding cache of a "heads" stage: ``cache`` for the recipe's first
+    one, ``cache-<stage>`` for later ones (they start from another encoder)."""
+    return CACHE if stage == heads_stages[0] else f"{CACHE}-{stage}"
+
+
+def _build_stage_cache(
+    cfg: TrainConfig, records: list[Any], splits: Any, folder: Path, recipe: Recipe, emit: ProgressFn
+) -> None:
+    """The frozen encoder's embeddings for a "heads" stage: val and unseen images (≤
+    ``val_max_per_dataset`` per dataset, else ``max_per_dataset``), and the recipe's ``views`` of
+    the training images (≤ ``max_per_dataset``), made with the network the stage starts from
+    (``cfg.init``, with its model settings: e.g. masks at the decoder's output size).
+    Files already made with the same encoder are kept (``build_cache_folder``)."""
+    from ..data import select
+    from ..devices import autocast_dtype, resolve_device
+    from .embedding_cache import build_cache_folder
+    from .model_setup import build_model
+
+    emit({"event": "recipe", "stage": folder.name, "status": "start"})
+    model, _ = build_model(cfg)
+    if cfg.init == "litemedsam":
+        model.encoder.neutralise_controllers()
+    # the encoder runs where and in the precision the stage trains (bf16 on a CPU with native bf16)
+    device = resolve_device(cfg.device)
+    dtype = autocast_dtype(device, cfg.amp, cpu=cfg.amp_cpu)
+    model.to(device).eval()
+    eval_cap = cfg.val_max_per_dataset or cfg.max_per_dataset
+    for split, views, cap in (
+        ("val", (0,), eval_cap),
+        ("unseen", (0,), eval_cap),
+        ("train", recipe.views, cfg.max_per_dataset),
+    ):
+        chosen = select(records, splits, split, cap)
+        if chosen:
+            build_cache_folder(
+                model,
+                chosen,
+                folder,
+                split,
+                views=views,
+                seed=recipe.seed,
+                device=device,
+                autocast_dtype=dtype,
+                keep_skip=True,
+                progress=lambda key, done, total, split=split: emit(
+                    {"event": "cache", "split": split, "dataset": key, "done": done, "total": total}
+                ),
+            )
+    emit({"event": "recipe", "stage": folder.name, "status": "done"})
 
 
 def export_model(
