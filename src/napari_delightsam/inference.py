@@ -4,7 +4,7 @@ Where a tensor is born and dies::
 
     numpy image (H,W[,C])  --prepare_array-->  (H,W,1|3) [0,255]             (CPU, numpy)
       --to_model_tensor-->  (1,3,S,S) normalised, on the device               (preprocess)
-      --torch.cat-->        (B,3,S,S)  --DeLightSAM-->  mask_logits (B,1,S/4,S/4),
+      --torch.cat-->        (B,3,S,S)  --DeLightSAM-->  mask_logits (B,1,S/4,S/4) (S/2 with mask_stride 2),
                             patch_logits (B,1,S/32,S/32), modality_logits (B,K)   (model)
       --to_input_size + sigmoid--> probability / patch_heatmap (H,W) float32,
                             mask = probability > threshold (H,W) bool             (postprocess)

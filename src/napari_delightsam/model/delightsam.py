@@ -19,7 +19,8 @@ from .prompt_generator import SPGenerator
 
 @dataclass
 class DeLightSAMOutput:
-    #: (B,1,S/4,S/4) mask logits of each sample's modality (256² at 1024²)
+    #: (B,1,S/4,S/4) mask logits of each sample's modality (256² at 1024²); (B,1,S/2,S/2) with
+    #: ``mask_stride = 2``
     mask_logits: torch.Tensor
     #: (B,1,S/patch,S/patch) SP-Generator patch logits (32² at 1024²)
     patch_logits: torch.Tensor

@@ -48,7 +48,7 @@ from .embedding_cache import (
 )
 from .errors import TrainingError
 from .loop import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
-from .model_setup import build_model, set_train_mode
+from .model_setup import build_model, modality_head_trained, set_train_mode
 from .optim import adam_exponential, apply_freeze, lr_groups
 from .runfolder import (
     CURVES,
@@ -263,7 +263,8 @@ def _train_heads(
         return row
 
     meta = {
-        "modality_head_trained": "true" if head else "false",
+        # the encoder is frozen here: a head frozen in this run keeps the --init checkpoint's state
+        "modality_head_trained": "true" if modality_head_trained(model, cfg, init_report, stage0_frozen=True) else "false",
         "train_config": cfg.to_json(),
         "sampling_rule": SAMPLING_RULE,
         "init": json.dumps(init_report, default=str),

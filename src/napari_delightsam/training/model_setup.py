@@ -20,7 +20,7 @@ from ..model import DeLightSAM
 from .config import TrainConfig
 from .errors import TrainingError
 
-__all__ = ["ADDED_BY_OVERRIDE", "build_model", "model_config_for", "set_train_mode"]
+__all__ = ["ADDED_BY_OVERRIDE", "build_model", "inherits_trained_head", "model_config_for", "modality_head_trained", "set_train_mode"]
 
 #: tensors a ``cfg.model`` override may add to a checkpoint's network (``mask_stride`` 4 -> 2)
 ADDED_BY_OVERRIDE = ("decoder.fine.",)
@@ -87,6 +87,24 @@ def _from_checkpoint(cfg: TrainConfig, path: Path) -> tuple[DeLightSAM, dict[str
         "source_modality_head_trained": meta.get("modality_head_trained", ""),
         "added_tensors": len(added),
     }
+
+
+def inherits_trained_head(init_report: dict[str, Any]) -> bool:
+    """Whether the network came from a checkpoint whose modality head was trained."""
+    return str(init_report.get("source_modality_head_trained", "")).strip().lower() == "true"
+
+
+def modality_head_trained(
+    model: DeLightSAM, cfg: TrainConfig, init_report: dict[str, Any], *, stage0_frozen: bool
+) -> bool:
+    """The ``modality_head_trained`` a run's checkpoints declare (``auto`` is refused without it):
+    the run trains the head, or the head comes trained from the ``--init`` checkpoint and the run
+    changes neither it nor the stem and stage 0 it reads (``stage0_frozen``: backbone fixed)."""
+    if model.modality_head is None:
+        return False
+    if cfg.train_modality_head and "modality_head" not in cfg.freeze:
+        return True
+    return stage0_frozen and inherits_trained_head(init_report)
 
 
 def _jsonable(v: Any) -> Any:

@@ -74,7 +74,13 @@ from .config import RESUME_MUTABLE, TrainConfig
 from .distributed import DistContext
 from .errors import TrainingError
 from .loop import BestKeeper, EpochHooks, Loss, LossFn, Schedule, StopFlag, isolated_rng, run_loop
-from .model_setup import build_model, model_config_for, set_train_mode
+from .model_setup import (
+    build_model,
+    inherits_trained_head,
+    modality_head_trained,
+    model_config_for,
+    set_train_mode,
+)
 from .optim import Optimisation, adam_exponential, apply_freeze, lr_groups
 from .runfolder import (
     CURVES,
@@ -219,7 +225,10 @@ def _train(
         row["select_dice"] = float(np.mean(picked)) if None not in picked else None
         return row
 
-    files = _Checkpoints(out, model, opt, cfg, len(data.train), init_report, data.splits, head_trained)
+    head_declared = modality_head_trained(
+        model, cfg, init_report, stage0_frozen=bool({"backbone", "encoder"} & set(cfg.freeze))
+    )
+    files = _Checkpoints(out, model, opt, cfg, len(data.train), init_report, data.splits, head_declared)
     if not resume:
         _start_of_run(cfg, files, log, dist_ctx, validate_now)
     # "val": the in-domain Dice picks best (rows keep their best_val_dice); "val+unseen": the mean
@@ -290,11 +299,15 @@ def _model_for_run(cfg: TrainConfig, out: Path, resume: bool) -> tuple[DeLightSA
     loaded from ``last`` by ``_resume``)."""
     if not resume:
         return build_model(cfg)
-    model_cfg = ModelConfig.from_dict(
-        json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["model_config"]
-    )
+    run = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    model_cfg = ModelConfig.from_dict(run["model_config"])
     torch.manual_seed(cfg.seed)
-    return DeLightSAM(model_cfg), {"init": "resume"}
+    # what the run started from still decides whether a head it never trained is a trained one
+    started = run.get("init") or {}
+    return DeLightSAM(model_cfg), {
+        "init": "resume",
+        "source_modality_head_trained": started.get("source_modality_head_trained", ""),
+    }
 
 
 # -- step 3: the data ----------------------------------------------------------------------------
@@ -606,7 +619,7 @@ class _Checkpoints:
 
     def save_init(self) -> Path:
         meta = {
-            "modality_head_trained": "false",
+            "modality_head_trained": "true" if inherits_trained_head(self.init_report) else "false",
             "init": json.dumps(self.init_report, default=str),
             "split_seed": str(self.splits.seed),
         }
