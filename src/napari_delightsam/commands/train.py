@@ -76,7 +76,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--freeze",
         nargs="+",
         metavar="PART",
-        help="backbone controllers encoder prompt_generator decoder modality_head",
+        help="backbone controllers encoder prompt_generator decoder fine_upscale modality_head",
     )
     p.add_argument(
         "--lr-scale",
