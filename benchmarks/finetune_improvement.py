@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--freeze", nargs="+", metavar="PART",
+                        help="parts kept fixed instead of the widget's default (backbone), as `delightsam train "
+                             "--freeze`: e.g. backbone decoder fine_upscale")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"before: held-out {before}, train {before_train} ({eval_s:.0f} s)", flush=True)
 
     settings = FinetuneSettings(epochs=args.epochs, steps_per_epoch=args.steps, img_size=args.img_size,
-                                lr=args.lr, batch_size=args.batch_size, device="cpu", init=start)
+                                lr=args.lr, batch_size=args.batch_size, device="cpu", init=start,
+                                extra_args=("--freeze", *args.freeze) if args.freeze else ())
     rgb = train_items[0][0].ndim == 3
     tp = [TrainingPair(img, mask, args.modality, f"img{i:02d}", rgb=img.ndim == 3 and rgb)
           for i, (img, mask) in enumerate(train_items)]
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "start_model": start,
         "train_images": args.train,
         "eval_images": args.eval,
+        "freeze": args.freeze or ["backbone"],
         "recipe": {"epochs": args.epochs, "steps_per_epoch": args.steps, "img_size": args.img_size,
                    "batch_size": args.batch_size, "lr": args.lr, "device": "cpu", "cpus": os.cpu_count()},
         "finetune_seconds": round(train_s, 1),
