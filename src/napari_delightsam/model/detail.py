@@ -16,7 +16,7 @@ Both cost little (≈0.1 GMAC at 512²) and are trained with the decoder.
 A third part raises the decoder's output resolution (``ModelConfig.mask_stride = 2``): at
 stride 4 a 512² input gives a 128² logit map, and a vessel one or two pixels wide cannot be
 drawn on it — even the ground truth, area-resized to 128² and bilinearly brought back, keeps
-only 70 % Dice on DRIVE (56–61 % on IDRiD and STARE); at 256² it keeps 86–95 %
+only 70 % Dice on DRIVE (56 % on STARE, 74 % on IDRiD); at 256² it keeps 86–94 %
 (``benchmarks/logit_resolution_bound.py``).
 
 * ``FineUpscale``: the stride-4 features are bilinearly doubled and a residual conv block reads

@@ -52,6 +52,7 @@ from ..model.losses import LossTerms, dice_loss, focal_loss, patch_targets
 __all__ = [
     "EmbeddingDataset",
     "EmbeddingSet",
+    "cached_mask_size",
     "compute_embeddings",
     "encoder_fingerprint",
     "heads_loss",
@@ -422,6 +423,12 @@ def build_cache_folder(
     return out
 
 
+def cached_mask_size(meta: dict[str, str]) -> int:
+    """Side of the masks a cache holds, from its metadata (caches made before ``mask_size`` was
+    stored hold them at S/4)."""
+    return int(meta.get("mask_size", int(meta.get("img_size", 0)) // 4))
+
+
 def _cached_fingerprint(path: Path) -> tuple[str | None, str] | None:
     """(encoder SHA-256, mask size) a cache file was made with (None if unreadable)."""
     from safetensors import safe_open
@@ -429,7 +436,7 @@ def _cached_fingerprint(path: Path) -> tuple[str | None, str] | None:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}
-            return meta.get("encoder_sha256"), meta.get("mask_size", str(int(meta.get("img_size", 0)) // 4))
+            return meta.get("encoder_sha256"), str(cached_mask_size(meta))
     except Exception:  # noqa: BLE001 - an unreadable (e.g. truncated) file is recomputed
         return None
 

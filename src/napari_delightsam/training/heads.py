@@ -40,6 +40,7 @@ from .config import TrainConfig
 from .embedding_cache import (
     EmbeddingDataset,
     EmbeddingSet,
+    cached_mask_size,
     concatenate,
     encoder_fingerprint,
     heads_forward,
@@ -185,7 +186,7 @@ def _train_heads(
         raise TrainingError(
             f"the cache is at {train_set.meta.get('img_size')}², the model at {model.config.img_size}²"
         )
-    cached_mask = int(train_set.meta.get("mask_size", model.config.img_size // 4))
+    cached_mask = cached_mask_size(train_set.meta)
     if cached_mask != model.config.mask_size:
         raise TrainingError(
             f"the cache holds masks at {cached_mask}², the model's decoder outputs {model.config.mask_size}²; "
