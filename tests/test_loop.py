@@ -225,3 +225,41 @@ def test_autocast_selection_is_one_rule():
         assert (a @ a).dtype == torch.float32
     with autocast_context(cpu, torch.bfloat16):
         assert (a @ a).dtype == torch.bfloat16
+
+
+def test_time_budget_ends_the_run_as_finished_after_a_validated_epoch(tmp_path: Path):
+    model, x, y = linear_problem()
+    validated: list[int] = []
+    hooks = EpochHooks(
+        train_mode=model.train,
+        save_last=lambda *a: None,
+        validate=lambda: validated.append(1) or {"score": 0.5},
+        best=BestKeeper("score", lambda s, epoch: None),
+    )
+    # val_every=2: epoch 0 is past the budget but not validated, so epoch 1 is the last one
+    outcome, events, log, _ = run(
+        model,
+        lambda e: iter([(x, y)] * 2),
+        lambda b: Loss(nn.functional.mse_loss(model(b[0]), b[1])),
+        tmp_path,
+        schedule=Schedule(10, 2, val_every=2, time_budget_s=1e-9),
+        hooks=hooks,
+    )
+    assert not outcome.stopped and outcome.epochs_completed == 2 and outcome.global_step == 4
+    assert len(validated) == 1
+    budget = [e for e in events if e["event"] == "budget"]
+    assert len(budget) == 1 and budget[0]["epoch"] == 1 and budget[0]["budget_s"] == 1e-9
+    assert [r["type"] for r in read_metrics(tmp_path / "metrics.jsonl")][-1] == "budget"
+
+
+def test_time_budget_not_reached_runs_every_epoch(tmp_path: Path):
+    model, x, y = linear_problem()
+    outcome, events, _, saved = run(
+        model,
+        lambda e: iter([(x, y)]),
+        lambda b: Loss(nn.functional.mse_loss(model(b[0]), b[1])),
+        tmp_path,
+        schedule=Schedule(3, 1, time_budget_s=3600.0),
+    )
+    assert outcome.epochs_completed == 3 and saved == [0, 1, 2]
+    assert not [e for e in events if e["event"] == "budget"]

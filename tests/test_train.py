@@ -55,6 +55,8 @@ def test_config_validation_and_json_round_trip(tmp_path: Path):
         TrainConfig(freeze=("everything",))
     with pytest.raises(ValueError, match="multiple of 64"):
         TrainConfig(img_size=100)
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TrainConfig(time_budget_s=0).validate()
     with pytest.raises(ValueError, match="unknown training config"):
         TrainConfig.from_dict({"epochz": 3})
 

@@ -1,9 +1,10 @@
 """Put a run's results in $OUT within the device tool's limits (8 files, 16 MiB each, 64 MiB).
 
     python scripts/device/ship.py RUN_DIR OUT_DIR       (on the device, after a leg)
+    python scripts/device/ship.py --file MODEL.safetensors OUT_DIR   (one file: parts + sha256 only)
     python scripts/device/ship.py --join FETCHED_DIR FILE.safetensors   (here, afterwards)
 
-The best checkpoint is stored in fp16 (the bundled model's storage) and cut into 15 MiB parts;
+The best checkpoint (or ``--file``) is stored in fp16 (the bundled model's storage) and cut into 15 MiB parts;
 ``best.sha256`` holds the digest that ``--join`` checks. Also copied: metrics.jsonl. With the
 leg's own leg.jsonl that makes 7 files.
 """
@@ -19,7 +20,8 @@ from pathlib import Path
 PART = 15 * 2**20
 
 
-def ship(run: Path, out: Path) -> list[Path]:
+def ship_file(best: Path, out: Path, stem: str = "best") -> list[Path]:
+    """``best`` in fp16 (metadata kept) as ``<stem>.part<i>`` files of 15 MiB + ``<stem>.sha256``."""
     import torch
 
     from napari_delightsam.checkpoint import (
@@ -29,20 +31,25 @@ def ship(run: Path, out: Path) -> list[Path]:
         save_checkpoint,
     )
 
+    _, meta = read_checkpoint_info(best)
+    meta = {k: v for k, v in meta.items() if k not in RESERVED_METADATA_KEYS}
+    tmp = Path(f"/tmp/{stem}_fp16.safetensors")
+    save_checkpoint(tmp, load_checkpoint(best), meta, dtype=torch.float16)
+    data = tmp.read_bytes()
+    written = [out / f"{stem}.sha256"]
+    written[0].write_text(hashlib.sha256(data).hexdigest() + "\n")
+    for i in range(0, len(data), PART):
+        part = out / f"{stem}.part{i // PART}"
+        part.write_bytes(data[i : i + PART])
+        written.append(part)
+    return written
+
+
+def ship(run: Path, out: Path) -> list[Path]:
     written: list[Path] = []
     best = run / "best.safetensors"
     if best.is_file():
-        _, meta = read_checkpoint_info(best)
-        meta = {k: v for k, v in meta.items() if k not in RESERVED_METADATA_KEYS}
-        tmp = Path("/tmp/best_fp16.safetensors")
-        save_checkpoint(tmp, load_checkpoint(best), meta, dtype=torch.float16)
-        data = tmp.read_bytes()
-        (out / "best.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
-        written.append(out / "best.sha256")
-        for i in range(0, len(data), PART):
-            part = out / f"best.part{i // PART}"
-            part.write_bytes(data[i : i + PART])
-            written.append(part)
+        written += ship_file(best, out)
     for name in ("metrics.jsonl",):  # curves: plot here from metrics.jsonl (training.plot.plot_curves)
         if (run / name).is_file():
             shutil.copy(run / name, out / name)
@@ -52,11 +59,11 @@ def ship(run: Path, out: Path) -> list[Path]:
     return written
 
 
-def join(fetched: Path, target: Path) -> Path:
-    parts = sorted(fetched.glob("best.part*"), key=lambda p: int(p.name.removeprefix("best.part")))
+def join(fetched: Path, target: Path, stem: str = "best") -> Path:
+    parts = sorted(fetched.glob(f"{stem}.part*"), key=lambda p: int(p.name.removeprefix(f"{stem}.part")))
     data = b"".join(p.read_bytes() for p in parts)
     digest = hashlib.sha256(data).hexdigest()
-    expected = (fetched / "best.sha256").read_text().strip()
+    expected = (fetched / f"{stem}.sha256").read_text().strip()
     if digest != expected:
         raise SystemExit(f"joined file digest {digest} != {expected}: a part is missing or damaged")
     target.write_bytes(data)
@@ -66,6 +73,10 @@ def join(fetched: Path, target: Path) -> Path:
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "--join":
         print(join(Path(argv[1]), Path(argv[2])))
+        return 0
+    if argv and argv[0] == "--file":
+        for p in ship_file(Path(argv[1]), Path(argv[2])):
+            print(f"{p.name:16s} {p.stat().st_size / 2**20:6.2f} MiB")
         return 0
     run, out = Path(argv[0]), Path(argv[1])
     for p in ship(run, out):

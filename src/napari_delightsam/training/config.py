@@ -38,6 +38,8 @@ RESUME_MUTABLE = frozenset(
         "channels_last",
         # a resumed run reads its own splits.json copy
         "splits_file",
+        # a wall-clock budget belongs to the session that runs, not to the schedule
+        "time_budget_s",
     }
 )
 
@@ -115,6 +117,10 @@ class TrainConfig:
     save_init: bool = False
     #: a "step" line in metrics.jsonl every N optimizer steps (0 = epoch lines only)
     log_every: int = 10
+    #: seconds of training (steps + validation) after which the first validated epoch to end is
+    #: the last one: the run ends as finished, best kept (e.g. a lent GPU's fixed time); counted
+    #: from the start (or resume) of this call; None = the schedule's epochs
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("freeze", "modalities", "split_ratios"):
@@ -138,6 +144,8 @@ class TrainConfig:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
         if self.select_on not in ("val", "val+unseen"):
             raise ValueError(f"select_on must be 'val' or 'val+unseen', got {self.select_on!r}")
         if self.model_preset not in ("default", "tiny"):

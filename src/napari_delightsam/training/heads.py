@@ -324,6 +324,7 @@ def _train_heads(
             val_every=cfg.val_every,
             log_every=cfg.log_every,
             samples_per_step=cfg.batch_size * cfg.grad_accum,
+            time_budget_s=cfg.time_budget_s,
         ),
         batches,
         loss_fn,

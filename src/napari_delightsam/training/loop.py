@@ -97,6 +97,9 @@ class Schedule:
     log_every: int = 0
     #: samples per optimizer step, all ranks together (``images_per_s``); None: not reported
     samples_per_step: int | None = None
+    #: wall-clock budget of this call (steps and validation): the first validated epoch that ends
+    #: past it is the last one, and the run ends as finished (best and last kept); None: no budget
+    time_budget_s: float | None = None
 
     def validates(self, epoch: int) -> bool:
         return (epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs
@@ -206,6 +209,7 @@ def run_loop(
     epoch = schedule.start_epoch
     stopped = False
     last_loss: float | None = None
+    t_start = time.perf_counter()
     try:
         for epoch in range(schedule.start_epoch, schedule.epochs):
             torch.manual_seed(schedule.seed * 100003 + epoch)  # any in-model randomness: same on resume
@@ -265,6 +269,13 @@ def run_loop(
                 train_s,
                 step_details,
             )
+            if _budget_spent(schedule, hooks, dist, epoch, time.perf_counter() - t_start):
+                row = {"epoch": epoch, "elapsed_s": time.perf_counter() - t_start, "budget_s": schedule.time_budget_s}
+                if dist.is_main:
+                    log.record({"type": "budget", **row})
+                log.emit({"event": "budget", **row})
+                epoch += 1
+                break
         else:
             epoch = schedule.epochs
     except Exception as exc:
@@ -298,6 +309,17 @@ def _accumulate(
         for name, value in loss.logged.items():
             sums[name] = sums.get(name, 0.0) + value / grad_accum
     return sums
+
+
+def _budget_spent(schedule: Schedule, hooks: EpochHooks, dist: DistContext, epoch: int, elapsed: float) -> bool:
+    """True when ``epoch`` (just ended, validated, not the schedule's last) ends past the budget;
+    the main rank's clock decides for all ranks."""
+    if schedule.time_budget_s is None or epoch + 1 >= schedule.epochs:
+        return False
+    if hooks.validate is not None and not schedule.validates(epoch):
+        return False
+    spent = elapsed >= schedule.time_budget_s
+    return bool(dist.broadcast_object(spent)) if dist.enabled else spent
 
 
 def _keep_if_best(hooks: EpochHooks, epoch: int, dist: DistContext) -> None:

@@ -246,6 +246,7 @@ def _train(
             val_every=cfg.val_every,
             log_every=cfg.log_every,
             samples_per_step=cfg.batch_size * cfg.grad_accum * dist_ctx.world_size,
+            time_budget_s=cfg.time_budget_s,
         ),
         data.batches,
         _segmentation_loss(ddp_model, device, cfg, amp_dtype, head_trained),
