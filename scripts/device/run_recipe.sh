@@ -1,7 +1,7 @@
 #!/bin/bash
 # A recipe run on the lent GPU machine in one command (< 10 min), then the CUDA checks; see
 # scripts/device/README.md. Runs in the repository root there, with .devpack carried.
-#   RECIPE (scripts/device/recipe-v1-gpu.json)  LIMIT_S (420: the recipe's wall-clock cap; its
+#   RECIPE (scripts/device/recipe-v1-gpu.json)  LIMIT_S (380: the recipe's wall-clock cap; its
 #   stage budgets sum to less)  DEVICE (cuda)  CHECKS (1: the CUDA benchmark and the gpu tests)
 # Returns in $OUT: the model in fp16 as 15 MiB parts + model.sha256 (the recipe's export, else the
 # best checkpoint of the last stage that has one) and logs.tgz (recipe log, each stage's
@@ -22,7 +22,7 @@ export DELIGHTSAM_LITEMEDSAM_WEIGHTS="$PWD/.devpack/litemedsam_encoder.safetenso
 cat "$LOGS/machine.txt"
 python3 scripts/device/unpack.py .devpack/data /tmp/devdata || exit 1
 echo "setup: $(( $(date +%s) - T0 )) s"
-timeout -s INT -k 30 "${LIMIT_S:-420}" python3 -m napari_delightsam.cli recipe "$RECIPE" --data /tmp/devdata \
+timeout -s INT -k 30 "${LIMIT_S:-380}" python3 -m napari_delightsam.cli recipe "$RECIPE" --data /tmp/devdata \
     --out "$RUN" --splits .devpack/splits.json --device "$DEVICE" --progress-jsonl > "$LOGS/recipe.jsonl" 2> "$LOGS/recipe.stderr"
 echo "recipe exit: $? after $(( $(date +%s) - T0 )) s"
 tail -3 "$LOGS/recipe.stderr"
@@ -37,13 +37,13 @@ if [ -n "$MODEL" ]; then
   echo "model: $MODEL"
   python3 scripts/device/ship.py --file "$MODEL" "$OUT"
   if [ "${CHECKS:-1}" = 1 ]; then
-    timeout 60 python3 -m napari_delightsam.cli benchmark --device "$DEVICE" --checkpoint "$MODEL" --skip-amg --repeats 10 \
+    timeout 45 python3 -m napari_delightsam.cli benchmark --device "$DEVICE" --checkpoint "$MODEL" --skip-amg --repeats 10 \
         --skip-litemedsam --no-segment-process --json "$LOGS/benchmark-cuda.json" --markdown > "$LOGS/benchmark-cuda.md" 2>&1
     echo "benchmark exit: $?"; tail -25 "$LOGS/benchmark-cuda.md"
   fi
 fi
 if [ "${CHECKS:-1}" = 1 ]; then
-  timeout 60 python3 -m pytest -q -m gpu -c /dev/null --rootdir . -p no:cacheprovider tests/test_gpu.py > "$LOGS/pytest-gpu.txt" 2>&1
+  timeout 40 python3 -m pytest -q -m gpu -c /dev/null --rootdir . -p no:cacheprovider tests/test_gpu.py > "$LOGS/pytest-gpu.txt" 2>&1
   echo "gpu tests exit: $?"; tail -5 "$LOGS/pytest-gpu.txt"
 fi
 tar -czf "$OUT/logs.tgz" -C "$LOGS" .

@@ -87,12 +87,13 @@ def cached_validation(
     ``<prefix>_dice_per_modality``, ``<prefix>_modality_accuracy``."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     ds = EmbeddingDataset(data, flips=False)
     rows = []
     for start in range(0, len(ds), batch_size):
         idx = list(range(start, min(start + batch_size, len(ds))))
         items = [ds[i] for i in idx]
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        batch = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
         logits, _ = heads_forward(model, batch)
         pred = (logits > 0).flatten(1)
         gt = (batch["mask"] > 0.5).flatten(1)
