@@ -236,6 +236,23 @@ def test_cli_train_progress_jsonl_and_refusal(tmp_path: Path, data_root: Path, c
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_completed"] == 2
 
 
+def test_cli_time_budget_ends_the_run_as_finished_and_a_resume_continues(tmp_path: Path, data_root: Path, capsys):
+    from napari_delightsam.cli import main
+
+    out = tmp_path / "run"
+    base = ["train", "--data", str(data_root), "--out", str(out)]
+    tiny = ["--steps-per-epoch", "1", "--img-size", "64", "--batch-size", "2", "--model-preset", "tiny",
+            "--device", "cpu", "--num-workers", "0", "--progress-jsonl"]
+    assert main([*base, "--epochs", "4", "--time-budget", "1e-6", *tiny]) == 0
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [e["epoch"] for e in events if e["event"] == "budget"] == [0]
+    assert events[-1]["status"] == "finished" and events[-1]["epochs_completed"] == 1
+    assert json.loads((out / "run.json").read_text())["train_config"]["time_budget_s"] == 1e-6
+    # a resume with a longer budget runs the remaining epochs of the same schedule
+    assert main([*base, "--resume", "--time-budget", "3600", "--progress-jsonl"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs_completed"] == 4
+
+
 def test_channels_last_training_matches_contiguous_and_may_change_on_resume(tmp_path: Path, data_root: Path):
     # the memory format is a layout, not a different computation: same run, same weights (to rounding);
     # fp32 on every host (amp_cpu defaults to bf16 where the CPU has it natively)

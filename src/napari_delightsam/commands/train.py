@@ -37,6 +37,7 @@ _FLAG_FIELDS = {
     "val_max_per_dataset": "val_max_per_dataset",
     "model_preset": "model_preset",
     "select_on": "select_on",
+    "time_budget": "time_budget_s",
 }
 
 
@@ -53,6 +54,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     p.add_argument("--epochs", type=int)
     p.add_argument("--steps-per-epoch", type=int, help="optimizer steps per epoch (default: one pass)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="end after the first validated epoch past this many seconds of training (finished, best kept)",
+    )
     p.add_argument("--img-size", type=int, help="training image size (default 1024)")
     p.add_argument("--batch-size", type=int, help="images per step per process (default 4)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
