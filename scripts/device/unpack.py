@@ -23,10 +23,15 @@ def _one(job: tuple[Path, Path]) -> None:
         shutil.copyfile(src, dst)
 
 
-def unpack(src: Path, dst: Path) -> int:
+def unpack(src: Path, dst: Path, workers: int | None = None) -> int:
+    """Every file of ``src`` into ``dst`` (``workers`` processes; None: one per CPU, 1: this one)."""
     jobs = [(f, dst / f.relative_to(src)) for f in sorted(src.rglob("*")) if f.is_file()]
-    with ProcessPoolExecutor() as pool:
-        list(pool.map(_one, jobs, chunksize=32))
+    if workers == 1:
+        for job in jobs:
+            _one(job)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_one, jobs, chunksize=32))
     return len(jobs)
 
 
