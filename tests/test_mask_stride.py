@@ -131,6 +131,28 @@ def test_a_stride_four_checkpoint_takes_the_stage_through_a_model_override(tmp_p
     torch.testing.assert_close(back(x, m).mask_logits, model(x, m).mask_logits)
 
 
+def test_a_wider_stage_image_branch_is_a_setting_and_still_starts_as_the_doubling(tmp_path: Path):
+    four = make(4)
+    path = save_checkpoint(tmp_path / "four.safetensors", four, {})
+    base = dict(model_preset="tiny", img_size=128, init=str(path), device="cpu")
+    narrow, _ = build_model(TrainConfig(**base, model={"mask_stride": 2}))
+    wide, report = build_model(TrainConfig(**base, model={"mask_stride": 2, "fine_hidden": 32}))
+    assert wide.decoder.fine.image_conv.out_channels == 32 and narrow.decoder.fine.image_conv.out_channels == 16
+    assert sum(p.numel() for p in wide.decoder.fine.parameters()) > sum(p.numel() for p in narrow.decoder.fine.parameters())
+    assert report["added_tensors"] == len(list(wide.decoder.fine.state_dict()))
+    x, m = torch.randn(1, 3, 128, 128), torch.tensor([2])
+    with torch.no_grad():
+        torch.testing.assert_close(wide.eval()(x, m).mask_logits, narrow.eval()(x, m).mask_logits, rtol=1e-5, atol=1e-5)
+    back_cfg, _ = read_checkpoint_info(save_checkpoint(tmp_path / "wide.safetensors", wide, {}))
+    assert back_cfg.fine_hidden == 32
+    # a stride-2 checkpoint's stage cannot change width by an override (its tensors would not fit)
+    with pytest.raises(TrainingError, match="change the architecture"):
+        build_model(TrainConfig(**{**base, "init": str(tmp_path / "wide.safetensors")}, model={"fine_hidden": 16}))
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="fine_hidden"):
+            ModelConfig(fine_hidden=bad)
+
+
 def test_segmenter_returns_masks_at_the_input_size_and_its_fast_path_agrees(tmp_path: Path):
     model = make(2)
     with torch.no_grad():  # a non-zero stage, so the check covers its convolutions

@@ -78,6 +78,8 @@ class ModelConfig:
     #: ``model/detail.py``'s ``FineUpscale`` adds a stride-2 stage that reads the image, for
     #: structures a few pixels wide such as retinal vessels)
     mask_stride: int = 4
+    #: channels of the stride-2 stage's image branch (``mask_stride`` 2 only)
+    fine_hidden: int = 16
     # Beyond the paper: a modality classifier on pooled image embeddings for "auto".
     modality_head: bool = True
     format_version: int = CHECKPOINT_FORMAT_VERSION
@@ -100,6 +102,8 @@ class ModelConfig:
             raise ValueError(f"decoder_skips must be distinct names from stage0, image; got {self.decoder_skips!r}")
         if self.mask_stride not in (2, 4):
             raise ValueError(f"mask_stride must be 4 (the paper) or 2, got {self.mask_stride!r}")
+        if not (isinstance(self.fine_hidden, int) and self.fine_hidden >= 1):
+            raise ValueError(f"fine_hidden must be a positive integer, got {self.fine_hidden!r}")
 
     @property
     def num_modalities(self) -> int:

@@ -46,7 +46,7 @@ class QMDecoder(nn.Module):
         skips = set(cfg.decoder_skips)
         self.stage0_detail = Stage0Detail(cfg.embed_dims[1], dim // 4) if "stage0" in skips else None
         self.image_detail = ImageDetail(dim // 8) if "image" in skips else None
-        self.fine = FineUpscale(dim // 8) if cfg.mask_stride == 2 else None
+        self.fine = FineUpscale(dim // 8, cfg.fine_hidden) if cfg.mask_stride == 2 else None
         n_hyper = cfg.num_modalities if cfg.per_modality_hypernetworks else 1
         self.hypernetworks = nn.ModuleList([MLP(dim, dim, dim // 8, 3) for _ in range(n_hyper)])
 
