@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = FinetuneSettings(epochs=args.epochs, steps_per_epoch=args.steps, img_size=args.img_size,
                                 lr=args.lr, batch_size=args.batch_size, device="cpu", init=start,
                                 extra_args=("--freeze", *args.freeze) if args.freeze else ())
-    rgb = train_items[0][0].ndim == 3
-    tp = [TrainingPair(img, mask, args.modality, f"img{i:02d}", rgb=img.ndim == 3 and rgb)
+    # each image's own layout: a set may mix grey and RGB files (BrEaST does)
+    tp = [TrainingPair(img, mask, args.modality, f"img{i:02d}", rgb=img.ndim == 3)
           for i, (img, mask) in enumerate(train_items)]
     out = Path(tempfile.mkdtemp(prefix="delightsam-ft-bench-")) / "run"
     holder: dict = {}

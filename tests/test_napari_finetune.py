@@ -301,14 +301,22 @@ def test_image_size_defaults_to_the_starting_models_own_size(make_napari_viewer,
     assert ft.img_size_combo.currentText() == "256"
 
 
-def test_what_trains_defaults_to_a_fixed_backbone(make_napari_viewer, tiny_checkpoint):
-    from napari_delightsam.widgets.finetune_widget import TRAINS_ALL, TRAINS_CONTROLLERS
+def test_what_trains_defaults_to_a_fixed_backbone_and_mask_decoder(make_napari_viewer, tiny_checkpoint):
+    from napari_delightsam.widgets.finetune_widget import (
+        TRAINS_ALL,
+        TRAINS_CONTROLLERS,
+        TRAINS_CONTROLLERS_PROMPTS,
+    )
 
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM segment")
     assert seg.use_checkpoint(tiny_checkpoint)
     _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
-    assert ft.trains_combo.currentText() == TRAINS_CONTROLLERS
-    assert ft.current_settings().freeze_backbone
+    assert ft.trains_combo.currentText() == TRAINS_CONTROLLERS_PROMPTS
+    settings = ft.current_settings()
+    assert settings.freeze_backbone and settings.freeze_decoder
+    ft.trains_combo.setCurrentText(TRAINS_CONTROLLERS)
+    settings = ft.current_settings()
+    assert settings.freeze_backbone and not settings.freeze_decoder
     ft.trains_combo.setCurrentText(TRAINS_ALL)
     assert not ft.current_settings().freeze_backbone

@@ -105,8 +105,13 @@ def test_build_train_command_and_parse_lines(tmp_path):
     assert parsed.command == "train" and parsed.progress_jsonl and parsed.epochs == 3
     # bf16 training exactly where the CPU has native bf16
     assert train.build_config(parsed).amp_cpu == fj.cpu_supports_bf16()
-    # the shared backbone stays fixed by default when fine-tuning a model; on request it trains too
-    assert train.build_config(parsed).freeze == ("backbone",)
+    # the shared backbone and the mask decoder stay fixed by default when fine-tuning a model; on
+    # request the decoder, then the backbone train too
+    assert train.build_config(parsed).freeze == ("backbone", "decoder", "fine_upscale")
+    heads = fj.build_train_command(
+        fj.FinetuneSettings(init=str(tmp_path / "m.safetensors"), freeze_decoder=False), tmp_path / "d", tmp_path / "o"
+    )
+    assert train.build_config(parser.parse_args(heads[3:])).freeze == ("backbone",)
     everything = fj.build_train_command(
         fj.FinetuneSettings(init=str(tmp_path / "m.safetensors"), freeze_backbone=False), tmp_path / "d", tmp_path / "o"
     )

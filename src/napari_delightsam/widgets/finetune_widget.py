@@ -55,6 +55,7 @@ TICK_MS = 50
 
 
 #: the "What trains" choices
+TRAINS_CONTROLLERS_PROMPTS = "controllers + prompt generator (backbone and mask decoder fixed)"
 TRAINS_CONTROLLERS = "controllers + heads (backbone fixed)"
 TRAINS_ALL = "everything"
 
@@ -171,10 +172,12 @@ class FinetuneWidget(QWidget):
         self.lr_spin.setValue(1e-4)
         form.addRow("Learning rate", self.lr_spin)
         self.trains_combo = QComboBox()
-        self.trains_combo.addItems([TRAINS_CONTROLLERS, TRAINS_ALL])
+        self.trains_combo.addItems([TRAINS_CONTROLLERS_PROMPTS, TRAINS_CONTROLLERS, TRAINS_ALL])
         self.trains_combo.setToolTip(
-            "Controllers + heads: the shared backbone keeps its pretrained features (the default: it "
-            "generalises better and trains faster). Everything: the backbone adapts too."
+            "Controllers + prompt generator (the default): the shared backbone and the mask decoder keep "
+            "what they learned from many images; on a few annotated images this lost the least on other "
+            "images (weights/MODEL_CARD.md). Controllers + heads: the mask decoder adapts too. "
+            "Everything: the backbone adapts as well."
         )
         form.addRow("What trains", self.trains_combo)
         self.device_combo = QComboBox()
@@ -402,7 +405,8 @@ class FinetuneWidget(QWidget):
             batch_size=self.batch_spin.value(),
             device=self.device_combo.currentText() or "auto",
             init=init,
-            freeze_backbone=self.trains_combo.currentText() == TRAINS_CONTROLLERS,
+            freeze_backbone=self.trains_combo.currentText() != TRAINS_ALL,
+            freeze_decoder=self.trains_combo.currentText() == TRAINS_CONTROLLERS_PROMPTS,
         )
 
     def _collect_pairs(self) -> list[TrainingPair] | None:
