@@ -43,7 +43,7 @@ if [ -n "$MODEL" ]; then
   fi
 fi
 if [ "${CHECKS:-1}" = 1 ]; then
-  timeout 40 python3 -m pytest -q -m gpu -c /dev/null --rootdir . -p no:cacheprovider tests/test_gpu.py > "$LOGS/pytest-gpu.txt" 2>&1
+  timeout 90 python3 -m pytest -q -m gpu -c /dev/null --rootdir . -p no:cacheprovider tests/test_gpu.py > "$LOGS/pytest-gpu.txt" 2>&1
   echo "gpu tests exit: $?"; tail -5 "$LOGS/pytest-gpu.txt"
 fi
 tar -czf "$OUT/logs.tgz" -C "$LOGS" .
