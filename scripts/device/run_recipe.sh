@@ -3,7 +3,7 @@
 # scripts/device/README.md. Runs in the repository root there, with .devpack carried.
 #   RECIPE (scripts/device/recipe-v1-gpu.json)  LIMIT_S (380: the recipe's wall-clock cap; its
 #   stage budgets sum to less)  DEVICE (cuda)  CHECKS (1: the CUDA benchmark and the gpu tests)
-# Returns in $OUT: the model in fp16 as 15 MiB parts + model.sha256 (the recipe's export, else the
+# Returns in $OUT: the model in fp16 as 15 MiB parts best.part<i> + best.sha256 (the recipe's export, else the
 # best checkpoint of the last stage that has one) and logs.tgz (recipe log, each stage's
 # metrics.jsonl, the benchmark's JSON and table, the gpu tests' output, the machine).
 set -uo pipefail

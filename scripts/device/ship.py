@@ -20,8 +20,8 @@ from pathlib import Path
 PART = 15 * 2**20
 
 
-def ship_file(best: Path, out: Path, stem: str = "best") -> list[Path]:
-    """``best`` in fp16 (metadata kept) as ``<stem>.part<i>`` files of 15 MiB + ``<stem>.sha256``."""
+def ship_file(best: Path, out: Path) -> list[Path]:
+    """``best`` in fp16 (metadata kept) as ``best.part<i>`` files of 15 MiB + ``best.sha256``."""
     import torch
 
     from napari_delightsam.checkpoint import (
@@ -33,13 +33,13 @@ def ship_file(best: Path, out: Path, stem: str = "best") -> list[Path]:
 
     _, meta = read_checkpoint_info(best)
     meta = {k: v for k, v in meta.items() if k not in RESERVED_METADATA_KEYS}
-    tmp = Path(f"/tmp/{stem}_fp16.safetensors")
+    tmp = Path("/tmp/best_fp16.safetensors")
     save_checkpoint(tmp, load_checkpoint(best), meta, dtype=torch.float16)
     data = tmp.read_bytes()
-    written = [out / f"{stem}.sha256"]
+    written = [out / "best.sha256"]
     written[0].write_text(hashlib.sha256(data).hexdigest() + "\n")
     for i in range(0, len(data), PART):
-        part = out / f"{stem}.part{i // PART}"
+        part = out / f"best.part{i // PART}"
         part.write_bytes(data[i : i + PART])
         written.append(part)
     return written
@@ -59,11 +59,11 @@ def ship(run: Path, out: Path) -> list[Path]:
     return written
 
 
-def join(fetched: Path, target: Path, stem: str = "best") -> Path:
-    parts = sorted(fetched.glob(f"{stem}.part*"), key=lambda p: int(p.name.removeprefix(f"{stem}.part")))
+def join(fetched: Path, target: Path) -> Path:
+    parts = sorted(fetched.glob("best.part*"), key=lambda p: int(p.name.removeprefix("best.part")))
     data = b"".join(p.read_bytes() for p in parts)
     digest = hashlib.sha256(data).hexdigest()
-    expected = (fetched / f"{stem}.sha256").read_text().strip()
+    expected = (fetched / "best.sha256").read_text().strip()
     if digest != expected:
         raise SystemExit(f"joined file digest {digest} != {expected}: a part is missing or damaged")
     target.write_bytes(data)

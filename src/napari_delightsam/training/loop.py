@@ -269,8 +269,9 @@ def run_loop(
                 train_s,
                 step_details,
             )
-            if _budget_spent(schedule, hooks, dist, epoch, time.perf_counter() - t_start):
-                row = {"epoch": epoch, "elapsed_s": time.perf_counter() - t_start, "budget_s": schedule.time_budget_s}
+            elapsed = time.perf_counter() - t_start
+            if _budget_spent(schedule, hooks, dist, epoch, elapsed):
+                row = {"epoch": epoch, "elapsed_s": elapsed, "budget_s": schedule.time_budget_s}
                 if dist.is_main:
                     log.record({"type": "budget", **row})
                 log.emit({"event": "budget", **row})

@@ -74,13 +74,15 @@ def _from_checkpoint(cfg: TrainConfig, path: Path) -> tuple[DeLightSAM, dict[str
     except (TypeError, ValueError) as exc:
         raise TrainingError(f"invalid model settings for {path.name}: {exc}") from exc
     model = DeLightSAM(model_cfg)
-    try:
-        missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    except RuntimeError as exc:  # tensors of other shapes (e.g. another fine_hidden)
-        first = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc)
+    stored, wanted = source.state_dict(), model.state_dict()
+    resized = [k for k, t in stored.items() if k in wanted and wanted[k].shape != t.shape]
+    if resized:  # e.g. another fine_hidden: load_state_dict would fail on the shapes
+        k = resized[0]
         raise TrainingError(
-            f"--init {path.name}: model settings {sorted(cfg.model)} change the architecture ({first})"
-        ) from exc
+            f"--init {path.name}: model settings {sorted(cfg.model)} change the architecture "
+            f"({k}: {tuple(stored[k].shape)} in the checkpoint, {tuple(wanted[k].shape)} with these settings)"
+        )
+    missing, unexpected = model.load_state_dict(stored, strict=False)
     added = [k for k in missing if k.startswith(ADDED_BY_OVERRIDE) and stored_cfg.mask_stride != model_cfg.mask_stride]
     if unexpected or [k for k in missing if "attention_bias_idxs" not in k and k not in added]:
         raise TrainingError(
