@@ -26,11 +26,14 @@ A simulated user on the held-out split of ``--data`` (``data.make_splits(seed)``
 Also reported, from the same boxes and LiteMedSAM masks (a box's mask does not depend on the
 mask it is written into): the same user with the object only added ("add-only"); the user who
 also deletes every region left that overlaps no object ("+ erase": one click each with napari's
-fill tool); and a demanding user who boxes every object below ``--strict-iou`` (0.8) and erases.
+fill tool); a demanding user who boxes every object below ``--strict-iou`` (0.8) and erases; and
+the "Refine all" user: one click on the widget's **Refine all** first (``refine.refine_objects``:
+every prompt-free object redrawn by LiteMedSAM from its own bounding box), then a box for each
+object still missed (IoU < ``--iou`` with the refined mask), also with erase.
 
 Timing: ``time.process_time()`` (CPU seconds of this process, all torch threads) and wall
 seconds. "first box" = ``set_image`` (the LiteMedSAM embedding) + the first box's decode and
-merge; "further box" = one more box's decode and merge, timed for the first ``--timed-boxes``
+merge; "refine all" = the decode and merge of every prompt-free object (embedding excluded); "further box" = one more box's decode and merge, timed for the first ``--timed-boxes``
 (8) boxes of an image; the remaining boxes of a crowded image (nuclei) take their masks from the
 batched all-boxes call, which gives the same masks up to float rounding. The host's load average
 is recorded.
@@ -217,6 +220,18 @@ def run_image(rec: Any, image: np.ndarray, gt: np.ndarray, seg: Any, refiner: An
         apply_box(corrected, protected, all_masks[i], boxes[i])
         found.append(all_masks[i])
     after = corrected > 0
+
+    # the "Refine all" user: every prompt-free object redrawn from its own box, then boxes for what
+    # is still missed (the same jittered boxes and their masks)
+    from napari_delightsam.refine import refine_objects
+
+    start = _clock()
+    refined = refine_objects(refiner, pf.astype(np.uint8))
+    refine_all_cpu, refine_all_wall = _since(start)
+    auto = refined.labels > 0
+    auto_missed = [i for i, iou in enumerate(object_ious(auto, objects)) if iou < args.iou]
+    after_auto = correct(auto, [all_masks[i] for i in auto_missed], [boxes[i] for i in auto_missed])
+    after_auto_erase, erased_auto = erase_stray(after_auto, gt)
     # other users, from the same LiteMedSAM masks (a box's mask does not depend on the current mask)
     from napari_delightsam.refine import box_pixels
 
@@ -246,6 +261,14 @@ def run_image(rec: Any, image: np.ndarray, gt: np.ndarray, seg: Any, refiner: An
         "strict_erase_clicks": erased_strict,
         "dice_after_strict_erase": dice_score(after_strict_erase, gt),
         "dice_all_boxes": dice_score(all_union, gt),
+        "refine_all_objects": len(refined.boxes),
+        "dice_refine_all": dice_score(auto, gt),
+        "refine_all_boxes": len(auto_missed),
+        "dice_refine_all_boxes": dice_score(after_auto, gt),
+        "refine_all_erase_clicks": erased_auto,
+        "dice_refine_all_boxes_erase": dice_score(after_auto_erase, gt),
+        "refine_all_cpu_s": refine_all_cpu,
+        "refine_all_wall_s": refine_all_wall,
         "prompt_free_cpu_s": pf_cpu,
         "prompt_free_wall_s": pf_wall,
         "embed_cpu_s": embed_cpu,
@@ -292,6 +315,8 @@ def timing(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "further_box_cpu_s_mean": _mean(further_cpu),
         "further_boxes": len(further_cpu),
         "embed_cpu_s_median": _median([r["embed_cpu_s"] for r in rows]),
+        "refine_all_cpu_s_median": _median([r["refine_all_cpu_s"] for r in rows]),
+        "refine_all_wall_s_median": _median([r["refine_all_wall_s"] for r in rows]),
         "embed_wall_s_median": _median([r["embed_wall_s"] for r in rows]),
         "all_boxes_cpu_s_per_image_mean": _mean([r["embed_cpu_s"] + r["all_boxes_decode_cpu_s"] for r in rows]),
         "all_boxes_wall_s_per_image_mean": _mean([r["embed_wall_s"] + r["all_boxes_decode_wall_s"] for r in rows]),
@@ -319,6 +344,14 @@ def summarise(rows: list[dict[str, Any]], threads: int | None = None) -> dict[st
         "erase_clicks_per_image": sum(r["erase_clicks"] for r in rows) / len(rows) if rows else None,
         "dice_after_strict_erase": _mean([r["dice_after_strict_erase"] for r in rows]),
         "strict_erase_clicks_per_image": sum(r["strict_erase_clicks"] for r in rows) / len(rows) if rows else None,
+        "dice_refine_all": _mean([r["dice_refine_all"] for r in rows]),
+        "dice_refine_all_boxes": _mean([r["dice_refine_all_boxes"] for r in rows]),
+        "refine_all_boxes_per_image": sum(r["refine_all_boxes"] for r in rows) / len(rows) if rows else None,
+        "dice_refine_all_boxes_erase": _mean([r["dice_refine_all_boxes_erase"] for r in rows]),
+        "refine_all_erase_clicks_per_image": (
+            sum(r["refine_all_erase_clicks"] for r in rows) / len(rows) if rows else None
+        ),
+        "refine_all_objects_per_image": sum(r["refine_all_objects"] for r in rows) / len(rows) if rows else None,
         "boxes_total": boxes,
         "boxes_per_image": boxes / len(rows) if rows else None,
         "all_boxes_total": all_boxes,
@@ -376,14 +409,16 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"{result['overall']['timed_images']} images run with {info['threads']} torch thread(s))",
         "",
         "| modality | first box CPU | first box wall | further box CPU | further box wall | (further boxes) "
-        "| embedding CPU | LiteMedSAM all boxes, wall / image (mean) | prompt-free wall |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| embedding CPU | Refine all CPU | Refine all wall | LiteMedSAM all boxes, wall / image (mean) "
+        "| prompt-free wall |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in groups:
         out.append(
             f"| {name} | {_num(s['first_box_cpu_s_median'])} | {_num(s['first_box_wall_s_median'])} "
             f"| {_num(s['further_box_cpu_s_median'], '.3f')} | {_num(s['further_box_wall_s_median'], '.3f')} "
-            f"| {s['further_boxes']} | {_num(s['embed_cpu_s_median'])} | {_num(s['all_boxes_wall_s_per_image_mean'])} "
+            f"| {s['further_boxes']} | {_num(s['embed_cpu_s_median'])} | {_num(s.get('refine_all_cpu_s_median'), '.3f')} "
+            f"| {_num(s.get('refine_all_wall_s_median'), '.3f')} | {_num(s['all_boxes_wall_s_per_image_mean'])} "
             f"| {_num(s['prompt_free_wall_s_median'])} |"
         )
     if len(result.get("timing_by_threads", {})) > 1:
@@ -407,11 +442,16 @@ def format_markdown(result: dict[str, Any]) -> str:
         "- *+ erase*: also deletes each region left that overlaps no object (one click each with napari's "
         "fill tool and label 0);",
         f"- *demanding*: boxes every object whose IoU is below {info['strict_iou']} (not only below "
-        f"{info['iou']}), and erases stray regions too.",
+        f"{info['iou']}), and erases stray regions too;",
+        "- *Refine all*: presses the widget's Refine all first (every prompt-free object redrawn by LiteMedSAM "
+        "from its own bounding box: no box drawn), then boxes each object still below "
+        f"{info['iou']} IoU; also with erase.",
         "",
         "| modality | main user: Dice (boxes / image) | + erase: Dice (clicks / image) "
-        "| demanding + erase: Dice (boxes, clicks / image) | LiteMedSAM all boxes: Dice (boxes / image) |",
-        "|---|---:|---:|---:|---:|",
+        "| demanding + erase: Dice (boxes, clicks / image) | Refine all only | Refine all + boxes: Dice "
+        "(boxes / image) | Refine all + boxes + erase: Dice (clicks / image) "
+        "| LiteMedSAM all boxes: Dice (boxes / image) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in groups:
         out.append(
@@ -419,6 +459,9 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"| {_pct(s['dice_after_erase'])} ({_num(s['erase_clicks_per_image'])}) "
             f"| {_pct(s['dice_after_strict_erase'])} ({_num(s['strict_boxes_per_image'])}, "
             f"{_num(s['strict_erase_clicks_per_image'])}) "
+            f"| {_pct(s.get('dice_refine_all'))} "
+            f"| {_pct(s.get('dice_refine_all_boxes'))} ({_num(s.get('refine_all_boxes_per_image'))}) "
+            f"| {_pct(s.get('dice_refine_all_boxes_erase'))} ({_num(s.get('refine_all_erase_clicks_per_image'))}) "
             f"| {_pct(s['dice_all_boxes'])} ({_num(s['all_boxes_per_image'])}) |"
         )
     out += [

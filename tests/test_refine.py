@@ -13,7 +13,14 @@ import torch
 
 from napari_delightsam.benchmarking.baselines import LiteMedSAMBoxSegmenter
 from napari_delightsam.model import litemedsam as L
-from napari_delightsam.refine import MERGE_MODES, box_pixels, check_box, merge_object
+from napari_delightsam.refine import (
+    MERGE_MODES,
+    box_pixels,
+    check_box,
+    merge_object,
+    object_boxes,
+    refine_objects,
+)
 from napari_delightsam.training.metrics import dice_score
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,6 +253,90 @@ def test_refiner_on_a_real_lesion(refiner, shared_data_dir):
     refiner.set_image(image)
     mask = refiner.segment_box((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
     assert dice_score(mask, gt) > 0.85
+
+
+# -- refine every object of a mask (Refine all) ---------------------------------------------------
+
+
+class _BrightRefiner:
+    """``image_size`` / ``segment_boxes`` like BoxRefiner; an object = the pixels > 128 in its box."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self.image_size = image.shape
+        self.calls: list[int] = []
+
+    def segment_boxes(self, boxes):
+        self.calls.append(len(boxes))
+        out = np.zeros((len(boxes), *self.image.shape), dtype=bool)
+        for i, b in enumerate(boxes):
+            rows, cols = box_pixels(b, self.image.shape)
+            out[i][rows, cols] = self.image[rows, cols] > 128
+        return out
+
+
+def test_object_boxes_per_component_or_per_id_largest_first():
+    lab = np.zeros((20, 30), dtype=np.uint16)
+    lab[2:5, 3:9] = 1  # 18 px
+    lab[10:18, 20:28] = 7  # 64 px
+    lab[10:12, 2:4] = 7  # the same id, another piece: 4 px
+    boxes, values = object_boxes(lab, mode="binary")
+    np.testing.assert_array_equal(boxes, [[20, 10, 28, 18], [3, 2, 9, 5], [2, 10, 4, 12]])
+    assert values == [1, 1, 1]
+    boxes, values = object_boxes(lab, mode="instances")
+    np.testing.assert_array_equal(boxes, [[2, 10, 28, 18], [3, 2, 9, 5]])  # id 7's two pieces: one box
+    assert values == [7, 1]
+    assert object_boxes(np.zeros((4, 4)), mode="instances")[0].shape == (0, 4)
+    with pytest.raises(ValueError, match="mode"):
+        object_boxes(lab, mode="semantic")
+    with pytest.raises(ValueError, match="2D"):
+        object_boxes(lab[None])
+
+
+def test_refine_objects_redraws_each_object_inside_its_box_only():
+    image = np.full((40, 60), 20, dtype=np.uint8)
+    image[5:15, 5:15] = 200  # object A
+    image[20:30, 30:45] = 200  # object B
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[4:16, 4:16] = 1  # A, one pixel too wide all round
+    mask[22:28, 32:43] = 1  # B, too small: its box holds only B's inner part
+    mask[35:38, 2:6] = 1  # a dark stroke: nothing bright in its box
+    fake = _BrightRefiner(image)
+    result = refine_objects(fake, mask)
+    assert fake.calls == [3]  # one batched call
+    expected = mask.copy()
+    expected[4:16, 4:16] = 0
+    expected[5:15, 5:15] = 1  # A exactly
+    np.testing.assert_array_equal(result.labels, expected)  # B (no bright pixel outside) and the stroke stay
+    assert result.changed == int((expected != mask).sum()) and result.values == [1, 1, 1]
+    assert result.written[5:15, 5:15].all() and not result.written[35:38, 2:6].any()
+    assert result.labels.dtype == mask.dtype and mask[4, 4] == 1  # the input is not modified
+
+    # protected pixels stay, whatever the object says
+    protected = np.zeros_like(mask, dtype=bool)
+    protected[4, 4:16] = True
+    assert (refine_objects(fake, mask, protected=protected).labels[4, 4:16] == 1).all()
+
+    # instances: an id keeps only its object's pixels; another id in its box is not taken
+    inst = np.zeros((40, 60), dtype=np.uint16)
+    inst[4:16, 4:16] = 3
+    inst[5:7, 5:7] = 9  # a neighbouring instance inside 3's box, on bright pixels
+    out = refine_objects(fake, inst, mode="instances").labels
+    assert (out[5:7, 5:7] == 9).all()
+    assert (out[5:15, 5:15][inst[5:15, 5:15] == 3] == 3).all() and not (out[4, :] == 3).any()
+
+    with pytest.raises(ValueError, match="does not match"):
+        refine_objects(fake, mask[:-1])
+
+
+def test_refine_objects_with_litemedsam_fits_a_rough_mask_to_the_object(refiner):
+    image, disc = _disc_image()
+    rough = np.zeros(disc.shape, dtype=np.uint8)
+    rough[22:59, 32:69] = 1  # the disc's bounding square
+    refiner.set_image(image)
+    result = refine_objects(refiner, rough)
+    assert dice_score(rough > 0, disc) < 0.85 < dice_score(result.labels > 0, disc)
+    assert (result.labels[60:80, 100:125] == 0).all()  # the distractor, outside the box, stays empty
 
 
 # -- the benchmark's simulated user -----------------------------------------------------------

@@ -43,6 +43,13 @@ class _FakeRefiner:
         self.image = np.asarray(image)
         self.image_id = image_id
 
+    @property
+    def image_size(self):
+        return None if self.image is None else self.image.shape[:2]
+
+    def segment_boxes(self, boxes):
+        return np.stack([self.segment_box(b) for b in boxes]) if len(boxes) else np.zeros((0, *self.image_size), bool)
+
     def segment_box(self, box):
         if self.device in self.fail_on:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -193,6 +200,93 @@ def test_instances_mode_adds_a_new_id(make_napari_viewer, qtbot, fake):
     assert set(np.unique(lab.data)) == {0, 1, 2, 3}
     assert (lab.data[20:44, 38:60] == 3).all()
     assert lab.metadata[METADATA_KEY]["boxes"][0]["label"] == 3
+
+
+def _rough_scene():
+    """_scene() with A found one pixel too wide all round, C's painted part and a dark stroke."""
+    image, mask = _scene()
+    mask[9:31, 4:26] = 1  # A plus a dark rim
+    mask[2:4, 60:64] = 1  # a stroke on dark pixels
+    return image, mask
+
+
+def test_refine_all_redraws_every_object_as_one_undo_step(make_napari_viewer, qtbot, fake):
+    viewer = make_napari_viewer()
+    image, mask = _rough_scene()
+    img, lab, widget = _open(viewer, image, mask)
+    before = lab.data.copy()
+    job = widget.refine_all()
+    assert job is not None and job.refine_all
+    _wait_idle(qtbot, widget)
+    rim = np.zeros((H, W), dtype=bool)
+    rim[9:31, 4:26] = True
+    rim[10:30, 5:25] = False
+    # only A's dark rim went; C's painted part (bright) and the stroke (nothing bright in its box) stay
+    np.testing.assert_array_equal(lab.data != before, rim)
+    assert widget.refinements == 1
+    record = lab.metadata[METADATA_KEY]["boxes"][-1]
+    assert record["refine_all"] is True and record["pixels_changed"] == rim.sum()
+    assert sorted(map(tuple, record["object_boxes"])) == [(4.0, 9.0, 26.0, 31.0), (60.0, 2.0, 64.0, 4.0),
+                                                          (72.0, 45.0, 80.0, 55.0)]
+    from napari_delightsam.widgets.export import provenance_from_metadata
+
+    assert provenance_from_metadata(lab.metadata, lab.data)["boxes"][-1]["refine_all"] is True  # the sidecar's
+    lab.undo()
+    np.testing.assert_array_equal(lab.data, before)
+
+
+def test_refine_all_keeps_what_the_user_paints_while_it_runs(make_napari_viewer, qtbot, fake):
+    viewer = make_napari_viewer()
+    image, mask = _rough_scene()
+    img, lab, widget = _open(viewer, image, mask)
+    shapes = widget.start_boxes()
+    _wait_idle(qtbot, widget)  # the embedding is ready
+    refiner = fake["cpu"]
+    refiner.gate = threading.Event()
+    try:
+        widget.refine_all()
+        assert widget.busy
+        qtbot.wait(100)
+        lab.data_setitem((np.array([9]), np.array([4])), np.array([2]))  # the user paints a rim pixel
+    finally:
+        refiner.gate.set()
+    _wait_idle(qtbot, widget)
+    assert lab.data[9, 4] == 2  # the user's pixel wins
+    assert (lab.data[9, 5:26] == 0).all() and (lab.data[10:30, 5:25] == 1).all()
+    assert shapes is not None
+
+
+def test_refine_all_instances_mode_refines_each_id(make_napari_viewer, qtbot, fake):
+    viewer = make_napari_viewer()
+    image, _ = _scene()
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[9:31, 4:26] = 1  # A with a rim
+    mask[40:60, 70:90] = 2  # C exactly
+    img, lab, widget = _open(viewer, image, mask, {METADATA_KEY: {"kind": "mask", "instances": True}})
+    widget.refine_all()
+    _wait_idle(qtbot, widget)
+    expected = np.zeros((H, W), dtype=np.uint8)
+    expected[10:30, 5:25] = 1
+    expected[40:60, 70:90] = 2
+    np.testing.assert_array_equal(lab.data, expected)
+    assert lab.metadata[METADATA_KEY]["boxes"][-1]["labels"] == [1, 2]
+
+
+def test_refine_all_on_an_empty_mask_or_slice_is_a_notification(make_napari_viewer, qtbot, fake):
+    viewer = make_napari_viewer()
+    image, _ = _scene()
+    stack = np.stack([image, image])
+    masks = np.zeros((2, H, W), dtype=np.uint8)
+    masks[0, 9:31, 4:26] = 1
+    img, lab, widget = _open(viewer, stack, masks)
+    viewer.dims.set_current_step(0, 1)  # slice 1 has no objects
+    assert widget.refine_all() is None
+    assert any("no objects" in m for m in _messages())
+    viewer.dims.set_current_step(0, 0)
+    job = widget.refine_all()
+    assert job is not None and job.z == 0
+    _wait_idle(qtbot, widget)
+    assert (lab.data[0, 10:30, 5:25] == 1).all() and lab.data[0, 9, 4] == 0 and lab.data[1].sum() == 0
 
 
 def test_bad_boxes_are_notifications_not_tracebacks(make_napari_viewer, qtbot, fake):

@@ -11,6 +11,9 @@ Public API::
     refiner = load_refiner()
     refiner.set_image(image)                # embedding computed once per image
     mask = refiner.segment_box((x0, y0, x1, y1))   # (H, W) bool, x = column, y = row
+
+    from napari_delightsam import refine_objects  # every object of a mask, redrawn from its box
+    better = refine_objects(refiner, result.mask).labels
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "__version__",
     "load_model",
     "load_refiner",
+    "refine_objects",
 ]
 
 
@@ -36,7 +40,7 @@ def __getattr__(name: str):  # lazy: keep `import napari_delightsam` light for n
         from . import inference
 
         return getattr(inference, name)
-    if name in ("load_refiner", "BoxRefiner"):
+    if name in ("load_refiner", "BoxRefiner", "refine_objects"):
         from . import refine
 
         return getattr(refine, name)

@@ -15,7 +15,7 @@ box (LiteMedSAM's prompt encoder + mask decoder only)::
 
 Boxes are in the input image's pixel coordinates, x = column, y = row, on pixel *edges*: the box
 around rows r0..r1 and columns c0..c1 (inclusive) is ``(c0, r0, c1 + 1, r1 + 1)`` (the rule of
-``benchmarking.baselines.component_boxes``). A box is clipped to ``[0, W] × [0, H]``; an empty, inverted or
+``component_boxes``). A box is clipped to ``[0, W] × [0, H]``; an empty, inverted or
 non-finite box, or one wholly outside the image, raises ``ValueError`` with one line.
 
 LiteMedSAM (Ma et al., MedSAM distilled into TinyViT-5M, trained with box prompts on a large
@@ -30,6 +30,12 @@ and as the fallback when a bf16 forward fails. Its agreement with fp32 eager is 
 
 Writing a refined object into a mask (:func:`merge_object`, used by the napari widget and by
 ``benchmarks/correction_effort.py``) only ever changes pixels whose centres lie inside the box.
+
+:func:`refine_objects` redraws every object a mask already holds (the prompt-free pass's
+objects, or painted ones) with LiteMedSAM, each object's own bounding box as the prompt: one
+batched decoder call on the cached embedding, then :func:`merge_object` box by box — the "Refine
+all" button of the napari widget, measured as the "refine all + boxes" user of
+``benchmarks/correction_effort.py``.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,14 +57,25 @@ from .devices import choose_precision, resolve_device
 from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array
 
 __all__ = [
+    "DEFAULT_MAX_BOXES",
+    "DEFAULT_MIN_COMPONENT_FRACTION",
     "MERGE_MODES",
     "BoxRefiner",
+    "ComponentBoxes",
+    "RefinedObjects",
     "box_pixels",
     "check_box",
+    "component_boxes",
     "load_refiner",
     "merge_object",
+    "object_boxes",
+    "refine_objects",
 ]
 
+#: components below this fraction of the image get no box (except the largest)
+DEFAULT_MIN_COMPONENT_FRACTION = 1e-4
+#: at most this many boxes per image, largest components first
+DEFAULT_MAX_BOXES = 200
 #: how a refined object is written into a mask (see :func:`merge_object`)
 MERGE_MODES = ("binary", "instances")
 #: at most this many boxes go through the mask decoder at once (each holds a copy of the
@@ -149,6 +167,58 @@ def merge_object(
             out[remove] = 0
     out[obj] = value
     return out
+
+
+# -- components ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComponentBoxes:
+    """Boxes of a mask's connected components and what the rule left out."""
+
+    #: (N,4) float64, (x0, y0, x1, y1) pixel edges, largest component first
+    boxes: np.ndarray
+    #: connected components in the mask (8-connectivity)
+    n_components: int
+    #: components left out for being smaller than ``min_area`` pixels
+    n_small: int
+    #: components left out by the ``max_boxes`` cap
+    n_capped: int
+    #: the area threshold in pixels
+    min_area: int
+
+
+def component_boxes(
+    mask: np.ndarray,
+    *,
+    min_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
+    max_boxes: int = DEFAULT_MAX_BOXES,
+) -> ComponentBoxes:
+    """One box per 8-connected component of ``mask`` (H,W), by the rule of the module docstring.
+
+    ``min_area = ceil(min_fraction * H * W)`` pixels (at least 1). Components are ranked by area
+    (ties: label order, i.e. raster order of their first pixel); the largest is always kept.
+    """
+    from skimage.measure import label, regionprops
+
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2D (H,W), got shape {m.shape}")
+    if not (0.0 <= min_fraction < 1.0):
+        raise ValueError(f"min_fraction must be in [0, 1), got {min_fraction}")
+    if int(max_boxes) < 1:
+        raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
+    min_area = max(1, math.ceil(min_fraction * m.shape[0] * m.shape[1]))
+    props = regionprops(label(m.astype(bool), connectivity=2))
+    ranked = sorted(props, key=lambda p: (-int(p.area), p.label))
+    kept = [p for i, p in enumerate(ranked) if i == 0 or p.area >= min_area]
+    n_small = len(ranked) - len(kept)
+    n_capped = max(0, len(kept) - int(max_boxes))
+    kept = kept[: int(max_boxes)]
+    boxes = np.array([[p.bbox[1], p.bbox[0], p.bbox[3], p.bbox[2]] for p in kept], dtype=np.float64).reshape(
+        -1, 4
+    )
+    return ComponentBoxes(boxes, len(ranked), n_small, n_capped, min_area)
 
 
 # -- the refiner ------------------------------------------------------------------------------
@@ -315,6 +385,111 @@ class BoxRefiner:
         low_res = self._guarded(run)
         nh, nw = self._valid
         return low_res[..., :nh, :nw].float()
+
+
+# -- every object of a mask ------------------------------------------------------------------
+
+
+def object_boxes(
+    labels: np.ndarray,
+    *,
+    mode: str = "binary",
+    min_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
+    max_boxes: int = DEFAULT_MAX_BOXES,
+) -> tuple[np.ndarray, list[int]]:
+    """((N,4) boxes, N label values) of the objects of a 2D mask, largest first.
+
+    ``"binary"``: an object is an 8-connected component of the foreground (:func:`component_boxes`'
+    rule: small ones and those past ``max_boxes`` get no box); its value is 1. ``"instances"``:
+    an object is one label id (all its pixels, connected or not), ids under ``min_fraction`` of
+    the image skipped except the largest, at most ``max_boxes``; its value is its id.
+    """
+    if mode not in MERGE_MODES:
+        raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"labels must be 2D (H,W), got shape {lab.shape}")
+    if mode == "binary":
+        boxes = component_boxes(lab != 0, min_fraction=min_fraction, max_boxes=max_boxes).boxes
+        return boxes, [1] * len(boxes)
+    ids, inverse, counts = np.unique(lab, return_inverse=True, return_counts=True)
+    keep = ids != 0
+    ids, counts = ids[keep], counts[keep]
+    if len(ids) == 0:
+        return np.zeros((0, 4)), []
+    order = sorted(range(len(ids)), key=lambda i: (-int(counts[i]), int(ids[i])))
+    min_area = max(1, math.ceil(min_fraction * lab.shape[0] * lab.shape[1]))
+    order = [i for n, i in enumerate(order) if n == 0 or counts[i] >= min_area][: int(max_boxes)]
+    boxes = []
+    for i in order:
+        rows, cols = np.nonzero(lab == ids[i])
+        boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), [int(ids[i]) for i in order]
+
+
+@dataclass(frozen=True)
+class RefinedObjects:
+    """What :func:`refine_objects` did to one 2D mask."""
+
+    #: the mask after refinement (a new array, the input's dtype)
+    labels: np.ndarray
+    #: (N,4) the boxes used (x0, y0, x1, y1 pixel edges), largest object first
+    boxes: np.ndarray
+    #: the label value each box's object was written with
+    values: list[int]
+    #: pixels written with an object's value (the union of the objects, inside their boxes)
+    written: np.ndarray
+    #: pixels whose value changed
+    changed: int
+
+
+def refine_objects(
+    refiner: BoxRefiner,
+    labels: np.ndarray,
+    *,
+    mode: str = "binary",
+    protected: np.ndarray | None = None,
+    min_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
+    max_boxes: int = DEFAULT_MAX_BOXES,
+) -> RefinedObjects:
+    """Every object of ``labels`` (2D, the size of the refiner's current image) redrawn by
+    LiteMedSAM with the object's bounding box (:func:`object_boxes`) as the prompt.
+
+    One batched decoder call, then, largest object first, inside each box only:
+
+    * ``"binary"``: :func:`merge_object` in binary mode, as a box drawn by hand: the object
+      replaces the components it touches; pixels ``protected`` or written by an earlier box stay;
+    * ``"instances"``: the id's pixels outside LiteMedSAM's object become 0 (unless protected),
+      the object's pixels that are background or that id become the id; other ids stay.
+
+    Small objects left out by the box rule keep their pixels. Nothing outside the boxes changes.
+    """
+    lab = np.asarray(labels)
+    if refiner.image_size is None:
+        raise RuntimeError("no image to segment: call set_image(image) first")
+    if lab.shape != tuple(refiner.image_size):
+        raise ValueError(f"mask shape {lab.shape} does not match the image's {tuple(refiner.image_size)}")
+    boxes, values = object_boxes(lab, mode=mode, min_fraction=min_fraction, max_boxes=max_boxes)
+    out = lab.copy()
+    written = np.zeros(lab.shape, dtype=bool)
+    keep = np.zeros(lab.shape, dtype=bool) if protected is None else np.asarray(protected, dtype=bool).copy()
+    if keep.shape != lab.shape:
+        raise ValueError(f"protected shape {keep.shape} does not match the mask's {lab.shape}")
+    objects = refiner.segment_boxes(boxes)
+    for box, value, obj in zip(boxes, values, objects, strict=True):
+        rows, cols = box_pixels(box, lab.shape)
+        crop = obj[rows, cols]
+        current = out[rows, cols]
+        if mode == "binary":
+            new = merge_object(current, crop, mode="binary", value=value, protected=keep[rows, cols])
+        else:
+            new = current.copy()
+            new[(current == value) & ~crop & ~keep[rows, cols]] = 0
+            new[crop & ((current == 0) | (current == value))] = value
+        written[rows, cols] |= crop & (new == value)
+        keep[rows, cols] |= crop & (new == value)
+        out[rows, cols] = new
+    return RefinedObjects(out, boxes, values, written, int(np.count_nonzero(out != lab)))
 
 
 def load_refiner(

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..refine import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, ComponentBoxes, component_boxes
+
 __all__ = [
     "DEFAULT_MAX_BOXES",
     "DEFAULT_MIN_COMPONENT_FRACTION",
@@ -72,8 +74,6 @@ METHOD_NAMES: tuple[str, ...] = (
     "delightsam",
     "delightsam_auto",
 )
-DEFAULT_MIN_COMPONENT_FRACTION = 1e-4
-DEFAULT_MAX_BOXES = 200
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
 
@@ -134,55 +134,6 @@ class LiteMedSAMBoxSegmenter:
 
 
 # -- ground-truth boxes -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ComponentBoxes:
-    """Boxes of a mask's connected components and what the rule left out."""
-
-    #: (N,4) float64, (x0, y0, x1, y1) pixel edges, largest component first
-    boxes: np.ndarray
-    #: connected components in the mask (8-connectivity)
-    n_components: int
-    #: components left out for being smaller than ``min_area`` pixels
-    n_small: int
-    #: components left out by the ``max_boxes`` cap
-    n_capped: int
-    #: the area threshold in pixels
-    min_area: int
-
-
-def component_boxes(
-    mask: np.ndarray,
-    *,
-    min_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
-    max_boxes: int = DEFAULT_MAX_BOXES,
-) -> ComponentBoxes:
-    """One box per 8-connected component of ``mask`` (H,W), by the rule of the module docstring.
-
-    ``min_area = ceil(min_fraction * H * W)`` pixels (at least 1). Components are ranked by area
-    (ties: label order, i.e. raster order of their first pixel); the largest is always kept.
-    """
-    from skimage.measure import label, regionprops
-
-    m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"mask must be 2D (H,W), got shape {m.shape}")
-    if not (0.0 <= min_fraction < 1.0):
-        raise ValueError(f"min_fraction must be in [0, 1), got {min_fraction}")
-    if int(max_boxes) < 1:
-        raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
-    min_area = max(1, math.ceil(min_fraction * m.shape[0] * m.shape[1]))
-    props = regionprops(label(m.astype(bool), connectivity=2))
-    ranked = sorted(props, key=lambda p: (-int(p.area), p.label))
-    kept = [p for i, p in enumerate(ranked) if i == 0 or p.area >= min_area]
-    n_small = len(ranked) - len(kept)
-    n_capped = max(0, len(kept) - int(max_boxes))
-    kept = kept[: int(max_boxes)]
-    boxes = np.array([[p.bbox[1], p.bbox[0], p.bbox[3], p.bbox[2]] for p in kept], dtype=np.float64).reshape(
-        -1, 4
-    )
-    return ComponentBoxes(boxes, len(ranked), n_small, n_capped, min_area)
 
 
 def whole_image_box(shape: tuple[int, ...]) -> np.ndarray:

@@ -121,7 +121,8 @@ def build_sidecar(
         "input_shape": prov.pop("input_shape", None),
         "segmented": prov.pop("time", None),
         "edited_after_segmentation": prov.pop("edited_after_segmentation", None),
-        # boxes drawn in "De-LightSAM refine" (order applied, pixel edges x0, y0, x1, y1) and its model
+        # boxes drawn in "De-LightSAM refine" (order applied, pixel edges x0, y0, x1, y1; a "Refine all"
+        # entry lists every object's box as object_boxes) and its model
         "boxes": prov.pop("boxes", None),
         "box_model": prov.pop("box_model", None),
         "segmentation": prov,  # everything else the widget recorded (device, instances, ...)

@@ -11,8 +11,14 @@ object is written into the mask with ``refine.merge_object``:
   components it touches inside the box 0, except objects earlier boxes wrote);
 * instances: the object's pixels get a new id.
 
-Only pixels whose centres lie inside the box change. Each refinement is one
-``Labels.data_setitem`` inside ``Labels.block_history()``: one step of napari's Labels undo.
+**Refine all** redraws every object the mask already holds on the image's slice (the
+prompt-free pass's objects, painted ones too) with LiteMedSAM, each object's bounding box as its
+prompt (``refine.refine_objects``: binary mode per connected component, instances mode per id),
+in the worker, from a copy of the mask taken when the button is pressed; pixels the user changes
+while it runs are left as the user made them.
+
+Only pixels whose centres lie inside a box change. Each refinement (one box, or one Refine all)
+is one ``Labels.data_setitem`` inside ``Labels.block_history()``: one step of napari's Labels undo.
 The boxes used are appended to the mask layer's provenance (``metadata['delightsam']['boxes']``,
 written to the export sidecar). Jobs run one at a time in drawing order; the GUI thread never
 waits for the model. Bad boxes, unusable images and device errors become notifications
@@ -76,6 +82,13 @@ class RefineJob:
     mode: str = "binary"
     image_name: str = ""
     drawn: dict[str, Any] = field(default_factory=dict)
+    #: Refine all: the mask's slice as it was when the button was pressed (else None)
+    snapshot: np.ndarray | None = None
+    protected: np.ndarray | None = None
+
+    @property
+    def refine_all(self) -> bool:
+        return self.snapshot is not None
 
 
 class RefineWidget(Container):
@@ -102,9 +115,14 @@ class RefineWidget(Container):
         self.device_combo = ComboBox(label="Device", choices=_device_choices(), value="auto")
         self.box_button = PushButton(text="Box")
         self.box_button.tooltip = "Add a boxes layer with the rectangle tool; each rectangle refines one object"
+        self.all_button = PushButton(text="Refine all")
+        self.all_button.tooltip = (
+            "Redraw every object already in the mask (this slice) with LiteMedSAM, its bounding box as the "
+            "prompt; one undo step"
+        )
         self.status = Label(value="Pick the image and its mask, press Box, draw a rectangle around an object.")
         self.extend([self.image_picker, self.labels_picker, self.mode_combo, self.device_combo,
-                     self.box_button, self.status])
+                     self.box_button, self.all_button, self.status])
         self.status.native.setWordWrap(True)
 
         self._queue: deque[RefineJob] = deque()
@@ -117,6 +135,7 @@ class RefineWidget(Container):
         self.refinements = 0  # refinements written (for tests and the status line)
 
         self.box_button.changed.connect(self.start_boxes)
+        self.all_button.changed.connect(self.refine_all)
         self.image_picker.changed.connect(self._on_image_changed)
         self.labels_picker.changed.connect(self._on_labels_changed)
         for name in ("inserted", "removed", "moved", "reordered"):
@@ -199,6 +218,25 @@ class RefineWidget(Container):
         self._set_status(f"Draw a rectangle around an object in '{image.name}'; it is written into '{labels.name}'.")
         return shapes
 
+    def refine_all(self, *_: Any) -> RefineJob | None:
+        """The Refine all button: every object of the mask's current slice, redrawn in the worker."""
+        checked = self._check_pair()
+        if checked is None:
+            return None
+        image, labels, prepared = checked
+        z = self._current_slice(image) if prepared.stack else None
+        lead = () if z is None else (z,)
+        snapshot = np.array(labels.data[lead] if lead else labels.data)  # a private copy
+        if not snapshot.any():
+            notify("warning", f"'{labels.name}' has no objects here to refine: segment first, or draw boxes")
+            return None
+        protected = np.array(self._protected_for(labels)[lead] if lead else self._protected_for(labels))
+        job = RefineJob(weakref.ref(image), weakref.ref(labels), prepared, z, None, self.device_combo.value,
+                        mode=self.mode_combo.value, image_name=image.name, drawn={"refine_all": True, "slice": z},
+                        snapshot=snapshot, protected=protected)
+        self._submit(job)
+        return job
+
     def _boxes_layer(self, image: Any, prepared: Any) -> Any:
         from napari.layers import Shapes
 
@@ -280,7 +318,7 @@ class RefineWidget(Container):
         self._job = job
         # errors are ours to report (notifications), not tracebacks re-raised in the GUI thread
         worker = create_worker(_guarded_job, self.refiner_cache, job.prepared, job.z, job.box, job.device,
-                               _start_thread=False, _ignore_errors=True)
+                               job.snapshot, job.mode, job.protected, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_yielded)
         worker.returned.connect(lambda result, job=job: self._on_returned(job, result))
         worker.errored.connect(lambda exc, job=job: self._on_errored(job, exc))
@@ -289,6 +327,8 @@ class RefineWidget(Container):
         self._worker_box["worker"] = worker
         if job.box is not None:
             self._set_status(f"Refining the box {job.drawn.get('box')}…")
+        elif job.refine_all:
+            self._set_status(f"Refining every object of the mask of '{job.image_name}'…")
         worker.start()
 
     def _on_yielded(self, item: tuple) -> None:
@@ -345,7 +385,7 @@ class RefineWidget(Container):
     def _on_returned(self, job: RefineJob, result: dict[str, Any]) -> None:
         if not alive(self):
             return
-        if job.box is None:
+        if job.box is None and not job.refine_all:
             self._set_status(f"Ready: boxes on '{job.image_name}' now reuse its embedding "
                              f"({result['seconds']:.2f} s).")
             return
@@ -353,8 +393,14 @@ class RefineWidget(Container):
         if labels is None or labels not in self.viewer.layers:
             notify("warning", "the mask layer was removed while refining; the box was not applied")
             return
-        changed = self.write_object(labels, result["mask"], job, result["model"])
         took = f"{result['seconds']:.2f} s" + (" incl. the image embedding" if result["embedded"] else "")
+        if job.refine_all:
+            changed = self.write_refined(labels, result["refined"], job, result["model"])
+            n = len(result["refined"].boxes)
+            self._set_status(f"Refined {n} object(s): {changed} pixels of '{labels.name}' changed ({took}); "
+                             "Ctrl+Z in the mask layer undoes it.")
+            return
+        changed = self.write_object(labels, result["mask"], job, result["model"])
         if changed == 0:
             self._set_status(f"No change: LiteMedSAM found no new object pixels in the box ({took}).")
             notify("info", "the box found no object pixels to add or replace; the mask is unchanged")
@@ -403,6 +449,46 @@ class RefineWidget(Container):
         self._record(labels, job, value, n, model)
         return n
 
+    def write_refined(self, labels: Any, refined: Any, job: RefineJob, model: dict[str, Any]) -> int:
+        """Write a Refine all result (``refine.RefinedObjects`` of the slice) into ``labels`` as one
+        undo step, except pixels the user changed since the snapshot; returns pixels changed."""
+        assert job.snapshot is not None
+        lead: tuple[int, ...] = () if job.z is None else (int(job.z),)
+        if tuple(labels.data.shape[len(lead):]) != tuple(job.snapshot.shape) or (
+            lead and not 0 <= lead[0] < labels.data.shape[0]
+        ):
+            notify("error", f"'{labels.name}' no longer matches the image (shape {tuple(labels.data.shape)}); "
+                            "the refinement was not applied")
+            return 0
+        current = np.asarray(labels.data[lead] if lead else labels.data)
+        untouched = current == job.snapshot  # the user's edits made meanwhile win
+        changed = (refined.labels != job.snapshot) & untouched
+        n = int(np.count_nonzero(changed))
+        if n:
+            r, c = np.nonzero(changed)
+            index = (*(np.full(n, v) for v in lead), r, c)
+            with labels.block_history():  # one undo step
+                labels.data_setitem(index, refined.labels[changed])
+            protected_full = self._protected_for(labels)
+            (protected_full[lead] if lead else protected_full)[refined.written & untouched] = True
+            self.refinements += 1
+        meta = dict(labels.metadata or {})
+        record = dict(meta.get(METADATA_KEY, {}) or {})
+        record["boxes"] = [*list(record.get("boxes", []) or []), {
+            "refine_all": True,
+            "slice": job.z,
+            "object_boxes": [[round(float(v), 2) for v in b] for b in refined.boxes],
+            "mode": job.mode,
+            "labels": list(refined.values),
+            "pixels_changed": n,
+            "image_layer": job.image_name,
+            "time": utc_now(),
+        }]
+        record["box_model"] = model
+        meta[METADATA_KEY] = record
+        labels.metadata = meta
+        return n
+
     def _protected_for(self, labels: Any) -> np.ndarray:
         ref, arr = self._protected.get(id(labels), (None, None))
         if ref is None or ref() is not labels or arr is None or arr.shape != tuple(labels.data.shape):
@@ -449,10 +535,22 @@ def rectangle_to_box(shapes: Any, index: int, image: Any, prepared: Any) -> tupl
     return box, z
 
 
-def _refine_job(cache: ModelCache, prepared: Any, z: int | None, box: np.ndarray | None, device: str):
+def _refine_job(
+    cache: ModelCache,
+    prepared: Any,
+    z: int | None,
+    box: np.ndarray | None,
+    device: str,
+    snapshot: np.ndarray | None = None,
+    mode: str = "binary",
+    protected: np.ndarray | None = None,
+):
     """Worker body (off the GUI thread): load/reuse LiteMedSAM, embed the slice if it is new,
-    segment the box. Returns {"mask", "embedded", "seconds", "model"}."""
+    segment the box, or every object of ``snapshot`` (Refine all). Returns {"mask", "refined",
+    "embedded", "seconds", "model"}."""
     import time
+
+    from ..refine import refine_objects
 
     start = time.perf_counter()
     if not cache.is_loaded(REFINER_SPEC, device):
@@ -466,12 +564,16 @@ def _refine_job(cache: ModelCache, prepared: Any, z: int | None, box: np.ndarray
             yield ("embedding",)
             refiner.set_image(plane, image_id=key)
         mask = refiner.segment_box(box) if box is not None else None
+        refined = (
+            refine_objects(refiner, snapshot, mode=mode, protected=protected) if snapshot is not None else None
+        )
     model = {
         **{k: v for k, v in getattr(refiner, "weights", {}).items() if k != "conv_bn_fused"},
         "device": str(getattr(refiner, "device", device)),
         "precision": getattr(refiner, "precision", None),
     }
-    return {"mask": mask, "embedded": embedded, "seconds": time.perf_counter() - start, "model": model}
+    return {"mask": mask, "refined": refined, "embedded": embedded, "seconds": time.perf_counter() - start,
+            "model": model}
 
 
 def _guarded_job(*args: Any):
