@@ -28,8 +28,10 @@ mask it is written into): the same user with the object only added ("add-only");
 also deletes every region left that overlaps no object ("+ erase": one click each with napari's
 fill tool); a demanding user who boxes every object below ``--strict-iou`` (0.8) and erases; and
 the "Refine all" user: one click on the widget's **Refine all** first (``refine.refine_objects``:
-every prompt-free object redrawn by LiteMedSAM from its own bounding box), then a box for each
-object still missed (IoU < ``--iou`` with the refined mask), also with erase.
+every prompt-free object redrawn by LiteMedSAM from its own bounding box, and removed where
+LiteMedSAM scores its mask below ``--min-score``, the widget's default for these modalities),
+then a box for each object still missed (IoU < ``--iou`` with the refined mask), also with
+erase; and the same with every object kept (no removal).
 
 Timing: ``time.process_time()`` (CPU seconds of this process, all torch threads) and wall
 seconds. "first box" = ``set_image`` (the LiteMedSAM embedding) + the first box's decode and
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-dataset", type=int, help="at most N images per dataset (seeded choice)")
     p.add_argument("--modalities", nargs="+", metavar="M", help="only these modalities")
     p.add_argument("--iou", type=float, default=0.5, help="an object is missed below this IoU (default 0.5)")
+    p.add_argument("--min-score", type=float, default=None,
+                   help="Refine all removes objects LiteMedSAM scores below this (default: refine.DEFAULT_MIN_SCORE)")
     p.add_argument("--strict-iou", type=float, default=0.8,
                    help="the 'demanding user' boxes every object below this IoU (default 0.8)")
     p.add_argument("--jitter", type=float, default=0.1, help="box jitter, fraction of its size (default 0.1)")
@@ -221,17 +225,21 @@ def run_image(rec: Any, image: np.ndarray, gt: np.ndarray, seg: Any, refiner: An
         found.append(all_masks[i])
     after = corrected > 0
 
-    # the "Refine all" user: every prompt-free object redrawn from its own box, then boxes for what
-    # is still missed (the same jittered boxes and their masks)
+    # the "Refine all" users: every prompt-free object redrawn from its own box (and removed when
+    # LiteMedSAM scores it below min_score, or kept), then boxes for what is still missed (the same
+    # jittered boxes and their masks)
     from napari_delightsam.refine import refine_objects
 
     start = _clock()
-    refined = refine_objects(refiner, pf.astype(np.uint8))
+    refined = refine_objects(refiner, pf.astype(np.uint8), min_score=args.min_score)
     refine_all_cpu, refine_all_wall = _since(start)
     auto = refined.labels > 0
     auto_missed = [i for i, iou in enumerate(object_ious(auto, objects)) if iou < args.iou]
     after_auto = correct(auto, [all_masks[i] for i in auto_missed], [boxes[i] for i in auto_missed])
     after_auto_erase, erased_auto = erase_stray(after_auto, gt)
+    keep_all = refine_objects(refiner, pf.astype(np.uint8)).labels > 0
+    keep_missed = [i for i, iou in enumerate(object_ious(keep_all, objects)) if iou < args.iou]
+    after_keep = correct(keep_all, [all_masks[i] for i in keep_missed], [boxes[i] for i in keep_missed])
     # other users, from the same LiteMedSAM masks (a box's mask does not depend on the current mask)
     from napari_delightsam.refine import box_pixels
 
@@ -262,6 +270,10 @@ def run_image(rec: Any, image: np.ndarray, gt: np.ndarray, seg: Any, refiner: An
         "dice_after_strict_erase": dice_score(after_strict_erase, gt),
         "dice_all_boxes": dice_score(all_union, gt),
         "refine_all_objects": len(refined.boxes),
+        "refine_all_removed": int(sum(refined.removed)),
+        "refine_all_scores": [round(float(q), 4) for q in refined.scores],
+        "refine_keep_boxes": len(keep_missed),
+        "dice_refine_keep_boxes": dice_score(after_keep, gt),
         "dice_refine_all": dice_score(auto, gt),
         "refine_all_boxes": len(auto_missed),
         "dice_refine_all_boxes": dice_score(after_auto, gt),
@@ -352,6 +364,9 @@ def summarise(rows: list[dict[str, Any]], threads: int | None = None) -> dict[st
             sum(r["refine_all_erase_clicks"] for r in rows) / len(rows) if rows else None
         ),
         "refine_all_objects_per_image": sum(r["refine_all_objects"] for r in rows) / len(rows) if rows else None,
+        "refine_all_removed_per_image": sum(r["refine_all_removed"] for r in rows) / len(rows) if rows else None,
+        "dice_refine_keep_boxes": _mean([r["dice_refine_keep_boxes"] for r in rows]),
+        "refine_keep_boxes_per_image": sum(r["refine_keep_boxes"] for r in rows) / len(rows) if rows else None,
         "boxes_total": boxes,
         "boxes_per_image": boxes / len(rows) if rows else None,
         "all_boxes_total": all_boxes,
@@ -444,14 +459,15 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"- *demanding*: boxes every object whose IoU is below {info['strict_iou']} (not only below "
         f"{info['iou']}), and erases stray regions too;",
         "- *Refine all*: presses the widget's Refine all first (every prompt-free object redrawn by LiteMedSAM "
-        "from its own bounding box: no box drawn), then boxes each object still below "
-        f"{info['iou']} IoU; also with erase.",
+        f"from its own bounding box, no box drawn; objects LiteMedSAM scores below {info['min_score']} removed, "
+        "the widget's default for these modalities), then boxes each object still below "
+        f"{info['iou']} IoU; also with erase; *keep all*: the same with no object removed.",
         "",
         "| modality | main user: Dice (boxes / image) | + erase: Dice (clicks / image) "
-        "| demanding + erase: Dice (boxes, clicks / image) | Refine all only | Refine all + boxes: Dice "
-        "(boxes / image) | Refine all + boxes + erase: Dice (clicks / image) "
-        "| LiteMedSAM all boxes: Dice (boxes / image) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| demanding + erase: Dice (boxes, clicks / image) | Refine all, keep all, + boxes: Dice (boxes / image) "
+        "| Refine all only: Dice (objects removed / image) | **Refine all + boxes**: Dice (boxes / image) "
+        "| Refine all + boxes + erase: Dice (clicks / image) | LiteMedSAM all boxes: Dice (boxes / image) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in groups:
         out.append(
@@ -459,7 +475,8 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"| {_pct(s['dice_after_erase'])} ({_num(s['erase_clicks_per_image'])}) "
             f"| {_pct(s['dice_after_strict_erase'])} ({_num(s['strict_boxes_per_image'])}, "
             f"{_num(s['strict_erase_clicks_per_image'])}) "
-            f"| {_pct(s.get('dice_refine_all'))} "
+            f"| {_pct(s.get('dice_refine_keep_boxes'))} ({_num(s.get('refine_keep_boxes_per_image'))}) "
+            f"| {_pct(s.get('dice_refine_all'))} ({_num(s.get('refine_all_removed_per_image'))}) "
             f"| {_pct(s.get('dice_refine_all_boxes'))} ({_num(s.get('refine_all_boxes_per_image'))}) "
             f"| {_pct(s.get('dice_refine_all_boxes_erase'))} ({_num(s.get('refine_all_erase_clicks_per_image'))}) "
             f"| {_pct(s['dice_all_boxes'])} ({_num(s['all_boxes_per_image'])}) |"
@@ -530,6 +547,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     if not (0.0 < args.iou <= 1.0 and 0.0 < args.strict_iou <= 1.0):
         raise UsageError("--iou and --strict-iou must be in (0, 1]")
+    if args.min_score is None:
+        from napari_delightsam.refine import DEFAULT_MIN_SCORE
+
+        args.min_score = DEFAULT_MIN_SCORE
+    if not 0.0 <= args.min_score <= 1.0:
+        raise UsageError("--min-score must be in [0, 1]")
     if not 0.0 <= args.jitter < 0.5:
         raise UsageError("--jitter must be in [0, 0.5)")
     if args.timed_boxes < 1:
@@ -611,6 +634,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "max_per_dataset": args.max_per_dataset,
             "iou": args.iou,
             "strict_iou": args.strict_iou,
+            "min_score": args.min_score,
             "jitter": args.jitter,
             "jitter_seed": args.jitter_seed,
             "timed_boxes": args.timed_boxes,

@@ -3,8 +3,9 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py
 
 Writes ``docs/screenshots/segment_widget.png`` (an image, the segment widget, the mask and the
-patch-prompt heatmap) and ``docs/screenshots/finetune_widget.png`` (the fine-tune widget after a
-short fine-tune of the same model on the image and its mask). The image is the package's
+patch-prompt heatmap), ``docs/screenshots/refine_widget.png`` (the refine widget after Refine all
+and one box drawn) and ``docs/screenshots/finetune_widget.png`` (the fine-tune widget after a
+short fine-tune of the same model on the image and its mask); ``--only`` picks some of them. The image is the package's
 synthetic dermoscopy sample: committed screenshots must not carry images of the training
 data (``../shared/data``'s licenses forbid copies in this repository). ``--image FILE`` (with a
 mask beside it) or ``--from-data`` (the first image of ``--modality`` in the data) show a real
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=3)
     parser.add_argument("--finetune-size", type=int, default=512)
     parser.add_argument("--size", default="1600x1000", help="window size WxH")
+    parser.add_argument("--only", nargs="+", choices=("segment", "refine", "finetune"),
+                        default=["segment", "refine", "finetune"], help="which screenshots to write")
     args = parser.parse_args(argv)
 
     import napari
@@ -108,11 +111,34 @@ def main(argv: list[str] | None = None) -> int:
     viewer.layers.selection.active = viewer.layers[f"{name}_delightsam_mask"]
     viewer.reset_view()
     _wait(app, lambda: True, 1)
-    path = args.out / "segment_widget.png"
     from PIL import Image
 
-    Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(path)
-    print(f"wrote {path}")
+    if "segment" in args.only:
+        path = args.out / "segment_widget.png"
+        Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(path)
+        print(f"wrote {path}")
+
+    if "refine" in args.only:  # Refine all, then one box around the reference object
+        _, ref = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM refine", tabify=True)
+        ref.image_picker.value = viewer.layers[name]
+        ref.labels_picker.value = viewer.layers[f"{name}_delightsam_mask"]
+        ref.device_combo.value = "cpu"
+        ref.refine_all()
+        shapes = ref.start_boxes()
+        if mask is not None and shapes is not None and mask.any():
+            rows, cols = np.nonzero(mask)
+            r0, r1, c0, c1 = rows.min() - 0.5, rows.max() + 0.5, cols.min() - 0.5, cols.max() + 0.5
+            shapes.add_rectangles([np.array([[r0, c0], [r0, c1], [r1, c1], [r1, c0]])])
+        if not _wait(app, lambda: ref.pending == 0, 600):
+            print("refinement did not finish in time", file=sys.stderr)
+        viewer.layers.selection.active = viewer.layers[f"{name}_delightsam_mask"]
+        _wait(app, lambda: True, 1)
+        path = args.out / "refine_widget.png"
+        Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(path)
+        print(f"wrote {path}")
+    if "finetune" not in args.only:
+        viewer.close()
+        return 0
 
     # fine-tune widget: the image with its reference mask (or the model's mask) as a pair
     if mask is not None:

@@ -266,13 +266,16 @@ class _BrightRefiner:
         self.image_size = image.shape
         self.calls: list[int] = []
 
-    def segment_boxes(self, boxes):
+    def segment_boxes_scored(self, boxes):
+        """... and a score: the bright fraction of the box."""
         self.calls.append(len(boxes))
         out = np.zeros((len(boxes), *self.image.shape), dtype=bool)
+        scores = np.zeros(len(boxes), dtype=np.float32)
         for i, b in enumerate(boxes):
             rows, cols = box_pixels(b, self.image.shape)
             out[i][rows, cols] = self.image[rows, cols] > 128
-        return out
+            scores[i] = out[i][rows, cols].mean()
+        return out, scores
 
 
 def test_object_boxes_per_component_or_per_id_largest_first():
@@ -329,6 +332,34 @@ def test_refine_objects_redraws_each_object_inside_its_box_only():
         refine_objects(fake, mask[:-1])
 
 
+def test_refine_objects_removes_objects_scoring_below_min_score():
+    image = np.full((40, 60), 20, dtype=np.uint8)
+    image[5:15, 5:15] = 200  # object A
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[4:16, 4:16] = 1  # A, one pixel too wide: score 100 / 144
+    mask[30:36, 40:50] = 1  # a stray region on dark pixels: score 0
+    mask[10:12, 14:20] = 0
+    fake = _BrightRefiner(image)
+    kept_all = refine_objects(fake, mask)
+    assert kept_all.removed == [False, False] and (kept_all.labels[30:36, 40:50] == 1).all()
+    np.testing.assert_allclose(kept_all.scores, [100 / 144, 0.0])
+    result = refine_objects(fake, mask, min_score=0.5)
+    assert result.removed == [False, True]
+    assert (result.labels[30:36, 40:50] == 0).all() and (result.labels[5:15, 5:15] == 1).all()
+    assert refine_objects(fake, mask, min_score=0.9).removed == [True, True]  # A goes too
+    protected = np.zeros(mask.shape, dtype=bool)
+    protected[30, 40:50] = True  # pixels an earlier box wrote stay
+    assert (refine_objects(fake, mask, min_score=0.5, protected=protected).labels[30, 40:50] == 1).all()
+    # instances: only the low-scoring id goes
+    inst = mask.astype(np.uint16)
+    inst[30:36, 40:50] = 5
+    out = refine_objects(fake, inst, mode="instances", min_score=0.5).labels
+    assert not (out == 5).any() and (out[5:15, 5:15] == 1).all()
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="min_score"):
+            refine_objects(fake, mask, min_score=bad)
+
+
 def test_refine_objects_with_litemedsam_fits_a_rough_mask_to_the_object(refiner):
     image, disc = _disc_image()
     rough = np.zeros(disc.shape, dtype=np.uint8)
@@ -337,6 +368,10 @@ def test_refine_objects_with_litemedsam_fits_a_rough_mask_to_the_object(refiner)
     result = refine_objects(refiner, rough)
     assert dice_score(rough > 0, disc) < 0.85 < dice_score(result.labels > 0, disc)
     assert (result.labels[60:80, 100:125] == 0).all()  # the distractor, outside the box, stays empty
+    masks, scores = refiner.segment_boxes_scored([(32, 22, 69, 59), (100, 5, 135, 20)])
+    np.testing.assert_array_equal(masks, refiner.segment_boxes([(32, 22, 69, 59), (100, 5, 135, 20)]))
+    assert scores.shape == (2,) and scores.dtype == np.float32
+    assert scores[0] > 0.8 and scores[1] < scores[0]  # the disc's box vs a box of flat background
 
 
 # -- the benchmark's simulated user -----------------------------------------------------------

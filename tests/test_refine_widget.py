@@ -47,8 +47,13 @@ class _FakeRefiner:
     def image_size(self):
         return None if self.image is None else self.image.shape[:2]
 
-    def segment_boxes(self, boxes):
-        return np.stack([self.segment_box(b) for b in boxes]) if len(boxes) else np.zeros((0, *self.image_size), bool)
+    def segment_boxes_scored(self, boxes):
+        """Masks and a score: the bright fraction of the box."""
+        if not len(boxes):
+            return np.zeros((0, *self.image_size), bool), np.zeros(0, np.float32)
+        masks = np.stack([self.segment_box(b) for b in boxes])
+        scores = [m[box_pixels(b, m.shape)].mean() for m, b in zip(masks, boxes, strict=True)]
+        return masks, np.asarray(scores, dtype=np.float32)
 
     def segment_box(self, box):
         if self.device in self.fail_on:
@@ -254,6 +259,29 @@ def test_refine_all_keeps_what_the_user_paints_while_it_runs(make_napari_viewer,
     assert lab.data[9, 4] == 2  # the user's pixel wins
     assert (lab.data[9, 5:26] == 0).all() and (lab.data[10:30, 5:25] == 1).all()
     assert shapes is not None
+
+
+def test_refine_all_drops_low_scoring_objects_of_lesion_masks(make_napari_viewer, qtbot, fake):
+    viewer = make_napari_viewer()
+    image, mask = _rough_scene()  # the stroke on dark pixels scores 0, A 400 / 484, C's part 1
+    lesion = {METADATA_KEY: {"kind": "mask", "modality_used": "colonoscopy"}}
+    img, lab, widget = _open(viewer, image, mask, lesion)
+    assert widget.score_spin.value == pytest.approx(0.9)
+    widget.score_spin.value = 0.5
+    widget.refine_all()
+    _wait_idle(qtbot, widget)
+    assert (lab.data[2:4, 60:64] == 0).all()  # the stray stroke went
+    assert (lab.data[10:30, 5:25] == 1).all() and lab.data[9, 4] == 0 and (lab.data[45:55, 72:80] == 1).all()
+    record = lab.metadata[METADATA_KEY]["boxes"][-1]
+    assert record["min_score"] == 0.5 and len(record["removed"]) == 1 and len(record["scores"]) == 3
+    assert "removed" in widget.status.value
+    # a mask of another modality (or painted by hand) starts with dropping off
+    other = viewer.add_labels(_rough_scene()[1], name="vessels", metadata={METADATA_KEY: {"modality_used": "fundus"}})
+    widget.labels_picker.value = other
+    assert widget.score_spin.value == 0.0
+    widget.refine_all()
+    _wait_idle(qtbot, widget)
+    assert (other.data[2:4, 60:64] == 1).all()
 
 
 def test_refine_all_instances_mode_refines_each_id(make_napari_viewer, qtbot, fake):

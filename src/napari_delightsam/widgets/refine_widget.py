@@ -15,7 +15,11 @@ object is written into the mask with ``refine.merge_object``:
 prompt-free pass's objects, painted ones too) with LiteMedSAM, each object's bounding box as its
 prompt (``refine.refine_objects``: binary mode per connected component, instances mode per id),
 in the worker, from a copy of the mask taken when the button is pressed; pixels the user changes
-while it runs are left as the user made them.
+while it runs are left as the user made them. An object LiteMedSAM scores below **Drop below**
+(its predicted IoU) is removed instead: for polyps, skin and breast lesions such objects are
+mostly stray regions (a fold, a reflection, a shadow). It defaults to
+``refine.DEFAULT_MIN_SCORE`` for a mask the segment widget made for one of
+``refine.LESION_MODALITIES`` and to 0 (off) otherwise (vessel trees, nuclei, lungs, painted masks).
 
 Only pixels whose centres lie inside a box change. Each refinement (one box, or one Refine all)
 is one ``Labels.data_setitem`` inside ``Labels.block_history()``: one step of napari's Labels undo.
@@ -33,9 +37,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, PushButton, create_widget
+from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton, create_widget
 
-from ..refine import box_pixels, check_box, merge_object
+from ..refine import DEFAULT_MIN_SCORE, LESION_MODALITIES, box_pixels, check_box, merge_object
 from ._llvm import avoid_triton_llvm_clash
 from .core import (
     METADATA_KEY,
@@ -85,6 +89,7 @@ class RefineJob:
     #: Refine all: the mask's slice as it was when the button was pressed (else None)
     snapshot: np.ndarray | None = None
     protected: np.ndarray | None = None
+    min_score: float | None = None
 
     @property
     def refine_all(self) -> bool:
@@ -115,6 +120,11 @@ class RefineWidget(Container):
         self.device_combo = ComboBox(label="Device", choices=_device_choices(), value="auto")
         self.box_button = PushButton(text="Box")
         self.box_button.tooltip = "Add a boxes layer with the rectangle tool; each rectangle refines one object"
+        self.score_spin = FloatSpinBox(label="Drop below", min=0.0, max=1.0, step=0.05, value=0.0)
+        self.score_spin.tooltip = (
+            "Refine all removes an object whose LiteMedSAM score (predicted IoU) is below this; 0 keeps every "
+            f"object. Default {DEFAULT_MIN_SCORE:g} for polyp, skin and breast-lesion masks, 0 otherwise"
+        )
         self.all_button = PushButton(text="Refine all")
         self.all_button.tooltip = (
             "Redraw every object already in the mask (this slice) with LiteMedSAM, its bounding box as the "
@@ -122,7 +132,7 @@ class RefineWidget(Container):
         )
         self.status = Label(value="Pick the image and its mask, press Box, draw a rectangle around an object.")
         self.extend([self.image_picker, self.labels_picker, self.mode_combo, self.device_combo,
-                     self.box_button, self.all_button, self.status])
+                     self.box_button, self.score_spin, self.all_button, self.status])
         self.status.native.setWordWrap(True)
 
         self._queue: deque[RefineJob] = deque()
@@ -174,8 +184,11 @@ class RefineWidget(Container):
             self.labels_picker.value = candidates[-1]
 
     def _on_labels_changed(self, labels: Any) -> None:
-        if labels is not None and labels.metadata.get(METADATA_KEY, {}).get("instances"):
+        record = (labels.metadata.get(METADATA_KEY, {}) or {}) if labels is not None else {}
+        if record.get("instances"):
             self.mode_combo.value = "instances"
+        lesion = record.get("modality_used") in LESION_MODALITIES
+        self.score_spin.value = DEFAULT_MIN_SCORE if lesion else 0.0
 
     def _set_status(self, text: str) -> None:
         if alive(self):
@@ -233,7 +246,7 @@ class RefineWidget(Container):
         protected = np.array(self._protected_for(labels)[lead] if lead else self._protected_for(labels))
         job = RefineJob(weakref.ref(image), weakref.ref(labels), prepared, z, None, self.device_combo.value,
                         mode=self.mode_combo.value, image_name=image.name, drawn={"refine_all": True, "slice": z},
-                        snapshot=snapshot, protected=protected)
+                        snapshot=snapshot, protected=protected, min_score=float(self.score_spin.value) or None)
         self._submit(job)
         return job
 
@@ -318,7 +331,8 @@ class RefineWidget(Container):
         self._job = job
         # errors are ours to report (notifications), not tracebacks re-raised in the GUI thread
         worker = create_worker(_guarded_job, self.refiner_cache, job.prepared, job.z, job.box, job.device,
-                               job.snapshot, job.mode, job.protected, _start_thread=False, _ignore_errors=True)
+                               job.snapshot, job.mode, job.protected, job.min_score, _start_thread=False,
+                               _ignore_errors=True)
         worker.yielded.connect(self._on_yielded)
         worker.returned.connect(lambda result, job=job: self._on_returned(job, result))
         worker.errored.connect(lambda exc, job=job: self._on_errored(job, exc))
@@ -396,9 +410,13 @@ class RefineWidget(Container):
         took = f"{result['seconds']:.2f} s" + (" incl. the image embedding" if result["embedded"] else "")
         if job.refine_all:
             changed = self.write_refined(labels, result["refined"], job, result["model"])
-            n = len(result["refined"].boxes)
-            self._set_status(f"Refined {n} object(s): {changed} pixels of '{labels.name}' changed ({took}); "
-                             "Ctrl+Z in the mask layer undoes it.")
+            refined = result["refined"]
+            dropped = sum(refined.removed)
+            what = f"{len(refined.boxes) - dropped} object(s) refined" + (
+                f", {dropped} removed (score < {job.min_score:g})" if dropped else ""
+            )
+            self._set_status(f"{what}: {changed} pixels of '{labels.name}' changed ({took}); Ctrl+Z in the "
+                             "mask layer undoes it.")
             return
         changed = self.write_object(labels, result["mask"], job, result["model"])
         if changed == 0:
@@ -480,6 +498,9 @@ class RefineWidget(Container):
             "object_boxes": [[round(float(v), 2) for v in b] for b in refined.boxes],
             "mode": job.mode,
             "labels": list(refined.values),
+            "scores": [round(float(q), 4) for q in refined.scores],
+            "min_score": job.min_score,
+            "removed": [i for i, r in enumerate(refined.removed) if r],
             "pixels_changed": n,
             "image_layer": job.image_name,
             "time": utc_now(),
@@ -544,6 +565,7 @@ def _refine_job(
     snapshot: np.ndarray | None = None,
     mode: str = "binary",
     protected: np.ndarray | None = None,
+    min_score: float | None = None,
 ):
     """Worker body (off the GUI thread): load/reuse LiteMedSAM, embed the slice if it is new,
     segment the box, or every object of ``snapshot`` (Refine all). Returns {"mask", "refined",
@@ -565,7 +587,9 @@ def _refine_job(
             refiner.set_image(plane, image_id=key)
         mask = refiner.segment_box(box) if box is not None else None
         refined = (
-            refine_objects(refiner, snapshot, mode=mode, protected=protected) if snapshot is not None else None
+            refine_objects(refiner, snapshot, mode=mode, protected=protected, min_score=min_score)
+            if snapshot is not None
+            else None
         )
     model = {
         **{k: v for k, v in getattr(refiner, "weights", {}).items() if k != "conv_bn_fused"},
