@@ -266,16 +266,11 @@ class _BrightRefiner:
         self.image_size = image.shape
         self.calls: list[int] = []
 
-    def segment_boxes_scored(self, boxes):
-        """... and a score: the bright fraction of the box."""
+    def segment_box_crops(self, boxes):
+        """Each box's object inside the box, and a score: the bright fraction of the box."""
         self.calls.append(len(boxes))
-        out = np.zeros((len(boxes), *self.image.shape), dtype=bool)
-        scores = np.zeros(len(boxes), dtype=np.float32)
-        for i, b in enumerate(boxes):
-            rows, cols = box_pixels(b, self.image.shape)
-            out[i][rows, cols] = self.image[rows, cols] > 128
-            scores[i] = out[i][rows, cols].mean()
-        return out, scores
+        crops = [self.image[box_pixels(b, self.image.shape)] > 128 for b in boxes]
+        return crops, np.array([c.mean() for c in crops], dtype=np.float32)
 
 
 def test_object_boxes_per_component_or_per_id_largest_first():
@@ -368,10 +363,16 @@ def test_refine_objects_with_litemedsam_fits_a_rough_mask_to_the_object(refiner)
     result = refine_objects(refiner, rough)
     assert dice_score(rough > 0, disc) < 0.85 < dice_score(result.labels > 0, disc)
     assert (result.labels[60:80, 100:125] == 0).all()  # the distractor, outside the box, stays empty
-    masks, scores = refiner.segment_boxes_scored([(32, 22, 69, 59), (100, 5, 135, 20)])
-    np.testing.assert_array_equal(masks, refiner.segment_boxes([(32, 22, 69, 59), (100, 5, 135, 20)]))
-    assert scores.shape == (2,) and scores.dtype == np.float32
+    boxes = [(32, 22, 69, 59), (100, 5, 135, 20), (0.5, 0.5, 139.5, 89.5)]
+    masks, scores = refiner.segment_boxes_scored(boxes)
+    full = refiner.segment_boxes(boxes)
+    np.testing.assert_array_equal(masks, full)
+    assert scores.shape == (3,) and scores.dtype == np.float32
     assert scores[0] > 0.8 and scores[1] < scores[0]  # the disc's box vs a box of flat background
+    crops, crop_scores = refiner.segment_box_crops(boxes)
+    np.testing.assert_array_equal(crop_scores, scores)
+    for crop, box, mask in zip(crops, boxes, full, strict=True):
+        np.testing.assert_array_equal(crop, mask[box_pixels(box, mask.shape)])  # no full-size mask needed
 
 
 # -- the benchmark's simulated user -----------------------------------------------------------

@@ -47,13 +47,10 @@ class _FakeRefiner:
     def image_size(self):
         return None if self.image is None else self.image.shape[:2]
 
-    def segment_boxes_scored(self, boxes):
-        """Masks and a score: the bright fraction of the box."""
-        if not len(boxes):
-            return np.zeros((0, *self.image_size), bool), np.zeros(0, np.float32)
-        masks = np.stack([self.segment_box(b) for b in boxes])
-        scores = [m[box_pixels(b, m.shape)].mean() for m, b in zip(masks, boxes, strict=True)]
-        return masks, np.asarray(scores, dtype=np.float32)
+    def segment_box_crops(self, boxes):
+        """Each box's object inside the box, and a score: the bright fraction of the box."""
+        crops = [self.segment_box(b)[box_pixels(b, self.image_size)] for b in boxes]
+        return crops, np.array([c.mean() for c in crops], dtype=np.float32)
 
     def segment_box(self, box):
         if self.device in self.fail_on:

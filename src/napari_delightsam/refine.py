@@ -341,6 +341,30 @@ class BoxRefiner:
         ``DECODER_CHUNK`` boxes beyond that). Every box is checked before any work."""
         return self.segment_boxes_scored(boxes)[0]
 
+    def segment_box_crops(self, boxes: Sequence[Box] | np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Per box, its mask inside the box only (the ``box_pixels`` region, as a bool array) and
+        LiteMedSAM's score, without ever holding a full-size mask: N boxes on a large image cost
+        N box-sized arrays. The crops are ``segment_boxes(boxes)[i][box_pixels(box)]`` (the same
+        bilinear weights computed for the crop's pixels only; the logits agree to ~1e-5, so only a
+        pixel whose logit lies that close to the threshold can differ)."""
+        if self._embedding is None or self.info is None:
+            raise RuntimeError("no image to segment: call set_image(image) first")
+        h, w = self.info.size
+        clipped = np.stack([check_box(b, (h, w)) for b in boxes]) if len(boxes) else np.zeros((0, 4))
+        crops: list[np.ndarray] = []
+        scores = np.empty(len(clipped), dtype=np.float32)
+        t0 = time.perf_counter()
+        for start in range(0, len(clipped), DECODER_CHUNK):
+            part = clipped[start : start + DECODER_CHUNK]
+            logits, iou = self._decode(part)
+            scores[start : start + len(part)] = iou.cpu().numpy()
+            for i, box in enumerate(part):
+                rows, cols = box_pixels(box, (h, w))
+                crop = _bilinear_crop(logits[i, 0], (h, w), rows, cols)
+                crops.append((crop > self._logit_threshold).cpu().numpy())
+        self.timings = {"decode": time.perf_counter() - t0, "boxes": float(len(clipped))}
+        return crops, scores
+
     def segment_boxes_scored(self, boxes: Sequence[Box] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``segment_boxes`` and, per box, LiteMedSAM's own score of its mask: the mask
         decoder's predicted IoU ((N,) float32; low for a box around something that is not an
@@ -507,11 +531,10 @@ def refine_objects(
         raise ValueError(f"protected shape {keep.shape} does not match the mask's {lab.shape}")
     if min_score is not None and not (math.isfinite(min_score) and 0.0 <= min_score <= 1.0):
         raise ValueError(f"min_score must be in [0, 1], got {min_score!r}")
-    objects, scores = refiner.segment_boxes_scored(boxes)
+    crops, scores = refiner.segment_box_crops(boxes)
     removed = [min_score is not None and float(q) < min_score for q in scores]
-    for box, value, member, obj, drop in zip(boxes, values, members, objects, removed, strict=True):
+    for box, value, member, crop, drop in zip(boxes, values, members, crops, removed, strict=True):
         rows, cols = box_pixels(box, lab.shape)
-        crop = obj[rows, cols]
         current = out[rows, cols]
         if drop:  # the object's own pixels go (as they are now), protected ones excepted
             own = (ids[rows, cols] == member) & (current != 0) & ~keep[rows, cols]
@@ -527,6 +550,25 @@ def refine_objects(
         keep[rows, cols] |= crop & (new == value)
         out[rows, cols] = new
     return RefinedObjects(out, boxes, values, written, int(np.count_nonzero(out != lab)), scores, removed)
+
+
+def _bilinear_crop(logits: torch.Tensor, size: tuple[int, int], rows: slice, cols: slice) -> torch.Tensor:
+    """``F.interpolate(logits[None, None], size, mode="bilinear", align_corners=False)[0, 0, rows, cols]``
+    computed for the crop's pixels only (PyTorch's source-index rule: ``scale * (dst + 0.5) - 0.5``,
+    clamped at 0, ``scale = in / out``)."""
+
+    def taps(n_out: int, n_in: int, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dst = torch.arange(sl.start, max(sl.start, sl.stop), dtype=torch.float32, device=logits.device)
+        src = ((dst + 0.5) * (float(n_in) / float(n_out)) - 0.5).clamp(min=0.0)
+        i0 = src.floor().long().clamp(max=n_in - 1)
+        i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
+        return i0, i1, src - i0.float()
+
+    y0, y1, wy = taps(size[0], logits.shape[0], rows)
+    x0, x1, wx = taps(size[1], logits.shape[1], cols)
+    top = logits[y0][:, x0] * (1 - wx) + logits[y0][:, x1] * wx
+    bottom = logits[y1][:, x0] * (1 - wx) + logits[y1][:, x1] * wx
+    return top * (1 - wy)[:, None] + bottom * wy[:, None]
 
 
 def load_refiner(
