@@ -200,7 +200,9 @@ def component_boxes(
     min_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
     max_boxes: int = DEFAULT_MAX_BOXES,
 ) -> ComponentBoxes:
-    """One box per 8-connected component of ``mask`` (H,W), by the rule of the module docstring.
+    """One box per 8-connected component of ``mask`` (H,W): the rule of the LiteMedSAM
+    ground-truth-box baseline (``benchmarking.baselines``), the correction-effort benchmark and
+    Refine all.
 
     ``min_area = ceil(min_fraction * H * W)`` pixels (at least 1). Components are ranked by area
     (ties: label order, i.e. raster order of their first pixel); the largest is always kept.
