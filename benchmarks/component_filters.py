@@ -17,7 +17,6 @@ on the unseen split; model card, ablation P1.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import sys
@@ -84,38 +83,12 @@ def summarise(paths: list[Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path)
-    p.add_argument("--splits", type=Path)
-    p.add_argument("--split", default="val")
-    p.add_argument("--checkpoint", type=Path, default=None)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--summarise", type=Path, nargs="+")
-    args = p.parse_args(argv)
-    if args.summarise:
-        print(summarise(args.summarise), end="")
-        return 0
-    if args.data is None or args.splits is None or args.out is None:
-        p.error("--data, --splits and --out are needed (or --summarise FILES)")
-    from napari_delightsam.data import discover, load_pair, load_splits, select
-    from napari_delightsam.inference import load_model, set_threads
-    from napari_delightsam.training.metrics import dice_score
+    from per_image_dice import main as run  # benchmarks/ is on sys.path when this runs as a script
 
-    set_threads(args.threads)
-    chosen = select(discover(args.data, None), load_splits(args.splits), args.split, None)
-    seg = load_model(args.checkpoint, "cpu")
-    with open(args.out, "w", encoding="utf-8") as stream:
-        for rec in chosen:
-            image, gt = load_pair(rec)
-            result = seg.segment(image, modality=rec.modality)
-            masks = filtered_masks(np.asarray(result.mask, bool), np.asarray(result.probability, np.float32))
-            row = {"key": rec.key, "modality": rec.modality, "id": rec.sample_id,
-                   "dice": {k: dice_score(v, gt) for k, v in masks.items()}}
-            stream.write(json.dumps(row) + "\n")
-            stream.flush()
-    print(summarise([args.out]), end="")
-    return 0
+    def variants(result: Any) -> dict[str, np.ndarray]:
+        return filtered_masks(np.asarray(result.mask, bool), np.asarray(result.probability, np.float32))
+
+    return run(argv, __doc__.split("\n\n")[0], variants, summarise)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,17 @@
   ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 - ``single_process_env``: no torchrun variables (WORLD_SIZE / RANK / LOCAL_RANK) in the
   environment, so in-process CLI runs never try to join a process group.
+- ``load_script``: ``load_script("benchmarks/x.py")`` imports a repository script as a module
+  (scripts are not part of the package).
 - ``shared_data_dir``: the real data folder (``$DELIGHTSAM_DATA`` or ``../shared/data`` beside the
   repository checkout); the test is skipped when it is absent.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +75,21 @@ def shared_data_dir() -> Path:
     if path is None:
         pytest.skip("real data folder ../shared/data (or $DELIGHTSAM_DATA) not available")
     return path
+
+
+@pytest.fixture
+def load_script():
+    """``load_script(relative_path)`` -> the repository script at that path, imported as a module
+    named after its file (registered in ``sys.modules`` so dataclasses and pickling work)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def load(relative: str):
+        path = root / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None and spec.loader is not None, path
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

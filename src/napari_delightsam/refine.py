@@ -68,6 +68,7 @@ __all__ = [
     "box_pixels",
     "check_box",
     "component_boxes",
+    "default_min_score",
     "load_refiner",
     "merge_object",
     "object_boxes",
@@ -82,6 +83,13 @@ DEFAULT_MAX_BOXES = 200
 #: (lesion-like objects: chosen on the validation split, ``benchmarks/correction_effort.py``)
 DEFAULT_MIN_SCORE = 0.9
 LESION_MODALITIES = ("colonoscopy", "dermoscopy", "ultrasound")
+
+
+def default_min_score(modality: str | None) -> float:
+    """Refine all's default ``min_score`` for a mask of ``modality`` (None: unknown, e.g.
+    painted): ``DEFAULT_MIN_SCORE`` for ``LESION_MODALITIES``, else 0 (keep every object)."""
+    return DEFAULT_MIN_SCORE if modality in LESION_MODALITIES else 0.0
+
 #: how a refined object is written into a mask (see :func:`merge_object`)
 MERGE_MODES = ("binary", "instances")
 #: at most this many boxes go through the mask decoder at once (each holds a copy of the
@@ -349,21 +357,12 @@ class BoxRefiner:
         N box-sized arrays. The crops are ``segment_boxes(boxes)[i][box_pixels(box)]`` (the same
         bilinear weights computed for the crop's pixels only; the logits agree to ~1e-5, so only a
         pixel whose logit lies that close to the threshold can differ)."""
-        if self._embedding is None or self.info is None:
-            raise RuntimeError("no image to segment: call set_image(image) first")
-        h, w = self.info.size
-        clipped = np.stack([check_box(b, (h, w)) for b in boxes]) if len(boxes) else np.zeros((0, 4))
-        crops: list[np.ndarray] = []
-        scores = np.empty(len(clipped), dtype=np.float32)
-        t0 = time.perf_counter()
-        for start in range(0, len(clipped), DECODER_CHUNK):
-            part = clipped[start : start + DECODER_CHUNK]
-            logits, iou = self._decode(part)
-            scores[start : start + len(part)] = iou.cpu().numpy()
-            for i, box in enumerate(part):
-                rows, cols = box_pixels(box, (h, w))
-                crop = _bilinear_crop(logits[i, 0], (h, w), rows, cols)
-                crops.append((crop > self._logit_threshold).cpu().numpy())
+        size = self._require_image()
+        clipped, logits, scores, t0 = self._decode_boxes(boxes)
+        crops = []
+        for box, low_res in zip(clipped, logits, strict=True):
+            rows, cols = box_pixels(box, size)
+            crops.append((_bilinear_crop(low_res, size, rows, cols) > self._logit_threshold).cpu().numpy())
         self.timings = {"decode": time.perf_counter() - t0, "boxes": float(len(clipped))}
         return crops, scores
 
@@ -371,24 +370,34 @@ class BoxRefiner:
         """``segment_boxes`` and, per box, LiteMedSAM's own score of its mask: the mask
         decoder's predicted IoU ((N,) float32; low for a box around something that is not an
         object, e.g. a fold or a reflection the prompt-free pass took for a polyp)."""
+        h, w = self._require_image()
+        clipped, logits, scores, t0 = self._decode_boxes(boxes)
+        out = np.empty((len(clipped), h, w), dtype=bool)
+        for i, low_res in enumerate(logits):
+            up = F.interpolate(low_res[None, None], size=(h, w), mode="bilinear", align_corners=False)
+            out[i] = (up[0, 0] > self._logit_threshold).cpu().numpy()
+        self.timings = {"decode": time.perf_counter() - t0, "boxes": float(len(clipped))}
+        return out, scores
+
+    def _require_image(self) -> tuple[int, int]:
         if self._embedding is None or self.info is None:
             raise RuntimeError("no image to segment: call set_image(image) first")
-        h, w = self.info.size
-        if len(boxes) == 0:
-            return np.zeros((0, h, w), dtype=bool), np.zeros(0, dtype=np.float32)
-        clipped = np.stack([check_box(b, (h, w)) for b in boxes])
+        return self.info.size
+
+    def _decode_boxes(self, boxes: Sequence[Box] | np.ndarray) -> tuple[np.ndarray, list[torch.Tensor], np.ndarray, float]:
+        """(clipped boxes (N,4), low-res logits per box (nh,nw), scores (N,), start time): every
+        box checked before any work, then the decoder ``DECODER_CHUNK`` boxes at a time."""
+        size = self._require_image()
+        clipped = np.stack([check_box(b, size) for b in boxes]) if len(boxes) else np.zeros((0, 4))
         t0 = time.perf_counter()
-        out = np.empty((len(clipped), h, w), dtype=bool)
+        logits: list[torch.Tensor] = []
         scores = np.empty(len(clipped), dtype=np.float32)
         for start in range(0, len(clipped), DECODER_CHUNK):
             part = clipped[start : start + DECODER_CHUNK]
-            logits, iou = self._decode(part)  # (n,1,nh,nw), (n,) float32
+            low_res, iou = self._decode(part)  # (n,1,nh,nw), (n,) float32
             scores[start : start + len(part)] = iou.cpu().numpy()
-            for i in range(logits.shape[0]):
-                up = F.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)
-                out[start + i] = (up[0, 0] > self._logit_threshold).cpu().numpy()
-        self.timings = {"decode": time.perf_counter() - t0, "boxes": float(len(clipped))}
-        return out, scores
+            logits.extend(low_res[:, 0])
+        return clipped, logits, scores, t0
 
     def _decode(self, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         net = self.net

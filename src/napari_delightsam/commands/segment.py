@@ -214,10 +214,10 @@ def _refined(refiner, image, result, min_score: float | None):
     """``result.mask`` with every object redrawn by LiteMedSAM (``refine.refine_objects``)."""
     import numpy as np
 
-    from ..refine import DEFAULT_MIN_SCORE, LESION_MODALITIES, refine_objects
+    from ..refine import default_min_score, refine_objects
 
     if min_score is None:
-        min_score = DEFAULT_MIN_SCORE if result.modality in LESION_MODALITIES else 0.0
+        min_score = default_min_score(result.modality)
     mask = np.asarray(result.mask, dtype=np.uint8)
     if not mask.any():
         return result.mask

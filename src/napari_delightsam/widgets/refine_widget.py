@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton, create_widget
 
-from ..refine import DEFAULT_MIN_SCORE, LESION_MODALITIES, box_pixels, check_box, merge_object
+from ..refine import DEFAULT_MIN_SCORE, box_pixels, check_box, default_min_score, merge_object
 from ._llvm import avoid_triton_llvm_clash
 from .core import (
     METADATA_KEY,
@@ -187,8 +187,7 @@ class RefineWidget(Container):
         record = (labels.metadata.get(METADATA_KEY, {}) or {}) if labels is not None else {}
         if record.get("instances"):
             self.mode_combo.value = "instances"
-        lesion = record.get("modality_used") in LESION_MODALITIES
-        self.score_spin.value = DEFAULT_MIN_SCORE if lesion else 0.0
+        self.score_spin.value = default_min_score(record.get("modality_used"))
 
     def _set_status(self, text: str) -> None:
         if alive(self):
