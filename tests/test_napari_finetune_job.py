@@ -107,7 +107,7 @@ def test_build_train_command_and_parse_lines(tmp_path):
     assert train.build_config(parsed).amp_cpu == fj.cpu_supports_bf16()
     # the shared backbone and the mask decoder stay fixed by default when fine-tuning a model; on
     # request the decoder, then the backbone train too
-    assert train.build_config(parsed).freeze == ("backbone", "decoder", "fine_upscale")
+    assert train.build_config(parsed).freeze == ("backbone", "decoder", "fine_upscale", "refiners")
     heads = fj.build_train_command(
         fj.FinetuneSettings(init=str(tmp_path / "m.safetensors"), freeze_decoder=False), tmp_path / "d", tmp_path / "o"
     )

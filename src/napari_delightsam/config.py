@@ -80,6 +80,13 @@ class ModelConfig:
     mask_stride: int = 4
     #: channels of the stride-2 stage's image branch (``mask_stride`` 2 only)
     fine_hidden: int = 16
+    #: modalities whose logits a ``model/detail.py`` ``MaskRefiner`` corrects (beyond the paper;
+    #: needs ``mask_stride`` 2): a small U-Net over the image, the stride-2 features and the logits
+    #: that only these modalities run (e.g. ("fundus",) for retinal vessels)
+    refiner_modalities: tuple[str, ...] = ()
+    #: the refiners' width at S/2 and number of levels (S/2, S/4, ...)
+    refiner_width: int = 16
+    refiner_levels: int = 3
     # Beyond the paper: a modality classifier on pooled image embeddings for "auto".
     modality_head: bool = True
     format_version: int = CHECKPOINT_FORMAT_VERSION
@@ -104,6 +111,17 @@ class ModelConfig:
             raise ValueError(f"mask_stride must be 4 (the paper) or 2, got {self.mask_stride!r}")
         if not (isinstance(self.fine_hidden, int) and self.fine_hidden >= 1):
             raise ValueError(f"fine_hidden must be a positive integer, got {self.fine_hidden!r}")
+        unknown = [m for m in self.refiner_modalities if m not in self.modalities]
+        if unknown or len(set(self.refiner_modalities)) != len(self.refiner_modalities):
+            raise ValueError(
+                f"refiner_modalities must be distinct names from {', '.join(self.modalities)}; got {self.refiner_modalities!r}"
+            )
+        if self.refiner_modalities and self.mask_stride != 2:
+            raise ValueError("refiner_modalities need mask_stride 2 (the refiners read the stride-2 stage)")
+        for name in ("refiner_width", "refiner_levels"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @property
     def num_modalities(self) -> int:

@@ -83,14 +83,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--freeze",
         nargs="+",
         metavar="PART",
-        help="backbone controllers encoder prompt_generator decoder fine_upscale modality_head",
+        help="backbone controllers encoder prompt_generator decoder fine_upscale refiners modality_head",
     )
     p.add_argument(
         "--lr-scale",
         nargs="+",
         metavar="GROUP=FACTOR",
         help="learning-rate multiplier per part, e.g. backbone=0.1 (parts: backbone controllers "
-        "prompt_generator decoder modality_head; default 1)",
+        "prompt_generator decoder fine_upscale refiners modality_head; default 1)",
     )
     p.add_argument(
         "--splits",

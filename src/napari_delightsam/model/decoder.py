@@ -9,7 +9,8 @@ No IoU token. Hypernetworks are one per modality (paper) or one shared (authors'
 With ``cfg.decoder_skips`` (beyond the paper, ``detail.py``) the upscaling path also adds the
 stage-0 features after the first transposed conv and an image detail branch after the second;
 with ``cfg.mask_stride = 2`` a ``FineUpscale`` stage doubles the upscaled features once more
-(logits at S/2 instead of S/4).
+(logits at S/2 instead of S/4); with ``cfg.refiner_modalities`` a ``MaskRefiner`` per listed modality
+corrects that modality's logits from the image, the stride-2 features and the logits themselves.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .controller import single_modality
-from .detail import FineUpscale, ImageDetail, Stage0Detail
+from .detail import FineUpscale, ImageDetail, MaskRefiner, Stage0Detail
 
 
 class QMDecoder(nn.Module):
@@ -49,6 +50,11 @@ class QMDecoder(nn.Module):
         self.fine = FineUpscale(dim // 8, cfg.fine_hidden) if cfg.mask_stride == 2 else None
         n_hyper = cfg.num_modalities if cfg.per_modality_hypernetworks else 1
         self.hypernetworks = nn.ModuleList([MLP(dim, dim, dim // 8, 3) for _ in range(n_hyper)])
+        #: one refiner per listed modality, keyed by its name (``decoder.refiners.<modality>.*``)
+        self.refiners = nn.ModuleDict(
+            {m: MaskRefiner(dim // 8, cfg.refiner_width, cfg.refiner_levels) for m in cfg.refiner_modalities}
+        )
+        self._refiner_index = {cfg.modalities.index(m): m for m in cfg.refiner_modalities}
 
     def forward(
         self,
@@ -73,7 +79,26 @@ class QMDecoder(nn.Module):
                 raise ValueError("this decoder has a stride-2 stage: pass the normalised image")
             up = self.fine(up, image)
         weights = self._hyper_weights(hs, modality)  # (B, c/8)
-        return torch.bmm(weights.unsqueeze(1), up.flatten(2)).view(b, 1, up.shape[-2], up.shape[-1])
+        logits = torch.bmm(weights.unsqueeze(1), up.flatten(2)).view(b, 1, up.shape[-2], up.shape[-1])
+        if self.refiners:
+            logits = self._refine(logits, up, image, modality)
+        return logits
+
+    def _refine(
+        self, logits: torch.Tensor, up: torch.Tensor, image: torch.Tensor | None, modality: torch.Tensor
+    ) -> torch.Tensor:
+        """The rows of each refined modality through its refiner; the other rows unchanged."""
+        assert image is not None  # a refiner needs the stride-2 stage, which already required it
+        single = single_modality(modality)
+        if single is not None:
+            name = self._refiner_index.get(single)
+            return logits if name is None else self.refiners[name](image, up, logits)
+        for k, name in self._refiner_index.items():
+            rows = torch.nonzero(modality == k).flatten()
+            if rows.numel():
+                refined = self.refiners[name](image[rows], up[rows], logits[rows])
+                logits = logits.index_copy(0, rows, refined.to(logits.dtype))
+        return logits
 
     def _upscale(
         self, x: torch.Tensor, stage0: torch.Tensor | None, image: torch.Tensor | None

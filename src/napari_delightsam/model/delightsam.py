@@ -88,7 +88,8 @@ class DeLightSAM(nn.Module):
     # -- parameter groups, used by `info`, distillation and fine-tuning ---------------------
 
     def modality_specific_parameters(self) -> dict[str, int]:
-        """Number of parameters that belong to one modality (controller + query + hypernet)."""
+        """Number of parameters that every modality has of its own (controller + query + hypernet);
+        refiners, which only some modalities have, are counted by ``parameter_counts``."""
         cfg = self.config
         k = cfg.num_modalities
         per = sum(p.numel() for p in self.encoder.controller_parameters()) // k
@@ -98,8 +99,15 @@ class DeLightSAM(nn.Module):
         return {"per_modality": per}
 
     def parameter_counts(self) -> dict[str, int]:
+        """total = shared + K·per_modality + refiners; active = what one image runs through (its
+        modality's own parameters, and the largest refiner where a modality has one)."""
         total = sum(p.numel() for p in self.parameters())
         per = self.modality_specific_parameters()["per_modality"]
         k = self.config.num_modalities
-        shared = total - k * per
-        return {"total": total, "shared": shared, "per_modality": per, "active": shared + per}
+        refiner_sizes = [sum(p.numel() for p in r.parameters()) for r in self.decoder.refiners.values()]
+        refiners = sum(refiner_sizes)
+        shared = total - k * per - refiners
+        counts = {"total": total, "shared": shared, "per_modality": per, "active": shared + per + max(refiner_sizes, default=0)}
+        if refiners:
+            counts["refiners"] = refiners
+        return counts

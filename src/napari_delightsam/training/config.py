@@ -18,9 +18,11 @@ from typing import Any
 __all__ = ["FREEZE_GROUPS", "LR_SCALE_GROUPS", "RESUME_MUTABLE", "TrainConfig", "require_positive_int"]
 
 #: parameter groups that ``freeze`` may name ("encoder": backbone + controllers)
-FREEZE_GROUPS = ("backbone", "controllers", "encoder", "prompt_generator", "decoder", "fine_upscale", "modality_head")
+FREEZE_GROUPS = (
+    "backbone", "controllers", "encoder", "prompt_generator", "decoder", "fine_upscale", "refiners", "modality_head"
+)
 #: parameter groups that ``lr_scale`` may name (``optim.PARAM_GROUPS``)
-LR_SCALE_GROUPS = ("backbone", "controllers", "prompt_generator", "decoder", "fine_upscale", "modality_head")
+LR_SCALE_GROUPS = ("backbone", "controllers", "prompt_generator", "decoder", "fine_upscale", "refiners", "modality_head")
 #: fields a resumed run may change without breaking its schedule
 RESUME_MUTABLE = frozenset(
     {

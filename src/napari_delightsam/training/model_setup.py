@@ -3,7 +3,8 @@
 Initialisation is ``cfg.init``: "none" (random, seeded), "litemedsam" (the DC-Encoder backbone
 from LiteMedSAM's TinyViT) or a De-LightSAM checkpoint (its architecture, with ``cfg.model``
 overrides that keep the tensors' shapes; ``mask_stride: 2`` on a stride-4 checkpoint adds the
-decoder's fine stage, which starts out as a plain ×2 upsampling of the checkpoint's logits).
+decoder's fine stage, which starts out as a plain ×2 upsampling of the checkpoint's logits;
+``refiner_modalities`` adds a refiner per new modality, which starts out as the identity).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from .errors import TrainingError
 
 __all__ = ["ADDED_BY_OVERRIDE", "build_model", "inherits_trained_head", "model_config_for", "modality_head_trained", "set_train_mode"]
 
-#: tensors a ``cfg.model`` override may add to a checkpoint's network (``mask_stride`` 4 -> 2)
-ADDED_BY_OVERRIDE = ("decoder.fine.",)
+#: tensors a ``cfg.model`` override may add to a checkpoint's network: the fine stage
+#: (``mask_stride`` 4 -> 2) and the refiner of a modality added to ``refiner_modalities``
+ADDED_BY_OVERRIDE = ("decoder.fine.", "decoder.refiners.")
 
 
 def model_config_for(cfg: TrainConfig) -> ModelConfig:
@@ -83,7 +85,7 @@ def _from_checkpoint(cfg: TrainConfig, path: Path) -> tuple[DeLightSAM, dict[str
             f"({k}: {tuple(stored[k].shape)} in the checkpoint, {tuple(wanted[k].shape)} with these settings)"
         )
     missing, unexpected = model.load_state_dict(stored, strict=False)
-    added = [k for k in missing if k.startswith(ADDED_BY_OVERRIDE) and stored_cfg.mask_stride != model_cfg.mask_stride]
+    added = [k for k in missing if _added_by_override(k, stored_cfg, model_cfg)]
     if unexpected or [k for k in missing if "attention_bias_idxs" not in k and k not in added]:
         raise TrainingError(
             f"--init {path.name}: model settings {sorted(cfg.model)} change the architecture "
@@ -95,6 +97,15 @@ def _from_checkpoint(cfg: TrainConfig, path: Path) -> tuple[DeLightSAM, dict[str
         "source_modality_head_trained": meta.get("modality_head_trained", ""),
         "added_tensors": len(added),
     }
+
+
+def _added_by_override(key: str, stored: ModelConfig, wanted: ModelConfig) -> bool:
+    """Whether tensor ``key`` of the ``wanted`` network is one the override adds to ``stored``'s."""
+    if key.startswith("decoder.fine."):
+        return stored.mask_stride != wanted.mask_stride
+    if key.startswith("decoder.refiners."):
+        return key.split(".")[2] not in stored.refiner_modalities
+    return False
 
 
 def inherits_trained_head(init_report: dict[str, Any]) -> bool:

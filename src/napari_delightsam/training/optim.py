@@ -1,8 +1,9 @@
 """Which parameters train, and how fast: freeze groups, per-group learning rates, Adam + decay.
 
-De-LightSAM's parameters fall into six groups (``PARAM_GROUPS``): the DC-Encoder backbone, the
+De-LightSAM's parameters fall into seven groups (``PARAM_GROUPS``): the DC-Encoder backbone, the
 modality controllers inside it, the SP-Generator, the QM-Decoder, the decoder's stride-2 stage
-(``fine_upscale``, where the model has one) and the modality head.
+(``fine_upscale``, where the model has one), its per-modality refiners (``refiners``, where it
+has any) and the modality head.
 ``freeze`` fixes whole groups; ``lr_scale`` multiplies the learning rate of a group. The
 optimizer is the paper's: Adam, the learning rate × ``gamma`` after every epoch.
 """
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 #: the parameter groups of a De-LightSAM network, in model order
-PARAM_GROUPS = ("backbone", "controllers", "prompt_generator", "decoder", "fine_upscale", "modality_head")
+PARAM_GROUPS = ("backbone", "controllers", "prompt_generator", "decoder", "fine_upscale", "refiners", "modality_head")
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
@@ -46,6 +47,8 @@ def named_parameter_groups(model: nn.Module) -> dict[str, NamedParams]:
             groups["prompt_generator"].append((name, p))
         elif name.startswith("decoder.fine."):
             groups["fine_upscale"].append((name, p))
+        elif name.startswith("decoder.refiners."):
+            groups["refiners"].append((name, p))
         elif name.startswith("decoder."):
             groups["decoder"].append((name, p))
         elif name.startswith("modality_head."):

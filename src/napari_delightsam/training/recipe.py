@@ -8,7 +8,8 @@
    encoder's embeddings (``heads.train_heads``), made just before the stage with the network it
    starts from (``embedding_cache.build_cache_folder``: the training images' ``views`` — the image
    and augmented copies — and the val / unseen images, each capped by the stage's
-   ``max_per_dataset`` / ``val_max_per_dataset``; ``cache/`` for the first heads stage,
+   ``max_per_dataset`` / ``val_max_per_dataset``, of the stage's ``modalities`` only where it
+   names some; ``cache/`` for the first heads stage,
    ``cache-<stage>/`` for later ones); ``"train"`` stages are end-to-end segmentation training
    (``trainer.train``, e.g. modality controllers with the backbone frozen); each stage starts
    from the previous stage's ``best.safetensors`` (``init: "previous"``) or from ``init``;
@@ -307,7 +308,7 @@ def _build_stage_cache(
         ("unseen", (0,), eval_cap),
         ("train", recipe.views, cfg.max_per_dataset),
     ):
-        chosen = select(records, splits, split, cap)
+        chosen = [r for r in select(records, splits, split, cap) if cfg.modalities is None or r.modality in cfg.modalities]
         if chosen:
             build_cache_folder(
                 model,

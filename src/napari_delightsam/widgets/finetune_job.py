@@ -209,7 +209,7 @@ def build_train_command(settings: FinetuneSettings, data_root: str | os.PathLike
     if settings.init:
         cmd += ["--init", str(settings.init)]
         if settings.freeze_backbone:
-            cmd += ["--freeze", "backbone", *(("decoder", "fine_upscale") if settings.freeze_decoder else ())]
+            cmd += ["--freeze", "backbone", *(("decoder", "fine_upscale", "refiners") if settings.freeze_decoder else ())]
     elif settings.model_preset != "default":
         cmd += ["--model-preset", settings.model_preset]
     return cmd + list(settings.extra_args)
