@@ -4,6 +4,7 @@ freezing them, adding one to a checkpoint, inference, and a recipe stage on one 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,20 @@ def test_a_recipe_stage_trains_a_refiner_on_its_modalitys_cache_only(tmp_path: P
     after = load_checkpoint(out / "refiner" / "last.safetensors").state_dict()
     assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in after.items() if k.startswith("decoder.refiners.fundus.out."))
     assert all(torch.equal(after[k], t) for k, t in before.items())
+
+
+def test_checkpoint_speed_times_every_checkpoint_and_modality(load_script, tmp_path: Path, capsys):
+    speed = load_script("benchmarks/checkpoint_speed.py")
+    model = make()
+    path = save_checkpoint(tmp_path / "refined.safetensors", model, {})
+    plain = save_checkpoint(tmp_path / "plain.safetensors", make(()), {})
+    out = tmp_path / "speed.json"
+    argv = ["--checkpoint", f"a={path}", "--checkpoint", f"b={plain}", "--modality", "fundus", "xray",
+            "--rounds", "2", "--size", "48", "--threads", "1", "--json", str(out)]
+    assert speed.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["checkpoint"], r["modality"]) for r in rows] == [("a", "fundus"), ("a", "xray"), ("b", "fundus"), ("b", "xray")]
+    assert all(r["median_ms"] >= r["min_ms"] > 0 for r in rows)
+    assert "| a | fundus |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        speed.main(["--checkpoint", str(path)])
