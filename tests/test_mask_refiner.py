@@ -213,3 +213,24 @@ def test_checkpoint_speed_times_every_checkpoint_and_modality(load_script, tmp_p
     assert "| a | fundus |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         speed.main(["--checkpoint", str(path)])
+
+
+def test_info_reports_the_refiners_parameters_and_the_refined_modalitys_flops(tmp_path: Path, capsys):
+    from napari_delightsam.cli import main
+
+    model = make()
+    path = save_checkpoint(tmp_path / "refined.safetensors", model, {})
+    assert main(["info", "--checkpoint", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["refiner_modalities"] == ["fundus"]
+    assert info["parameters"]["refiners"] == sum(p.numel() for p in model.decoder.refiners.parameters())
+    refined = info["flops_refined_modalities"]["fundus"]
+    # modality 0 (the headline figure) does not run the refiner; fundus runs it on top
+    assert model.config.modalities[0] != "fundus" and refined["flops"] > info["flops"]["flops"]
+    assert refined["by_component_gflops"]["decoder"] > info["flops"]["by_component_gflops"]["decoder"]
+    assert main(["info", "--checkpoint", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "refiners" in out and "fundus (runs its refiner)" in out
+    plain = save_checkpoint(tmp_path / "plain.safetensors", make(()), {})
+    assert main(["info", "--checkpoint", str(plain), "--json"]) == 0
+    assert "flops_refined_modalities" not in json.loads(capsys.readouterr().out)

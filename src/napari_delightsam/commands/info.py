@@ -124,7 +124,7 @@ def _rel(ours: float, paper: float) -> float:
 PAPER_IMG_SIZE = 1024
 
 
-def _flops_at(model: nn.Module, size: int, what: str) -> FlopReport:
+def _flops_at(model: nn.Module, size: int, what: str, modality: int = 0) -> FlopReport:
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     if size != cfg.img_size:
         from ..model import DeLightSAM
@@ -134,7 +134,7 @@ def _flops_at(model: nn.Module, size: int, what: str) -> FlopReport:
         except ValueError as exc:
             raise CommandError(f"{what} {size}: {exc}") from exc
         model = DeLightSAM(flop_cfg)  # FLOPs do not depend on the weights
-    return count_flops(model, size)
+    return count_flops(model, size, modality)
 
 
 def _flops_dict(flops: FlopReport) -> dict[str, Any]:
@@ -160,6 +160,7 @@ def gather_info(checkpoint: str | None, img_size: int | None) -> dict[str, Any]:
         "variant": cfg.variant,
         "img_size": cfg.img_size,
         "modalities": list(cfg.modalities),
+        "refiner_modalities": list(cfg.refiner_modalities),
         "parameters": params,
         # at the model's own input size (or --img-size): what one call costs
         "flops": _flops_dict(flops),
@@ -173,6 +174,11 @@ def gather_info(checkpoint: str | None, img_size: int | None) -> dict[str, Any]:
         },
         "metadata": meta,
     }
+    if cfg.refiner_modalities:
+        # a refined modality costs more per call than the others (the figure above is modality 0)
+        info["flops_refined_modalities"] = {
+            m: _flops_dict(_flops_at(model, size, "--img-size", cfg.modalities.index(m))) for m in cfg.refiner_modalities
+        }
     if note:
         info["note"] = note
     return info
@@ -201,11 +207,15 @@ def format_info(info: dict[str, Any]) -> str:
         f"    total          {_m(p['total']):>10}  ({p['total']:,})",
         f"    shared         {_m(p['shared']):>10}  ({p['shared']:,})",
         f"    per modality   {_m(p['per_modality']):>10}  ({p['per_modality']:,})",
+        *([f"    refiners       {_m(p['refiners']):>10}  ({p['refiners']:,}) for {', '.join(info['refiner_modalities'])}"] if "refiners" in p else []),
         f"    active         {_m(p['active']):>10}  ({p['active']:,}) = shared + one modality"
-        f"   paper {PAPER_PARAMS / 1e6:.2f} M ({_pct(paper['active_params_rel_diff'])})",
+        + (" (+ its refiner)" if "refiners" in p else "")
+        + f"   paper {PAPER_PARAMS / 1e6:.2f} M ({_pct(paper['active_params_rel_diff'])})",
         "  compute (one image, one modality):",
         f"    at {size}x{size} ({own}): FLOPs {f['gflops']:.2f} G, MACs {f['gmacs']:.2f} G",
     ]
+    for m, fr in info.get("flops_refined_modalities", {}).items():
+        lines.append(f"    {m} (runs its refiner), at {size}x{size}: FLOPs {fr['gflops']:.2f} G, MACs {fr['gmacs']:.2f} G")
     if f1024["img_size"] != size:
         lines.append(
             f"    at {f1024['img_size']}x{f1024['img_size']} (the paper's size): FLOPs {f1024['gflops']:.2f} G, "
