@@ -6,8 +6,10 @@
 
 The exploration behind the recipe's ``vessel-refiner`` stage, faster than the stage because the
 whole decoder is fixed: for every image of the modality (train / val / unseen splits) the model
-(default: the bundled one, fp32) runs once and its normalised 512² image, the stride-2 features
-(the output of ``decoder.fine``) and its logits are stored (``--cache-dir``, fp16, reused when
+(default: the bundled one, fp32; ablations R1/R2 of the model card used v1.2, which has no
+refiner: ``git show 8d374c8:weights/delightsam_default.safetensors``) runs once and its normalised
+512² image, the stride-2 features (the output of ``decoder.fine``) and its final logits (after
+any refiner of its own) are stored (``--cache-dir``, fp16, reused when
 present). A ``model.detail.MaskRefiner`` then trains on them alone: BCE + soft Dice of the
 refined logits, bilinearly taken to the network's input size, against the ground truth
 area-resized to it; rot90 / flip of the whole (image, features, logits, mask) tuple and a
