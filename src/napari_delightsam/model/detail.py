@@ -115,6 +115,8 @@ class MaskRefiner(nn.Module):
         super().__init__()
         if levels < 1 or width < 1:
             raise ValueError(f"MaskRefiner needs width >= 1 and levels >= 1, got {width}, {levels}")
+        #: the constructor's arguments: ``MaskRefiner(*r.sizes)`` is a fresh refiner of the same shape
+        self.sizes = (feat_chs, width, levels, image_hidden)
         widths = [width * 2**level for level in range(levels)]
         self.image = _conv_gelu(3, image_hidden, stride=2)
         self.merge = nn.Conv2d(image_hidden + 1 + feat_chs, width, 1)

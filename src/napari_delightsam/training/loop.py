@@ -15,8 +15,8 @@ The loop does not know what a batch holds, which network trains or what validati
 Every epoch, in this order: torch reseeded with ``seed·100003 + epoch`` (a resumed run draws
 the numbers a straight run draws), train mode, the steps — stop flag checked before each; zero
 grad; each micro-batch's ``total / grad_accum`` backpropagated (DDP's ``no_sync`` on all but the
-last); gradient clipping; optimizer step; a ``step`` event, and a ``step`` row every
-``log_every`` steps — then, unless stopped, the scheduler step, validation when due, the best
+last); gradient clipping; optimizer step (and the scheduler step where ``scheduler_per_step``); a ``step`` event, and a ``step`` row every
+``log_every`` steps — then, unless stopped, the scheduler step (per-epoch schedules), validation when due, the best
 and last checkpoints (main rank), an ``epoch`` row and event. A stop validates the current
 weights and keeps them only if they beat the best; ``last`` stays at the last finished epoch so a
 resume keeps its exact schedule. Out-of-memory errors become ``TrainingError``.
@@ -100,6 +100,8 @@ class Schedule:
     #: wall-clock budget of this call (steps and validation): the first validated epoch that ends
     #: past it is the last one, and the run ends as finished (best and last kept); None: no budget
     time_budget_s: float | None = None
+    #: step the scheduler after every optimizer step (e.g. one-cycle) instead of after every epoch
+    scheduler_per_step: bool = False
 
     def validates(self, epoch: int) -> bool:
         return (epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs
@@ -228,6 +230,8 @@ def run_loop(
                 if grad_clip:
                     torch.nn.utils.clip_grad_norm_(clip_params, grad_clip)
                 optimizer.step()
+                if schedule.scheduler_per_step:
+                    scheduler.step()
                 global_step += 1
                 last_loss = logged["loss"]
                 losses.append(last_loss)
@@ -255,7 +259,8 @@ def run_loop(
             if stopped:
                 _keep_if_best(hooks, epoch, dist)
                 break
-            scheduler.step()
+            if not schedule.scheduler_per_step:
+                scheduler.step()
             _end_epoch(
                 schedule,
                 hooks,

@@ -11,7 +11,9 @@
    ``max_per_dataset`` / ``val_max_per_dataset``, of the stage's ``modalities`` only where it
    names some; ``cache/`` for the first heads stage,
    ``cache-<stage>/`` for later ones); ``"train"`` stages are end-to-end segmentation training
-   (``trainer.train``, e.g. modality controllers with the backbone frozen); each stage starts
+   (``trainer.train``, e.g. modality controllers with the backbone frozen); ``"refiner"`` stages
+   train one modality's ``MaskRefiner`` alone on its inputs, recorded once from the network the
+   stage starts from (``refiner_stage.train_refiner``); each stage starts
    from the previous stage's ``best.safetensors`` (``init: "previous"``) or from ``init``;
 3. **export** — the last stage's best weights in fp16 as ``model.safetensors`` (what
    ``weights/`` ships), with the recipe and every stage's validation in its metadata, plus the
@@ -39,6 +41,8 @@ __all__ = ["RECIPES", "Recipe", "RecipeStage", "cache_folder_name", "export_mode
 
 #: the recipes shipped with the package (``training/recipes/<name>.json``)
 RECIPES = ("v1",)
+#: what a stage may be
+STAGE_KINDS = ("heads", "train", "refiner")
 DONE = "stage.done"
 SPLITS = "splits.json"
 CACHE = "cache"
@@ -52,7 +56,8 @@ EXPORT_METADATA_KEYS = ("recipe", "recipe_stages", *KEPT_METADATA_KEYS)
 @dataclass(frozen=True)
 class RecipeStage:
     name: str
-    #: "heads" (on the embedding cache) or "train" (end to end)
+    #: "heads" (on the embedding cache), "train" (end to end) or "refiner" (one modality's
+    #: MaskRefiner on its cached inputs, ``refiner_stage``)
     kind: str
     #: TrainConfig fields of the stage (``init: "previous"`` = the previous stage's best)
     config: dict[str, Any]
@@ -106,9 +111,18 @@ class Recipe:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a valid recipe: {exc}") from exc
         for s in recipe.stages:
-            if s.kind not in ("heads", "train"):
-                raise ValueError(f"recipe stage {s.name!r}: kind must be 'heads' or 'train', got {s.kind!r}")
-            recipe.stage_config(s)  # every stage's settings must be valid before anything runs
+            if s.kind not in STAGE_KINDS:
+                raise ValueError(
+                    f"recipe stage {s.name!r}: kind must be one of {', '.join(STAGE_KINDS)}, got {s.kind!r}"
+                )
+            cfg = recipe.stage_config(s)  # every stage's settings must be valid before anything runs
+            if s.kind == "refiner":
+                from .refiner_stage import check_refiner_config
+
+                try:
+                    check_refiner_config(cfg)
+                except ValueError as exc:
+                    raise ValueError(f"recipe stage {s.name!r}: {exc}") from None
         from ..checkpoint import RESERVED_METADATA_KEYS
 
         for key, value in recipe.export_metadata.items():
@@ -201,6 +215,7 @@ def run_recipe(
     from ..data import discover, load_splits, make_splits, save_splits, select
     from ..data.holdout import holdout_by_name
     from .heads import train_heads
+    from .refiner_stage import train_refiner
     from .runfolder import write_json
     from .trainer import BEST, LAST, train
 
@@ -249,6 +264,11 @@ def run_recipe(
             if stage.kind == "heads":
                 result = train_heads(
                     cfg, cache, folder, progress, stop_event, views=stage.views, resume=resume,
+                    show_progress=show_progress,
+                )
+            elif stage.kind == "refiner":
+                result = train_refiner(
+                    cfg, folder, data_root=data_root, progress=progress, stop_event=stop_event, resume=resume,
                     show_progress=show_progress,
                 )
             else:
