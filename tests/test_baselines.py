@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +24,7 @@ from napari_delightsam.benchmarking.baselines import (
 )
 from napari_delightsam.config import MODALITIES
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_baselines.py"
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("compare_baselines", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare_baselines"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- ground-truth boxes -------------------------------------------------------------------------
@@ -249,7 +237,7 @@ def tiny_setup(tmp_path: Path):
     return root, ckpt
 
 
-def test_script_end_to_end_on_the_training_test_split(tiny_setup, tmp_path, capsys):
+def test_script_end_to_end_on_the_training_test_split(tiny_setup, load_script, tmp_path, capsys):
     from napari_delightsam.data import discover, make_splits, select
 
     root, ckpt = tiny_setup
@@ -257,7 +245,7 @@ def test_script_end_to_end_on_the_training_test_split(tiny_setup, tmp_path, caps
     methods = ["otsu", "delightsam_untrained", "delightsam", "delightsam_auto"]
     argv = ["--data", str(root), "--out", str(out), "--checkpoint", str(ckpt), "--threads", "1", "--quiet"]
     argv += ["--methods", *methods]
-    module = _script()
+    module = load_script("benchmarks/compare_baselines.py")
     assert module.main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "comparison.json").read_text())
@@ -297,14 +285,14 @@ def test_script_end_to_end_on_the_training_test_split(tiny_setup, tmp_path, caps
     assert (out / "comparison.json").read_bytes() == before
 
 
-def test_script_prefers_a_given_splits_file_and_refuses_bad_requests(tiny_setup, tmp_path, capsys):
+def test_script_prefers_a_given_splits_file_and_refuses_bad_requests(tiny_setup, load_script, tmp_path, capsys):
     from napari_delightsam.data import discover, make_splits, save_splits, select
 
     root, ckpt = tiny_setup
     records = discover(root)
     splits = make_splits(records, seed=7)
     splits_file = save_splits(tmp_path / "splits.json", splits)
-    module = _script()
+    module = load_script("benchmarks/compare_baselines.py")
     out = tmp_path / "out2"
     argv = ["--data", str(root), "--out", str(out), "--splits", str(splits_file), "--split", "val"]
     assert module.main([*argv, "--methods", "otsu", "--quiet"]) == 0

@@ -357,8 +357,7 @@ class BoxRefiner:
         N box-sized arrays. The crops are ``segment_boxes(boxes)[i][box_pixels(box)]`` (the same
         bilinear weights computed for the crop's pixels only; the logits agree to ~1e-5, so only a
         pixel whose logit lies that close to the threshold can differ)."""
-        size = self._require_image()
-        clipped, logits, scores, t0 = self._decode_boxes(boxes)
+        size, clipped, logits, scores, t0 = self._decode_boxes(boxes)
         crops = []
         for box, low_res in zip(clipped, logits, strict=True):
             rows, cols = box_pixels(box, size)
@@ -370,8 +369,7 @@ class BoxRefiner:
         """``segment_boxes`` and, per box, LiteMedSAM's own score of its mask: the mask
         decoder's predicted IoU ((N,) float32; low for a box around something that is not an
         object, e.g. a fold or a reflection the prompt-free pass took for a polyp)."""
-        h, w = self._require_image()
-        clipped, logits, scores, t0 = self._decode_boxes(boxes)
+        (h, w), clipped, logits, scores, t0 = self._decode_boxes(boxes)
         out = np.empty((len(clipped), h, w), dtype=bool)
         for i, low_res in enumerate(logits):
             up = F.interpolate(low_res[None, None], size=(h, w), mode="bilinear", align_corners=False)
@@ -384,9 +382,12 @@ class BoxRefiner:
             raise RuntimeError("no image to segment: call set_image(image) first")
         return self.info.size
 
-    def _decode_boxes(self, boxes: Sequence[Box] | np.ndarray) -> tuple[np.ndarray, list[torch.Tensor], np.ndarray, float]:
-        """(clipped boxes (N,4), low-res logits per box (nh,nw), scores (N,), start time): every
-        box checked before any work, then the decoder ``DECODER_CHUNK`` boxes at a time."""
+    def _decode_boxes(
+        self, boxes: Sequence[Box] | np.ndarray
+    ) -> tuple[tuple[int, int], np.ndarray, list[torch.Tensor], np.ndarray, float]:
+        """(image size (H, W), clipped boxes (N,4), low-res logits per box (nh,nw), scores (N,),
+        start time): every box checked before any work, then the decoder ``DECODER_CHUNK`` boxes
+        at a time. ``RuntimeError`` without an image."""
         size = self._require_image()
         clipped = np.stack([check_box(b, size) for b in boxes]) if len(boxes) else np.zeros((0, 4))
         t0 = time.perf_counter()
@@ -397,7 +398,7 @@ class BoxRefiner:
             low_res, iou = self._decode(part)  # (n,1,nh,nw), (n,) float32
             scores[start : start + len(part)] = iou.cpu().numpy()
             logits.extend(low_res[:, 0])
-        return clipped, logits, scores, t0
+        return size, clipped, logits, scores, t0
 
     def _decode(self, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         net = self.net
