@@ -84,7 +84,19 @@ def test_a_refiner_stage_that_cannot_run_is_refused_before_anything_runs(change:
 
 def test_the_stage_trains_only_its_modalitys_refiner_from_a_fresh_start(data: Path, tmp_path: Path):
     out = tmp_path / "run"
-    exported = run_recipe(Recipe.from_dict(tiny_recipe(STAGE)), data, out, device="cpu", show_progress=False)
+    events: list[dict] = []
+    exported = run_recipe(
+        Recipe.from_dict(tiny_recipe(STAGE)),
+        data,
+        out,
+        device="cpu",
+        show_progress=False,
+        progress=events.append,
+    )
+    recorded = [e for e in events if e["event"] == "record"]
+    assert {"train", "val"} <= {e["split"] for e in recorded}  # (this split has no unseen images)
+    last_train = [e for e in recorded if e["split"] == "train"][-1]
+    assert last_train["done"] == last_train["total"] > 0
     before = load_checkpoint(out / "heads" / "best.safetensors").state_dict()
     after = load_checkpoint(out / "vessels" / "last.safetensors").state_dict()
     changed = {k for k, t in after.items() if k not in before or not torch.equal(before[k], t)}

@@ -85,5 +85,7 @@ def _print_recipe_events(event: dict[str, Any]) -> None:
         print(f"  epoch {event['epoch']}: {shown}", flush=True)
     elif kind == "cache" and event.get("done") == event.get("total"):
         print(f"  cache {event['split']} {event['dataset']}: {event['total']} views", flush=True)
+    elif kind == "record" and event.get("done") == event.get("total"):
+        print(f"  refiner inputs {event['split']}: {event['total']} images", flush=True)
     elif kind == "warning":
         print(f"  warning: {event['message']}", flush=True)

@@ -32,7 +32,7 @@ training on a checkpoint outside a recipe.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,11 +124,18 @@ def check_refiner_config(cfg: TrainConfig) -> str:
 
 @torch.no_grad()
 def record_refiner_inputs(
-    model: DeLightSAM, modality: str, records: Sequence[Any], device: torch.device, *, train: bool
+    model: DeLightSAM,
+    modality: str,
+    records: Sequence[Any],
+    device: torch.device,
+    *,
+    train: bool,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RefinerRows:
     """Run ``model`` over ``records`` (all of ``modality``) and keep what its refiner for it receives.
 
-    ``train``: ground truth area-resized to the input size (else kept at the original size)."""
+    ``train``: ground truth area-resized to the input size (else kept at the original size);
+    ``progress(done, total)`` after each image."""
     from ..data import load_pair
     from ..preprocess import prepare_array, to_model_tensor
 
@@ -156,6 +163,8 @@ def record_refiner_inputs(
             truth.append(
                 F.interpolate(mask[None, None].float(), size=(size, size), mode="area")[0] if train else mask
             )
+            if progress is not None:
+                progress(len(truth), len(records))
     finally:
         handle.remove()
         model.train(was_training)
@@ -296,17 +305,25 @@ def _train_refiner(
     records = [r for r in discover(data_root) if r.modality == modality]
     splits = load_splits(cfg.splits_file)
     eval_cap = cfg.val_max_per_dataset or cfg.max_per_dataset
-    train_rows = record_refiner_inputs(
-        model, modality, select(records, splits, "train", cfg.max_per_dataset), device, train=True
-    )
+
+    def record(split: str, cap: int | None, train: bool) -> RefinerRows:
+        chosen = select(records, splits, split, cap)
+        return record_refiner_inputs(
+            model,
+            modality,
+            chosen,
+            device,
+            train=train,
+            progress=lambda done, total: log.emit(
+                {"event": "record", "split": split, "done": done, "total": total}
+            ),
+        )
+
+    train_rows = record("train", cfg.max_per_dataset, True)
     if not len(train_rows):
         raise TrainingError(f"no training images of {modality} in {data_root} for this split")
-    val_rows = record_refiner_inputs(
-        model, modality, select(records, splits, "val", eval_cap), device, train=False
-    )
-    unseen_rows = record_refiner_inputs(
-        model, modality, select(records, splits, "unseen", eval_cap), device, train=False
-    )
+    val_rows = record("val", eval_cap, False)
+    unseen_rows = record("unseen", eval_cap, False)
     refiner = model.decoder.refiners[modality]
     model.requires_grad_(False)
     refiner.requires_grad_(True)
