@@ -197,7 +197,11 @@ def test_tune_refiner_command_writes_a_loadable_decoder_and_resumes(tmp_path, ca
 
 @needs_litemedsam
 def test_the_tuned_refiner_baseline_uses_its_decoder(tmp_path):
-    from napari_delightsam.benchmarking.baselines import LiteMedSAMBoxSegmenter, LiteMedSAMGTBoxes, TunedRefinerGTBoxes
+    from napari_delightsam.benchmarking.baselines import (
+        LiteMedSAMBoxSegmenter,
+        LiteMedSAMGTBoxes,
+        TunedRefinerGTBoxes,
+    )
 
     net = L.build_litemedsam()
     with torch.no_grad():  # a decoder that draws nothing: every mask logit very negative

@@ -54,21 +54,20 @@ class CheckpointError(ValueError):
 # -- locating the bundled model ---------------------------------------------------------------
 
 
-def bundled_checkpoint_path() -> Path | None:
-    """The default model shipped with the package, or None while none is bundled.
-
-    Looked up in the installed package (``napari_delightsam/weights/``) first, then in the
-    source checkout's top-level ``weights/`` folder.
-    """
+def bundled_weights_file(name: str) -> Path | None:
+    """A file shipped in ``weights/``, or None: looked up in the installed package
+    (``napari_delightsam/weights/``) first, then in the source checkout's top-level ``weights/``."""
     here = Path(__file__).resolve().parent
-    candidates = [
-        here / "weights" / BUNDLED_CHECKPOINT_NAME,
-        here.parents[1] / "weights" / BUNDLED_CHECKPOINT_NAME,
-    ]
-    for candidate in candidates:
+    for candidate in (here / "weights" / name, here.parents[1] / "weights" / name):
         if candidate.is_file():
             return candidate
     return None
+
+
+def bundled_checkpoint_path() -> Path | None:
+    """The default model shipped with the package, or None while none is bundled
+    (:func:`bundled_weights_file`)."""
+    return bundled_weights_file(BUNDLED_CHECKPOINT_NAME)
 
 
 # -- saving -------------------------------------------------------------------------------------

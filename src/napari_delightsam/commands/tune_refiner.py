@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..atomic_files import atomic_write
     from ..data import discover, load_splits, make_splits, select
-    from ..devices import cpu_supports_bf16, cuda_supports_bf16, resolve_device
+    from ..devices import choose_precision, resolve_device
     from ..inference import set_threads
     from ..model.litemedsam import save_box_decoder
     from ..refine import load_refiner
@@ -87,8 +87,7 @@ def run(args: argparse.Namespace) -> int:
     val_files, skipped_val = cache_records(val_records, refiner, out / "cache" / "val", progress=say)
     for line in skipped + skipped_val:
         say(f"skipped {line}")
-    native = cuda_supports_bf16(device) if device.type == "cuda" else device.type == "cpu" and cpu_supports_bf16()
-    dtype = torch.bfloat16 if native else None
+    dtype = torch.bfloat16 if choose_precision(device, "auto", fast=True) == "bf16" else None  # native bf16 only
     metrics = open(out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed below
 
     def log(row: dict[str, Any]) -> None:

@@ -135,11 +135,9 @@ _DECODER_PREFIX = "mask_decoder."
 def bundled_box_decoder_path() -> Path | None:
     """The tuned mask decoder shipped with the package (``weights/box_refiner_decoder.safetensors``,
     installed or in the source checkout), or None."""
-    here = Path(__file__).resolve().parents[1]
-    for candidate in (here / "weights" / BOX_DECODER_NAME, here.parents[1] / "weights" / BOX_DECODER_NAME):
-        if candidate.is_file():
-            return candidate
-    return None
+    from ..checkpoint import bundled_weights_file
+
+    return bundled_weights_file(BOX_DECODER_NAME)
 
 
 def save_box_decoder(path: str | os.PathLike[str], decoder: nn.Module, metadata: dict[str, str]) -> Path:

@@ -152,16 +152,16 @@ def jitter_boxes(boxes: torch.Tensor, fraction: float, rng: np.random.Generator,
 def decoder_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """BCE + soft Dice of (N,256,256) logits against bool targets, + MSE of the IoU head (N,)
     against each thresholded mask's IoU."""
-    t = target.float()
-    prob = torch.sigmoid(logits)
-    bce = F.binary_cross_entropy_with_logits(logits, t)
-    dice = 1 - (2 * (prob * t).sum((1, 2)) + 1) / (prob.sum((1, 2)) + t.sum((1, 2)) + 1)
+    from ..model.losses import dice_loss
+
+    bce = F.binary_cross_entropy_with_logits(logits, target.float())
+    dice = dice_loss(logits, target)
     with torch.no_grad():
         pred = logits > 0
         real_iou = (pred & target).sum((1, 2)) / (pred | target).sum((1, 2)).clamp(min=1)
     iou = F.mse_loss(iou_pred, real_iou.float())
-    loss = bce + dice.mean() + iou
-    return loss, {"bce": float(bce.detach()), "dice": float(dice.mean().detach()), "iou_mse": float(iou.detach())}
+    loss = bce + dice + iou
+    return loss, {"bce": float(bce.detach()), "dice": float(dice.detach()), "iou_mse": float(iou.detach())}
 
 
 def _decode(net: nn.Module, embeddings: torch.Tensor, boxes: torch.Tensor, dense_pe: torch.Tensor,
@@ -186,6 +186,8 @@ def validation_dice(net: nn.Module, samples: Sequence[BoxSample], *, dtype: torc
                     jitter: float = 0.1, seed: int = 1) -> dict[str, float]:
     """Mean Dice per modality of the union of every object's mask, each from its own box
     jittered by up to ``jitter`` (seeded), in the 256² frame."""
+    from .metrics import dice_from_counts
+
     was_training = net.mask_decoder.training
     net.mask_decoder.eval()
     device = next(net.mask_decoder.parameters()).device
@@ -198,8 +200,7 @@ def validation_dice(net: nn.Module, samples: Sequence[BoxSample], *, dtype: torc
         low, _ = _decode(net, emb, boxes, dense_pe, dtype)
         pred = (low > 0).any(0).cpu()
         gt = s.masks.any(0)
-        denom = int(pred.sum()) + int(gt.sum())
-        per.setdefault(s.modality, []).append(2 * int((pred & gt).sum()) / denom if denom else 1.0)
+        per.setdefault(s.modality, []).append(dice_from_counts(int((pred & gt).sum()), int(pred.sum()), int(gt.sum())))
     net.mask_decoder.train(was_training)
     return {m: float(np.mean(v)) for m, v in sorted(per.items())}
 
