@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", nargs="+", metavar="M", help="only these modalities")
     p.add_argument("--iou", type=float, default=0.5, help="an object is missed below this IoU (default 0.5)")
     p.add_argument("--min-score", type=float, default=None,
-                   help="Refine all removes objects LiteMedSAM scores below this (default: refine.DEFAULT_MIN_SCORE)")
+                   help="Refine all removes objects the refiner scores below this "
+                        "(default: refine.MIN_SCORE_BY_DECODER for --decoder)")
     p.add_argument("--strict-iou", type=float, default=0.8,
                    help="the 'demanding user' boxes every object below this IoU (default 0.8)")
     p.add_argument("--jitter", type=float, default=0.1, help="box jitter, fraction of its size (default 0.1)")
@@ -566,10 +567,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     if not (0.0 < args.iou <= 1.0 and 0.0 < args.strict_iou <= 1.0):
         raise UsageError("--iou and --strict-iou must be in (0, 1]")
-    if args.min_score is None:
-        from napari_delightsam.refine import DEFAULT_MIN_SCORE
+    if args.min_score is None:  # the threshold chosen for this decoder's score calibration
+        from napari_delightsam.refine import MIN_SCORE_BY_DECODER
 
-        args.min_score = DEFAULT_MIN_SCORE
+        args.min_score = MIN_SCORE_BY_DECODER["litemedsam" if args.decoder == "litemedsam" else "tuned"]
     if not 0.0 <= args.min_score <= 1.0:
         raise UsageError("--min-score must be in [0, 1]")
     if not 0.0 <= args.jitter < 0.5:

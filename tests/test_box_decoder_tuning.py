@@ -68,6 +68,7 @@ def test_load_refiner_names_its_decoder(tmp_path, monkeypatch):
 
     stock = load_refiner("cpu", decoder="litemedsam")
     assert stock.weights["decoder"] == "LiteMedSAM's own" and stock.weights["decoder_sha256"] is None
+    assert stock.decoder == "litemedsam"
     path = L.save_box_decoder(tmp_path / "d.safetensors", stock.net.mask_decoder, {"trained_on": "test split"})
     tuned = load_refiner("cpu", decoder=path)
     assert tuned.weights["decoder"] == "tuned" and tuned.weights["decoder_file"] == str(path)
@@ -79,6 +80,22 @@ def test_load_refiner_names_its_decoder(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="not installed"):
         fallback = load_refiner("cpu")
     assert fallback.weights["decoder"] == "LiteMedSAM's own"
+    from napari_delightsam.refine import default_decoder
+
+    assert default_decoder() == fallback.decoder == "litemedsam"  # the widget's Drop below follows it
+
+
+def test_refine_all_threshold_follows_the_decoder_and_the_modality():
+    from napari_delightsam.refine import DEFAULT_MIN_SCORE, MIN_SCORE_BY_DECODER, default_min_score
+
+    assert DEFAULT_MIN_SCORE == MIN_SCORE_BY_DECODER["tuned"]
+    for modality in ("colonoscopy", "dermoscopy", "ultrasound"):
+        assert default_min_score(modality) == MIN_SCORE_BY_DECODER["tuned"]
+        assert default_min_score(modality, "litemedsam") == MIN_SCORE_BY_DECODER["litemedsam"]
+    for other in ("fundus", "microscopy", "xray", None):
+        assert default_min_score(other) == 0.0 == default_min_score(other, "litemedsam")
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        default_min_score("colonoscopy", "sam")
 
 
 def test_the_bundled_decoder_is_a_decoder_file():
@@ -121,6 +138,74 @@ def test_decoder_loss_is_lower_for_the_right_mask_and_trains_the_iou_head():
     assert parts["iou_mse"] < 1e-6  # a perfect mask's IoU is 1
     _, off = T.decoder_loss(right, torch.zeros(2), target)
     assert off["iou_mse"] == pytest.approx(1.0)
+
+
+def test_prompt_free_tensors_pair_each_component_with_the_objects_it_touches():
+    gt = np.zeros((100, 200), dtype=bool)
+    gt[10:40, 10:60] = True  # object A
+    gt[60:90, 120:180] = True  # object B, never found
+    pf = np.zeros_like(gt)
+    pf[15:35, 20:70] = True  # finds A (and spills past it)
+    pf[70:80, 20:40] = True  # a stray region
+    scale = 256 / 200
+    t = T.prompt_free_tensors(pf, gt, (128, 256), scale)
+    assert t["pf_boxes"].shape == (2, 4) and t["pf_targets"].shape == (2, 256, 256)
+    assert torch.allclose(t["pf_boxes"][0], torch.tensor([20.0, 15.0, 70.0, 35.0]) * scale)
+    assert torch.allclose(t["pf_boxes"][1], torch.tensor([20.0, 70.0, 40.0, 80.0]) * scale)
+    a_only = gt.copy()
+    a_only[60:] = False
+    assert torch.equal(t["pf_targets"][0].bool(), T._to_frame(a_only, (128, 256)))  # A, not B
+    assert abs(int(t["pf_targets"][0].sum()) / (30 * 50 * scale**2) - 1) < 0.05
+    assert int(t["pf_targets"][1].sum()) == 0  # the stray region's target is empty
+    none = T.prompt_free_tensors(np.zeros_like(gt), gt, (128, 256), scale)
+    assert none["pf_boxes"].shape == (0, 4) and none["pf_targets"].shape == (0, 256, 256)
+    with pytest.raises(ValueError, match="shape"):
+        T.prompt_free_tensors(pf[:50], gt, (128, 256), scale)
+
+
+def test_an_empty_target_trains_only_the_iou_head_toward_zero():
+    target = torch.zeros(2, 256, 256, dtype=torch.bool)
+    target[0, 50:100, 60:120] = True  # item 1: a stray region's box, nothing to draw
+    logits = torch.where(target, 8.0, -8.0)
+    logits[1, 10:20, 10:20] = 8.0  # ... but the decoder drew something
+    logits.requires_grad_(True)
+    loss, parts = T.decoder_loss(logits, torch.tensor([1.0, 0.0]), target)
+    assert parts["iou_mse"] < 1e-6 and parts["bce"] < 0.01  # the stray mask's IoU is 0; no mask loss for it
+    loss.backward()
+    assert logits.grad[0].abs().sum() > 0 and float(logits.grad[1].abs().sum()) == 0.0
+    _, wrong = T.decoder_loss(logits.detach(), torch.tensor([1.0, 1.0]), target)
+    assert wrong["iou_mse"] == pytest.approx(0.5)
+
+
+@needs_litemedsam
+def test_tuning_on_stray_boxes_lowers_their_score(tmp_path):
+    """With prompt_free_fraction 1 every item is a prompt-free box; boxes on a stray region
+    (empty target) teach the IoU head to score them low, which is what Refine all drops by."""
+    from napari_delightsam.refine import load_refiner
+
+    refiner = load_refiner("cpu", decoder="litemedsam")
+    samples = []
+    stray = torch.tensor([[70.0, 150.0, 130.0, 200.0]])  # background of the 256² frame
+    for cx in (40, 56, 70):
+        image, half = _ring_image(cx=cx)
+        t = T.sample_tensors(refiner, image, half)
+        samples.append(T.BoxSample(t["embedding"], t["masks"].bool(), t["boxes"], "dermoscopy",
+                                   pf_boxes=stray, pf_targets=torch.zeros(1, 256, 256, dtype=torch.bool)))
+    net = refiner.net
+    dense_pe = net.prompt_encoder.get_dense_pe()
+
+    def stray_scores() -> torch.Tensor:
+        emb = torch.stack([s.embedding for s in samples]).float()
+        with torch.no_grad():
+            return T._decode(net, emb, stray.expand(len(samples), 4), dense_pe, None)[1]
+
+    before = stray_scores()
+    with pytest.raises(ValueError, match="prompt-free boxes"):
+        T.tune_decoder(net, [T.BoxSample(s.embedding, s.masks, s.boxes, s.modality) for s in samples], samples,
+                       prompt_free_fraction=0.5)
+    T.tune_decoder(net, samples, samples, steps=12, lr=3e-4, batch_size=3, eval_every=12, prompt_free_fraction=1.0)
+    after = stray_scores()
+    assert float(after.mean()) < float(before.mean()) - 0.1, (before, after)
 
 
 @needs_litemedsam
@@ -183,7 +268,19 @@ def test_tune_refiner_command_writes_a_loadable_decoder_and_resumes(tmp_path, ca
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_mean" in r] == [0, 1, 2]
     refiner = load_refiner("cpu", decoder=decoder)
-    assert refiner.weights["decoder"] == "tuned"
+    assert refiner.weights["decoder"] == "tuned" and refiner.decoder == "tuned"
+    from safetensors import safe_open
+
+    from napari_delightsam.checkpoint import bundled_weights_file
+
+    with safe_open(str(sorted((out / "cache" / "train").glob("*.safetensors"))[0]), framework="pt") as f:
+        cached_meta, cached_keys = f.metadata(), set(f.keys())
+    from napari_delightsam.atomic_files import sha256_file
+
+    bundled = bundled_weights_file("delightsam_default.safetensors")
+    assert cached_meta["prompt_free_sha256"] == sha256_file(bundled)  # dermoscopy: a lesion modality
+    assert {"pf_boxes", "pf_targets"} <= cached_keys
+    assert summary["metadata"]["prompt_free_fraction"] in ("0.5", "0.0")
 
     cached = sorted((out / "cache" / "train").glob("*.safetensors"))
     stamps = [p.stat().st_mtime_ns for p in cached]
@@ -193,6 +290,9 @@ def test_tune_refiner_command_writes_a_loadable_decoder_and_resumes(tmp_path, ca
     assert main([*args, "--resume"]) == 0
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # embeddings reused, not recomputed
     assert main(["tune-refiner", "--data", str(data), "--out", str(tmp_path / "r2"), "--jitter", "0.7"]) == 2
+    assert main(["tune-refiner", "--data", str(data), "--out", str(tmp_path / "r3"), "--prompt-free-fraction", "1.5"]) == 2
+    assert main(["tune-refiner", "--data", str(data), "--out", str(tmp_path / "r4"),
+                 "--checkpoint", str(tmp_path / "absent.safetensors")]) == 2
 
 
 @needs_litemedsam

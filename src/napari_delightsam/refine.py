@@ -64,12 +64,14 @@ __all__ = [
     "DEFAULT_MIN_SCORE",
     "LESION_MODALITIES",
     "MERGE_MODES",
+    "MIN_SCORE_BY_DECODER",
     "BoxRefiner",
     "ComponentBoxes",
     "RefinedObjects",
     "box_pixels",
     "check_box",
     "component_boxes",
+    "default_decoder",
     "default_min_score",
     "load_refiner",
     "merge_object",
@@ -81,16 +83,30 @@ __all__ = [
 DEFAULT_MIN_COMPONENT_FRACTION = 1e-4
 #: at most this many boxes per image, largest components first
 DEFAULT_MAX_BOXES = 200
-#: Refine all removes an object whose LiteMedSAM score is below this, for these modalities
-#: (lesion-like objects: chosen on the validation split, ``benchmarks/correction_effort.py``)
-DEFAULT_MIN_SCORE = 0.9
+#: Refine all removes an object whose refiner score (the decoder's predicted IoU) is below this,
+#: for LESION_MODALITIES; the score's calibration is the decoder's own, so each has its value,
+#: chosen on the validation split (``benchmarks/correction_effort.py --split val --min-score ...``,
+#: weights/MODEL_CARD.md): "litemedsam" (LiteMedSAM as published), "tuned" (any tuned decoder file)
+MIN_SCORE_BY_DECODER = {"litemedsam": 0.9, "tuned": 0.9}
+#: the default decoder's threshold
+DEFAULT_MIN_SCORE = MIN_SCORE_BY_DECODER["tuned"]
 LESION_MODALITIES = ("colonoscopy", "dermoscopy", "ultrasound")
 
 
-def default_min_score(modality: str | None) -> float:
+def default_min_score(modality: str | None, decoder: str = "tuned") -> float:
     """Refine all's default ``min_score`` for a mask of ``modality`` (None: unknown, e.g.
-    painted): ``DEFAULT_MIN_SCORE`` for ``LESION_MODALITIES``, else 0 (keep every object)."""
-    return DEFAULT_MIN_SCORE if modality in LESION_MODALITIES else 0.0
+    painted) refined with ``decoder`` ("tuned" or "litemedsam", :attr:`BoxRefiner.decoder`):
+    ``MIN_SCORE_BY_DECODER[decoder]`` for ``LESION_MODALITIES``, else 0 (keep every object)."""
+    if decoder not in MIN_SCORE_BY_DECODER:
+        raise ValueError(f"decoder must be one of {tuple(MIN_SCORE_BY_DECODER)}, got {decoder!r}")
+    return MIN_SCORE_BY_DECODER[decoder] if modality in LESION_MODALITIES else 0.0
+
+
+def default_decoder() -> str:
+    """The decoder ``load_refiner()`` uses: "tuned" when its file is installed, else "litemedsam"."""
+    from .model.litemedsam import bundled_box_decoder_path
+
+    return "tuned" if bundled_box_decoder_path() is not None else "litemedsam"
 
 #: how a refined object is written into a mask (see :func:`merge_object`)
 MERGE_MODES = ("binary", "instances")
@@ -279,8 +295,13 @@ class BoxRefiner:
 
     def __repr__(self) -> str:
         size = "no image" if self.image_size is None else f"image {self.image_size[0]}x{self.image_size[1]}"
-        kind = "LiteMedSAM, tuned decoder" if self.weights.get("decoder") == "tuned" else "LiteMedSAM"
+        kind = "LiteMedSAM, tuned decoder" if self.decoder == "tuned" else "LiteMedSAM"
         return f"BoxRefiner({kind}, device={self.device}, precision={self.precision}, {size})"
+
+    @property
+    def decoder(self) -> str:
+        """"tuned" (a decoder file) or "litemedsam" (LiteMedSAM's own): :func:`default_min_score`'s key."""
+        return "tuned" if self.weights.get("decoder") == "tuned" else "litemedsam"
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -623,7 +644,7 @@ def load_refiner(
     dev = resolve_device(device)  # a bad device fails before any loading
     decoder_file: Path | None
     if isinstance(decoder, str) and decoder in DECODER_CHOICES:
-        decoder_file = bundled_box_decoder_path() if decoder == "tuned" else None
+        decoder_file = bundled_box_decoder_path() if decoder == "tuned" else None  # see default_decoder()
         if decoder == "tuned" and decoder_file is None:
             warnings.warn("the tuned box-refiner decoder is not installed; using LiteMedSAM's own", stacklevel=2)
     else:

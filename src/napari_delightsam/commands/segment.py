@@ -4,8 +4,8 @@ Writes ``<stem>_mask.png`` (uint8 0/255, the input's exact size) per image, plus
 ``<stem>_heatmap.tif`` (float32 SP-Generator heatmap) with ``--save-heatmap``. ``--refine``
 redraws every object of each mask with LiteMedSAM from its own bounding box
 (``refine.refine_objects``, as the napari widget's Refine all; objects LiteMedSAM scores below
-``--refine-min-score`` are removed, by default ``refine.DEFAULT_MIN_SCORE`` for the lesion
-modalities and 0 for the others); the heatmap stays the model's. Images are
+``--refine-min-score`` are removed, by default ``refine.default_min_score``: the refiner
+decoder's threshold for the lesion modalities and 0 for the others); the heatmap stays the model's. Images are
 read and preprocessed one by one and run through the network ``--batch-size`` at a time as
 one stacked tensor. Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes
 ``files[RANK::WORLD_SIZE]`` and its own GPU (``cuda:LOCAL_RANK``); no process group is needed.
@@ -97,8 +97,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--refine-min-score",
         type=_threshold,
         default=None,
-        help="with --refine: remove objects LiteMedSAM scores below this (default 0.9 for colonoscopy, "
-        "dermoscopy and ultrasound, 0 = keep all for the others)",
+        help="with --refine: remove objects the refiner scores below this (default: the refiner decoder's "
+        "threshold, refine.MIN_SCORE_BY_DECODER, for colonoscopy, dermoscopy and ultrasound; 0 = keep all "
+        "for the others)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--fp32", action="store_true", help="disable the bf16/channels_last fast paths")
@@ -217,7 +218,7 @@ def _refined(refiner, image, result, min_score: float | None):
     from ..refine import default_min_score, refine_objects
 
     if min_score is None:
-        min_score = default_min_score(result.modality)
+        min_score = default_min_score(result.modality, refiner.decoder)
     mask = np.asarray(result.mask, dtype=np.uint8)
     if not mask.any():
         return result.mask

@@ -3,7 +3,9 @@
     delightsam tune-refiner --data ../shared/data --out RUN --splits benchmarks/protocol/splits-unseen-v1.json
 
 Embeds the training and validation images once (``RUN/cache/{train,val}/``, reused by
-``--resume``), trains the mask decoder with jittered ground-truth boxes
+``--resume``; for polyp, skin and breast-lesion images also the prompt-free model's mask, whose
+component boxes are what Refine all prompts with), trains the mask decoder with jittered
+ground-truth boxes and, for ``--prompt-free-fraction`` of each batch, those prompt-free boxes
 (``training/box_decoder_tuning.py``), keeps the step with the best validation Dice and writes
 ``RUN/box_refiner_decoder.safetensors`` -- load it with ``load_refiner(decoder=FILE)``, or copy
 it to ``weights/`` to make it the bundled "tuned" decoder -- plus ``RUN/metrics.jsonl`` and
@@ -38,6 +40,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default 5e-5)")
     p.add_argument("--jitter", type=float, default=0.2,
                    help="training boxes are jittered by up to this fraction of their size (default 0.2)")
+    p.add_argument("--prompt-free-fraction", type=float, default=0.5,
+                   help="share of each batch drawn from the prompt-free model's component boxes on polyp, skin "
+                        "and breast-lesion images (Refine all's prompts; 0: ground-truth boxes only; default 0.5)")
+    p.add_argument("--prompt-free-jitter", type=float, default=0.05,
+                   help="prompt-free boxes are jittered by up to this fraction of their size (default 0.05)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="De-LightSAM .safetensors for the prompt-free masks (default: the bundled model)")
     p.add_argument("--eval-every", type=int, default=50, help="validate every N steps (default 50)")
     p.add_argument("--max-per-dataset", type=int, help="at most N images per dataset and split (seeded choice)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
@@ -52,13 +61,17 @@ def run(args: argparse.Namespace) -> int:
     from ..atomic_files import atomic_write
     from ..data import discover, load_splits, make_splits, select
     from ..devices import choose_precision, resolve_device
-    from ..inference import set_threads
+    from ..inference import load_model, set_threads
     from ..model.litemedsam import save_box_decoder
-    from ..refine import load_refiner
+    from ..refine import LESION_MODALITIES, load_refiner
     from ..training.box_decoder_tuning import cache_records, load_cached, tune_decoder
 
-    if not 0.0 <= args.jitter < 0.5:
-        raise CommandError("--jitter must be in [0, 0.5)")
+    if not 0.0 <= args.jitter < 0.5 or not 0.0 <= args.prompt_free_jitter < 0.5:
+        raise CommandError("--jitter and --prompt-free-jitter must be in [0, 0.5)")
+    if not 0.0 <= args.prompt_free_fraction <= 1.0:
+        raise CommandError("--prompt-free-fraction must be in [0, 1]")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise CommandError(f"--checkpoint: {args.checkpoint} is not a file")
     if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.lr <= 0:
         raise CommandError("--steps, --batch-size, --eval-every and --lr must be positive")
     out: Path = args.out
@@ -82,8 +95,15 @@ def run(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    segmenter = None
+    if args.prompt_free_fraction > 0:
+        try:
+            segmenter = load_model(args.checkpoint, device)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"cannot load the prompt-free model: {exc}") from None
     say(f"{len(train_records)} training and {len(val_records)} validation images; embedding (cached in {out / 'cache'})")
-    train_files, skipped = cache_records(train_records, refiner, out / "cache" / "train", progress=say)
+    train_files, skipped = cache_records(train_records, refiner, out / "cache" / "train", segmenter=segmenter,
+                                         progress=say)
     val_files, skipped_val = cache_records(val_records, refiner, out / "cache" / "val", progress=say)
     for line in skipped + skipped_val:
         say(f"skipped {line}")
@@ -99,11 +119,18 @@ def run(args: argparse.Namespace) -> int:
 
     net = refiner.net
     net.mask_decoder.float()
+    train = load_cached(train_files)
+    fraction = args.prompt_free_fraction
+    if fraction > 0 and not any(len(s.pf_boxes) for s in train):
+        say("no training image of " + "/".join(LESION_MODALITIES) + " has a prompt-free object: "
+            "training with ground-truth boxes only (--prompt-free-fraction 0)")
+        fraction = 0.0
     try:
         best, summary = tune_decoder(
-            net, load_cached(train_files), load_cached(val_files), steps=args.steps, lr=args.lr,
+            net, train, load_cached(val_files), steps=args.steps, lr=args.lr,
             batch_size=args.batch_size, jitter=args.jitter, eval_every=args.eval_every, seed=args.seed,
-            dtype=dtype, log=log,
+            dtype=dtype, prompt_free_fraction=fraction, prompt_free_jitter=args.prompt_free_jitter,
+            log=log,
         )
     finally:
         metrics.close()
@@ -121,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         "val_dice_best": json.dumps(summary["best"]),
         "steps": str(args.steps), "lr": str(args.lr), "batch_size": str(args.batch_size),
         "jitter": str(args.jitter), "seed": str(args.seed), "command": command,
+        "prompt_free_fraction": str(fraction), "prompt_free_jitter": str(args.prompt_free_jitter),
+        "prompt_free_sha256": str(segmenter.checkpoint_sha256) if segmenter is not None else "none",
     }
     target = save_box_decoder(out / "box_refiner_decoder.safetensors", net.mask_decoder, meta)
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(

@@ -11,6 +11,12 @@ logits, plus the MSE of the IoU head against the mask's real IoU (Refine all rem
 that score). The step with the best validation Dice (mean over modalities, ground-truth boxes
 jittered by 10 %) is kept.
 
+With ``prompt_free_fraction`` > 0, that share of each batch is instead a box the way *Refine all*
+draws it: the bounding box of one connected component of the prompt-free model's own mask of a
+training image (lesion modalities). Its target is the ground-truth objects the component touches;
+a component that touches none (a stray region) has an empty target, which trains only the IoU
+head (toward 0), so that Refine all's score threshold tells stray regions from lesions.
+
 Embeddings are computed once per image (:func:`cache_records`, one safetensors file per image
 under ``folder``, reused by a resumed run when its metadata matches); a training step then runs
 the decoder only (about 1 s for 8 boxes on 2 CPU cores).
@@ -21,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..refine import LESION_MODALITIES
+
 __all__ = [
     "BoxSample",
     "cache_records",
     "decoder_loss",
     "jitter_boxes",
     "load_cached",
+    "prompt_free_tensors",
     "sample_tensors",
     "tune_decoder",
     "validation_dice",
@@ -53,10 +62,56 @@ class BoxSample:
     masks: torch.Tensor  # (K, 256, 256) bool, each object in LiteMedSAM's 256² frame
     boxes: torch.Tensor  # (K, 4) float32, x0 y0 x1 y1 pixel edges in the 256² frame
     modality: str
+    #: (M, 4) boxes of the prompt-free mask's components, in the 256² frame (M may be 0)
+    pf_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))
+    #: (M, 256, 256) bool: per component, the ground-truth objects it touches (empty: a stray region)
+    pf_targets: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 256, 256, dtype=torch.bool))
 
 
-def sample_tensors(refiner: Any, image: np.ndarray, gt: np.ndarray, max_objects: int = MAX_OBJECTS) -> dict[str, torch.Tensor]:
-    """Embedding, object masks and boxes of one (image, mask) pair in LiteMedSAM's frame.
+def _to_frame(mask: np.ndarray, valid: tuple[int, int]) -> torch.Tensor:
+    """A full-size bool mask in LiteMedSAM's 256² frame: area-resized to the unpadded part
+    (``> 0.5``), zero-padded like the image."""
+    nh, nw = valid
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+    full = torch.zeros(256, 256, dtype=torch.bool)
+    full[:nh, :nw] = F.interpolate(m, size=(nh, nw), mode="area")[0, 0] > 0.5
+    return full
+
+
+def prompt_free_tensors(prompt_free: np.ndarray, gt: np.ndarray, valid: tuple[int, int], scale: float,
+                        max_objects: int = MAX_OBJECTS) -> dict[str, torch.Tensor]:
+    """Refine all's boxes for one prompt-free mask, with their training targets.
+
+    The components of ``prompt_free`` by Refine all's rule (``refine._objects``, largest first,
+    at most ``max_objects``): ``pf_boxes`` (M,4) in the 256² frame (input pixels × ``scale``) and
+    ``pf_targets`` (M,256,256) uint8, each the union of the ground-truth objects (8-connected
+    components of ``gt``) that the component overlaps -- all zero for a stray component.
+    """
+    from skimage.measure import label as connected
+
+    from ..refine import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, _objects
+
+    pf = np.asarray(prompt_free, dtype=bool)
+    gt = np.asarray(gt, dtype=bool)
+    if pf.shape != gt.shape:
+        raise ValueError(f"prompt-free mask {pf.shape} and ground truth {gt.shape} differ in shape")
+    found = _objects(pf.astype(np.uint8), "binary", DEFAULT_MIN_COMPONENT_FRACTION, DEFAULT_MAX_BOXES)
+    gt_ids = connected(gt, connectivity=2)
+    boxes, targets = [], []
+    for box, member in zip(found.boxes[:max_objects], found.members[:max_objects], strict=False):
+        touched = np.unique(gt_ids[(found.ids == member) & gt])
+        boxes.append(torch.tensor(box, dtype=torch.float32) * scale)
+        targets.append(_to_frame(np.isin(gt_ids, touched[touched > 0]), valid))
+    return {
+        "pf_boxes": torch.stack(boxes) if boxes else torch.zeros(0, 4),
+        "pf_targets": (torch.stack(targets) if targets else torch.zeros(0, 256, 256, dtype=torch.bool)).to(torch.uint8),
+    }
+
+
+def sample_tensors(refiner: Any, image: np.ndarray, gt: np.ndarray, max_objects: int = MAX_OBJECTS,
+                   prompt_free: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Embedding, object masks and boxes of one (image, mask) pair in LiteMedSAM's frame, and,
+    given the ``prompt_free`` mask of the image, its :func:`prompt_free_tensors`.
 
     Objects are the mask's 8-connected components by ``refine.component_boxes``' rule (largest
     first, at most ``max_objects``); each is area-resized to the unpadded part of the 256² input
@@ -65,7 +120,7 @@ def sample_tensors(refiner: Any, image: np.ndarray, gt: np.ndarray, max_objects:
     from ..refine import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, _objects
 
     refiner.set_image(image)
-    nh, nw = refiner._valid
+    valid = tuple(refiner._valid)
     scale = refiner._scale
     gt = np.asarray(gt, dtype=bool)
     found = _objects(gt.astype(np.uint8), "binary", DEFAULT_MIN_COMPONENT_FRACTION, DEFAULT_MAX_BOXES)
@@ -73,17 +128,16 @@ def sample_tensors(refiner: Any, image: np.ndarray, gt: np.ndarray, max_objects:
         raise ValueError("the mask holds no object")
     masks, boxes = [], []
     for box, member in zip(found.boxes[:max_objects], found.members[:max_objects], strict=False):
-        m = torch.from_numpy((found.ids == member).astype(np.float32))[None, None]
-        m = F.interpolate(m, size=(nh, nw), mode="area")[0, 0] > 0.5
-        full = torch.zeros(256, 256, dtype=torch.bool)
-        full[:nh, :nw] = m
-        masks.append(full)
+        masks.append(_to_frame(found.ids == member, valid))
         boxes.append(torch.tensor(box, dtype=torch.float32) * scale)
-    return {
+    out = {
         "embedding": refiner._embedding[0].to(torch.bfloat16).contiguous(),
         "masks": torch.stack(masks).to(torch.uint8),
         "boxes": torch.stack(boxes),
     }
+    if prompt_free is not None:
+        out.update(prompt_free_tensors(prompt_free, gt, valid, scale, max_objects))
+    return out
 
 
 def cache_records(
@@ -91,11 +145,15 @@ def cache_records(
     refiner: Any,
     folder: Path,
     *,
+    segmenter: Any = None,
+    prompt_free_modalities: Sequence[str] = LESION_MODALITIES,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[Path], list[str]]:
     """One safetensors file per record under ``folder`` (``00000.safetensors``...); a file whose
-    metadata names the same record and LiteMedSAM weights is kept (resume). Returns the files and
-    the records skipped (unreadable, or no object), one line each."""
+    metadata names the same record, LiteMedSAM weights and prompt-free model is kept (resume).
+    With a ``segmenter`` (``inference.Segmenter``), images of ``prompt_free_modalities`` also get
+    the boxes of its mask (:func:`prompt_free_tensors`). Returns the files and the records skipped
+    (unreadable, or no object), one line each."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -108,7 +166,9 @@ def cache_records(
     t0 = time.perf_counter()
     for n, rec in enumerate(records):
         path = folder / f"{n:05d}.safetensors"
-        meta = {"key": rec.key, "id": rec.sample_id, "modality": rec.modality, "litemedsam_sha256": weights}
+        with_pf = segmenter is not None and rec.modality in prompt_free_modalities
+        meta = {"key": rec.key, "id": rec.sample_id, "modality": rec.modality, "litemedsam_sha256": weights,
+                "prompt_free_sha256": str(segmenter.checkpoint_sha256) if with_pf else "none"}
         if path.is_file():
             with safe_open(str(path), framework="pt") as f:
                 if dict(f.metadata() or {}) == meta:
@@ -116,7 +176,8 @@ def cache_records(
                     continue
         try:
             image, gt = load_pair(rec)
-            tensors = sample_tensors(refiner, image, gt)
+            pf = np.asarray(segmenter.segment(image, modality=rec.modality).mask) if with_pf else None
+            tensors = sample_tensors(refiner, image, gt, prompt_free=pf)
         except (BadSampleError, ValueError) as exc:
             skipped.append(f"{rec.key}/{rec.sample_id}: {exc}")
             continue
@@ -135,7 +196,11 @@ def load_cached(files: Sequence[Path]) -> list[BoxSample]:
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             modality = (f.metadata() or {}).get("modality", "")
-            out.append(BoxSample(f.get_tensor("embedding"), f.get_tensor("masks").bool(), f.get_tensor("boxes").float(), modality))
+            extra = {}
+            if "pf_boxes" in f.keys():
+                extra = {"pf_boxes": f.get_tensor("pf_boxes").float(), "pf_targets": f.get_tensor("pf_targets").bool()}
+            out.append(BoxSample(f.get_tensor("embedding"), f.get_tensor("masks").bool(), f.get_tensor("boxes").float(),
+                                 modality, **extra))
     return out
 
 
@@ -151,15 +216,21 @@ def jitter_boxes(boxes: torch.Tensor, fraction: float, rng: np.random.Generator,
 
 def decoder_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """BCE + soft Dice of (N,256,256) logits against bool targets, + MSE of the IoU head (N,)
-    against each thresholded mask's IoU."""
+    against each thresholded mask's IoU. An empty target (a stray region's box) takes no mask
+    loss; its IoU target is 0 (1 if the mask is empty too)."""
     from ..model.losses import dice_loss
 
-    bce = F.binary_cross_entropy_with_logits(logits, target.float())
-    dice = dice_loss(logits, target)
+    has = target.flatten(1).any(1)
     with torch.no_grad():
         pred = logits > 0
-        real_iou = (pred & target).sum((1, 2)) / (pred | target).sum((1, 2)).clamp(min=1)
+        union = (pred | target).sum((1, 2))
+        real_iou = torch.where(union > 0, (pred & target).sum((1, 2)) / union.clamp(min=1), 1.0)
     iou = F.mse_loss(iou_pred, real_iou.float())
+    if has.any():
+        bce = F.binary_cross_entropy_with_logits(logits[has], target[has].float())
+        dice = dice_loss(logits[has], target[has])
+    else:
+        bce = dice = logits.sum() * 0.0
     loss = bce + dice + iou
     return loss, {"bce": float(bce.detach()), "dice": float(dice.detach()), "iou_mse": float(iou.detach())}
 
@@ -217,19 +288,28 @@ def tune_decoder(
     eval_every: int = 50,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    prompt_free_fraction: float = 0.0,
+    prompt_free_jitter: float = 0.05,
     log: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train ``net.mask_decoder`` (everything else frozen) and return the best decoder state on
     ``val`` and a summary (``start``/``best`` validation Dice per modality, ``best_step``).
 
     AdamW (weight decay 0.01), 20 warm-up steps then cosine decay; each step ``batch_size``
-    images drawn at random, one random object each. Validation at step 0, every ``eval_every``
+    images drawn at random, one random object each, its box jittered by up to ``jitter``; with
+    probability ``prompt_free_fraction`` an item is instead one random prompt-free component box
+    (:attr:`BoxSample.pf_boxes`, jittered by up to ``prompt_free_jitter``) of an image that has one. Validation at step 0, every ``eval_every``
     steps and at the end; ``log`` receives each step's losses and each validation.
     """
     if not train or not val:
         raise ValueError("tuning needs training and validation images")
     if steps < 1 or batch_size < 1 or eval_every < 1:
         raise ValueError("steps, batch_size and eval_every must be >= 1")
+    if not 0.0 <= prompt_free_fraction <= 1.0:
+        raise ValueError(f"prompt_free_fraction must be in [0, 1], got {prompt_free_fraction}")
+    with_pf = [i for i, s in enumerate(train) if len(s.pf_boxes)]
+    if prompt_free_fraction > 0 and not with_pf:
+        raise ValueError("prompt_free_fraction > 0 needs training samples with prompt-free boxes (cache_records(segmenter=...))")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net.requires_grad_(False)
@@ -255,15 +335,20 @@ def tune_decoder(
     best = (start_mean, 0, start, {k: v.detach().clone() for k, v in decoder.state_dict().items()})
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        picks = rng.integers(0, len(train), batch_size)
         embs, boxes, targets = [], [], []
-        for i in picks:
-            s = train[int(i)]
-            k = int(rng.integers(0, len(s.boxes)))
+        for _ in range(batch_size):
+            if prompt_free_fraction > 0 and rng.random() < prompt_free_fraction:
+                s = train[with_pf[int(rng.integers(0, len(with_pf)))]]
+                k = int(rng.integers(0, len(s.pf_boxes)))
+                box, target = jitter_boxes(s.pf_boxes[k : k + 1], prompt_free_jitter, rng)[0], s.pf_targets[k]
+            else:
+                s = train[int(rng.integers(0, len(train)))]
+                k = int(rng.integers(0, len(s.boxes)))
+                box, target = jitter_boxes(s.boxes[k : k + 1], jitter, rng)[0], s.masks[k]
             embs.append(s.embedding)
-            boxes.append(s.boxes[k])
-            targets.append(s.masks[k])
-        box = jitter_boxes(torch.stack(boxes), jitter, rng).to(device)
+            boxes.append(box)
+            targets.append(target)
+        box = torch.stack(boxes).to(device)
         low, iou = _decode(net, torch.stack(embs).float().to(device), box, dense_pe, dtype)
         loss, parts = decoder_loss(low, iou, torch.stack(targets).to(device))
         if not torch.isfinite(loss):

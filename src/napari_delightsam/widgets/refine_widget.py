@@ -18,8 +18,9 @@ in the worker, from a copy of the mask taken when the button is pressed; pixels 
 while it runs are left as the user made them. An object LiteMedSAM scores below **Drop below**
 (its predicted IoU) is removed instead: for polyps, skin and breast lesions such objects are
 mostly stray regions (a fold, a reflection, a shadow). It defaults to
-``refine.DEFAULT_MIN_SCORE`` for a mask the segment widget made for one of
-``refine.LESION_MODALITIES`` and to 0 (off) otherwise (vessel trees, nuclei, lungs, painted masks).
+``refine.default_min_score`` (the refiner decoder's own threshold, ``refine.MIN_SCORE_BY_DECODER``)
+for a mask the segment widget made for one of ``refine.LESION_MODALITIES`` and to 0 (off)
+otherwise (vessel trees, nuclei, lungs, painted masks).
 
 Only pixels whose centres lie inside a box change. Each refinement (one box, or one Refine all)
 is one ``Labels.data_setitem`` inside ``Labels.block_history()``: one step of napari's Labels undo.
@@ -39,7 +40,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton, create_widget
 
-from ..refine import DEFAULT_MIN_SCORE, box_pixels, check_box, default_min_score, merge_object
+from ..refine import (
+    DEFAULT_MIN_SCORE,
+    MIN_SCORE_BY_DECODER,
+    box_pixels,
+    check_box,
+    default_decoder,
+    default_min_score,
+    merge_object,
+)
 from ._llvm import avoid_triton_llvm_clash
 from .core import (
     METADATA_KEY,
@@ -123,7 +132,8 @@ class RefineWidget(Container):
         self.score_spin = FloatSpinBox(label="Drop below", min=0.0, max=1.0, step=0.05, value=0.0)
         self.score_spin.tooltip = (
             "Refine all removes an object whose LiteMedSAM score (predicted IoU) is below this; 0 keeps every "
-            f"object. Default {DEFAULT_MIN_SCORE:g} for polyp, skin and breast-lesion masks, 0 otherwise"
+            f"object. Default {DEFAULT_MIN_SCORE:g} for polyp, skin and breast-lesion masks "
+            f"({MIN_SCORE_BY_DECODER['litemedsam']:g} with LiteMedSAM's own decoder), 0 otherwise"
         )
         self.all_button = PushButton(text="Refine all")
         self.all_button.tooltip = (
@@ -187,7 +197,7 @@ class RefineWidget(Container):
         record = (labels.metadata.get(METADATA_KEY, {}) or {}) if labels is not None else {}
         if record.get("instances"):
             self.mode_combo.value = "instances"
-        self.score_spin.value = default_min_score(record.get("modality_used"))
+        self.score_spin.value = default_min_score(record.get("modality_used"), default_decoder())
 
     def _set_status(self, text: str) -> None:
         if alive(self):
