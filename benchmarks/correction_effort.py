@@ -33,7 +33,8 @@ the "Refine all" user: one click on the widget's **Refine all** first (``refine.
 every prompt-free object redrawn by LiteMedSAM from its own bounding box, and removed where
 LiteMedSAM scores its mask below ``--min-score``, the widget's default for these modalities),
 then a box for each object still missed (IoU < ``--iou`` with the refined mask), also with
-erase; and the same with every object kept (no removal).
+erase; and the same with every object kept (no removal). ``--sweep-min-score T ...`` adds the
+Refine all + boxes user for each threshold T (a table of Dice and boxes per image per T).
 
 Timing: ``time.process_time()`` (CPU seconds of this process, all torch threads) and wall
 seconds. "first box" = ``set_image`` (the LiteMedSAM embedding) + the first box's decode and
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float, default=None,
                    help="Refine all removes objects the refiner scores below this "
                         "(default: refine.MIN_SCORE_BY_DECODER for --decoder)")
+    p.add_argument("--sweep-min-score", type=float, nargs="+", metavar="T",
+                   help="also the Refine all + boxes user with each of these thresholds (Dice and boxes per "
+                        "image per threshold; how Refine all's default is chosen, on --split val)")
     p.add_argument("--strict-iou", type=float, default=0.8,
                    help="the 'demanding user' boxes every object below this IoU (default 0.8)")
     p.add_argument("--jitter", type=float, default=0.1, help="box jitter, fraction of its size (default 0.1)")
@@ -251,6 +255,12 @@ def run_image(
     auto_missed = [i for i, iou in enumerate(object_ious(auto, objects)) if iou < args.iou]
     after_auto = correct(auto, [all_masks[i] for i in auto_missed], [boxes[i] for i in auto_missed])
     after_auto_erase, erased_auto = erase_stray(after_auto, gt)
+    sweep: dict[str, list[float]] = {}
+    for threshold in args.sweep_min_score or ():
+        swept = refine_objects(refiner, pf.astype(np.uint8), min_score=threshold).labels > 0
+        swept_missed = [i for i, iou in enumerate(object_ious(swept, objects)) if iou < args.iou]
+        swept = correct(swept, [all_masks[i] for i in swept_missed], [boxes[i] for i in swept_missed])
+        sweep[f"{threshold:g}"] = [dice_score(swept, gt), len(swept_missed)]
     keep_all = refine_objects(refiner, pf.astype(np.uint8)).labels > 0
     keep_missed = [i for i, iou in enumerate(object_ious(keep_all, objects)) if iou < args.iou]
     after_keep = correct(keep_all, [all_masks[i] for i in keep_missed], [boxes[i] for i in keep_missed])
@@ -294,6 +304,7 @@ def run_image(
         "dice_refine_all_boxes": dice_score(after_auto, gt),
         "refine_all_erase_clicks": erased_auto,
         "dice_refine_all_boxes_erase": dice_score(after_auto_erase, gt),
+        "sweep_min_score": sweep,
         "refine_all_cpu_s": refine_all_cpu,
         "refine_all_wall_s": refine_all_wall,
         "prompt_free_cpu_s": pf_cpu,
@@ -389,7 +400,19 @@ def summarise(rows: list[dict[str, Any]], threads: int | None = None) -> dict[st
         "all_boxes_per_image": all_boxes / len(rows) if rows else None,
         "boxes_saved_fraction": 1 - boxes / all_boxes if all_boxes else None,
         "images_with_a_box": sum(1 for r in rows if r["missed"]),
+        "sweep_min_score": sweep_summary(rows),
         **timing(timed),
+    }
+
+
+def sweep_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per ``--sweep-min-score`` threshold: mean Dice and boxes per image of the Refine all +
+    boxes user (thresholds every row has)."""
+    keys = set.intersection(*(set(r.get("sweep_min_score") or {}) for r in rows)) if rows else set()
+    return {
+        t: {"dice": float(np.mean([r["sweep_min_score"][t][0] for r in rows])),
+            "boxes_per_image": float(np.mean([r["sweep_min_score"][t][1] for r in rows]))}
+        for t in sorted(keys, key=float)
     }
 
 
@@ -501,6 +524,20 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"| {_pct(s['dice_all_boxes'])} ({_num(s['all_boxes_per_image'])}) "
             f"| {_pct(s.get('dice_all_boxes_refiner'))} |"
         )
+    thresholds = list(result["overall"].get("sweep_min_score") or {})
+    if thresholds:
+        out += [
+            "",
+            "## Refine all + boxes by Refine all's threshold (Dice % (boxes / image); `--sweep-min-score`)",
+            "",
+            "| modality | LiteMedSAM all boxes | " + " | ".join(f"≥ {t}" for t in thresholds) + " |",
+            "|---|---:|" + "---:|" * len(thresholds),
+        ]
+        for name, s in groups:
+            cells = [f"{_pct(s['sweep_min_score'][t]['dice'])} ({_num(s['sweep_min_score'][t]['boxes_per_image'])})"
+                     if t in s["sweep_min_score"] else "–" for t in thresholds]
+            out.append(f"| {name} | {_pct(s['dice_all_boxes'])} ({_num(s['all_boxes_per_image'])}) | "
+                       + " | ".join(cells) + " |")
     out += [
         "",
         "## Per dataset (Dice %)",
@@ -573,6 +610,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         args.min_score = MIN_SCORE_BY_DECODER["litemedsam" if args.decoder == "litemedsam" else "tuned"]
     if not 0.0 <= args.min_score <= 1.0:
         raise UsageError("--min-score must be in [0, 1]")
+    if any(not 0.0 <= t <= 1.0 for t in args.sweep_min_score or ()):
+        raise UsageError("--sweep-min-score thresholds must be in [0, 1]")
     if not 0.0 <= args.jitter < 0.5:
         raise UsageError("--jitter must be in [0, 0.5)")
     if args.timed_boxes < 1:

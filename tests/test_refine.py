@@ -408,3 +408,40 @@ def test_simulated_user_boxes_missed_objects_and_writes_inside_boxes_only(load_s
     assert dice_score(out, gt) > dice_score(pred, gt)
     cleaned, clicks = bench.erase_stray(out, gt)
     assert clicks == 1 and not cleaned[0:3, 40:60].any()
+
+
+@needs_litemedsam
+def test_the_threshold_sweep_repeats_the_refine_all_user_at_each_threshold(load_script):
+    """``--sweep-min-score``: at Refine all's own threshold it gives exactly the main Refine all +
+    boxes figures; a stricter threshold removes more objects, so the user redraws at least as many."""
+    import argparse
+    from types import SimpleNamespace
+
+    bench = load_script("benchmarks/correction_effort.py")
+    yy, xx = np.mgrid[:96, :128]
+    disc = (yy - 40) ** 2 + (xx - 50) ** 2 < 18**2
+    image = np.where(disc, 200, 30).astype(np.uint8)
+    pf = np.roll(disc, 4, axis=1)  # found, a little off
+    pf[80:90, 100:120] = True  # a stray region on flat background
+
+    class _PromptFree:
+        def segment(self, image, modality=None):
+            return SimpleNamespace(mask=pf)
+
+    from napari_delightsam.refine import load_refiner
+
+    refiner = load_refiner("cpu", decoder="litemedsam")
+    args = argparse.Namespace(iou=0.5, jitter=0.1, jitter_seed=0, timed_boxes=8, min_score=0.75, strict_iou=0.8,
+                              sweep_min_score=[0.75, 1.0])
+    rec = SimpleNamespace(key="dermoscopy/x", modality="dermoscopy", sample_id="0")
+    row = bench.run_image(rec, image, disc, _PromptFree(), refiner, args)
+    assert row["sweep_min_score"]["0.75"] == [row["dice_refine_all_boxes"], row["refine_all_boxes"]]
+    assert row["refine_all_removed"] == 1 and row["refine_all_boxes"] == 0  # the stray region scores low, the disc not
+    strict = row["sweep_min_score"]["1"]
+    assert strict[1] >= row["refine_all_boxes"] and strict[1] == 1  # everything removed: the disc is boxed
+    other = {**row, "sweep_min_score": {"0.75": [0.5, 2], "1": [0.7, 0]}}
+    summary = bench.sweep_summary([row, other])
+    assert list(summary) == ["0.75", "1"]
+    assert summary["0.75"]["boxes_per_image"] == pytest.approx(1.0)
+    assert summary["1"]["dice"] == pytest.approx((strict[0] + 0.7) / 2)
+    assert bench.sweep_summary([row, {**row, "sweep_min_score": {}}]) == {}
