@@ -163,18 +163,22 @@ def test_prompt_free_tensors_pair_each_component_with_the_objects_it_touches():
         T.prompt_free_tensors(pf[:50], gt, (128, 256), scale)
 
 
-def test_an_empty_target_trains_only_the_iou_head_toward_zero():
+def test_a_stray_box_trains_only_the_iou_head_toward_zero():
     target = torch.zeros(2, 256, 256, dtype=torch.bool)
     target[0, 50:100, 60:120] = True  # item 1: a stray region's box, nothing to draw
     logits = torch.where(target, 8.0, -8.0)
     logits[1, 10:20, 10:20] = 8.0  # ... but the decoder drew something
     logits.requires_grad_(True)
-    loss, parts = T.decoder_loss(logits, torch.tensor([1.0, 0.0]), target)
+    stray = torch.tensor([False, True])
+    loss, parts = T.decoder_loss(logits, torch.tensor([1.0, 0.0]), target, stray)
     assert parts["iou_mse"] < 1e-6 and parts["bce"] < 0.01  # the stray mask's IoU is 0; no mask loss for it
     loss.backward()
     assert logits.grad[0].abs().sum() > 0 and float(logits.grad[1].abs().sum()) == 0.0
-    _, wrong = T.decoder_loss(logits.detach(), torch.tensor([1.0, 1.0]), target)
+    _, wrong = T.decoder_loss(logits.detach(), torch.tensor([1.0, 1.0]), target, stray)
     assert wrong["iou_mse"] == pytest.approx(0.5)
+    # not flagged (a ground-truth object that vanished in the 256² frame): drawn empty, as before
+    _, unflagged = T.decoder_loss(logits.detach(), torch.tensor([1.0, 0.0]), target)
+    assert unflagged["dice"] > parts["dice"] + 0.3  # its mask loss counts
 
 
 @needs_litemedsam
@@ -258,7 +262,7 @@ def test_tune_refiner_command_writes_a_loadable_decoder_and_resumes(tmp_path, ca
 
     data = make_synthetic_dataset(tmp_path / "data", {"dermoscopy": ["derm_a"]}, n_per_dataset=12, size=(64, 80))
     out = tmp_path / "run"
-    args = ["tune-refiner", "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "2",
+    args = ["tune-refiner", "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "2", "--prompt-free-fraction", "0.5",
             "--eval-every", "1", "--device", "cpu", "--threads", "1"]
     assert main(args) == 0
     decoder = out / "box_refiner_decoder.safetensors"

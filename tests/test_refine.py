@@ -445,3 +445,31 @@ def test_the_threshold_sweep_repeats_the_refine_all_user_at_each_threshold(load_
     assert summary["0.75"]["boxes_per_image"] == pytest.approx(1.0)
     assert summary["1"]["dice"] == pytest.approx((strict[0] + 0.7) / 2)
     assert bench.sweep_summary([row, {**row, "sweep_min_score": {}}]) == {}
+
+
+@needs_litemedsam
+def test_a_bf16_cpu_refiner_keeps_encoder_weights_in_bf16_and_falls_back_to_fp32(monkeypatch):
+    """On a CPU the bf16 fast path stores the image encoder's weights in bf16; a bf16 forward that
+    fails turns the encoder back to fp32 (with a warning) and the image is embedded in fp32."""
+    from napari_delightsam.refine import BoxRefiner
+
+    refiner = BoxRefiner(L.build_litemedsam(), "cpu", precision="bf16")
+    encoder = refiner.net.image_encoder
+    assert refiner.precision == "bf16" and next(encoder.parameters()).dtype == torch.bfloat16
+    assert "bf16 encoder weights" in refiner.fast_path_description()
+    image, _ = _disc_image()
+    refiner.set_image(image)
+    bf16_masks = refiner.segment_boxes([(28, 18, 73, 63)])
+    forward = type(encoder).forward
+
+    def fails_in_bf16(self, x):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("no bf16 kernel for this op")
+        return forward(self, x)
+
+    monkeypatch.setattr(type(encoder), "forward", fails_in_bf16)
+    with pytest.warns(UserWarning, match="using fp32"):
+        refiner.set_image(image)
+    assert refiner.precision == "fp32" and next(encoder.parameters()).dtype == torch.float32
+    assert refiner._embedding.dtype == torch.float32
+    assert dice_score(refiner.segment_boxes([(28, 18, 73, 63)])[0], bf16_masks[0]) > 0.98

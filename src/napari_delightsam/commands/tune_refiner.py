@@ -3,9 +3,9 @@
     delightsam tune-refiner --data ../shared/data --out RUN --splits benchmarks/protocol/splits-unseen-v1.json
 
 Embeds the training and validation images once (``RUN/cache/{train,val}/``, reused by
-``--resume``; for polyp, skin and breast-lesion images also the prompt-free model's mask, whose
-component boxes are what Refine all prompts with), trains the mask decoder with jittered
-ground-truth boxes and, for ``--prompt-free-fraction`` of each batch, those prompt-free boxes
+``--resume``; with ``--prompt-free-fraction`` > 0, for polyp, skin and breast-lesion images also
+the prompt-free model's mask, whose component boxes are what Refine all prompts with), trains the
+mask decoder with jittered ground-truth boxes and, for that share of each batch, those boxes
 (``training/box_decoder_tuning.py``), keeps the step with the best validation Dice and writes
 ``RUN/box_refiner_decoder.safetensors`` -- load it with ``load_refiner(decoder=FILE)``, or copy
 it to ``weights/`` to make it the bundled "tuned" decoder -- plus ``RUN/metrics.jsonl`` and
@@ -40,9 +40,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default 5e-5)")
     p.add_argument("--jitter", type=float, default=0.2,
                    help="training boxes are jittered by up to this fraction of their size (default 0.2)")
-    p.add_argument("--prompt-free-fraction", type=float, default=0.5,
+    p.add_argument("--prompt-free-fraction", type=float, default=0.0,
                    help="share of each batch drawn from the prompt-free model's component boxes on polyp, skin "
-                        "and breast-lesion images (Refine all's prompts; 0: ground-truth boxes only; default 0.5)")
+                        "and breast-lesion images (Refine all's prompts; default 0: ground-truth boxes only, as "
+                        "the bundled decoder; ablation R11 in the model card)")
     p.add_argument("--prompt-free-jitter", type=float, default=0.05,
                    help="prompt-free boxes are jittered by up to this fraction of their size (default 0.05)")
     p.add_argument("--checkpoint", type=Path,

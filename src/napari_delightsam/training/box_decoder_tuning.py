@@ -15,7 +15,9 @@ With ``prompt_free_fraction`` > 0, that share of each batch is instead a box the
 draws it: the bounding box of one connected component of the prompt-free model's own mask of a
 training image (lesion modalities). Its target is the ground-truth objects the component touches;
 a component that touches none (a stray region) has an empty target, which trains only the IoU
-head (toward 0), so that Refine all's score threshold tells stray regions from lesions.
+head (toward 0), so that Refine all's score threshold tells stray regions from lesions. (Measured
+as ablation R11 in the model card: fewer boxes after Refine all on breast ultrasound, but worse
+masks from a hand-drawn box on unseen nuclei and polyps; the bundled decoder does not use it.)
 
 Embeddings are computed once per image (:func:`cache_records`, one safetensors file per image
 under ``folder``, reused by a resumed run when its metadata matches); a training step then runs
@@ -214,21 +216,22 @@ def jitter_boxes(boxes: torch.Tensor, fraction: float, rng: np.random.Generator,
     return moved.clamp(0, size)
 
 
-def decoder_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def decoder_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor,
+                 stray: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """BCE + soft Dice of (N,256,256) logits against bool targets, + MSE of the IoU head (N,)
-    against each thresholded mask's IoU. An empty target (a stray region's box) takes no mask
-    loss; its IoU target is 0 (1 if the mask is empty too)."""
+    against each thresholded mask's IoU (0 when both are empty). Items flagged ``stray`` (N,)
+    bool -- a prompt-free box around a region with no object -- take no mask loss, only the IoU
+    term (their IoU is 0)."""
     from ..model.losses import dice_loss
 
-    has = target.flatten(1).any(1)
     with torch.no_grad():
         pred = logits > 0
-        union = (pred | target).sum((1, 2))
-        real_iou = torch.where(union > 0, (pred & target).sum((1, 2)) / union.clamp(min=1), 1.0)
+        real_iou = (pred & target).sum((1, 2)) / (pred | target).sum((1, 2)).clamp(min=1)
     iou = F.mse_loss(iou_pred, real_iou.float())
-    if has.any():
-        bce = F.binary_cross_entropy_with_logits(logits[has], target[has].float())
-        dice = dice_loss(logits[has], target[has])
+    drawn = torch.ones(len(target), dtype=torch.bool, device=target.device) if stray is None else ~stray.to(target.device)
+    if drawn.any():
+        bce = F.binary_cross_entropy_with_logits(logits[drawn], target[drawn].float())
+        dice = dice_loss(logits[drawn], target[drawn])
     else:
         bce = dice = logits.sum() * 0.0
     loss = bce + dice + iou
@@ -274,6 +277,31 @@ def validation_dice(net: nn.Module, samples: Sequence[BoxSample], *, dtype: torc
         per.setdefault(s.modality, []).append(dice_from_counts(int((pred & gt).sum()), int(pred.sum()), int(gt.sum())))
     net.mask_decoder.train(was_training)
     return {m: float(np.mean(v)) for m, v in sorted(per.items())}
+
+
+def _mixed_batch(train: Sequence[BoxSample], with_pf: Sequence[int], batch_size: int, jitter: float,
+                 fraction: float, pf_jitter: float, rng: np.random.Generator,
+                 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch: per item, with probability ``fraction`` a random prompt-free component box of a
+    random image in ``with_pf`` (jittered by up to ``pf_jitter``), else a random ground-truth
+    object of a random image (jittered by up to ``jitter``). Returns embeddings, (B,4) boxes,
+    (B,256,256) targets and (B,) stray flags (a prompt-free box with an empty target)."""
+    embs, boxes, targets, stray = [], [], [], []
+    for _ in range(batch_size):
+        if rng.random() < fraction:
+            s = train[with_pf[int(rng.integers(0, len(with_pf)))]]
+            k = int(rng.integers(0, len(s.pf_boxes)))
+            boxes.append(jitter_boxes(s.pf_boxes[k : k + 1], pf_jitter, rng)[0])
+            targets.append(s.pf_targets[k])
+            stray.append(not bool(s.pf_targets[k].any()))
+        else:
+            s = train[int(rng.integers(0, len(train)))]
+            k = int(rng.integers(0, len(s.boxes)))
+            boxes.append(jitter_boxes(s.boxes[k : k + 1], jitter, rng)[0])
+            targets.append(s.masks[k])
+            stray.append(False)
+        embs.append(s.embedding)
+    return embs, torch.stack(boxes), torch.stack(targets), torch.tensor(stray)
 
 
 def tune_decoder(
@@ -335,22 +363,18 @@ def tune_decoder(
     best = (start_mean, 0, start, {k: v.detach().clone() for k, v in decoder.state_dict().items()})
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        embs, boxes, targets = [], [], []
-        for _ in range(batch_size):
-            if prompt_free_fraction > 0 and rng.random() < prompt_free_fraction:
-                s = train[with_pf[int(rng.integers(0, len(with_pf)))]]
-                k = int(rng.integers(0, len(s.pf_boxes)))
-                box, target = jitter_boxes(s.pf_boxes[k : k + 1], prompt_free_jitter, rng)[0], s.pf_targets[k]
-            else:
-                s = train[int(rng.integers(0, len(train)))]
-                k = int(rng.integers(0, len(s.boxes)))
-                box, target = jitter_boxes(s.boxes[k : k + 1], jitter, rng)[0], s.masks[k]
-            embs.append(s.embedding)
-            boxes.append(box)
-            targets.append(target)
-        box = torch.stack(boxes).to(device)
-        low, iou = _decode(net, torch.stack(embs).float().to(device), box, dense_pe, dtype)
-        loss, parts = decoder_loss(low, iou, torch.stack(targets).to(device))
+        if prompt_free_fraction > 0:
+            embs, box, target, stray = _mixed_batch(train, with_pf, batch_size, jitter, prompt_free_fraction,
+                                                    prompt_free_jitter, rng)
+        else:  # ground-truth boxes only: the draws of the bundled decoder's run (stop 25)
+            picks = [int(i) for i in rng.integers(0, len(train), batch_size)]
+            ks = [int(rng.integers(0, len(train[i].boxes))) for i in picks]
+            embs = [train[i].embedding for i in picks]
+            box = jitter_boxes(torch.stack([train[i].boxes[k] for i, k in zip(picks, ks, strict=True)]), jitter, rng)
+            target = torch.stack([train[i].masks[k] for i, k in zip(picks, ks, strict=True)])
+            stray = None
+        low, iou = _decode(net, torch.stack(embs).float().to(device), box.to(device), dense_pe, dtype)
+        loss, parts = decoder_loss(low, iou, target.to(device), stray)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)
