@@ -132,8 +132,10 @@ class RefineWidget(Container):
         self.score_spin = FloatSpinBox(label="Drop below", min=0.0, max=1.0, step=0.05, value=0.0)
         self.score_spin.tooltip = (
             "Refine all removes an object whose LiteMedSAM score (predicted IoU) is below this; 0 keeps every "
-            f"object. Default {DEFAULT_MIN_SCORE:g} for polyp, skin and breast-lesion masks "
-            f"({MIN_SCORE_BY_DECODER['litemedsam']:g} with LiteMedSAM's own decoder), 0 otherwise"
+            f"object. Default {DEFAULT_MIN_SCORE:g} for polyp, skin and breast-lesion masks"
+            + (f" ({MIN_SCORE_BY_DECODER['litemedsam']:g} with LiteMedSAM's own decoder)"
+               if MIN_SCORE_BY_DECODER["litemedsam"] != DEFAULT_MIN_SCORE else "")
+            + ", 0 otherwise"
         )
         self.all_button = PushButton(text="Refine all")
         self.all_button.tooltip = (
