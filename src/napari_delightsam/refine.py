@@ -86,7 +86,7 @@ DEFAULT_MIN_COMPONENT_FRACTION = 1e-4
 DEFAULT_MAX_BOXES = 200
 #: Refine all removes an object whose refiner score (the decoder's predicted IoU) is below this,
 #: for LESION_MODALITIES; the score's calibration is the decoder's own, so each has its value,
-#: chosen on the validation split (``benchmarks/correction_effort.py --split val --min-score ...``,
+#: chosen on the validation split (``benchmarks/correction_effort.py --split val --sweep-min-score ...``,
 #: weights/MODEL_CARD.md): "litemedsam" (LiteMedSAM as published), "tuned" (any tuned decoder file)
 MIN_SCORE_BY_DECODER = {"litemedsam": 0.9, "tuned": 0.9}
 #: the default decoder's threshold
