@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", nargs="+", metavar="M", help="only these modalities")
     p.add_argument("--iou", type=float, default=0.5, help="an object is missed below this IoU (default 0.5)")
     p.add_argument("--min-score", type=float, default=None,
-                   help="Refine all removes objects the refiner scores below this "
-                        "(default: refine.MIN_SCORE_BY_DECODER for --decoder)")
+                   help="Refine all removes objects the refiner scores below this, on every image "
+                        "(default: the widget's, refine.default_min_score(modality, decoder): "
+                        "MIN_SCORE_BY_DECODER for polyps, skin and breast lesions, 0 (keep all) for the others)")
     p.add_argument("--sweep-min-score", type=float, nargs="+", metavar="T",
                    help="also the Refine all + boxes user with each of these thresholds (Dice and boxes per "
                         "image per threshold; how Refine all's default is chosen, on --split val)")
@@ -189,6 +190,14 @@ def erase_stray(mask: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, int]:
     return mask & ~stray, n
 
 
+def refine_min_score(given: float | None, modality: str, decoder: str) -> float:
+    """Refine all's threshold for an image: ``given`` (``--min-score``) when set, else what the
+    widget uses for ``modality`` with ``decoder`` (:func:`refine.default_min_score`)."""
+    from napari_delightsam.refine import default_min_score
+
+    return default_min_score(modality, decoder) if given is None else given
+
+
 def _clock() -> tuple[float, float]:
     return time.process_time(), time.perf_counter()
 
@@ -249,7 +258,8 @@ def run_image(
     from napari_delightsam.refine import refine_objects
 
     start = _clock()
-    refined = refine_objects(refiner, pf.astype(np.uint8), min_score=args.min_score)
+    min_score = refine_min_score(args.min_score, rec.modality, refiner.decoder)
+    refined = refine_objects(refiner, pf.astype(np.uint8), min_score=min_score)
     refine_all_cpu, refine_all_wall = _since(start)
     auto = refined.labels > 0
     auto_missed = [i for i, iou in enumerate(object_ious(auto, objects)) if iou < args.iou]
@@ -294,6 +304,7 @@ def run_image(
         "dice_after_strict_erase": dice_score(after_strict_erase, gt),
         "dice_all_boxes": dice_score(all_union, gt),
         "dice_all_boxes_refiner": dice_score(refiner_union, gt),
+        "refine_all_min_score": min_score,
         "refine_all_objects": len(refined.boxes),
         "refine_all_removed": int(sum(refined.removed)),
         "refine_all_scores": [round(float(q), 4) for q in refined.scores],
@@ -424,6 +435,17 @@ def _num(v: float | None, fmt: str = ".2f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _min_scores(info: dict[str, Any]) -> str:
+    """Refine all's threshold(s) of a run, for the text: one value, or one per modality."""
+    if info.get("min_score") is not None:
+        return f"{info['min_score']:g} (--min-score)"
+    by_mod = info.get("min_score_by_modality") or {}
+    values = sorted(set(by_mod.values()))
+    if len(values) == 1:
+        return f"{values[0]:g}, the widget's default"
+    return "the widget's default per modality: " + ", ".join(f"{m} {v:g}" for m, v in by_mod.items())
+
+
 def format_markdown(result: dict[str, Any]) -> str:
     info = result["info"]
     groups = [(m, s) for m, s in result["modalities"].items()] + [("**all images**", result["overall"])]
@@ -500,8 +522,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"- *demanding*: boxes every object whose IoU is below {info['strict_iou']} (not only below "
         f"{info['iou']}), and erases stray regions too;",
         "- *Refine all*: presses the widget's Refine all first (every prompt-free object redrawn by LiteMedSAM "
-        f"from its own bounding box, no box drawn; objects LiteMedSAM scores below {info['min_score']} removed, "
-        "the widget's default for these modalities), then boxes each object still below "
+        f"from its own bounding box, no box drawn; objects LiteMedSAM scores below {_min_scores(info)} removed), "
+        "then boxes each object still below "
         f"{info['iou']} IoU; also with erase; *keep all*: the same with no object removed.",
         "",
         "| modality | main user: Dice (boxes / image) | + erase: Dice (clicks / image) "
@@ -604,11 +626,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     if not (0.0 < args.iou <= 1.0 and 0.0 < args.strict_iou <= 1.0):
         raise UsageError("--iou and --strict-iou must be in (0, 1]")
-    if args.min_score is None:  # the threshold chosen for this decoder's score calibration
-        from napari_delightsam.refine import MIN_SCORE_BY_DECODER
-
-        args.min_score = MIN_SCORE_BY_DECODER["litemedsam" if args.decoder == "litemedsam" else "tuned"]
-    if not 0.0 <= args.min_score <= 1.0:
+    if args.min_score is not None and not 0.0 <= args.min_score <= 1.0:
         raise UsageError("--min-score must be in [0, 1]")
     if any(not 0.0 <= t <= 1.0 for t in args.sweep_min_score or ()):
         raise UsageError("--sweep-min-score thresholds must be in [0, 1]")
@@ -695,6 +713,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "iou": args.iou,
             "strict_iou": args.strict_iou,
             "min_score": args.min_score,
+            "min_score_by_modality": {
+                m: refine_min_score(args.min_score, m, refiner.decoder) for m in sorted(by_mod)
+            },
             "jitter": args.jitter,
             "jitter_seed": args.jitter_seed,
             "timed_boxes": args.timed_boxes,

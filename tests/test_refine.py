@@ -448,6 +448,43 @@ def test_the_threshold_sweep_repeats_the_refine_all_user_at_each_threshold(load_
 
 
 @needs_litemedsam
+def test_without_min_score_the_benchmark_uses_the_widgets_threshold_per_modality(load_script):
+    """No ``--min-score``: Refine all in the benchmark removes low-scoring objects only where the
+    widget does (lesion modalities, at the decoder's threshold) and keeps every object elsewhere."""
+    import argparse
+    from types import SimpleNamespace
+
+    from napari_delightsam.refine import default_min_score, load_refiner
+
+    bench = load_script("benchmarks/correction_effort.py")
+    assert bench.refine_min_score(None, "ultrasound", "tuned") == default_min_score("ultrasound", "tuned") > 0
+    assert bench.refine_min_score(None, "microscopy", "tuned") == 0.0
+    assert bench.refine_min_score(0.3, "microscopy", "tuned") == 0.3
+    yy, xx = np.mgrid[:96, :128]
+    disc = (yy - 40) ** 2 + (xx - 50) ** 2 < 18**2
+    image = np.where(disc, 200, 30).astype(np.uint8)
+    pf = disc.copy()
+    pf[80:90, 100:120] = True  # a stray region on flat background: LiteMedSAM scores it low
+
+    class _PromptFree:
+        def segment(self, image, modality=None):
+            return SimpleNamespace(mask=pf)
+
+    refiner = load_refiner("cpu", decoder="litemedsam")
+    args = argparse.Namespace(iou=0.5, jitter=0.1, jitter_seed=0, timed_boxes=8, min_score=None, strict_iou=0.8,
+                              sweep_min_score=None)
+    rows = {}
+    for modality in ("dermoscopy", "microscopy"):
+        rec = SimpleNamespace(key=f"{modality}/x", modality=modality, sample_id="0")
+        rows[modality] = bench.run_image(rec, image, disc, _PromptFree(), refiner, args)
+    assert rows["dermoscopy"]["refine_all_min_score"] == default_min_score("dermoscopy", "litemedsam")
+    assert rows["dermoscopy"]["refine_all_removed"] == 1
+    assert rows["microscopy"]["refine_all_min_score"] == 0.0 and rows["microscopy"]["refine_all_removed"] == 0
+    info = {"min_score": None, "min_score_by_modality": {"dermoscopy": 0.9, "microscopy": 0.0}}
+    assert bench._min_scores(info) == "the widget's default per modality: dermoscopy 0.9, microscopy 0"
+
+
+@needs_litemedsam
 def test_a_bf16_cpu_refiner_keeps_encoder_weights_in_bf16_and_falls_back_to_fp32(monkeypatch):
     """On a CPU the bf16 fast path stores the image encoder's weights in bf16; a bf16 forward that
     fails turns the encoder back to fp32 (with a warning) and the image is embedded in fp32."""
