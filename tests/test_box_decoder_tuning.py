@@ -225,18 +225,54 @@ def test_tuning_learns_a_convention_litemedsam_does_not_know(tmp_path):
         t = T.sample_tensors(refiner, image, half)
         assert t["embedding"].dtype == torch.bfloat16 and t["masks"].shape[1:] == (256, 256)
         samples.append(T.BoxSample(t["embedding"], t["masks"].bool(), t["boxes"], "dermoscopy"))
-    rows: list[dict] = []
+    from napari_delightsam.training.runfolder import RunLog, read_metrics
+
+    events: list[dict] = []
     net = refiner.net
     before = {k: v.clone() for k, v in net.mask_decoder.state_dict().items()}
     best, summary = T.tune_decoder(net, samples, samples, steps=24, lr=3e-4, batch_size=3, jitter=0.0,
-                                   eval_every=8, log=rows.append)
+                                   eval_every=8, log=RunLog(tmp_path / "metrics.jsonl", events.append))
     assert summary["best_mean"] > summary["start_mean"] + 0.05
-    assert summary["best_step"] in (8, 16, 24)
-    assert [r["step"] for r in rows if "val_mean" in r] == [0, 8, 16, 24]
+    assert summary["best_step"] in (8, 16, 24) and summary["steps"] == 24 and not summary["stopped"]
+    rows = read_metrics(tmp_path / "metrics.jsonl")  # the project's one training loop wrote them
+    validated = [r for r in rows if "val_mean" in r]
+    assert [r["global_step"] for r in validated] == [0, 8, 16, 24]
+    assert [r["type"] for r in validated] == ["initial", "epoch", "epoch", "epoch"]
+    assert max(r["val_mean"] for r in validated) == pytest.approx(summary["best_mean"])
+    assert [r["global_step"] for r in rows if r["type"] == "step"] == list(range(1, 25))
+    assert {"bce", "dice", "iou_mse", "lr"} <= set(rows[1])
+    assert [e["global_step"] for e in events if e["event"] == "epoch"] == [8, 16, 24]
     assert set(best) == set(before) and any(not torch.equal(best[k], before[k]) for k in before)
     assert not any(p.requires_grad for p in net.parameters())
     with pytest.raises(ValueError, match="training and validation"):
         T.tune_decoder(net, [], samples)
+    with pytest.raises(ValueError, match="multiple of eval_every"):
+        T.tune_decoder(net, samples, samples, steps=10, eval_every=4)
+
+
+@needs_litemedsam
+def test_a_stopped_tuning_run_ends_early_and_returns_the_best_state_so_far(tmp_path):
+    """The stop flag of the training loop: set after the third step, the run ends there and
+    returns the best validated state (the start, or the stopped weights if they are better)."""
+    import threading
+
+    from napari_delightsam.refine import load_refiner
+    from napari_delightsam.training.runfolder import RunLog
+
+    refiner = load_refiner("cpu", decoder="litemedsam")
+    image, half = _ring_image(cx=50)
+    t = T.sample_tensors(refiner, image, half)
+    samples = [T.BoxSample(t["embedding"], t["masks"].bool(), t["boxes"], "dermoscopy")]
+    stop = threading.Event()
+
+    def progress(event: dict) -> None:
+        if event.get("event") == "step" and event["global_step"] == 3:
+            stop.set()
+
+    best, summary = T.tune_decoder(refiner.net, samples, samples, steps=20, lr=3e-4, batch_size=2, eval_every=10,
+                                   log=RunLog(tmp_path / "m.jsonl", progress), stop=stop)
+    assert summary["stopped"] and summary["steps"] == 3 and summary["best_step"] in (0, 3)
+    assert set(best) == set(refiner.net.mask_decoder.state_dict())
 
 
 def test_sample_tensors_refuses_an_empty_mask():
@@ -270,7 +306,7 @@ def test_tune_refiner_command_writes_a_loadable_decoder_and_resumes(tmp_path, ca
     assert summary["steps"] == 2 and summary["best_step"] in (0, 1, 2)
     assert "dermoscopy" in summary["metadata"]["trained_on"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "val_mean" in r] == [0, 1, 2]
+    assert [r["global_step"] for r in rows if "val_mean" in r] == [0, 1, 2]
     refiner = load_refiner("cpu", decoder=decoder)
     assert refiner.weights["decoder"] == "tuned" and refiner.decoder == "tuned"
     from safetensors import safe_open
@@ -295,6 +331,7 @@ def test_tune_refiner_command_writes_a_loadable_decoder_and_resumes(tmp_path, ca
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # embeddings reused, not recomputed
     assert main(["tune-refiner", "--data", str(data), "--out", str(tmp_path / "r2"), "--jitter", "0.7"]) == 2
     assert main(["tune-refiner", "--data", str(data), "--out", str(tmp_path / "r3"), "--prompt-free-fraction", "1.5"]) == 2
+    assert main(["tune-refiner", "--data", str(data), "--out", str(tmp_path / "r5"), "--steps", "5", "--eval-every", "2"]) == 2
     assert main(["tune-refiner", "--data", str(data), "--out", str(tmp_path / "r4"),
                  "--checkpoint", str(tmp_path / "absent.safetensors")]) == 2
 

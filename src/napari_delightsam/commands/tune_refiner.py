@@ -48,7 +48,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="prompt-free boxes are jittered by up to this fraction of their size (default 0.05)")
     p.add_argument("--checkpoint", type=Path,
                    help="De-LightSAM .safetensors for the prompt-free masks (default: the bundled model)")
-    p.add_argument("--eval-every", type=int, default=50, help="validate every N steps (default 50)")
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="validate every N steps (default 50; --steps must be a multiple of it)")
     p.add_argument("--max-per-dataset", type=int, help="at most N images per dataset and split (seeded choice)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..model.litemedsam import save_box_decoder
     from ..refine import LESION_MODALITIES, load_refiner
     from ..training.box_decoder_tuning import cache_records, load_cached, tune_decoder
+    from ..training.runfolder import RunLog
 
     if not 0.0 <= args.jitter < 0.5 or not 0.0 <= args.prompt_free_jitter < 0.5:
         raise CommandError("--jitter and --prompt-free-jitter must be in [0, 0.5)")
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--checkpoint: {args.checkpoint} is not a file")
     if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.lr <= 0:
         raise CommandError("--steps, --batch-size, --eval-every and --lr must be positive")
+    if args.steps % args.eval_every:
+        raise CommandError(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out} exists and is not a folder")
@@ -109,14 +113,13 @@ def run(args: argparse.Namespace) -> int:
     for line in skipped + skipped_val:
         say(f"skipped {line}")
     dtype = torch.bfloat16 if choose_precision(device, "auto", fast=True) == "bf16" else None  # native bf16 only
-    metrics = open(out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    metrics = out / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)  # training starts afresh; only the embeddings are resumed
 
-    def log(row: dict[str, Any]) -> None:
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        if "val_mean" in row:
-            per = ", ".join(f"{m} {100 * v:.1f}" for m, v in row["val_dice"].items())
-            say(f"step {row['step']}: validation Dice {100 * row['val_mean']:.2f} ({per})")
+    def progress(event: dict[str, Any]) -> None:
+        if "val_mean" in event:
+            per = ", ".join(f"{m} {100 * v:.1f}" for m, v in event["val_dice"].items())
+            say(f"step {event['global_step']}: validation Dice {100 * event['val_mean']:.2f} ({per})")
 
     net = refiner.net
     net.mask_decoder.float()
@@ -126,15 +129,12 @@ def run(args: argparse.Namespace) -> int:
         say("no training image of " + "/".join(LESION_MODALITIES) + " has a prompt-free object: "
             "training with ground-truth boxes only (--prompt-free-fraction 0)")
         fraction = 0.0
-    try:
-        best, summary = tune_decoder(
-            net, train, load_cached(val_files), steps=args.steps, lr=args.lr,
-            batch_size=args.batch_size, jitter=args.jitter, eval_every=args.eval_every, seed=args.seed,
-            dtype=dtype, prompt_free_fraction=fraction, prompt_free_jitter=args.prompt_free_jitter,
-            log=log,
-        )
-    finally:
-        metrics.close()
+    best, summary = tune_decoder(
+        net, train, load_cached(val_files), steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, jitter=args.jitter, eval_every=args.eval_every, seed=args.seed,
+        dtype=dtype, prompt_free_fraction=fraction, prompt_free_jitter=args.prompt_free_jitter,
+        log=RunLog(metrics, progress),
+    )
     net.mask_decoder.load_state_dict(best)
     command = "delightsam " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "delightsam tune-refiner"
     trained_on = f"{args.splits.name if args.splits else f'make_splits seed {args.seed}'} train split, " + ", ".join(

@@ -3,6 +3,8 @@
 config.py       TrainConfig (the recipe, stored with every run)
 trainer.py      train(...) -> TrainResult: the named steps that prepare a segmentation run
 distill.py      MDKD stages: common KD, ViT-Med teacher, domain KD
+refiner_stage.py, heads.py  recipe stages on recorded inputs / cached embeddings
+box_decoder_tuning.py       the box refiner's decoder (`delightsam tune-refiner`)
 loop.py         run_loop: the one epoch/step loop every run above goes through
 batches.py      the seeded, modality-balanced batch stream of an epoch
 optim.py        parameter groups (freeze, lr_scale), Adam + exponential decay

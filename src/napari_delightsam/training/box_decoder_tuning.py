@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..refine import LESION_MODALITIES
+from .loop import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
+from .runfolder import RunLog
 
 __all__ = [
     "BoxSample",
@@ -318,7 +320,8 @@ def tune_decoder(
     dtype: torch.dtype | None = None,
     prompt_free_fraction: float = 0.0,
     prompt_free_jitter: float = 0.05,
-    log: Callable[[dict[str, Any]], None] | None = None,
+    log: RunLog | None = None,
+    stop: StopFlag | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train ``net.mask_decoder`` (everything else frozen) and return the best decoder state on
     ``val`` and a summary (``start``/``best`` validation Dice per modality, ``best_step``).
@@ -326,25 +329,30 @@ def tune_decoder(
     AdamW (weight decay 0.01), 20 warm-up steps then cosine decay; each step ``batch_size``
     images drawn at random, one random object each, its box jittered by up to ``jitter``; with
     probability ``prompt_free_fraction`` an item is instead one random prompt-free component box
-    (:attr:`BoxSample.pf_boxes`, jittered by up to ``prompt_free_jitter``) of an image that has one. Validation at step 0, every ``eval_every``
-    steps and at the end; ``log`` receives each step's losses and each validation.
+    (:attr:`BoxSample.pf_boxes`, jittered by up to ``prompt_free_jitter``) of an image that has
+    one. The steps run in the project's one training loop (:func:`loop.run_loop`), an "epoch" of
+    ``eval_every`` steps between validations (so ``steps`` must be a multiple of it); validation
+    also at step 0. ``log`` (a :class:`RunLog`) gets the ``initial`` row, a ``step`` row per step
+    and an ``epoch`` row per validation (``global_step``, ``val_mean``, ``val_dice`` per modality),
+    and their events; ``stop`` ends the run early (the best state so far is returned).
     """
     if not train or not val:
         raise ValueError("tuning needs training and validation images")
     if steps < 1 or batch_size < 1 or eval_every < 1:
         raise ValueError("steps, batch_size and eval_every must be >= 1")
+    if steps % eval_every:
+        raise ValueError(f"steps ({steps}) must be a multiple of eval_every ({eval_every})")
     if not 0.0 <= prompt_free_fraction <= 1.0:
         raise ValueError(f"prompt_free_fraction must be in [0, 1], got {prompt_free_fraction}")
     with_pf = [i for i, s in enumerate(train) if len(s.pf_boxes)]
     if prompt_free_fraction > 0 and not with_pf:
         raise ValueError("prompt_free_fraction > 0 needs training samples with prompt-free boxes (cache_records(segmenter=...))")
-    torch.manual_seed(seed)
+    log = log if log is not None else RunLog(Path("metrics.jsonl"), is_main=False)  # records nothing
     rng = np.random.default_rng(seed)
     net.requires_grad_(False)
     net.eval()
     decoder = net.mask_decoder
     decoder.requires_grad_(True)
-    decoder.train()
     device = next(decoder.parameters()).device
     dense_pe = net.prompt_encoder.get_dense_pe().detach().to(device)
     opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.01)
@@ -352,45 +360,61 @@ def tune_decoder(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
 
-    def score(step: int) -> tuple[float, dict[str, float]]:
-        per = validation_dice(net, val, dtype=dtype)
-        mean = float(np.mean(list(per.values())))
-        if log:
-            log({"step": step, "val_dice": per, "val_mean": mean})
-        return mean, per
+    def batches(epoch: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        while True:  # one draw per step, from the one generator: the draws of a single straight run
+            if prompt_free_fraction > 0:
+                yield _mixed_batch(train, with_pf, batch_size, jitter, prompt_free_fraction, prompt_free_jitter, rng)
+            else:  # ground-truth boxes only: the draws of the bundled decoder's run (stop 25)
+                picks = [int(i) for i in rng.integers(0, len(train), batch_size)]
+                ks = [int(rng.integers(0, len(train[i].boxes))) for i in picks]
+                box = jitter_boxes(torch.stack([train[i].boxes[k] for i, k in zip(picks, ks, strict=True)]), jitter, rng)
+                target = torch.stack([train[i].masks[k] for i, k in zip(picks, ks, strict=True)])
+                yield [train[i].embedding for i in picks], box, target, None
 
-    start_mean, start = score(0)
-    best = (start_mean, 0, start, {k: v.detach().clone() for k, v in decoder.state_dict().items()})
-    t0 = time.perf_counter()
-    for step in range(1, steps + 1):
-        if prompt_free_fraction > 0:
-            embs, box, target, stray = _mixed_batch(train, with_pf, batch_size, jitter, prompt_free_fraction,
-                                                    prompt_free_jitter, rng)
-        else:  # ground-truth boxes only: the draws of the bundled decoder's run (stop 25)
-            picks = [int(i) for i in rng.integers(0, len(train), batch_size)]
-            ks = [int(rng.integers(0, len(train[i].boxes))) for i in picks]
-            embs = [train[i].embedding for i in picks]
-            box = jitter_boxes(torch.stack([train[i].boxes[k] for i, k in zip(picks, ks, strict=True)]), jitter, rng)
-            target = torch.stack([train[i].masks[k] for i, k in zip(picks, ks, strict=True)])
-            stray = None
+    done = {"steps": 0}  # optimizer steps taken (one micro-batch each)
+
+    def loss_fn(batch: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]) -> Loss:
+        done["steps"] += 1
+        embs, box, target, stray = batch
         low, iou = _decode(net, torch.stack(embs).float().to(device), box.to(device), dense_pe, dtype)
         loss, parts = decoder_loss(low, iou, target.to(device), stray)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log:
-            log({"step": step, "loss": float(loss.detach()), **parts, "lr": sched.get_last_lr()[0],
-                 "seconds": time.perf_counter() - t0})
-        if step % eval_every == 0 or step == steps:
-            mean, per = score(step)
-            if mean > best[0]:
-                best = (mean, step, per, {k: v.detach().clone() for k, v in decoder.state_dict().items()})
+            raise FloatingPointError(f"non-finite loss: {parts}")
+        return Loss(loss, parts)
+
+    def validate() -> dict[str, Any]:
+        per = validation_dice(net, val, dtype=dtype)
+        return {"val_mean": float(np.mean(list(per.values()))), "val_dice": per}
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+
+    start = validate()
+    log.record({"type": "initial", "epoch": -1, "global_step": 0, **start})
+    log.emit({"event": "initial", "global_step": 0, **start})
+    kept = {"state": snapshot(), "summary": start, "step": 0}
+
+    def keep(summary: dict[str, Any], epoch: int) -> None:  # also after a stop, mid-"epoch"
+        kept.update(state=snapshot(), summary=summary, step=done["steps"])
+
+    best = BestKeeper("val_mean", keep, value=start["val_mean"], epoch=-1)
+    t0 = time.perf_counter()
+    with isolated_rng(device):
+        outcome = run_loop(
+            Schedule(epochs=steps // eval_every, steps_per_epoch=eval_every, seed=seed, log_every=1,
+                     samples_per_step=batch_size, scheduler_per_step=True),
+            batches,
+            loss_fn,
+            opt,
+            sched,
+            list(decoder.named_parameters()),
+            EpochHooks(train_mode=decoder.train, save_last=lambda *_: None, validate=validate, best=best),
+            log,
+            stop=stop,
+        )
     decoder.requires_grad_(False)
     decoder.eval()
-    summary = {"start": start, "start_mean": start_mean, "best": best[2], "best_mean": best[0], "best_step": best[1],
-               "steps": steps, "seconds": time.perf_counter() - t0}
-    return best[3], summary
-
+    summary = {"start": start["val_dice"], "start_mean": start["val_mean"], "best": kept["summary"]["val_dice"],
+               "best_mean": kept["summary"]["val_mean"], "best_step": kept["step"], "steps": outcome.global_step,
+               "stopped": outcome.stopped, "seconds": time.perf_counter() - t0}
+    return kept["state"], summary
