@@ -258,11 +258,13 @@ def test_refine_all_keeps_what_the_user_paints_while_it_runs(make_napari_viewer,
     assert shapes is not None
 
 
-def test_refine_all_drops_low_scoring_objects_of_lesion_masks(make_napari_viewer, qtbot, fake):
+def test_refine_all_drops_low_scoring_objects_of_lesion_masks(make_napari_viewer, qtbot, fake, monkeypatch):
     viewer = make_napari_viewer()
     image, mask = _rough_scene()  # the stroke on dark pixels scores 0, A 400 / 484, C's part 1
     lesion = {METADATA_KEY: {"kind": "mask", "modality_used": "colonoscopy"}}
     img, lab, widget = _open(viewer, image, mask, lesion)
+    asked: list[tuple] = []
+    monkeypatch.setattr(type(widget), "_confirm_refine_all", lambda self, *a: asked.append(a) or True)
     from napari_delightsam.refine import default_decoder, default_min_score
 
     expected = default_min_score("colonoscopy", default_decoder())
@@ -279,9 +281,39 @@ def test_refine_all_drops_low_scoring_objects_of_lesion_masks(make_napari_viewer
     other = viewer.add_labels(_rough_scene()[1], name="vessels", metadata={METADATA_KEY: {"modality_used": "fundus"}})
     widget.labels_picker.value = other
     assert widget.score_spin.value == 0.0
+    assert asked == []  # a lesion mask: no question
     widget.refine_all()
     _wait_idle(qtbot, widget)
+    assert asked == [("vessels", "fundus")]  # a vessel mask: asked first (answered Yes here)
     assert (other.data[2:4, 60:64] == 1).all()
+
+
+def test_refine_all_asks_before_redrawing_vessels_nuclei_or_lungs(make_napari_viewer, qtbot, fake, monkeypatch):
+    """Where Refine all measured worse than the prompt-free mask (refine.REFINE_ALL_LOWERS), it
+    asks first; No leaves the mask as it is and runs nothing, Yes refines; other masks: no question."""
+    from napari_delightsam.refine import REFINE_ALL_LOWERS, refine_all_suits
+
+    assert set(REFINE_ALL_LOWERS) == {"fundus", "microscopy", "xray"}
+    assert refine_all_suits(None) and refine_all_suits("ultrasound") and not refine_all_suits("microscopy")
+    viewer = make_napari_viewer()
+    image, mask = _rough_scene()
+    img, lab, widget = _open(viewer, image, mask, {METADATA_KEY: {"kind": "mask", "modality_used": "microscopy"}})
+    answers: list[bool] = [False]
+    asked: list[tuple] = []
+    monkeypatch.setattr(type(widget), "_confirm_refine_all", lambda self, *a: asked.append(a) or answers[0])
+    before = lab.data.copy()
+    assert widget.refine_all() is None
+    qtbot.wait(50)
+    np.testing.assert_array_equal(lab.data, before)
+    assert asked == [(lab.name, "microscopy")] and "not run" in widget.status.value
+    answers[0] = True
+    assert widget.refine_all() is not None
+    _wait_idle(qtbot, widget)
+    assert not np.array_equal(lab.data, before) and len(asked) == 2
+    painted = viewer.add_labels(mask.copy(), name="painted")  # no modality: no question
+    widget.labels_picker.value = painted
+    assert widget.refine_all() is not None and len(asked) == 2
+    _wait_idle(qtbot, widget)
 
 
 def test_refine_all_instances_mode_refines_each_id(make_napari_viewer, qtbot, fake):

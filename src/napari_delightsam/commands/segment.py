@@ -5,7 +5,8 @@ Writes ``<stem>_mask.png`` (uint8 0/255, the input's exact size) per image, plus
 redraws every object of each mask with LiteMedSAM from its own bounding box
 (``refine.refine_objects``, as the napari widget's Refine all; objects LiteMedSAM scores below
 ``--refine-min-score`` are removed, by default ``refine.default_min_score``: the refiner
-decoder's threshold for the lesion modalities and 0 for the others); the heatmap stays the model's. Images are
+decoder's threshold for the lesion modalities and 0 for the others; vessel, nuclei and lung masks,
+``refine.REFINE_ALL_LOWERS``, are left as segmented, with a note); the heatmap stays the model's. Images are
 read and preprocessed one by one and run through the network ``--batch-size`` at a time as
 one stacked tensor. Under ``torchrun`` (``WORLD_SIZE`` > 1) each rank takes
 ``files[RANK::WORLD_SIZE]`` and its own GPU (``cuda:LOCAL_RANK``); no process group is needed.
@@ -125,6 +126,9 @@ class _Reporter:
     def error(self, message: str) -> None:
         self.failed += 1
         self._write(f"delightsam segment: error: {message}")
+
+    def note(self, message: str) -> None:
+        self._write(f"delightsam segment: {message}")
 
     def skip(self, message: str) -> None:
         self.skipped += 1
@@ -295,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
         report.error(message)
     done = 0
     pending: list[tuple[_Job, object, object]] = []
+    left_unrefined: set[str] = set()
+    from ..refine import refine_all_suits
 
     def flush() -> None:
         nonlocal done
@@ -311,8 +317,13 @@ def run(args: argparse.Namespace) -> int:
             pending.clear()
             return
         for (job, _, image), result in zip(pending, results, strict=True):
+            refine = refiner is not None and refine_all_suits(result.modality)
+            if refiner is not None and not refine and result.modality not in left_unrefined:
+                left_unrefined.add(result.modality)
+                report.note(f"--refine leaves {result.modality} masks as segmented: redrawing vessels, nuclei or "
+                            "lungs from their boxes lowered Dice on the validation split (refine.REFINE_ALL_LOWERS)")
             try:
-                mask = result.mask if refiner is None else _refined(refiner, image, result, args.refine_min_score)
+                mask = _refined(refiner, image, result, args.refine_min_score) if refine else result.mask
             except RuntimeError as exc:
                 report.error(f"{job.source}: --refine failed: {exc}")
                 bar.update(1)

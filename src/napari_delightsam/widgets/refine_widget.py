@@ -20,7 +20,9 @@ while it runs are left as the user made them. An object LiteMedSAM scores below 
 mostly stray regions (a fold, a reflection, a shadow). It defaults to
 ``refine.default_min_score`` (the refiner decoder's own threshold, ``refine.MIN_SCORE_BY_DECODER``)
 for a mask the segment widget made for one of ``refine.LESION_MODALITIES`` and to 0 (off)
-otherwise (vessel trees, nuclei, lungs, painted masks).
+otherwise (vessel trees, nuclei, lungs, painted masks). On a vessel, nuclei or lung mask
+(``refine.REFINE_ALL_LOWERS``, where Refine all measured worse than the prompt-free mask) it asks
+first.
 
 Only pixels whose centres lie inside a box change. Each refinement (one box, or one Refine all)
 is one ``Labels.data_setitem`` inside ``Labels.block_history()``: one step of napari's Labels undo.
@@ -48,6 +50,7 @@ from ..refine import (
     default_decoder,
     default_min_score,
     merge_object,
+    refine_all_suits,
 )
 from ._llvm import avoid_triton_llvm_clash
 from .core import (
@@ -254,12 +257,31 @@ class RefineWidget(Container):
         if not snapshot.any():
             notify("warning", f"'{labels.name}' has no objects here to refine: segment first, or draw boxes")
             return None
+        modality = ((labels.metadata.get(METADATA_KEY, {}) or {}).get("modality_used"))
+        if not refine_all_suits(modality) and not self._confirm_refine_all(labels.name, modality):
+            self._set_status(f"Refine all not run on '{labels.name}' ({modality}).")
+            return None
         protected = np.array(self._protected_for(labels)[lead] if lead else self._protected_for(labels))
         job = RefineJob(weakref.ref(image), weakref.ref(labels), prepared, z, None, self.device_combo.value,
                         mode=self.mode_combo.value, image_name=image.name, drawn={"refine_all": True, "slice": z},
                         snapshot=snapshot, protected=protected, min_score=float(self.score_spin.value) or None)
         self._submit(job)
         return job
+
+    def _confirm_refine_all(self, name: str, modality: str) -> bool:
+        """Ask before Refine all on a mask of a modality where it measured worse (vessels,
+        nuclei, lungs: ``refine.REFINE_ALL_LOWERS``); No is the default."""
+        from qtpy.QtWidgets import QMessageBox
+
+        answer = QMessageBox.question(
+            self.native, "Refine all?",
+            f"'{name}' is a {modality} mask. Refine all redraws each object from its bounding box, and on "
+            f"{modality} masks that lowered Dice on the validation split: the prompt-free model draws vessels, "
+            "nuclei and lungs better than LiteMedSAM does from their boxes (see the model card).\n\n"
+            "Refine all the same? (It is one undo step of the mask layer: Ctrl+Z.)",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
 
     def _boxes_layer(self, image: Any, prepared: Any) -> Any:
         from napari.layers import Shapes
