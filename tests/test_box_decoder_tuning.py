@@ -86,12 +86,13 @@ def test_load_refiner_names_its_decoder(tmp_path, monkeypatch):
 
 
 def test_refine_all_threshold_follows_the_decoder_and_the_modality():
-    from napari_delightsam.refine import DEFAULT_MIN_SCORE, MIN_SCORE_BY_DECODER, default_min_score
+    from napari_delightsam.refine import LESION_MODALITIES, MIN_SCORE_BY_DECODER, default_min_score
 
-    assert DEFAULT_MIN_SCORE == MIN_SCORE_BY_DECODER["tuned"]
-    for modality in ("colonoscopy", "dermoscopy", "ultrasound"):
-        assert default_min_score(modality) == MIN_SCORE_BY_DECODER["tuned"]
-        assert default_min_score(modality, "litemedsam") == MIN_SCORE_BY_DECODER["litemedsam"]
+    for decoder in ("tuned", "litemedsam"):
+        assert set(MIN_SCORE_BY_DECODER[decoder]) == set(LESION_MODALITIES)
+    for modality in LESION_MODALITIES:
+        assert 0 < default_min_score(modality) == MIN_SCORE_BY_DECODER["tuned"][modality] < 1
+        assert default_min_score(modality, "litemedsam") == MIN_SCORE_BY_DECODER["litemedsam"][modality]
     for other in ("fundus", "microscopy", "xray", None):
         assert default_min_score(other) == 0.0 == default_min_score(other, "litemedsam")
     with pytest.raises(ValueError, match="decoder must be one of"):

@@ -62,7 +62,6 @@ __all__ = [
     "DEFAULT_MAX_BOXES",
     "DEFAULT_MIN_COMPONENT_FRACTION",
     "DECODER_CHOICES",
-    "DEFAULT_MIN_SCORE",
     "LESION_MODALITIES",
     "MERGE_MODES",
     "MIN_SCORE_BY_DECODER",
@@ -87,12 +86,16 @@ DEFAULT_MIN_COMPONENT_FRACTION = 1e-4
 #: at most this many boxes per image, largest components first
 DEFAULT_MAX_BOXES = 200
 #: Refine all removes an object whose refiner score (the decoder's predicted IoU) is below this,
-#: for LESION_MODALITIES; the score's calibration is the decoder's own, so each has its value,
-#: chosen on the validation split (``benchmarks/correction_effort.py --split val --sweep-min-score ...``,
-#: weights/MODEL_CARD.md): "litemedsam" (LiteMedSAM as published), "tuned" (any tuned decoder file)
-MIN_SCORE_BY_DECODER = {"litemedsam": 0.9, "tuned": 0.9}
-#: the default decoder's threshold
-DEFAULT_MIN_SCORE = MIN_SCORE_BY_DECODER["tuned"]
+#: per decoder and lesion modality (the score's calibration is the decoder's own):
+#: "tuned" (any tuned decoder file): on the validation split (``benchmarks/correction_effort.py
+#: --split val --sweep-min-score 0.7 ... 0.92``, the model card), per modality the threshold with
+#: the fewest boxes per image among those no worse than 0.9 (stop 25's single value) in both Dice
+#: and boxes -- ties: the higher threshold; "litemedsam" (LiteMedSAM as published): stop 24's
+#: single value, chosen on val
+MIN_SCORE_BY_DECODER: dict[str, dict[str, float]] = {
+    "litemedsam": {"colonoscopy": 0.9, "dermoscopy": 0.9, "ultrasound": 0.9},
+    "tuned": {"colonoscopy": 0.9, "dermoscopy": 0.85, "ultrasound": 0.88},
+}
 LESION_MODALITIES = ("colonoscopy", "dermoscopy", "ultrasound")
 #: modalities whose prompt-free masks Refine all makes worse: a box per connected component
 #: says little about a vessel tree, nuclei or lungs, which the prompt-free model draws better than
@@ -105,10 +108,11 @@ REFINE_ALL_LOWERS = ("fundus", "microscopy", "xray")
 def default_min_score(modality: str | None, decoder: str = "tuned") -> float:
     """Refine all's default ``min_score`` for a mask of ``modality`` (None: unknown, e.g.
     painted) refined with ``decoder`` ("tuned" or "litemedsam", :attr:`BoxRefiner.decoder`):
-    ``MIN_SCORE_BY_DECODER[decoder]`` for ``LESION_MODALITIES``, else 0 (keep every object)."""
+    ``MIN_SCORE_BY_DECODER[decoder][modality]`` for ``LESION_MODALITIES``, else 0 (keep every
+    object)."""
     if decoder not in MIN_SCORE_BY_DECODER:
         raise ValueError(f"decoder must be one of {tuple(MIN_SCORE_BY_DECODER)}, got {decoder!r}")
-    return MIN_SCORE_BY_DECODER[decoder] if modality in LESION_MODALITIES else 0.0
+    return MIN_SCORE_BY_DECODER[decoder].get(modality or "", 0.0)
 
 
 def refine_all_suits(modality: str | None) -> bool:

@@ -43,7 +43,6 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton, create_widget
 
 from ..refine import (
-    DEFAULT_MIN_SCORE,
     MIN_SCORE_BY_DECODER,
     box_pixels,
     check_box,
@@ -135,10 +134,11 @@ class RefineWidget(Container):
         self.score_spin = FloatSpinBox(label="Drop below", min=0.0, max=1.0, step=0.05, value=0.0)
         self.score_spin.tooltip = (
             "Refine all removes an object whose LiteMedSAM score (predicted IoU) is below this; 0 keeps every "
-            f"object. Default {DEFAULT_MIN_SCORE:g} for polyp, skin and breast-lesion masks"
-            + (f" ({MIN_SCORE_BY_DECODER['litemedsam']:g} with LiteMedSAM's own decoder)"
-               if MIN_SCORE_BY_DECODER["litemedsam"] != DEFAULT_MIN_SCORE else "")
-            + ", 0 otherwise"
+            "object. Defaults, for masks the segment widget made: "
+            + ", ".join(f"{m} {v:g}" for m, v in MIN_SCORE_BY_DECODER["tuned"].items())
+            + " with the tuned decoder ("
+            + ", ".join(f"{m} {v:g}" for m, v in MIN_SCORE_BY_DECODER["litemedsam"].items())
+            + " with LiteMedSAM's own); 0 otherwise"
         )
         self.all_button = PushButton(text="Refine all")
         self.all_button.tooltip = (
