@@ -355,6 +355,24 @@ def test_refine_objects_removes_objects_scoring_below_min_score():
             refine_objects(fake, mask, min_score=bad)
 
 
+def test_a_min_score_of_zero_keeps_objects_the_iou_head_scores_below_zero():
+    """LiteMedSAM's IoU head can predict slightly below 0; min_score 0 means keep every object
+    (the widget's and the command's "off"), as None does."""
+    image = np.full((40, 60), 20, dtype=np.uint8)
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[30:36, 40:50] = 1
+
+    class _Negative(_BrightRefiner):
+        def segment_box_crops(self, boxes):
+            crops, scores = super().segment_box_crops(boxes)
+            return crops, scores - 0.05
+
+    fake = _Negative(image)
+    assert float(refine_objects(fake, mask).scores[0]) < 0
+    assert refine_objects(fake, mask, min_score=0.0).removed == [False]
+    assert refine_objects(fake, mask, min_score=0.01).removed == [True]
+
+
 def test_refine_objects_with_litemedsam_fits_a_rough_mask_to_the_object(refiner):
     image, disc = _disc_image()
     rough = np.zeros(disc.shape, dtype=np.uint8)

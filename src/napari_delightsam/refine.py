@@ -578,9 +578,10 @@ def refine_objects(
     * ``"instances"``: the id's pixels outside LiteMedSAM's object become 0 (unless protected),
       the object's pixels that are background or that id become the id; other ids stay.
 
-    With ``min_score``, an object whose LiteMedSAM mask scores below it (the decoder's predicted
-    IoU, :meth:`BoxRefiner.segment_boxes_scored`) is removed instead: its own pixels (the
-    component, or the id's pixels) become 0, protected pixels excepted. It is for lesion-like objects (polyps, skin and
+    With ``min_score`` (None or 0: keep every object), an object whose LiteMedSAM mask scores
+    below it (the decoder's predicted IoU, :meth:`BoxRefiner.segment_boxes_scored`) is removed
+    instead: its own pixels (the component, or the id's pixels) become 0, protected pixels
+    excepted. It is for lesion-like objects (polyps, skin and
     breast lesions), where such an object is usually a stray region (measured in
     ``benchmarks/correction_effort.py``); not for vessel trees, whose box is the whole image.
 
@@ -601,7 +602,8 @@ def refine_objects(
     if min_score is not None and not (math.isfinite(min_score) and 0.0 <= min_score <= 1.0):
         raise ValueError(f"min_score must be in [0, 1], got {min_score!r}")
     crops, scores = refiner.segment_box_crops(boxes)
-    removed = [min_score is not None and float(q) < min_score for q in scores]
+    # 0 keeps every object, as None does: the IoU head can predict slightly below 0
+    removed = [bool(min_score) and float(q) < min_score for q in scores]
     for box, value, member, crop, drop in zip(boxes, values, members, crops, removed, strict=True):
         rows, cols = box_pixels(box, lab.shape)
         current = out[rows, cols]
