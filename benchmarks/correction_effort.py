@@ -75,13 +75,17 @@ class UsageError(Exception):
     """Bad input: one line, exit code 2."""
 
 
+#: paired bootstrap over images: Refine all + boxes vs LiteMedSAM with every object boxed
+BOOTSTRAP_RESAMPLES = 10_000
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="correction_effort.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", type=Path, required=True, help="data root: <modality>/<dataset>/images|masks")
+    p.add_argument("--data", type=Path, help="data root: <modality>/<dataset>/images|masks (required unless --resummarise)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--checkpoint", type=Path, help="De-LightSAM .safetensors (default: the bundled model)")
     p.add_argument("--split", choices=("test", "val", "train", "unseen", "all"), default="test")
@@ -112,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help=f"skip images already in OUT/{PARTIAL_FILE}")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resummarise", type=Path, metavar="JSON",
+                   help="rebuild the summaries and the report of an earlier run from its correction_effort.json "
+                        "(its per-image rows) into --out; no image is run")
     return p
 
 
@@ -412,8 +419,25 @@ def summarise(rows: list[dict[str, Any]], threads: int | None = None) -> dict[st
         "boxes_saved_fraction": 1 - boxes / all_boxes if all_boxes else None,
         "images_with_a_box": sum(1 for r in rows if r["missed"]),
         "sweep_min_score": sweep_summary(rows),
+        # Refine all + boxes minus LiteMedSAM with every object boxed, per image
+        "refine_all_boxes_vs_all_boxes": paired_bootstrap(
+            [r["dice_refine_all_boxes"] for r in rows], [r["dice_all_boxes"] for r in rows]
+        ),
         **timing(timed),
     }
+
+
+def paired_bootstrap(a: list[float], b: list[float], *, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = 0) -> dict[str, float] | None:
+    """Mean of ``a - b`` (paired per image) and its 95 % percentile-bootstrap interval over
+    images (``resamples`` draws, seeded); None without images."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(d.mean()), "ci95_low": float(lo), "ci95_high": float(hi), "resamples": resamples}
 
 
 def sweep_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -546,6 +570,16 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"| {_pct(s['dice_all_boxes'])} ({_num(s['all_boxes_per_image'])}) "
             f"| {_pct(s.get('dice_all_boxes_refiner'))} |"
         )
+    if all(s.get("refine_all_boxes_vs_all_boxes") for _, s in groups):
+        out += [
+            "",
+            "Refine all + boxes minus LiteMedSAM all boxes, Dice points per image (mean [95 % paired bootstrap "
+            f"interval, {BOOTSTRAP_RESAMPLES:,} resamples]): "
+            + "; ".join(
+                f"{name.strip('*')} {100 * b['mean']:+.2f} [{100 * b['ci95_low']:+.2f}, {100 * b['ci95_high']:+.2f}]"
+                for name, b in ((n, s["refine_all_boxes_vs_all_boxes"]) for n, s in groups)
+            ),
+        ]
     thresholds = list(result["overall"].get("sweep_min_score") or {})
     if thresholds:
         out += [
@@ -619,7 +653,8 @@ def _clean(v: Any) -> Any:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from napari_delightsam.atomic_files import atomic_write
+    if args.data is None:
+        raise UsageError("--data is required (unless --resummarise)")
     from napari_delightsam.data import BadSampleError, discover, load_pair, load_splits, make_splits, select
     from napari_delightsam.inference import load_model, set_threads
     from napari_delightsam.refine import load_refiner
@@ -694,55 +729,67 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    threads = torch.get_num_threads()
     order = {(r.key, r.sample_id): i for i, r in enumerate(chosen)}
     rows.sort(key=lambda r: order.get((r["key"], r["id"]), len(order)))
-    by_mod: dict[str, list[dict[str, Any]]] = {}
-    by_key: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_mod.setdefault(r["modality"], []).append(r)
-        by_key.setdefault(r["key"], []).append(r)
-    result = {
-        "info": {
-            "command": f"python benchmarks/correction_effort.py {shlex.join(argv)}".rstrip(),
-            "data": str(args.data),
-            "split": args.split,
-            "seed": args.seed,
-            "splits_file": str(args.splits) if args.splits is not None else None,
-            "max_per_dataset": args.max_per_dataset,
-            "iou": args.iou,
-            "strict_iou": args.strict_iou,
-            "min_score": args.min_score,
-            "min_score_by_modality": {
-                m: refine_min_score(args.min_score, m, refiner.decoder) for m in sorted(by_mod)
-            },
-            "jitter": args.jitter,
-            "jitter_seed": args.jitter_seed,
-            "timed_boxes": args.timed_boxes,
-            "checkpoint": str(seg.checkpoint_path) if seg.checkpoint_path else "untrained",
-            "checkpoint_sha256": seg.checkpoint_sha256,
-            "segmenter": seg.fast_path_description(),
-            "refiner": refiner.fast_path_description(),
-            "refiner_weights": refiner.weights,
-            "refiner_decoder": (
-                "its own decoder" if refiner.weights.get("decoder_file") is None
-                else f"the tuned decoder {Path(refiner.weights['decoder_file']).name} "
-                f"(sha256 {str(refiner.weights['decoder_sha256'])[:12]}…, trained on {refiner.weights.get('decoder_trained_on')})"
-            ),
-            "threads": torch.get_num_threads(),
-            "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "niceness": os.nice(0) if hasattr(os, "nice") else None,
-            "load_average_start": load_start,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "code_version": _code_version(),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "wall_seconds_this_leg": time.perf_counter() - t0,
+    by_mod = _grouped(rows, "modality")
+    info = {
+        "command": f"python benchmarks/correction_effort.py {shlex.join(argv)}".rstrip(),
+        "data": str(args.data),
+        "split": args.split,
+        "seed": args.seed,
+        "splits_file": str(args.splits) if args.splits is not None else None,
+        "max_per_dataset": args.max_per_dataset,
+        "iou": args.iou,
+        "strict_iou": args.strict_iou,
+        "min_score": args.min_score,
+        "min_score_by_modality": {
+            m: refine_min_score(args.min_score, m, refiner.decoder) for m in sorted(by_mod)
         },
+        "jitter": args.jitter,
+        "jitter_seed": args.jitter_seed,
+        "timed_boxes": args.timed_boxes,
+        "checkpoint": str(seg.checkpoint_path) if seg.checkpoint_path else "untrained",
+        "checkpoint_sha256": seg.checkpoint_sha256,
+        "segmenter": seg.fast_path_description(),
+        "refiner": refiner.fast_path_description(),
+        "refiner_weights": refiner.weights,
+        "refiner_decoder": (
+            "its own decoder" if refiner.weights.get("decoder_file") is None
+            else f"the tuned decoder {Path(refiner.weights['decoder_file']).name} "
+            f"(sha256 {str(refiner.weights['decoder_sha256'])[:12]}…, trained on {refiner.weights.get('decoder_trained_on')})"
+        ),
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "niceness": os.nice(0) if hasattr(os, "nice") else None,
+        "load_average_start": load_start,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "code_version": _code_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_seconds_this_leg": time.perf_counter() - t0,
+    }
+    _write(out, build_result(info, rows, skipped))
+    partial.unlink(missing_ok=True)
+    return 0
+
+
+def _grouped(rows: list[dict[str, Any]], field: str) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r[field], []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def build_result(info: dict[str, Any], rows: list[dict[str, Any]], skipped: list[str]) -> dict[str, Any]:
+    """The run's JSON: ``info``, the summaries (overall, per modality, per dataset; timings over
+    the rows run with ``info['threads']`` threads) and the per-image ``rows``."""
+    threads = info.get("threads")
+    return {
+        "info": info,
         "overall": summarise(rows, threads),
-        "modalities": {m: summarise(v, threads) for m, v in sorted(by_mod.items())},
-        "datasets": {k: summarise(v, threads) for k, v in sorted(by_key.items())},
+        "modalities": {m: summarise(v, threads) for m, v in _grouped(rows, "modality").items()},
+        "datasets": {k: summarise(v, threads) for k, v in _grouped(rows, "key").items()},
         "timing_by_threads": {
             str(t): timing([r for r in rows if r.get("threads") == t])
             for t in sorted({r.get("threads") for r in rows if r.get("threads") is not None})
@@ -750,12 +797,37 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "skipped": skipped,
         "images": rows,
     }
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    from napari_delightsam.atomic_files import atomic_write
+
     markdown = format_markdown(result)
     text = json.dumps(_clean(result), indent=1, allow_nan=False)
     atomic_write(out / OUTPUT_FILES[0], lambda tmp: tmp.write_text(text, encoding="utf-8"))
     atomic_write(out / OUTPUT_FILES[1], lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
-    partial.unlink(missing_ok=True)
     print(markdown)
+
+
+def resummarise(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--resummarise JSON``: the summaries and report of an earlier run, rebuilt from its rows."""
+    source: Path = args.resummarise
+    try:
+        earlier = json.loads(source.read_text(encoding="utf-8"))
+        info, rows = dict(earlier["info"]), list(earlier["images"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--resummarise: {source} is not a correction_effort.json: {exc}") from None
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    existing = [f for f in OUTPUT_FILES if (out / f).exists()]
+    if existing and not args.overwrite and out.resolve() != source.parent.resolve():
+        raise UsageError(f"{out} already holds {', '.join(existing)}; pass --overwrite or choose another --out")
+    if out.resolve() == source.parent.resolve() and not args.overwrite:
+        raise UsageError("--resummarise into the run's own folder replaces its report: pass --overwrite")
+    info["resummarised"] = f"python benchmarks/correction_effort.py {shlex.join(argv)}".rstrip()
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out, build_result(info, rows, list(earlier.get("skipped") or [])))
     return 0
 
 
@@ -763,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        return run(args, argv)
+        return resummarise(args, argv) if args.resummarise is not None else run(args, argv)
     except UsageError as exc:
         print(f"correction_effort.py: error: {exc}", file=sys.stderr)
         return 2

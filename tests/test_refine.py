@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -528,3 +529,43 @@ def test_a_bf16_cpu_refiner_keeps_encoder_weights_in_bf16_and_falls_back_to_fp32
     assert refiner.precision == "fp32" and next(encoder.parameters()).dtype == torch.float32
     assert refiner._embedding.dtype == torch.float32
     assert dice_score(refiner.segment_boxes([(28, 18, 73, 63)])[0], bf16_masks[0]) > 0.98
+
+
+def test_paired_bootstrap_interval(load_script):
+    bench = load_script("benchmarks/correction_effort.py")
+    constant = bench.paired_bootstrap([0.9, 0.8, 0.7], [0.8, 0.7, 0.6], resamples=200)
+    assert constant["mean"] == pytest.approx(0.1) and constant["ci95_low"] == pytest.approx(0.1)
+    rng = np.random.default_rng(3)
+    b = rng.uniform(0.5, 0.9, 60)
+    a = b + rng.normal(0.02, 0.05, 60)
+    res = bench.paired_bootstrap(list(a), list(b))
+    assert res["ci95_low"] < res["mean"] < res["ci95_high"]
+    assert res["mean"] == pytest.approx(float(np.mean(a - b)))
+    assert res == bench.paired_bootstrap(list(a), list(b))  # seeded
+    assert bench.paired_bootstrap([], []) is None
+
+
+@needs_litemedsam
+def test_the_benchmark_end_to_end_and_its_report_rebuilt_from_its_json(tmp_path, load_script):
+    """A run on a synthetic dataset writes the JSON and the report; ``--resummarise`` rebuilds the
+    same report from the JSON's rows alone, and refuses to replace a report without --overwrite."""
+    from napari_delightsam.data.synthetic import make_synthetic_dataset
+
+    bench = load_script("benchmarks/correction_effort.py")
+    data = make_synthetic_dataset(tmp_path / "data", {"dermoscopy": ["derm_a"]}, n_per_dataset=3, size=(64, 80))
+    out = tmp_path / "run"
+    assert bench.main(["--data", str(data), "--out", str(out), "--split", "all", "--threads", "1", "--quiet"]) == 0
+    result = json.loads((out / "correction_effort.json").read_text())
+    from napari_delightsam.refine import default_decoder, default_min_score
+
+    assert result["overall"]["n"] == 3
+    assert result["info"]["min_score_by_modality"] == {"dermoscopy": default_min_score("dermoscopy", default_decoder())}
+    assert result["overall"]["refine_all_boxes_vs_all_boxes"]["resamples"] == bench.BOOTSTRAP_RESAMPLES
+    again = tmp_path / "again"
+    assert bench.main(["--resummarise", str(out / "correction_effort.json"), "--out", str(again)]) == 0
+    assert (again / "correction_effort.md").read_text() == (out / "correction_effort.md").read_text()
+    rebuilt = json.loads((again / "correction_effort.json").read_text())
+    assert rebuilt["modalities"] == result["modalities"] and "resummarised" in rebuilt["info"]
+    assert bench.main(["--resummarise", str(out / "correction_effort.json"), "--out", str(out)]) == 2
+    assert bench.main(["--resummarise", str(tmp_path / "absent.json"), "--out", str(tmp_path / "x")]) == 2
+    assert bench.main(["--out", str(tmp_path / "y")]) == 2  # --data is needed for a run
