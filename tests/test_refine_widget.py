@@ -310,6 +310,11 @@ def test_refine_all_asks_before_redrawing_vessels_nuclei_or_lungs(make_napari_vi
     assert widget.refine_all() is not None
     _wait_idle(qtbot, widget)
     assert not np.array_equal(lab.data, before) and len(asked) == 2
+    from napari_delightsam.refine import default_decoder, default_min_score
+
+    breast = viewer.add_labels(mask.copy(), name="breast", metadata={METADATA_KEY: {"modality_used": "ultrasound"}})
+    widget.labels_picker.value = breast  # Drop below takes the modality's own threshold, all its digits
+    assert widget.score_spin.value == pytest.approx(default_min_score("ultrasound", default_decoder()), abs=1e-9)
     painted = viewer.add_labels(mask.copy(), name="painted")  # no modality: no question
     widget.labels_picker.value = painted
     assert widget.refine_all() is not None and len(asked) == 2
