@@ -669,12 +669,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError("--jitter must be in [0, 0.5)")
     if args.timed_boxes < 1:
         raise UsageError("--timed-boxes must be >= 1")
-    out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    existing = [f for f in OUTPUT_FILES if (out / f).exists()]
-    if existing and not args.overwrite:
-        raise UsageError(f"{out} already holds {', '.join(existing)}; pass --overwrite or choose another --out")
+    out: Path = _usable_out(args.out, args.overwrite)
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise UsageError(f"checkpoint {args.checkpoint} does not exist")
     try:
@@ -774,6 +769,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _usable_out(out: Path, overwrite: bool) -> Path:
+    """``out`` when it can take the report: a folder (or nothing yet) without one, or ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    existing = [f for f in OUTPUT_FILES if (out / f).exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{out} already holds {', '.join(existing)}; pass --overwrite or choose another --out")
+    return out
+
+
 def _grouped(rows: list[dict[str, Any]], field: str) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -817,14 +822,7 @@ def resummarise(args: argparse.Namespace, argv: list[str]) -> int:
         info, rows = dict(earlier["info"]), list(earlier["images"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--resummarise: {source} is not a correction_effort.json: {exc}") from None
-    out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    existing = [f for f in OUTPUT_FILES if (out / f).exists()]
-    if existing and not args.overwrite and out.resolve() != source.parent.resolve():
-        raise UsageError(f"{out} already holds {', '.join(existing)}; pass --overwrite or choose another --out")
-    if out.resolve() == source.parent.resolve() and not args.overwrite:
-        raise UsageError("--resummarise into the run's own folder replaces its report: pass --overwrite")
+    out = _usable_out(args.out, args.overwrite)  # the run's own folder too: its report is replaced
     info["resummarised"] = f"python benchmarks/correction_effort.py {shlex.join(argv)}".rstrip()
     out.mkdir(parents=True, exist_ok=True)
     _write(out, build_result(info, rows, list(earlier.get("skipped") or [])))
