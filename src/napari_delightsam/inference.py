@@ -115,6 +115,9 @@ class SegmentationResult:
     threshold: float = 0.5
     #: how the input was read (layout, intensity window...)
     info: PrepInfo | None = None
+    #: None for a whole-image run; for a tiled run (``tiling.py``) its layout: tiles, grid
+    #: (rows, columns), tile, scale, overlap, working_size
+    tiling: dict[str, Any] | None = None
 
     def rethreshold(self, threshold: float) -> np.ndarray:
         """The mask at another threshold, without running the network again."""
@@ -465,16 +468,57 @@ class Segmenter:
         threshold: float = 0.5,
         *,
         nan_policy: NanPolicy = "raise",
+        tiling: str = "auto",
+        tile_scale: float | None = None,
+        tile_overlap: int | None = None,
+        tile_batch_size: int | None = None,
     ) -> SegmentationResult:
         """Segment one 2D image (see ``preprocess`` for accepted layouts and dtypes).
 
         ``modality``: "auto" (needs a trained modality head), a name such as "dermoscopy"
         (aliases: "x-ray", "cxr", "endoscopy", "us") or an index into ``config.modalities``.
+        ``tiling``: "auto" (tiled where ``tiling.AUTO_TILING`` says so: large microscopy and
+        fundus images), "on" (always tiled) or "off" (the whole image resized to the network's
+        input); ``tile_scale`` (resize factor before tiling), ``tile_overlap`` (working pixels)
+        and ``tile_batch_size`` (tiles per network call) default to the modality's policy. A
+        tiled result has ``result.tiling`` (its layout) and ``timings["tiles"]``.
         """
         threshold = _check_threshold(threshold)
         self.resolve_modality(modality)  # refuse a bad modality before preprocessing
-        prepared = self.prepare(image, nan_policy=nan_policy)
-        return self.segment_prepared([prepared], modality, threshold)[0]
+        if tiling == "off":
+            prepared = self.prepare(image, nan_policy=nan_policy)
+            return self.segment_prepared([prepared], modality, threshold)[0]
+        steps = self.segment_steps(
+            image, modality, threshold, nan_policy=nan_policy, tiling=tiling, tile_scale=tile_scale,
+            tile_overlap=tile_overlap, tile_batch_size=tile_batch_size,
+        )
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+
+    def segment_steps(
+        self,
+        image: Any,
+        modality: ModalitySpec | None = "auto",
+        threshold: float = 0.5,
+        *,
+        nan_policy: NanPolicy = "raise",
+        tiling: str = "auto",
+        tile_scale: float | None = None,
+        tile_overlap: int | None = None,
+        tile_batch_size: int | None = None,
+    ):
+        """``segment`` as a generator: yields ``(tiles done, tiles)`` after each batch of tiles
+        (nothing for a whole-image run) and returns the :class:`SegmentationResult`; closing it
+        between tiles cancels the run (``tiling.iter_segment``)."""
+        from .tiling import iter_segment
+
+        return iter_segment(
+            self, image, modality, threshold, tiling=tiling, tile_scale=tile_scale,
+            tile_overlap=tile_overlap, batch_size=tile_batch_size, nan_policy=nan_policy,
+        )
 
 
 def load_model(

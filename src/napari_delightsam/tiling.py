@@ -1,0 +1,440 @@
+"""Tiled inference: images of any size segmented at the objects' own scale.
+
+Whole-image inference resizes every image to the network's input (S×S, 512² for the bundled
+model). That suits a polyp frame or a chest X-ray; it shrinks the nuclei of a 2048² H&E field or
+the vessels of a large fundus photograph below what the network can see. Tiled inference::
+
+    image (H,W[,C]) --prepare_array--> (H,W,C) [0,255]                        (as whole-image)
+      --resize by tile_scale--> working image (Hw,Ww), sides a multiple of the output stride g
+      --S×S tiles, neighbours overlapping by >= tile_overlap working px (reflect-padded where
+        the working image is smaller than S)-->
+      --batches of tiles on the device (the Segmenter's fast paths)--> mask logits (S/g)² and
+        SP-Generator patch logits (resized to (S/g)²) per tile
+      --accumulate w·logits and w on the (Hw/g, Ww/g) output grid, w a per-tile window-->
+      --logits = sum(w·logits) / sum(w), resized to (H,W), sigmoid--> probability, heatmap;
+        mask = probability > threshold
+
+``tile_scale`` is the factor the image is resized by before tiling (1.0: its own pixels; 0.5:
+halved, for objects twice as large in pixels as in the training images; 2.0: doubled). The
+training images are resized to S×S as a whole, so "the training scale" is the scale of an image
+of about S² pixels: the stored MoNuSeg tiles (512²) and the DRIVE/STARE/IDRiD images (about 512²)
+are at scale 1.0.
+
+Blending: each tile's logits are weighted by a separable raised-cosine (Hann) ramp over its
+overlap with each neighbour, flat (1.0) in its interior and on sides at the image border, never
+below ``WINDOW_FLOOR``; the blended logit of a pixel is the weighted mean over the tiles that
+cover it (the weight map is the sum of the windows, so every pixel's weights sum to 1 after the
+division). Blending is in logit space on the network's own output grid, so an image of exactly
+S×S tiled at scale 1 gives the whole-image result (one tile, weight 1), and the sigmoid comes
+after the resize to (H,W), as in the whole-image path. A constant image gives a seam-free map.
+
+Memory (bounded, streaming): tiles are cut from the working image one batch at a time (never a
+stack of all tiles); the state kept is three float32 maps on the output grid (Hw/g × Ww/g, i.e.
+1/4 of the working pixels for the bundled model, g = 2; 1/16 for g = 4): the weighted logit sum,
+the weighted heatmap-logit sum and the weight sum. float32 because float16 loses integer-step
+precision above 2048 and the grid is small. Beyond that: the input, the prepared uint8 (or
+float32) copy, the working image when tile_scale != 1, and the outputs themselves (probability and
+heatmap (H,W) float32, mask (H,W) bool), as in whole-image inference. A 8192² RGB image at scale
+1 keeps 3 × 4096² × 4 B = 192 MB of accumulators.
+
+The auto rule (``AUTO_TILING``) says, per modality, when ``tiling="auto"`` tiles and at which
+scale; it was measured with ``benchmarks/tiled_inference.py`` (docs/tiled-inference.md).
+Modalities without an entry (polyps, lungs, skin and breast lesions) are always segmented as
+a whole. With ``modality="auto"`` the whole image is run first: its predicted modality decides
+the rule and is then given to every tile (a tile alone may look like another modality).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .preprocess import PrepInfo, prepare_array, to_model_tensor
+
+if TYPE_CHECKING:
+    from .inference import SegmentationResult, Segmenter
+
+__all__ = [
+    "AUTO_TILING",
+    "DEFAULT_OVERLAP",
+    "TILING_MODES",
+    "TilePlan",
+    "TilePolicy",
+    "auto_tiles",
+    "blend_window",
+    "iter_segment",
+    "plan_tiles",
+    "policy_for",
+    "tile_starts",
+]
+
+Tiling = Literal["auto", "on", "off"]
+TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+#: overlap between neighbouring tiles, in working (network) pixels, when neither the caller nor
+#: the modality's policy gives one
+DEFAULT_OVERLAP = 64
+#: lowest weight of a tile's window (its outermost pixels next to a neighbour)
+WINDOW_FLOOR = 1e-3
+#: tiles per network call when the caller gives no batch size
+DEFAULT_TILE_BATCH = {"cuda": 16, "mps": 4, "cpu": 2}
+
+
+@dataclass(frozen=True)
+class TilePolicy:
+    """How ``tiling="auto"`` treats one modality."""
+
+    #: resize factor applied before tiling (1.0 = the image's own pixels)
+    scale: float = 1.0
+    #: tile when the longer side, after the resize, exceeds this many network input sides
+    min_side: float = 1.5
+    #: overlap between neighbouring tiles, in working pixels
+    overlap: int = DEFAULT_OVERLAP
+
+
+#: The auto rule, measured by ``benchmarks/tiled_inference.py`` on mosaics of 1×1, 2×2 and 4×4
+#: visible test/unseen images (docs/tiled-inference.md): tiled at scale 1.0 beats the whole image
+#: from 2×2 (1024²) on for microscopy and fundus; at 1×1 (512²) they are the same run. The
+#: threshold 1.5 (768 px for the bundled model) lies between the measured sizes. Modalities not
+#: listed are segmented as a whole image.
+AUTO_TILING: dict[str, TilePolicy] = {
+    "microscopy": TilePolicy(scale=1.0, min_side=1.5, overlap=64),
+    "fundus": TilePolicy(scale=1.0, min_side=1.5, overlap=64),
+}
+
+
+def policy_for(modality: str) -> TilePolicy:
+    """The modality's policy; modalities without an entry get the defaults (used for "on")."""
+    return AUTO_TILING.get(str(modality), TilePolicy())
+
+
+def auto_tiles(modality: str, size: tuple[int, int], input_size: int, scale: float | None = None) -> bool:
+    """The auto rule: does ``tiling="auto"`` tile an image of ``size`` (H, W) of ``modality``?"""
+    policy = AUTO_TILING.get(str(modality))
+    if policy is None:
+        return False
+    s = policy.scale if scale is None else float(scale)
+    return max(size) * s > policy.min_side * input_size
+
+
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Start offsets of tiles of ``tile`` px covering ``[0, length)`` with overlaps >= ``overlap``.
+
+    Evenly spread, the first at 0 and the last flush with the end, every start a multiple of
+    ``align`` (``length`` and ``tile`` must be multiples of it). One tile when ``length <= tile``.
+    """
+    if tile < 1 or align < 1 or tile % align or length % align:
+        raise ValueError(f"bad tiling: length {length}, tile {tile}, align {align}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, {tile}), got {overlap}")
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    # rounding the spread down to `align` keeps every gap <= the ideal one, so overlaps only grow
+    last = length - tile
+    starts = [(k * last // (n - 1)) // align * align for k in range(n)]
+    starts[-1] = last
+    return starts
+
+
+def blend_window(size: int, ramp_before: int, ramp_after: int, floor: float = WINDOW_FLOOR) -> np.ndarray:
+    """1D window: raised-cosine ramps over the first/last ``ramp_*`` entries, 1.0 between, >= floor.
+
+    A ramp of 0 (an image border, no neighbour) leaves that side flat. Two neighbours whose ramps
+    span exactly their overlap sum to 1 there (cos² + sin²).
+    """
+    w = np.ones(size, dtype=np.float64)
+    for ramp, side in ((ramp_before, 1), (ramp_after, -1)):
+        r = int(min(max(ramp, 0), size))
+        if r:
+            t = (np.arange(r) + 0.5) / r
+            up = 0.5 - 0.5 * np.cos(np.pi * t)
+            if side == 1:
+                w[:r] = np.minimum(w[:r], up)
+            else:
+                w[size - r :] = np.minimum(w[size - r :], up[::-1])
+    return np.maximum(w, floor).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles go, in working pixels (the image after the ``scale`` resize)."""
+
+    #: the input's (H, W)
+    size: tuple[int, int]
+    #: the resized image's (Hw, Ww), multiples of ``stride``
+    working: tuple[int, int]
+    #: the tiled area (working size padded up to at least one tile)
+    padded: tuple[int, int]
+    tile: int
+    stride: int
+    overlap: int
+    scale: float
+    ys: tuple[int, ...]
+    xs: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of tiles."""
+        return len(self.ys), len(self.xs)
+
+    def positions(self) -> Iterator[tuple[int, int]]:
+        for y in self.ys:
+            for x in self.xs:
+                yield y, x
+
+    def windows(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(y, x, window)`` per tile on the output grid (``tile // stride`` square)."""
+        m = self.tile // self.stride
+        wy = _axis_windows(self.ys, self.tile, self.overlap, self.stride)
+        wx = _axis_windows(self.xs, self.tile, self.overlap, self.stride)
+        for i, y in enumerate(self.ys):
+            for j, x in enumerate(self.xs):
+                yield y, x, (wy[i][:, None] * wx[j][None, :]).reshape(m, m)
+
+
+def _axis_windows(starts: tuple[int, ...], tile: int, overlap: int, stride: int) -> list[np.ndarray]:
+    m = tile // stride
+    out = []
+    for k, s in enumerate(starts):
+        # ramp over the requested overlap, never past the actual overlap with the neighbour
+        before = 0 if k == 0 else min(overlap, starts[k - 1] + tile - s) // stride
+        after = 0 if k == len(starts) - 1 else min(overlap, s + tile - starts[k + 1]) // stride
+        out.append(blend_window(m, before, after))
+    return out
+
+
+def plan_tiles(
+    size: tuple[int, int], tile: int, *, scale: float = 1.0, overlap: int = DEFAULT_OVERLAP, stride: int = 4
+) -> TilePlan:
+    """The tile layout of an image of ``size`` resized by ``scale``; tiles of ``tile`` px."""
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"tile scale must be a positive number, got {scale!r}")
+    if tile % stride:
+        raise ValueError(f"tile {tile} is not a multiple of the output stride {stride}")
+    overlap = int(overlap)
+    if not 0 <= overlap <= tile // 2:
+        raise ValueError(f"tile overlap must be in [0, {tile // 2}] (half a tile), got {overlap}")
+    h, w = int(size[0]), int(size[1])
+    hw = max(stride, round(h * scale / stride) * stride)
+    ww = max(stride, round(w * scale / stride) * stride)
+    hp, wp = max(hw, tile), max(ww, tile)
+    return TilePlan(
+        size=(h, w),
+        working=(hw, ww),
+        padded=(hp, wp),
+        tile=tile,
+        stride=stride,
+        overlap=overlap,
+        scale=scale,
+        ys=tuple(tile_starts(hp, tile, overlap, stride)),
+        xs=tuple(tile_starts(wp, tile, overlap, stride)),
+    )
+
+
+def _working_image(arr: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """(H,W,C) [0,255] -> the (Hp,Wp,C) tiled area: resized to the working size, reflect-padded."""
+    hw, ww = plan.working
+    if (hw, ww) != arr.shape[:2]:
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
+        if t.dtype != torch.uint8:
+            t = t.float()
+        shrinks = hw < arr.shape[0] or ww < arr.shape[1]
+        t = F.interpolate(t, size=(hw, ww), mode="bilinear", align_corners=False, antialias=shrinks)
+        out = t[0].permute(1, 2, 0).numpy()
+        arr = out if arr.dtype == np.uint8 else np.clip(out, 0, 255).astype(np.float32, copy=False)
+    hp, wp = plan.padded
+    if (hp, wp) != (hw, ww):
+        arr = np.pad(arr, ((0, hp - hw), (0, wp - ww), (0, 0)), mode="reflect" if min(hw, ww) > 1 else "edge")
+    return arr
+
+
+def _check_tiling(tiling: Any) -> str:
+    mode = str(tiling).strip().lower() if isinstance(tiling, str) else tiling
+    if mode is True:
+        return "on"
+    if mode is False or mode is None:
+        return "off"
+    if mode not in TILING_MODES:
+        raise ValueError(f"tiling must be one of {', '.join(TILING_MODES)}, got {tiling!r}")
+    return str(mode)
+
+
+def iter_segment(
+    seg: Segmenter,
+    image: Any,
+    modality: Any = "auto",
+    threshold: float = 0.5,
+    *,
+    tiling: Tiling | str = "auto",
+    tile_scale: float | None = None,
+    tile_overlap: int | None = None,
+    batch_size: int | None = None,
+    nan_policy: str = "raise",
+) -> Generator[tuple[int, int], None, SegmentationResult]:
+    """Segment one image, whole or tiled; yields ``(tiles done, tiles)`` after each batch of tiles.
+
+    The generator's return value is the :class:`SegmentationResult` (``Segmenter.segment`` runs
+    it to the end; the napari widget stops it between batches to cancel). ``tiling``: "auto" (the
+    rule, ``AUTO_TILING``), "on" or "off" (whole image, as before tiling existed). ``tile_scale``
+    and ``tile_overlap`` default to the modality's policy. A whole-image run yields nothing.
+    """
+    from .inference import PreparedImage, SegmentationResult, _check_threshold
+
+    mode = _check_tiling(tiling)
+    threshold = _check_threshold(threshold)
+    index = seg.resolve_modality(modality)
+    if tile_scale is not None and not (math.isfinite(float(tile_scale)) and float(tile_scale) > 0):
+        raise ValueError(f"tile_scale must be a positive number, got {tile_scale!r}")
+    t0 = time.perf_counter()
+    arr, info = prepare_array(image, max_pixels=seg.max_pixels, nan_policy=nan_policy)  # type: ignore[arg-type]
+    prep_seconds = time.perf_counter() - t0
+    size = seg.config.img_size
+
+    def whole() -> SegmentationResult:
+        t = time.perf_counter()
+        prepared = PreparedImage(to_model_tensor(arr, size, seg.device), info, prep_seconds)
+        prepared.seconds += time.perf_counter() - t
+        return seg.segment_prepared([prepared], modality, threshold)[0]
+
+    name = seg.modalities[index] if index is not None else None
+    if mode == "off" or (mode == "auto" and name is not None and not auto_tiles(name, info.size, size, tile_scale)):
+        return whole()
+    first = None
+    if name is None:  # "auto": the whole image names the modality, which decides the rule
+        first = whole()
+        name = first.modality
+        if mode == "auto" and not auto_tiles(name, info.size, size, tile_scale):
+            return first
+        index = seg.config.modality_index(name)
+    policy = policy_for(name)
+    scale = policy.scale if tile_scale is None else float(tile_scale)
+    overlap = policy.overlap if tile_overlap is None else int(tile_overlap)
+    stride = size // seg.config.mask_size
+    plan = plan_tiles(info.size, size, scale=scale, overlap=overlap, stride=stride)
+    return (yield from _run_tiles(seg, arr, info, plan, index, threshold, batch_size, prep_seconds, first, name))
+
+
+def _run_tiles(
+    seg: Segmenter,
+    arr: np.ndarray,
+    info: PrepInfo,
+    plan: TilePlan,
+    index: int,
+    threshold: float,
+    batch_size: int | None,
+    prep_seconds: float,
+    first: SegmentationResult | None,
+    name: str,
+) -> Generator[tuple[int, int], None, SegmentationResult]:
+    from .inference import PreparedImage, SegmentationResult
+
+    t0 = time.perf_counter()
+    work = _working_image(arr, plan)
+    del arr
+    prep_seconds += time.perf_counter() - t0
+    step = int(batch_size) if batch_size else DEFAULT_TILE_BATCH.get(seg.device.type, 2)
+    if step < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    g, m = plan.stride, plan.tile // plan.stride
+    grid = (plan.padded[0] // g, plan.padded[1] // g)
+    # the streaming state: three float32 maps on the output grid, nothing per tile
+    logit_sum = np.zeros(grid, dtype=np.float32)
+    heat_sum = np.zeros(grid, dtype=np.float32)
+    weight_sum = np.zeros(grid, dtype=np.float32)
+    mod_prob_sum: np.ndarray | None = None
+    model_seconds = 0.0
+    done = 0
+    tiles = plan.windows()
+    while True:
+        chunk = []
+        for item in tiles:
+            chunk.append(item)
+            if len(chunk) == step:
+                break
+        if not chunk:
+            break
+        t = time.perf_counter()
+        prepared = [
+            PreparedImage(to_model_tensor(work[y : y + plan.tile, x : x + plan.tile], plan.tile, seg.device), info)
+            for y, x, _ in chunk
+        ]
+        prep_seconds += time.perf_counter() - t
+        out = seg._run(prepared, [index] * len(chunk))
+        model_seconds += out.seconds
+        with torch.inference_mode():
+            mask_logits = out.mask_logits[:, 0]
+            heat = F.interpolate(out.patch_logits.float(), size=(m, m), mode="bilinear", align_corners=False)[:, 0]
+            mask_np = mask_logits.float().cpu().numpy()
+            heat_np = heat.cpu().numpy()
+            if out.modality_logits is not None and seg.auto_available:
+                p = torch.softmax(out.modality_logits, dim=1).sum(0).cpu().numpy()
+                mod_prob_sum = p if mod_prob_sum is None else mod_prob_sum + p
+        for k, (y, x, w) in enumerate(chunk):
+            sy, sx = slice(y // g, y // g + m), slice(x // g, x // g + m)
+            logit_sum[sy, sx] += w * mask_np[k]
+            heat_sum[sy, sx] += w * heat_np[k]
+            weight_sum[sy, sx] += w
+        del prepared, out, mask_np, heat_np
+        done += len(chunk)
+        yield done, plan.count
+
+    t = time.perf_counter()
+    hg, wg = plan.working[0] // g, plan.working[1] // g
+    weights = weight_sum[:hg, :wg]
+    logit_map = torch.from_numpy(np.divide(logit_sum[:hg, :wg], weights))
+    heat_map = torch.from_numpy(np.divide(heat_sum[:hg, :wg], weights))
+    del logit_sum, heat_sum, weight_sum, work
+    with torch.inference_mode():
+        probability = seg._upsample(logit_map, info.size)
+        heatmap = seg._upsample(heat_map, info.size)
+    mask = probability > threshold
+    post = time.perf_counter() - t
+    timings = {
+        "preprocess": prep_seconds,
+        "model": model_seconds,
+        "postprocess": post,
+        "total": prep_seconds + model_seconds + post,
+        "tiles": float(plan.count),
+    }
+    tiling = {
+        "tiles": plan.count,
+        "grid": list(plan.grid),
+        "tile": plan.tile,
+        "scale": plan.scale,
+        "overlap": plan.overlap,
+        "working_size": list(plan.working),
+    }
+    if first is not None:  # modality="auto": keep what the whole-image pass said about the modality
+        timings["total"] += first.timings.get("model", 0.0) + first.timings.get("postprocess", 0.0)
+        timings["model"] += first.timings.get("model", 0.0)
+        return replace(
+            first, mask=mask, probability=probability, patch_heatmap=heatmap, timings=timings,
+            threshold=threshold, tiling=tiling,
+        )
+    probs = None
+    if mod_prob_sum is not None:
+        probs = {n: float(v) / plan.count for n, v in zip(seg.modalities, mod_prob_sum, strict=True)}
+    return SegmentationResult(
+        mask=mask,
+        probability=probability,
+        patch_heatmap=heatmap,
+        modality=name,
+        modality_probabilities=probs,
+        timings=timings,
+        threshold=threshold,
+        info=info,
+        tiling=tiling,
+    )
