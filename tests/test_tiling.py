@@ -1,0 +1,231 @@
+"""Tiled inference (``tiling.py``, ``Segmenter.segment(tiling=...)``): layout, blending, streaming, rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_delightsam.config import tiny_config
+from napari_delightsam.inference import MODALITY_HEAD_TRAINED_KEY, Segmenter, _BatchOutput, load_model
+from napari_delightsam.tiling import (
+    AUTO_TILING,
+    WINDOW_FLOOR,
+    auto_tiles,
+    blend_window,
+    plan_tiles,
+    policy_for,
+    tile_starts,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def seg() -> Segmenter:
+    return load_model("untrained", "cpu", config=tiny_config())
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _weight_map(plan) -> np.ndarray:
+    g, m = plan.stride, plan.tile // plan.stride
+    total = np.zeros((plan.padded[0] // g, plan.padded[1] // g), np.float64)
+    for y, x, w in plan.windows():
+        total[y // g : y // g + m, x // g : x // g + m] += w
+    return total
+
+
+# -- layout ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [1, 100, 128, 129, 200, 256, 300, 1000, 2048, 3001 // 4 * 4])
+@pytest.mark.parametrize("overlap", [0, 16, 48, 64])
+def test_tiles_cover_every_pixel_with_at_least_the_overlap(length, overlap):
+    tile, align = 128, 4
+    padded = max(length, tile)
+    padded = -(-padded // align) * align
+    starts = tile_starts(padded, tile, overlap, align)
+    covered = np.zeros(padded, bool)
+    for s in starts:
+        assert s % align == 0 and 0 <= s <= padded - tile
+        covered[s : s + tile] = True
+    assert covered.all()
+    assert starts[0] == 0 and starts[-1] == padded - tile
+    for a, b in zip(starts, starts[1:], strict=False):
+        assert a + tile - b >= overlap  # neighbours overlap by at least what was asked
+    if padded > tile and overlap == 0:
+        assert len(starts) == -(-padded // tile)  # no more tiles than needed
+
+
+def test_plan_weights_are_positive_everywhere_and_normalise_to_one():
+    plan = plan_tiles((700, 450), 128, overlap=32, stride=4)
+    assert plan.working == (700, 452) or plan.working == (700, 448)
+    total = _weight_map(plan)
+    assert total.min() >= WINDOW_FLOOR  # every output cell is covered by some tile's weight
+    g, m = plan.stride, plan.tile // plan.stride
+    normalised = np.zeros_like(total)
+    for y, x, w in plan.windows():
+        normalised[y // g : y // g + m, x // g : x // g + m] += w / total[y // g : y // g + m, x // g : x // g + m]
+    np.testing.assert_allclose(normalised, 1.0, atol=1e-6)
+
+
+def test_raised_cosine_neighbours_sum_to_one_over_their_overlap():
+    tile, overlap = 64, 16
+    left, right = blend_window(tile, 0, overlap), blend_window(tile, overlap, 0)
+    np.testing.assert_allclose(left[-overlap:] + right[:overlap], 1.0, atol=1e-6)
+    assert left[0] == 1.0 and right[-1] == 1.0  # image borders stay flat
+    assert left.min() >= WINDOW_FLOOR and np.all(np.diff(left[-overlap:]) < 0)
+
+
+def test_bad_layouts_are_refused(seg):
+    with pytest.raises(ValueError, match="overlap"):
+        plan_tiles((500, 500), 128, overlap=65, stride=4)
+    with pytest.raises(ValueError, match="scale"):
+        plan_tiles((500, 500), 128, scale=0.0, stride=4)
+    with pytest.raises(ValueError, match="tiling must be one of"):
+        seg.segment(_image(64, 64), "microscopy", tiling="maybe")
+    with pytest.raises(ValueError, match="tile_scale"):
+        seg.segment(_image(64, 64), "microscopy", tiling="on", tile_scale=-1)
+
+
+# -- blending on the network's outputs -------------------------------------------------------------
+
+
+def _constant_run(seg, monkeypatch, value_of_tile):
+    """Replace the network: tile k of a batch gets constant logits value_of_tile(call, k)."""
+    calls: list[int] = []
+    m, p = seg.config.mask_size, seg.config.patch_grid
+
+    def fake_run(batch, modality):
+        n = len(batch)
+        calls.append(n)
+        vals = torch.tensor([value_of_tile(len(calls), k) for k in range(n)], dtype=torch.float32)
+        return _BatchOutput(
+            vals.view(n, 1, 1, 1).expand(n, 1, m, m).clone(),
+            vals.view(n, 1, 1, 1).expand(n, 1, p, p).clone(),
+            torch.zeros(n, dtype=torch.long),
+            None,
+        )
+
+    monkeypatch.setattr(seg, "_run", fake_run)
+    return calls
+
+
+def test_a_constant_image_gives_a_seam_free_map(seg, monkeypatch):
+    _constant_run(seg, monkeypatch, lambda call, k: 1.5)
+    res = seg.segment(np.full((410, 390), 90, np.uint8), "microscopy", tiling="on", tile_overlap=32)
+    assert res.tiling["tiles"] > 4
+    expected = 1.0 / (1.0 + np.exp(-1.5))
+    np.testing.assert_allclose(res.probability, expected, atol=1e-6)
+    np.testing.assert_allclose(res.patch_heatmap, expected, atol=1e-6)
+
+
+def test_disagreeing_tiles_are_blended_not_seamed(seg, monkeypatch):
+    # alternate tiles say -4 and +4: a hard seam would jump by the whole difference at once
+    _constant_run(seg, monkeypatch, lambda call, k: 4.0 if (call + k) % 2 else -4.0)
+    res = seg.segment(_image(256, 256), "microscopy", tiling="on", tile_overlap=64, tile_batch_size=1)
+    logit = np.log(res.probability / (1 - res.probability))
+    steps = max(np.abs(np.diff(logit, axis=0)).max(), np.abs(np.diff(logit, axis=1)).max())
+    assert logit.max() - logit.min() > 6  # the tiles do disagree...
+    assert steps < 0.5  # ...but the map crosses over smoothly (8 logits over a 64-px ramp)
+
+
+# -- the Segmenter path ----------------------------------------------------------------------------
+
+
+def test_one_tile_of_the_input_size_equals_the_whole_image_run(seg):
+    img = _image(seg.config.img_size, seg.config.img_size, seed=3)
+    whole = seg.segment(img, "microscopy", tiling="off")
+    tiled = seg.segment(img, "microscopy", tiling="on", tile_scale=1.0)
+    assert tiled.tiling["tiles"] == 1 and whole.tiling is None
+    np.testing.assert_array_equal(tiled.probability, whole.probability)
+    np.testing.assert_array_equal(tiled.mask, whole.mask)
+    # the heatmap goes patch grid -> output grid -> image (two bilinear steps instead of one)
+    np.testing.assert_allclose(tiled.patch_heatmap, whole.patch_heatmap, atol=0.02)
+
+
+def test_a_3000_by_2000_image_comes_back_at_full_size(seg):
+    img = np.random.default_rng(0).integers(0, 256, (3000, 2000), dtype=np.uint8)  # grey
+    res = seg.segment(img, "microscopy", tiling="on", tile_scale=0.1, tile_overlap=32)
+    assert res.mask.shape == res.probability.shape == res.patch_heatmap.shape == (3000, 2000)
+    assert res.probability.dtype == np.float32 and res.mask.dtype == bool
+    assert res.tiling["working_size"] == [300, 200] and res.tiling["grid"] == [3, 2]
+    assert res.timings["tiles"] == 6.0 and res.timings["total"] > 0
+    np.testing.assert_array_equal(res.mask, res.probability > 0.5)
+
+
+def test_tiles_are_streamed_in_batches_and_the_run_can_stop_between_them(seg, monkeypatch):
+    real_run = seg._run
+    sizes: list[int] = []
+
+    def spy(batch, modality):
+        sizes.append(len(batch))
+        return real_run(batch, modality)
+
+    monkeypatch.setattr(seg, "_run", spy)
+    steps = seg.segment_steps(_image(400, 300), "microscopy", tiling="on", tile_overlap=32, tile_batch_size=2)
+    progress = list(_drain(steps))
+    total = progress[-1][1]
+    assert total == 4 * 3 and max(sizes) == 2 and sum(sizes) == total  # never a stack of all tiles
+    assert [d for d, _ in progress] == list(range(2, total + 1, 2))
+
+    sizes.clear()
+    steps = seg.segment_steps(_image(400, 300), "microscopy", tiling="on", tile_overlap=32, tile_batch_size=2)
+    assert next(steps) == (2, 12)
+    steps.close()  # cancel between batches: no further network call
+    assert sizes == [2]
+
+
+def _drain(gen):
+    while True:
+        try:
+            yield next(gen)
+        except StopIteration:
+            return
+
+
+def test_float_and_padded_inputs(seg):
+    # a float image smaller than a tile along one axis: reflect-padded, cropped back
+    img = np.random.default_rng(1).random((60, 300)).astype(np.float32) * 1000
+    res = seg.segment(img, "fundus", tiling="on", tile_overlap=32)
+    assert res.probability.shape == (60, 300) and res.tiling["grid"][0] == 1
+    assert np.isfinite(res.probability).all()
+
+
+# -- the auto rule ---------------------------------------------------------------------------------
+
+
+def test_auto_rule_tiles_large_microscopy_and_fundus_only():
+    assert set(AUTO_TILING) == {"microscopy", "fundus"}
+    for modality in ("microscopy", "fundus"):
+        assert not auto_tiles(modality, (512, 512), 512)
+        assert auto_tiles(modality, (1024, 1024), 512)
+        assert auto_tiles(modality, (2048, 700), 512)
+    for modality in ("colonoscopy", "xray", "dermoscopy", "ultrasound"):
+        assert not auto_tiles(modality, (4096, 4096), 512)
+        assert policy_for(modality).scale == 1.0  # tiling="on" still has a default
+
+
+def test_tiling_auto_follows_the_rule_in_segment(seg):
+    s = seg.config.img_size
+    big = _image(2 * s, 2 * s)
+    assert seg.segment(big, "microscopy").tiling is not None  # the default is "auto"
+    assert seg.segment(big, "colonoscopy").tiling is None
+    assert seg.segment(_image(s, s), "microscopy").tiling is None
+    off = seg.segment(big, "microscopy", tiling="off")
+    assert off.tiling is None and off.mask.shape == big.shape[:2]
+
+
+def test_auto_modality_decides_the_rule_from_the_whole_image(tiny_model):
+    seg = Segmenter(tiny_model, "cpu", metadata={MODALITY_HEAD_TRAINED_KEY: "true"})
+    img = _image(2 * seg.config.img_size, 2 * seg.config.img_size)
+    whole = seg.segment(img, "auto", tiling="off")
+    tiled = seg.segment(img, "auto", tiling="on", tile_overlap=32)
+    assert tiled.modality == whole.modality  # the tiles get the whole image's modality
+    assert tiled.modality_probabilities == whole.modality_probabilities
+    assert tiled.tiling is not None and tiled.tiling["tiles"] > 1
+    auto = seg.segment(img, "auto")
+    assert (auto.tiling is not None) == (whole.modality in AUTO_TILING)
