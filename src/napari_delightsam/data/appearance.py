@@ -1,0 +1,228 @@
+"""Appearance and geometry shifts that real images carry: the robustness scoreboard's shifts and
+the modality head's training augmentation, one implementation for both.
+
+Every function takes an ``(H,W,3)`` uint8 image and an ``(H,W)`` mask (bool or uint8, or None)
+and returns the shifted pair; masks follow the geometric shifts (resize, stretch) and lose what
+a frame blacks out. Colour shifts leave a grey image grey where that is what the shift means
+(hue, stain, channel order have no effect on equal channels).
+
+``SHIFTS`` is the scoreboard (``benchmarks/appearance_shift.py``): fixed, named shifts.
+``random_appearance`` draws a random mix of the same kinds of change for training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import permutations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import _RGB2YIQ, _colour_matrix, _jpeg, _stain_jitter
+
+__all__ = [
+    "CHANNEL_ORDERS",
+    "COLOUR_MODALITIES",
+    "SHIFTS",
+    "Shift",
+    "channel_order_matrix",
+    "endoscope_frame",
+    "hue_matrix",
+    "is_grey",
+    "random_appearance",
+]
+
+#: the six orders of three channels; index 0 is the identity, index 5 is BGR
+CHANNEL_ORDERS: tuple[tuple[int, int, int], ...] = tuple(permutations(range(3)))  # type: ignore[assignment]
+BGR_INDEX = CHANNEL_ORDERS.index((2, 1, 0))
+#: modalities whose images are colour (greyscale is a shift for these only)
+COLOUR_MODALITIES = ("dermoscopy", "fundus", "colonoscopy", "microscopy")
+
+Pair = tuple[np.ndarray, "np.ndarray | None"]
+
+
+def is_grey(image: np.ndarray, tol: float = 2.0) -> bool:
+    """True when the three channels are (nearly) equal: a grey image stored as RGB."""
+    if image.ndim == 2 or image.shape[-1] == 1:
+        return True
+    sub = image[::7, ::7, :3].astype(np.int16)
+    return bool(np.abs(sub[..., 0] - sub[..., 1]).mean() <= tol and np.abs(sub[..., 1] - sub[..., 2]).mean() <= tol)
+
+
+def channel_order_matrix(order: int) -> np.ndarray:
+    """3×3 matrix that reorders RGB channels as ``CHANNEL_ORDERS[order]`` (out[c] = in[perm[c]])."""
+    m = np.zeros((3, 3))
+    for c, src in enumerate(CHANNEL_ORDERS[order]):
+        m[c, src] = 1.0
+    return m
+
+
+def hue_matrix(degrees: float) -> np.ndarray:
+    """3×3 RGB -> RGB matrix rotating hue by ``degrees`` (YIQ plane rotation, luminance kept)."""
+    return _colour_matrix(degrees / 360.0, 1.0)
+
+
+def _apply_matrix(image: np.ndarray, m: np.ndarray) -> np.ndarray:
+    x = image[..., :3].astype(np.float32) @ m.T.astype(np.float32)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _resize(array: np.ndarray, size: tuple[int, int], *, nearest: bool) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    t = t[None, None].float() if t.ndim == 2 else t.permute(2, 0, 1)[None].float()
+    if nearest:
+        out = F.interpolate(t, size=size, mode="nearest")
+    else:
+        out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+    out = out[0].permute(1, 2, 0) if array.ndim == 3 else out[0, 0]
+    return np.clip(out.round(), 0, 255).numpy().astype(array.dtype)
+
+
+def _resize_pair(image: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]) -> Pair:
+    img = _resize(image, size, nearest=False)
+    if mask is None:
+        return img, None
+    m = _resize(mask.astype(np.uint8), size, nearest=True)
+    return img, m.astype(mask.dtype)
+
+
+def endoscope_frame(height: int, width: int, shape: str = "octagon", cut: float = 0.2) -> np.ndarray:
+    """(H,W) bool: True inside an endoscope-style field of view, centred. Octagon: the corners
+    cut by ``cut`` of the shorter side; circle: radius (1 + cut/2) × half the shorter side."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    if shape == "circle":
+        cy, cx, r = (height - 1) / 2, (width - 1) / 2, min(height, width) / 2 * (1.0 + cut / 2)
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    if shape != "octagon":
+        raise ValueError(f"unknown frame shape {shape!r}")
+    c = cut * min(height, width)
+    inside = (xx + yy >= c) & ((width - 1 - xx) + yy >= c) & (xx + (height - 1 - yy) >= c)
+    return inside & ((width - 1 - xx) + (height - 1 - yy) >= c)
+
+
+def _frame(image: np.ndarray, mask: np.ndarray | None, shape: str, cut: float = 0.2) -> Pair:
+    inside = endoscope_frame(image.shape[0], image.shape[1], shape, cut)
+    img = image.copy()
+    img[~inside] = 0
+    if mask is None:
+        return img, None
+    m = mask.copy()
+    m[~inside] = 0
+    return img, m
+
+
+def _greyscale(image: np.ndarray) -> np.ndarray:
+    y = image[..., :3].astype(np.float32) @ _RGB2YIQ[0].astype(np.float32)
+    return np.repeat(np.clip(np.rint(y), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def _gamma(image: np.ndarray, gamma: float) -> np.ndarray:
+    lut = np.clip(np.rint(255.0 * (np.arange(256) / 255.0) ** gamma), 0, 255).astype(np.uint8)
+    return lut[image]
+
+
+def _stain(image: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    if is_grey(image):
+        return image
+    out = _stain_jitter(image.astype(np.float32) / 255.0, np.random.default_rng(seed), sigma)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Shift:
+    """A named shift of the scoreboard. ``colour_only``: run it on colour modalities only."""
+
+    name: str
+    apply: Callable[[np.ndarray, "np.ndarray | None", int], Pair]
+    colour_only: bool = False
+    geometric: bool = False
+
+
+def _colour(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray, "np.ndarray | None", int], Pair]:
+    return lambda image, mask, seed: (fn(image), mask)
+
+
+def _half(image: np.ndarray, mask: np.ndarray | None, seed: int) -> Pair:
+    h, w = image.shape[:2]
+    return _resize_pair(image, mask, (max(8, h // 2), max(8, w // 2)))
+
+
+def _stretch(image: np.ndarray, mask: np.ndarray | None, seed: int) -> Pair:
+    h, w = image.shape[:2]
+    return _resize_pair(image, mask, (h, int(round(w * 1.4))))
+
+
+SHIFTS: dict[str, Shift] = {
+    s.name: s
+    for s in (
+        Shift("as stored", lambda image, mask, seed: (image, mask)),
+        Shift("BGR channel order", _colour(lambda im: im[..., [2, 1, 0]].copy())),
+        Shift("hue +25°", _colour(lambda im: im if is_grey(im) else _apply_matrix(im, hue_matrix(25.0)))),
+        Shift("hue -25°", _colour(lambda im: im if is_grey(im) else _apply_matrix(im, hue_matrix(-25.0)))),
+        Shift("H&E stain jitter", lambda image, mask, seed: (_stain(image, 0.25, seed), mask)),
+        Shift("gamma 0.6", _colour(lambda im: _gamma(im, 0.6))),
+        Shift("gamma 1.6", _colour(lambda im: _gamma(im, 1.6))),
+        Shift("JPEG quality 25", _colour(lambda im: _jpeg(np.ascontiguousarray(im), 25))),
+        Shift("half resolution", _half, geometric=True),
+        Shift("aspect stretch 1.4", _stretch, geometric=True),
+        Shift("octagonal frame", lambda image, mask, seed: _frame(image, mask, "octagon"), geometric=True),
+        Shift("circular frame", lambda image, mask, seed: _frame(image, mask, "circle"), geometric=True),
+        Shift("greyscale", _colour(_greyscale), colour_only=True),
+    )
+}
+
+
+# ---- random appearance for training ------------------------------------------------------------
+
+
+def random_appearance(image: np.ndarray, rng: np.random.Generator, *, colour: bool = True) -> tuple[np.ndarray, int, float]:
+    """A random mix of the scoreboard's kinds of change, drawn from ``rng``, for training the
+    modality head. Returns (image, channel order applied (index into ``CHANNEL_ORDERS``, 0 for
+    none), hue rotation applied in degrees). Geometry here is only what keeps the image's
+    meaning: crops, rescaling, aspect, frames. ``colour=False`` (grey modalities) skips colour."""
+    h, w = image.shape[:2]
+    out = image[..., :3]
+    grey = is_grey(out)
+    # geometry: crop, aspect, resolution
+    if rng.random() < 0.35:
+        ch, cw = int(h * rng.uniform(0.55, 1.0)), int(w * rng.uniform(0.55, 1.0))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        out = out[top : top + ch, left : left + cw]
+    if rng.random() < 0.3:
+        a = float(np.exp(rng.uniform(np.log(0.7), np.log(1.45))))
+        out = _resize(out, (out.shape[0], max(8, int(round(out.shape[1] * a)))), nearest=False)
+    if rng.random() < 0.3:
+        f = rng.uniform(0.3, 0.8)
+        small = _resize(out, (max(8, int(out.shape[0] * f)), max(8, int(out.shape[1] * f))), nearest=False)
+        out = _resize(small, out.shape[:2], nearest=False)
+    # intensity
+    if rng.random() < 0.5:
+        out = _gamma(out, float(np.exp(rng.uniform(np.log(0.5), np.log(1.8)))))
+    if rng.random() < 0.3:
+        x = out.astype(np.float32)
+        x = (x - x.mean()) * rng.uniform(0.7, 1.3) + x.mean() + rng.uniform(-25, 25)
+        out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    order, hue = 0, 0.0
+    if colour and not grey:
+        if rng.random() < 0.25:
+            out = _stain(out, float(rng.uniform(0.05, 0.3)), int(rng.integers(0, 2**31 - 1)))
+        if rng.random() < 0.25:  # white balance: a gain per channel
+            gains = rng.uniform(0.75, 1.25, size=3)
+            out = np.clip(np.rint(out.astype(np.float32) * gains), 0, 255).astype(np.uint8)
+        if rng.random() < 0.6:
+            hue = float(rng.uniform(-45.0, 45.0))
+            out = _apply_matrix(out, _colour_matrix(hue / 360.0, float(rng.uniform(0.6, 1.4))))
+        if rng.random() < 0.1:
+            out, hue = _greyscale(out), 0.0
+        elif rng.random() < 0.4:
+            order = int(rng.integers(1, len(CHANNEL_ORDERS)))
+            out = out[..., list(CHANNEL_ORDERS[order])]
+    # frames, compression
+    if rng.random() < 0.3:
+        shape = "circle" if rng.random() < 0.4 else "octagon"
+        out, _ = _frame(np.ascontiguousarray(out), None, shape, float(rng.uniform(0.08, 0.3)))
+    if rng.random() < 0.3:
+        out = _jpeg(np.ascontiguousarray(out), int(rng.integers(15, 80)))
+    return np.ascontiguousarray(out), order, hue
