@@ -68,6 +68,7 @@ __all__ = [
     "REFINE_ALL_LOWERS",
     "BoxRefiner",
     "ComponentBoxes",
+    "MaskObjects",
     "RefinedObjects",
     "box_pixels",
     "check_box",
@@ -77,6 +78,7 @@ __all__ = [
     "load_refiner",
     "merge_object",
     "object_boxes",
+    "objects_of_mask",
     "refine_all_suits",
     "refine_objects",
 ]
@@ -89,9 +91,9 @@ DEFAULT_MAX_BOXES = 200
 #: per decoder and lesion modality (the score's calibration is the decoder's own):
 #: "tuned" (any tuned decoder file): on the validation split (``benchmarks/correction_effort.py
 #: --split val --sweep-min-score 0.7 ... 0.92``, the model card), per modality the threshold with
-#: the fewest boxes per image among those no worse than 0.9 (stop 25's single value) in both Dice
-#: and boxes -- ties: the higher threshold; "litemedsam" (LiteMedSAM as published): stop 24's
-#: single value, chosen on val
+#: the fewest boxes per image among those no worse than 0.9 (the former single value) in both Dice
+#: and boxes -- ties: the higher threshold; "litemedsam" (LiteMedSAM as published): one value for
+#: all three, chosen on val
 MIN_SCORE_BY_DECODER: dict[str, dict[str, float]] = {
     "litemedsam": {"colonoscopy": 0.9, "dermoscopy": 0.9, "ultrasound": 0.9},
     "tuned": {"colonoscopy": 0.9, "dermoscopy": 0.85, "ultrasound": 0.88},
@@ -256,7 +258,7 @@ def component_boxes(
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2D (H,W), got shape {m.shape}")
-    found = _objects(m.astype(bool), "binary", min_fraction, max_boxes)
+    found = objects_of_mask(m.astype(bool), "binary", min_fraction, max_boxes)
     return ComponentBoxes(found.boxes, found.n_objects, found.n_small, found.n_capped, found.min_area)
 
 
@@ -495,12 +497,14 @@ def object_boxes(
     an object is one label id (all its pixels, connected or not), by the same rule; its value is
     its id.
     """
-    found = _objects(labels, mode, min_fraction, max_boxes)
+    found = objects_of_mask(labels, mode, min_fraction, max_boxes)
     return found.boxes, found.values
 
 
 @dataclass(frozen=True)
-class _Objects:
+class MaskObjects:
+    """The objects of one 2D mask by the one box rule (:func:`objects_of_mask`)."""
+
     boxes: np.ndarray  # (N,4) largest first
     values: list[int]  # the value each object is written with
     ids: np.ndarray  # an id image: object k's pixels are ids == members[k]
@@ -511,7 +515,7 @@ class _Objects:
     min_area: int
 
 
-def _objects(labels: np.ndarray, mode: str, min_fraction: float, max_boxes: int) -> _Objects:
+def objects_of_mask(labels: np.ndarray, mode: str, min_fraction: float, max_boxes: int) -> MaskObjects:
     """The one box rule (see :func:`component_boxes`): objects ranked by area (ties: label
     order, i.e. raster order of their first pixel), the largest always kept, the others from
     ``ceil(min_fraction * H * W)`` pixels, at most ``max_boxes``."""
@@ -535,7 +539,7 @@ def _objects(labels: np.ndarray, mode: str, min_fraction: float, max_boxes: int)
     kept = kept[: int(max_boxes)]
     boxes = np.array([[p.bbox[1], p.bbox[0], p.bbox[3], p.bbox[2]] for p in kept], dtype=np.float64).reshape(-1, 4)
     values = [1 if mode == "binary" else int(p.label) for p in kept]
-    return _Objects(boxes, values, ids, [int(p.label) for p in kept], len(ranked), n_small, n_capped, min_area)
+    return MaskObjects(boxes, values, ids, [int(p.label) for p in kept], len(ranked), n_small, n_capped, min_area)
 
 
 @dataclass(frozen=True)
@@ -592,7 +596,7 @@ def refine_objects(
         raise RuntimeError("no image to segment: call set_image(image) first")
     if lab.shape != tuple(refiner.image_size):
         raise ValueError(f"mask shape {lab.shape} does not match the image's {tuple(refiner.image_size)}")
-    found = _objects(lab, mode, min_fraction, max_boxes)
+    found = objects_of_mask(lab, mode, min_fraction, max_boxes)
     boxes, values, ids, members = found.boxes, found.values, found.ids, found.members
     out = lab.copy()
     written = np.zeros(lab.shape, dtype=bool)

@@ -592,9 +592,12 @@ def _machine(device: torch.device) -> dict[str, Any]:
 
 
 def _train_throughput(cfg: Any, opts: BenchmarkOptions, device: torch.device) -> dict[str, Any]:
-    """images/s of forward + loss + backward + Adam step at ``train_size`` (bf16 on CUDA)."""
+    """images/s of one optimizer step of the training loop (``training.loop.run_loop``: forward +
+    loss + backward + Adam step) at ``train_size`` (bf16 on CUDA)."""
     from ..model import DeLightSAM
     from ..model.losses import delightsam_loss
+    from ..training.loop import EpochHooks, Loss, Schedule, isolated_rng, run_loop
+    from ..training.runfolder import RunLog
 
     size = opts.train_size or (
         cfg.img_size if cfg.img_size < 512 else (1024 if device.type == "cuda" else 512)
@@ -611,8 +614,11 @@ def _train_throughput(cfg: Any, opts: BenchmarkOptions, device: torch.device) ->
     target = disc.expand(batch, 1, size, size).contiguous().to(device)
     modality = torch.arange(batch, device=device) % k  # a mixed batch, as training draws
 
-    def step() -> float:
-        optim.zero_grad(set_to_none=True)
+    def batches(epoch: int) -> Iterator[None]:
+        while True:
+            yield None  # the same synthetic batch every step
+
+    def loss_fn(_: None) -> Loss:
         with _autocast(device, bf16):
             out = model(x, modality)
         terms = delightsam_loss(
@@ -622,18 +628,44 @@ def _train_throughput(cfg: Any, opts: BenchmarkOptions, device: torch.device) ->
             modality_logits=None if out.modality_logits is None else out.modality_logits.float(),
             modality_target=modality,
         )
-        terms.total.backward()
-        optim.step()
-        return float(terms.total.detach())
+        return Loss(terms.total)
 
-    warm = _timed(step, device)
-    times = [_timed(step, device) for _ in range(max(1, opts.train_steps))]
+    class _Constant:  # the loop steps a scheduler; the benchmark keeps the rate fixed
+        def step(self) -> None:
+            pass
+
+    stamps: list[float] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "step":  # emitted right after the optimizer step
+            _sync(device)
+            stamps.append(time.perf_counter())
+
+    n_steps = 1 + max(1, opts.train_steps)  # a warm-up step, then the timed ones
+    with tempfile.TemporaryDirectory(prefix="delightsam-bench-train-") as tmp, isolated_rng(device):
+        log = RunLog(Path(tmp) / "metrics.jsonl", progress=on_event)
+        hooks = EpochHooks(train_mode=model.train, save_last=lambda *_: None)
+        _sync(device)
+        t0 = time.perf_counter()
+        run_loop(
+            Schedule(epochs=1, steps_per_epoch=n_steps, seed=opts.seed),
+            batches,
+            loss_fn,
+            optim,
+            _Constant(),
+            list(model.named_parameters()),
+            hooks,
+            log,
+        )
+    durations = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
+    warm, times = durations[0], durations[1:]
     med = statistics.median(times)
     result = {
         "size": size,
         "batch": batch,
         "precision": "bf16 autocast" if bf16 else "fp32",
         "optimizer": "Adam",
+        "loop": "training.loop.run_loop",
         "first_step_s": warm,
         "step": _stats(times),
         "images_per_s": batch / med,

@@ -86,20 +86,20 @@ def prompt_free_tensors(prompt_free: np.ndarray, gt: np.ndarray, valid: tuple[in
                         max_objects: int = MAX_OBJECTS) -> dict[str, torch.Tensor]:
     """Refine all's boxes for one prompt-free mask, with their training targets.
 
-    The components of ``prompt_free`` by Refine all's rule (``refine._objects``, largest first,
+    The components of ``prompt_free`` by Refine all's rule (``refine.objects_of_mask``, largest first,
     at most ``max_objects``): ``pf_boxes`` (M,4) in the 256² frame (input pixels × ``scale``) and
     ``pf_targets`` (M,256,256) uint8, each the union of the ground-truth objects (8-connected
     components of ``gt``) that the component overlaps -- all zero for a stray component.
     """
     from skimage.measure import label as connected
 
-    from ..refine import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, _objects
+    from ..refine import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, objects_of_mask
 
     pf = np.asarray(prompt_free, dtype=bool)
     gt = np.asarray(gt, dtype=bool)
     if pf.shape != gt.shape:
         raise ValueError(f"prompt-free mask {pf.shape} and ground truth {gt.shape} differ in shape")
-    found = _objects(pf.astype(np.uint8), "binary", DEFAULT_MIN_COMPONENT_FRACTION, DEFAULT_MAX_BOXES)
+    found = objects_of_mask(pf.astype(np.uint8), "binary", DEFAULT_MIN_COMPONENT_FRACTION, DEFAULT_MAX_BOXES)
     gt_ids = connected(gt, connectivity=2)
     boxes, targets = [], []
     for box, member in zip(found.boxes[:max_objects], found.members[:max_objects], strict=False):
@@ -121,13 +121,13 @@ def sample_tensors(refiner: Any, image: np.ndarray, gt: np.ndarray, max_objects:
     first, at most ``max_objects``); each is area-resized to the unpadded part of the 256² input
     (``> 0.5``) and zero-padded like the image. ``refiner`` is a :class:`refine.BoxRefiner`.
     """
-    from ..refine import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, _objects
+    from ..refine import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, objects_of_mask
 
     refiner.set_image(image)
     valid = tuple(refiner._valid)
     scale = refiner._scale
     gt = np.asarray(gt, dtype=bool)
-    found = _objects(gt.astype(np.uint8), "binary", DEFAULT_MIN_COMPONENT_FRACTION, DEFAULT_MAX_BOXES)
+    found = objects_of_mask(gt.astype(np.uint8), "binary", DEFAULT_MIN_COMPONENT_FRACTION, DEFAULT_MAX_BOXES)
     if len(found.boxes) == 0:
         raise ValueError("the mask holds no object")
     masks, boxes = [], []
@@ -364,7 +364,7 @@ def tune_decoder(
         while True:  # one draw per step, from the one generator: the draws of a single straight run
             if prompt_free_fraction > 0:
                 yield _mixed_batch(train, with_pf, batch_size, jitter, prompt_free_fraction, prompt_free_jitter, rng)
-            else:  # ground-truth boxes only: the draws of the bundled decoder's run (stop 25)
+            else:  # ground-truth boxes only: the draws of the bundled decoder's run
                 picks = [int(i) for i in rng.integers(0, len(train), batch_size)]
                 ks = [int(rng.integers(0, len(train[i].boxes))) for i in picks]
                 box = jitter_boxes(torch.stack([train[i].boxes[k] for i, k in zip(picks, ks, strict=True)]), jitter, rng)
