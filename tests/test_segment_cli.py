@@ -302,3 +302,59 @@ def test_refine_min_score_alone_is_an_error(tmp_path, tiny_ckpt, capsys):
     code, _, err = _run(capsys, src, "-m", "xray", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt,
                         "--refine-min-score", "0.5")
     assert code == 2 and len(err) == 1 and "needs --refine" in err[0]
+
+
+# -- tiled inference (--tile, --tile-overlap, --object-scale) --------------------------------------
+
+
+def test_tile_auto_tiles_large_microscopy_and_matches_the_api(tmp_path, tiny_ckpt, capsys):
+    from napari_delightsam.inference import load_model
+
+    src = _png(tmp_path / "in" / "field.png", (300, 260, 3), seed=4)  # > 1.5 x the tiny model's 128
+    small = _png(tmp_path / "in" / "small.png", (100, 90, 3), seed=5)
+    code, out, err = _run(capsys, tmp_path / "in", "-m", "microscopy", "-o", tmp_path / "out",
+                          "--checkpoint", tiny_ckpt, "--save-heatmap")
+    assert code == 0, err
+    assert "segmented 2 image(s)" in out and "(1 tiled)" in out
+    seg = load_model(tiny_ckpt, "cpu")
+    image = np.asarray(Image.open(src))
+    expected = seg.segment(image, "microscopy", tiling="on")
+    assert expected.tiling is not None and expected.tiling["tiles"] > 1
+    mask = _mask(tmp_path / "out" / "field_mask.png")
+    assert mask.shape == (300, 260)
+    np.testing.assert_array_equal(mask > 0, expected.mask)
+    heat = tifffile.imread(tmp_path / "out" / "field_heatmap.tif")
+    np.testing.assert_allclose(heat, expected.patch_heatmap, atol=1e-6)
+    whole = seg.segment(np.asarray(Image.open(small)), "microscopy", tiling="off")
+    np.testing.assert_array_equal(_mask(tmp_path / "out" / "small_mask.png") > 0, whole.mask)
+
+
+def test_tile_off_on_overlap_and_object_scale(tmp_path, tiny_ckpt, capsys):
+    from napari_delightsam.inference import load_model
+
+    src = _png(tmp_path / "big.png", (300, 260, 3), seed=4)
+    seg = load_model(tiny_ckpt, "cpu")
+    image = np.asarray(Image.open(src))
+    code, out, err = _run(capsys, src, "-m", "microscopy", "-o", tmp_path / "off", "--checkpoint", tiny_ckpt,
+                          "--tile", "off")
+    assert code == 0 and "tiled" not in out, err
+    np.testing.assert_array_equal(_mask(tmp_path / "off" / "big_mask.png") > 0,
+                                  seg.segment(image, "microscopy", tiling="off").mask)
+    # "on" tiles a modality the auto rule leaves whole; overlap and scale reach the Segmenter
+    code, out, err = _run(capsys, src, "-m", "colonoscopy", "-o", tmp_path / "on", "--checkpoint", tiny_ckpt,
+                          "--tile", "on", "--tile-overlap", "32", "--object-scale", "0.5")
+    assert code == 0 and "(1 tiled)" in out, err
+    expected = seg.segment(image, "colonoscopy", tiling="on", tile_overlap=32, tile_scale=0.5)
+    assert expected.tiling["working_size"] == [152, 128] and expected.tiling["overlap"] == 32
+    np.testing.assert_array_equal(_mask(tmp_path / "on" / "big_mask.png") > 0, expected.mask)
+
+
+def test_bad_tile_options_are_usage_errors(tmp_path, tiny_ckpt, capsys):
+    src = _png(tmp_path / "a.png", (40, 60))
+    for bad in (["--tile", "maybe"], ["--object-scale", "0"], ["--tile-overlap", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["segment", str(src), "-m", "microscopy", "-o", str(tmp_path / "o"), *bad])
+        assert exc.value.code == 2
+    code = cli.main(["segment", str(src), "-m", "microscopy", "-o", str(tmp_path / "o"), "--checkpoint",
+                     str(tiny_ckpt), "--tile-overlap", "100"])
+    assert code == 2 and "more than half a tile (64)" in capsys.readouterr().err

@@ -248,7 +248,10 @@ def _working_image(arr: np.ndarray, plan: TilePlan) -> np.ndarray:
     """(H,W,C) [0,255] -> the (Hp,Wp,C) tiled area: resized to the working size, reflect-padded."""
     hw, ww = plan.working
     if (hw, ww) != arr.shape[:2]:
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
+        src = np.ascontiguousarray(arr)
+        if not src.flags.writeable:  # torch wants a writable buffer (it does not write to it)
+            src = src.copy()
+        t = torch.from_numpy(src).permute(2, 0, 1).unsqueeze(0)
         if t.dtype != torch.uint8:
             t = t.float()
         shrinks = hw < arr.shape[0] or ww < arr.shape[1]

@@ -1,7 +1,10 @@
 """`delightsam segment IMAGE_OR_DIR... --modality M --out DIR`: masks for files and folders.
 
 Writes ``<stem>_mask.png`` (uint8 0/255, the input's exact size) per image, plus
-``<stem>_heatmap.tif`` (float32 SP-Generator heatmap) with ``--save-heatmap``. ``--refine``
+``<stem>_heatmap.tif`` (float32 SP-Generator heatmap) with ``--save-heatmap``. ``--tile``
+(auto | on | off), ``--tile-overlap`` and ``--object-scale`` choose tiled inference for large
+images (``tiling.py``): with "auto", microscopy and fundus images longer than 1.5× the network
+input are segmented one by one in overlapping tiles, the others as before. ``--refine``
 redraws every object of each mask with LiteMedSAM from its own bounding box
 (``refine.refine_objects``, as the napari widget's Refine all; objects LiteMedSAM scores below
 ``--refine-min-score`` are removed, by default ``refine.default_min_score``: the refiner
@@ -48,6 +51,40 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def _overlap(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the overlap must be >= 0, got {text}")
+    return value
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and value <= 16):
+        raise argparse.ArgumentTypeError(f"the object scale must be in (0, 16], got {text}")
+    return value
+
+
+def _may_tile(args: argparse.Namespace, segmenter, modality, size: tuple[int, int]) -> bool:
+    """Whether this image goes through ``Segmenter.segment`` one by one (tiled, or decided by the
+    auto rule after the whole-image pass names its modality) instead of the batched whole-image path."""
+    from ..tiling import AUTO_TILING, auto_tiles
+
+    if args.tile == "off":
+        return False
+    if args.tile == "on":
+        return True
+    index = segmenter.resolve_modality(modality)
+    names = list(AUTO_TILING) if index is None else [segmenter.modalities[index]]
+    return any(auto_tiles(n, size, segmenter.config.img_size, args.object_scale) for n in names)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -101,6 +138,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="with --refine: remove objects the refiner scores below this (default: the refiner decoder's "
         "threshold, refine.MIN_SCORE_BY_DECODER, for colonoscopy, dermoscopy and ultrasound; 0 = keep all "
         "for the others)",
+    )
+    p.add_argument(
+        "--tile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="tiled inference for large images: auto (tiled where the measured rule says so: microscopy and "
+        "fundus images longer than 1.5x the network input, tiling.AUTO_TILING), on, or off (the whole image "
+        "resized to the network input, as before)",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=_overlap,
+        default=None,
+        help="overlap of neighbouring tiles in network pixels (default: the modality's, 64)",
+    )
+    p.add_argument(
+        "--object-scale",
+        type=_scale,
+        default=None,
+        help="resize factor applied before tiling: 1 = the image's own pixels (objects as large as in the "
+        "training images), 0.5 = halve the image (objects twice that size), 2 = double it (default: the "
+        "modality's, 1)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--fp32", action="store_true", help="disable the bf16/channels_last fast paths")
@@ -237,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..image_files import ImageReadError, read_image, write_mask_png, write_tiff
     from ..inference import load_model
+    from ..preprocess import infer_layout
     from ..refine import refine_all_suits
 
     files, problems = expand_inputs(list(args.inputs))
@@ -273,6 +333,10 @@ def run(args: argparse.Namespace) -> int:
         segmenter.resolve_modality(modality)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
+    if args.tile_overlap is not None and args.tile_overlap > segmenter.config.img_size // 2:
+        raise CommandError(
+            f"--tile-overlap {args.tile_overlap} is more than half a tile ({segmenter.config.img_size // 2})"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -299,11 +363,35 @@ def run(args: argparse.Namespace) -> int:
     for message in problems:
         report.error(message)
     done = 0
+    tiled = 0
     pending: list[tuple[_Job, object, object]] = []
     left_unrefined: set[str] = set()
 
+    def finish(job: _Job, image, result) -> None:
+        nonlocal done, tiled
+        if result.tiling is not None:
+            tiled += 1
+        refine = refiner is not None and refine_all_suits(result.modality)
+        if refiner is not None and not refine and result.modality not in left_unrefined:
+            left_unrefined.add(result.modality)
+            report.note(f"--refine leaves {result.modality} masks as segmented: redrawing vessels, nuclei or "
+                        "lungs from their boxes lowered Dice on the validation split (refine.REFINE_ALL_LOWERS)")
+        try:
+            mask = _refined(refiner, image, result, args.refine_min_score) if refine else result.mask
+        except RuntimeError as exc:
+            report.error(f"{job.source}: --refine failed: {exc}")
+            bar.update(1)
+            return
+        try:
+            write_mask_png(job.mask, mask, overwrite=args.overwrite)
+            if job.heatmap is not None:
+                write_tiff(job.heatmap, result.patch_heatmap, overwrite=args.overwrite)
+            done += 1
+        except (OSError, ValueError) as exc:
+            report.error(f"{job.source}: cannot write the output: {exc}")
+        bar.update(1)
+
     def flush() -> None:
-        nonlocal done
         if not pending:
             return
         try:
@@ -317,25 +405,7 @@ def run(args: argparse.Namespace) -> int:
             pending.clear()
             return
         for (job, _, image), result in zip(pending, results, strict=True):
-            refine = refiner is not None and refine_all_suits(result.modality)
-            if refiner is not None and not refine and result.modality not in left_unrefined:
-                left_unrefined.add(result.modality)
-                report.note(f"--refine leaves {result.modality} masks as segmented: redrawing vessels, nuclei or "
-                            "lungs from their boxes lowered Dice on the validation split (refine.REFINE_ALL_LOWERS)")
-            try:
-                mask = _refined(refiner, image, result, args.refine_min_score) if refine else result.mask
-            except RuntimeError as exc:
-                report.error(f"{job.source}: --refine failed: {exc}")
-                bar.update(1)
-                continue
-            try:
-                write_mask_png(job.mask, mask, overwrite=args.overwrite)
-                if job.heatmap is not None:
-                    write_tiff(job.heatmap, result.patch_heatmap, overwrite=args.overwrite)
-                done += 1
-            except (OSError, ValueError) as exc:
-                report.error(f"{job.source}: cannot write the output: {exc}")
-            bar.update(1)
+            finish(job, image, result)
         pending.clear()
 
     try:
@@ -347,12 +417,21 @@ def run(args: argparse.Namespace) -> int:
                 continue
             try:
                 image = read_image(job.source)
+                if _may_tile(args, segmenter, modality, infer_layout(image.shape)[:2]):
+                    # one by one: tiled (or the whole image, when the auto rule decides so after
+                    # the whole-image pass names the modality)
+                    result = segmenter.segment(
+                        image, modality, args.threshold, tiling=args.tile, tile_scale=args.object_scale,
+                        tile_overlap=args.tile_overlap,
+                    )
+                    finish(job, image, result)
+                    continue
                 prepared = segmenter.prepare(image)
             except ImageReadError as exc:
                 report.error(str(exc))
                 bar.update(1)
                 continue
-            except (ValueError, MemoryError) as exc:
+            except (ValueError, MemoryError, RuntimeError) as exc:
                 report.error(f"{job.source}: {exc or type(exc).__name__}")
                 bar.update(1)
                 continue
@@ -365,6 +444,8 @@ def run(args: argparse.Namespace) -> int:
 
     where = f" (rank {rank}/{world})" if world > 1 else ""
     summary = f"segmented {done} image(s) into {out}{where}"
+    if tiled:
+        summary += f" ({tiled} tiled)"
     if report.skipped:
         summary += f"; {report.skipped} skipped (outputs exist)"
     if report.failed:
