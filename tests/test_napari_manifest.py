@@ -72,10 +72,13 @@ def test_samples_open_as_image_plus_reference_mask(key):
     for f in (sample.image_file, sample.mask_file):
         assert f.stat().st_size <= 100_000, f
     func = {"synthetic_dermoscopy": sample_data.dermoscopy_sample, "synthetic_microscopy": sample_data.microscopy_sample,
-            "synthetic_ultrasound": sample_data.ultrasound_sample}[key]
+            "synthetic_ultrasound": sample_data.ultrasound_sample, "nuclei_dsb2018": sample_data.nuclei_dsb2018_sample,
+            "breast_ultrasound_busi": sample_data.breast_ultrasound_busi_sample}[key]
     (image, image_kw, image_type), (mask, mask_kw, mask_type) = func()
     assert (image_type, mask_type) == ("image", "labels")
-    assert image.dtype == np.uint8 and image.shape[:2] == (256, 256)
+    side = 256 if sample.synthetic else sample.source.max_side
+    assert image.dtype == np.uint8 and max(image.shape[:2]) == side
+    assert image_kw["metadata"]["delightsam_sample"]["synthetic"] == sample.synthetic
     assert image_kw["rgb"] == (image.ndim == 3)
     assert mask.shape == image.shape[:2] and set(np.unique(mask)) == {0, 1}
     assert 0.01 < mask.mean() < 0.6
@@ -89,6 +92,8 @@ def test_shipped_samples_are_what_the_generator_makes(tmp_path):
     """The PNGs are generated (no real data): regenerating gives the same pictures."""
     sample_data.regenerate(tmp_path)
     for key, sample in sample_data.SAMPLES.items():
+        if not sample.synthetic:
+            continue
         from PIL import Image
 
         shipped = np.asarray(Image.open(sample.image_file)).astype(float)
@@ -103,6 +108,28 @@ def test_shipped_samples_are_what_the_generator_makes(tmp_path):
 def test_sample_license_is_stated():
     text = (Path(sample_data.__file__).parent / "sample_data" / "README.md").read_text()
     assert "synthetic" in text.lower() and "Apache-2.0" in text
+    real = [s for s in sample_data.SAMPLES.values() if not s.synthetic]
+    assert real, "at least one real sample"
+    for sample in real:  # each real image: its file, dataset image, licence and attribution named
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{sample.key}.png`"))
+        cells = [c.strip() for c in row.split("|")]
+        assert sample.source.image_id in cells[2] and cells[3] == sample.source.licence
+        assert len(cells[4]) > 30  # the attribution: authors, title, where published
+
+
+def test_real_samples_are_their_dataset_images_downscaled(tmp_path):
+    """The shipped real PNGs are what ``--import-real`` makes from the dataset layout."""
+    data = REPO.parent / "shared" / "data"
+    if not data.is_dir():
+        pytest.skip("../shared/data is not on this machine")
+    from PIL import Image
+
+    written = sample_data.import_real(data, tmp_path)
+    assert written
+    for path in written:
+        shipped = np.asarray(Image.open(Path(sample_data.SAMPLE_DIR) / path.name))
+        fresh = np.asarray(Image.open(path))
+        assert np.array_equal(shipped, fresh), path.name
 
 
 # -- widgets through napari's plugin manager -----------------------------------------------------

@@ -1,10 +1,17 @@
-"""Sample data for File → Open Sample: small synthetic images with their reference masks.
+"""Sample data for File → Open Sample: small images with their reference masks.
 
-Every image here is *generated* by the functions below (seeded, no real patient data), so the
-package may ship them under its own license. The PNG files in ``sample_data/`` are the output
-of ``python -m napari_delightsam.sample_data --regenerate``; the napari commands read those
-files (so the samples do not change with numpy/scikit-image versions) and fall back to
-generating them when a file is missing.
+Two kinds:
+
+* **real** images, one per modality whose licence allows redistribution (``REAL_SOURCES``:
+  DSB2018 nuclei, CC0; BUSI breast ultrasound, CC BY 4.0), each from the test split of the
+  project's protocol, downscaled; ``sample_data/README.md`` gives their source, licence and
+  attribution. ``python -m napari_delightsam.sample_data --import-real ../shared/data`` makes
+  their PNGs from the dataset layout;
+* **synthetic** drawings (seeded numpy + scikit-image, no patient data) for the other
+  modalities' look: ``python -m napari_delightsam.sample_data --regenerate`` writes their PNGs.
+
+The napari commands read the PNG files in ``sample_data/`` (so the samples do not change with
+numpy/scikit-image versions); a missing synthetic file is generated on the fly.
 
 Each sample opens as two layers: the image and its reference mask (a Labels layer, hidden), so
 "De-LightSAM segment" and "De-LightSAM fine-tune" can be tried with no files at hand.
@@ -149,11 +156,27 @@ def make_ultrasound(seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass(frozen=True)
+class RealSource:
+    """Where a real sample comes from: ``<root>/<dataset>/{images,masks}/<image_id>.*``."""
+
+    dataset: str
+    image_id: str
+    #: the longer side of the shipped PNG
+    max_side: int
+    licence: str
+
+
+@dataclass(frozen=True)
 class Sample:
     key: str
     modality: str
     display_name: str
-    make: Callable[[], tuple[np.ndarray, np.ndarray]]
+    make: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+    source: RealSource | None = None
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source is None
 
     @property
     def image_file(self) -> Path:
@@ -167,6 +190,18 @@ class Sample:
 SAMPLES: dict[str, Sample] = {
     s.key: s
     for s in (
+        Sample(
+            "nuclei_dsb2018",
+            "microscopy",
+            "Nuclei, fluorescence microscopy (DSB2018, CC0)",
+            source=RealSource("microscopy/DSB2018", "df33b11184427e05", 256, "CC0 1.0"),
+        ),
+        Sample(
+            "breast_ultrasound_busi",
+            "ultrasound",
+            "Breast ultrasound (BUSI, CC BY 4.0)",
+            source=RealSource("ultrasound/BUSI", "benign_358", 384, "CC BY 4.0"),
+        ),
         Sample("synthetic_dermoscopy", "dermoscopy", "Synthetic dermoscopy lesion (De-LightSAM)", make_dermoscopy),
         Sample("synthetic_microscopy", "microscopy", "Synthetic nuclei, microscopy (De-LightSAM)", make_microscopy),
         Sample("synthetic_ultrasound", "ultrasound", "Synthetic breast ultrasound (De-LightSAM)", make_ultrasound),
@@ -175,7 +210,8 @@ SAMPLES: dict[str, Sample] = {
 
 
 def load_sample(key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(image, mask {0,255}) of one sample: the shipped PNGs, or freshly generated if missing."""
+    """(image, mask {0,255}) of one sample: the shipped PNGs (a synthetic one is generated if
+    its files are missing)."""
     sample = SAMPLES[key]
     if sample.image_file.is_file() and sample.mask_file.is_file():
         from PIL import Image
@@ -185,13 +221,18 @@ def load_sample(key: str) -> tuple[np.ndarray, np.ndarray]:
         with Image.open(sample.mask_file) as im:
             mask = np.asarray(im).copy()
         return image, mask
+    if sample.make is None:
+        raise FileNotFoundError(f"sample {key!r}: {sample.image_file} is missing from the installation")
     return sample.make()
 
 
 def _layers(key: str) -> list[LayerData]:
     sample = SAMPLES[key]
     image, mask = load_sample(key)
-    meta = {"delightsam_sample": {"modality": sample.modality, "synthetic": True}}
+    meta: dict[str, Any] = {"modality": sample.modality, "synthetic": sample.synthetic}
+    if sample.source is not None:
+        meta.update(dataset=sample.source.dataset, image_id=sample.source.image_id, licence=sample.source.licence)
+    meta = {"delightsam_sample": meta}
     return [
         (image, {"name": key, "rgb": image.ndim == 3, "metadata": meta}, "image"),
         (
@@ -203,6 +244,14 @@ def _layers(key: str) -> list[LayerData]:
 
 
 # napari sample-data commands (named in napari.yaml)
+def nuclei_dsb2018_sample() -> list[LayerData]:
+    return _layers("nuclei_dsb2018")
+
+
+def breast_ultrasound_busi_sample() -> list[LayerData]:
+    return _layers("breast_ultrasound_busi")
+
+
 def dermoscopy_sample() -> list[LayerData]:
     return _layers("synthetic_dermoscopy")
 
@@ -215,32 +264,75 @@ def ultrasound_sample() -> list[LayerData]:
     return _layers("synthetic_ultrasound")
 
 
-def regenerate(folder: Path = SAMPLE_DIR) -> list[Path]:
-    """Write every sample's image and mask PNG into ``folder`` (atomic writes)."""
+def _write_pair(folder: Path, key: str, image: np.ndarray, mask: np.ndarray) -> list[Path]:
     from PIL import Image
 
     from .atomic_files import atomic_write
 
-    written: list[Path] = []
     folder.mkdir(parents=True, exist_ok=True)
+    return [
+        atomic_write(folder / name, lambda tmp, a=arr: Image.fromarray(a).save(tmp, format="PNG", optimize=True))
+        for arr, name in ((image, f"{key}.png"), (mask, f"{key}_mask.png"))
+    ]
+
+
+def regenerate(folder: Path = SAMPLE_DIR) -> list[Path]:
+    """Write every synthetic sample's image and mask PNG into ``folder`` (atomic writes)."""
+    written: list[Path] = []
     for sample in SAMPLES.values():
-        image, mask = sample.make()
-        for arr, name in ((image, f"{sample.key}.png"), (mask, f"{sample.key}_mask.png")):
-            written.append(
-                atomic_write(folder / name, lambda tmp, a=arr: Image.fromarray(a).save(tmp, format="PNG", optimize=True))
-            )
+        if sample.make is not None:
+            written += _write_pair(folder, sample.key, *sample.make())
+    return written
+
+
+def real_sample_from(data_root: Path, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """A real sample's (image uint8, mask {0,255}) from the dataset layout under ``data_root``,
+    downscaled so the longer side is ``max_side`` (image: area average; mask: the area-averaged
+    mask thresholded at one half)."""
+    from PIL import Image
+
+    src = sample.source
+    if src is None:
+        raise ValueError(f"{sample.key} is synthetic")
+    folder = Path(data_root) / src.dataset
+    found = {kind: sorted((folder / kind).glob(f"{src.image_id}.*")) for kind in ("images", "masks")}
+    if not found["images"] or not found["masks"]:
+        raise FileNotFoundError(f"{folder}: no image or mask named {src.image_id}")
+    with Image.open(found["images"][0]) as im:
+        image = im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy()
+    with Image.open(found["masks"][0]) as im:
+        mask = im.convert("L")
+    scale = src.max_side / max(image.size)
+    if scale < 1:
+        size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+        image = image.resize(size, Image.Resampling.BOX)
+        mask = mask.resize(size, Image.Resampling.BOX)
+    return np.asarray(image).copy(), np.where(np.asarray(mask) >= 128, 255, 0).astype(np.uint8)
+
+
+def import_real(data_root: Path, folder: Path = SAMPLE_DIR) -> list[Path]:
+    """Write every real sample's image and mask PNG into ``folder`` from ``data_root``."""
+    written: list[Path] = []
+    for sample in SAMPLES.values():
+        if sample.source is not None:
+            written += _write_pair(folder, sample.key, *real_sample_from(data_root, sample))
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="(Re)generate the synthetic sample images.")
-    parser.add_argument("--regenerate", action="store_true", help="write the PNGs into --out")
+    parser = argparse.ArgumentParser(description="(Re)make the sample images.")
+    parser.add_argument("--regenerate", action="store_true", help="write the synthetic samples' PNGs into --out")
+    parser.add_argument("--import-real", type=Path, metavar="DATA_ROOT",
+                        help="write the real samples' PNGs into --out from this dataset-layout folder")
     parser.add_argument("--out", type=Path, default=SAMPLE_DIR)
     args = parser.parse_args(argv)
-    if not args.regenerate:
+    if not args.regenerate and args.import_real is None:
         parser.print_help()
         return 0
-    for path in regenerate(args.out):
+    paths = regenerate(args.out) if args.regenerate else []
+    if args.import_real is not None:
+        paths += import_real(args.import_real, args.out)
+    for path in paths:
         print(f"{path}  {path.stat().st_size} bytes")
     return 0
 
