@@ -270,3 +270,36 @@ def test_guard_worker_turns_runtime_errors_into_worker_errors():
 
     with pytest.raises(ValueError):
         next(core.guard_worker(bad()))
+
+
+def test_iterate_segmentation_reports_tiles_of_a_tiled_plane():
+    from napari_delightsam.config import tiny_config
+    from napari_delightsam.inference import load_model
+
+    seg = load_model("untrained", "cpu", config=tiny_config())
+    prepared = prepare_input(np.zeros((300, 200), dtype=np.uint8), False, "big")
+    items = list(_drain(core.iterate_segmentation(seg, prepared, "microscopy", 0.5, tiling="on")))
+    tiles = [i for i in items if len(i) == 4]
+    assert tiles and tiles[-1][2] == tiles[-1][3] > 1 and all(i[:2] == (0, 1) for i in tiles)
+    assert items[-1] == (1, 1)
+    off = list(_drain(core.iterate_segmentation(seg, prepared, "microscopy", 0.5, tiling="off")))
+    assert off == [(1, 1)]
+
+
+def test_prepare_input_picks_a_pyramid_level_and_refuses_missing_ones():
+    levels = [np.zeros((64, 64), np.uint8), np.zeros((32, 32), np.uint8)]
+    assert prepare_input(levels, False, "ms", multiscale=True, level=1).plane_shape == (32, 32)
+    with pytest.raises(InputError, match="pyramid levels"):
+        prepare_input(levels, False, "ms", multiscale=True, level=2)
+    with pytest.raises(InputError, match="not multiscale"):
+        prepare_input(levels[0], False, "flat", level=1)
+    layer = SimpleNamespace(data=levels, multiscale=True, scale=(2.0, 3.0))
+    assert core.pyramid_levels(layer) == 2 and core.level_scale(layer, 1) == (4.0, 6.0)
+
+
+def _drain(gen):
+    while True:
+        try:
+            yield next(gen)
+        except StopIteration:
+            return

@@ -482,3 +482,104 @@ def test_layer_pickers_follow_the_viewer(make_napari_viewer):
     assert names(ft.image_combo) == ["a"]
     viewer.layers.remove("b_corrected")
     assert names(ft.labels_combo) == [] and ft.labels_combo.value is None
+
+
+# -- tiled inference and multiscale layers ---------------------------------------------------------
+
+
+class _TileSpy(_Spy):
+    """A Segmenter wrapper that also offers ``segment_steps``; counts tile batches and can wait
+    after the first one (so a test can cancel between tiles)."""
+
+    def __init__(self, inner, delay=0.0):
+        super().__init__(inner, delay)
+        self.batches = 0
+
+    def segment_steps(self, image, modality="auto", threshold=0.5, **kwargs):
+        gen = self.inner.segment_steps(image, modality, threshold, tile_batch_size=1, **kwargs)
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            self.batches += 1
+            if self.delay:
+                self.release.wait(self.delay)
+            yield item
+
+
+def _install_tile_spy(monkeypatch, delay=0.0):
+    from napari_delightsam.widgets.model_cache import default_loader
+
+    holder = {}
+
+    def loader(spec, device):
+        holder["spy"] = _TileSpy(default_loader(spec, device), delay)
+        return holder["spy"]
+
+    MODEL_CACHE.clear()
+    monkeypatch.setattr(MODEL_CACHE, "loader", loader)
+    return holder
+
+
+def test_large_microscopy_image_is_tiled_with_progress_and_provenance(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                                      monkeypatch):
+    holder = _install_tile_spy(monkeypatch)
+    viewer = make_napari_viewer()
+    image = np.random.default_rng(0).integers(0, 255, (300, 260, 3), dtype=np.uint8)  # > 1.5 x 128
+    viewer.add_image(image, name="field", rgb=True)
+    widget = _open(viewer, tiny_checkpoint)
+    widget.modality_combo.setCurrentText("microscopy")
+    assert widget.tiling_combo.currentText() == "auto"
+    _run_and_wait(qtbot, widget)
+    mask = viewer.layers["field_delightsam_mask"]
+    assert mask.data.shape == (300, 260)
+    record = mask.metadata[core.METADATA_KEY]
+    assert record["tiling"] == "auto" and record["tiles"]["tiles"] == holder["spy"].batches > 1
+    assert widget.progress_bar.value() == widget.progress_bar.maximum() == 1  # the plane is done
+
+    widget.tiling_combo.setCurrentText("off")
+    _run_and_wait(qtbot, widget)
+    record = viewer.layers["field_delightsam_mask"].metadata[core.METADATA_KEY]
+    assert record["tiling"] == "off" and record["tiles"] is None
+
+
+def test_cancel_between_tiles(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):
+    holder = _install_tile_spy(monkeypatch, delay=0.5)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(1).integers(0, 255, (400, 400), dtype=np.uint8), name="big")
+    widget = _open(viewer, tiny_checkpoint)
+    widget.modality_combo.setCurrentText("fundus")
+    widget.tiling_combo.setCurrentText("on")
+    before = [layer.name for layer in viewer.layers]
+    worker = widget.run()
+    qtbot.waitUntil(lambda: "spy" in holder and holder["spy"].batches >= 1, timeout=WAIT_MS)
+    assert "tile" in widget.status_label.text() or "Segmenting" in widget.status_label.text()
+    widget.cancel()
+    holder["spy"].release.set()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert worker.abort_requested
+    assert holder["spy"].batches < 16  # stopped long before the 4 x 4 = 16 tiles
+    assert [layer.name for layer in viewer.layers] == before
+
+
+def test_multiscale_layer_at_full_resolution_or_a_chosen_level(make_napari_viewer, qtbot, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    base = np.random.default_rng(2).integers(0, 255, (256, 192), dtype=np.uint8)
+    viewer.add_image([base, base[::2, ::2], base[::4, ::4]], name="pyr", multiscale=True, scale=(0.5, 0.5))
+    widget = _open(viewer, tiny_checkpoint)
+    widget.modality_combo.setCurrentText("colonoscopy")
+    widget.image_combo.value = viewer.layers["pyr"]
+    _run_and_wait(qtbot, widget)
+    mask = viewer.layers["pyr_delightsam_mask"]
+    assert mask.data.shape == (256, 192)
+    np.testing.assert_allclose(mask.scale, (0.5, 0.5))
+    widget.level_spin.setValue(1)
+    _run_and_wait(qtbot, widget)
+    mask = viewer.layers["pyr_delightsam_mask"]
+    assert mask.data.shape == (128, 96)
+    np.testing.assert_allclose(mask.scale, (1.0, 1.0))  # the same physical extent
+    assert mask.metadata[core.METADATA_KEY]["pyramid_level"] == 1
+    widget.level_spin.setValue(7)  # more than the layer has: its coarsest level
+    _run_and_wait(qtbot, widget)
+    assert viewer.layers["pyr_delightsam_mask"].data.shape == (64, 48)

@@ -59,14 +59,33 @@ class PreparedInput:
         return out
 
 
-def prepare_layer(layer: Any) -> PreparedInput:
-    """``prepare_input`` of a napari Image layer (its data, rgb flag, name and multiscale flag)."""
+def prepare_layer(layer: Any, level: int = 0) -> PreparedInput:
+    """``prepare_input`` of a napari Image layer (its data, rgb flag, name and multiscale flag);
+    ``level`` picks a multiscale layer's pyramid level (0 = full resolution)."""
     return prepare_input(
-        layer.data, bool(getattr(layer, "rgb", False)), layer.name, bool(getattr(layer, "multiscale", False))
+        layer.data, bool(getattr(layer, "rgb", False)), layer.name, bool(getattr(layer, "multiscale", False)),
+        level=level,
     )
 
 
-def prepare_input(data: Any, rgb: bool, name: str = "image", multiscale: bool = False) -> PreparedInput:
+def pyramid_levels(layer: Any) -> int:
+    """Number of pyramid levels of an Image layer (1 when it is not multiscale)."""
+    return len(layer.data) if getattr(layer, "multiscale", False) else 1
+
+
+def level_scale(layer: Any, level: int) -> tuple[float, ...]:
+    """The layer's ``scale`` for outputs computed at pyramid ``level``: each axis multiplied by
+    how much smaller that level is than level 0 (level 0: the layer's own scale)."""
+    scale = tuple(float(s) for s in layer.scale)
+    if level == 0 or not getattr(layer, "multiscale", False):
+        return scale
+    full, low = layer.data[0].shape, layer.data[level].shape
+    return tuple(s * full[i] / low[i] for i, s in enumerate(scale))
+
+
+def prepare_input(
+    data: Any, rgb: bool, name: str = "image", multiscale: bool = False, level: int = 0
+) -> PreparedInput:
     """Check an Image layer's data and describe how to segment it; ``InputError`` otherwise.
 
     Accepted (napari's own reading of the axes): 2D grey ``(H,W)``, RGB/RGBA ``(H,W,3|4)``
@@ -75,8 +94,12 @@ def prepare_input(data: Any, rgb: bool, name: str = "image", multiscale: bool = 
     non-displayed axis (e.g. time + z, or z + channels not marked RGB).
     """
     if multiscale:
-        # level 0 is the full-resolution image
-        data = data[0]
+        # level 0 is the full-resolution image; a coarser level when the user picks one
+        if not 0 <= int(level) < len(data):
+            raise InputError(f"layer '{name}' has {len(data)} pyramid levels (0-{len(data) - 1}); level {level} does not exist")
+        data = data[int(level)]
+    elif level:
+        raise InputError(f"layer '{name}' is not multiscale: only level 0 exists")
     shape = tuple(int(s) for s in getattr(data, "shape", ()))
     try:
         dtype = np.dtype(getattr(data, "dtype", None))
@@ -201,6 +224,8 @@ class SegmentationRun:
     timings: list[dict[str, float]]
     seconds: float = 0.0
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: per plane: the tile layout of a tiled run (``SegmentationResult.tiling``), None when whole
+    tilings: list[dict[str, Any] | None] = field(default_factory=list)
 
     @property
     def modality_summary(self) -> str:
@@ -209,9 +234,12 @@ class SegmentationRun:
 
 
 def iterate_segmentation(
-    segmenter: Any, prepared: PreparedInput, modality: str, threshold: float
-) -> Generator[tuple[int, int], None, SegmentationRun]:
-    """Segment every plane; yields ``(done, total)`` after each so a worker can report and stop.
+    segmenter: Any, prepared: PreparedInput, modality: str, threshold: float, tiling: str = "auto"
+) -> Generator[tuple[int, ...], None, SegmentationRun]:
+    """Segment every plane; yields ``(done, total)`` after each so a worker can report and stop,
+    and ``(plane, planes, tiles done, tiles)`` after each batch of tiles of a tiled plane
+    (``Segmenter.segment_steps``; ``tiling`` is "auto", "on" or "off"), so a large image can be
+    cancelled between tiles.
 
     The generator's return value (``StopIteration.value``) is the :class:`SegmentationRun`.
     """
@@ -224,17 +252,30 @@ def iterate_segmentation(
     modalities: list[str] = []
     mod_probs: list[dict[str, float] | None] = []
     timings: list[dict[str, float]] = []
+    tilings: list[dict[str, Any] | None] = []
+    steps = getattr(segmenter, "segment_steps", None)
     for i in range(n):
-        result = segmenter.segment(prepared.plane(i), modality=modality, threshold=threshold)
+        if steps is None:
+            result = segmenter.segment(prepared.plane(i), modality=modality, threshold=threshold)
+        else:
+            gen = steps(prepared.plane(i), modality, threshold, tiling=tiling)
+            while True:
+                try:
+                    done, total = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                yield i, n, done, total
         prob[i] = result.probability
         heat[i] = result.patch_heatmap
         modalities.append(str(result.modality))
         mod_probs.append(result.modality_probabilities)
         timings.append(dict(result.timings))
+        tilings.append(getattr(result, "tiling", None))
         yield i + 1, n
     if not prepared.stack:
         prob, heat = prob[0], heat[0]
-    return SegmentationRun(prob, heat, modalities, mod_probs, timings, time.perf_counter() - start)
+    return SegmentationRun(prob, heat, modalities, mod_probs, timings, time.perf_counter() - start, tilings=tilings)
 
 
 # -- errors from workers and devices --------------------------------------------------------------

@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
     QMessageBox,
     QProgressBar,
     QPushButton,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -51,8 +52,10 @@ from .core import (
     fingerprint,
     guard_worker,
     iterate_segmentation,
+    level_scale,
     output_names,
     prepare_layer,
+    pyramid_levels,
     threshold_mask,
     unique_name,
     utc_now,
@@ -154,6 +157,22 @@ class SegmentWidget(QWidget):
         self.threshold_slider.setToolTip("Foreground = probability > threshold; changes re-derive the mask, no rerun")
         self.threshold_slider.valueChanged.connect(self._on_threshold_changed)
         form.addRow("Threshold", self.threshold_slider)
+
+        self.tiling_combo = QComboBox()
+        self.tiling_combo.addItems(["auto", "on", "off"])
+        self.tiling_combo.setToolTip(
+            "Tiled inference for large images: auto = overlapping tiles at the training scale for microscopy and "
+            "fundus images longer than 1.5x the network input (measured rule), the whole image otherwise; "
+            "on = always tiled; off = the whole image resized to the network input"
+        )
+        form.addRow("Tiling", self.tiling_combo)
+
+        self.level_spin = QSpinBox()
+        self.level_spin.setRange(0, 31)
+        self.level_spin.setToolTip(
+            "For a multiscale (pyramidal) layer: the level to segment (0 = full resolution); other layers use 0"
+        )
+        form.addRow("Pyramid level", self.level_spin)
 
         self.instances_check = QCheckBox("instances (connected components)")
         self.instances_check.setToolTip("One label id per connected region (e.g. nuclei) instead of a binary mask")
@@ -325,8 +344,9 @@ class SegmentWidget(QWidget):
         if layer is None:
             notify("warning", "no image layer to segment; open an image first")
             return None
+        level = min(int(self.level_spin.value()), pyramid_levels(layer) - 1)
         try:
-            prepared = prepare_layer(layer)
+            prepared = prepare_layer(layer, level)
         except InputError as exc:
             notify("error", str(exc))
             return None
@@ -340,21 +360,25 @@ class SegmentWidget(QWidget):
         device = device or self.device_combo.currentText() or "auto"
         modality = self.modality_combo.currentText()
         threshold = float(self.threshold_slider.value())
+        tiling = self.tiling_combo.currentText()
         self._job = {
             "layer": weakref.ref(layer),
             "input_name": layer.name,
-            "scale": tuple(layer.scale),
+            "scale": level_scale(layer, level),
+            "level": level,
+            "tiling": tiling,
             "translate": tuple(layer.translate),
             "prepared": prepared,
             "spec": spec,
             "device": device,
             "modality": modality,
             "threshold": threshold,
-            "input_shape": list(np.shape(layer.data) if not getattr(layer, "multiscale", False) else layer.data[0].shape),
+            "input_shape": list(np.shape(layer.data) if not getattr(layer, "multiscale", False) else layer.data[level].shape),
         }
-        return self._start_worker(prepared, spec, device, modality, threshold)
+        return self._start_worker(prepared, spec, device, modality, threshold, tiling)
 
-    def _start_worker(self, prepared: Any, spec: str, device: str, modality: str, threshold: float) -> Any:
+    def _start_worker(self, prepared: Any, spec: str, device: str, modality: str, threshold: float,
+                      tiling: str = "auto") -> Any:
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
@@ -363,7 +387,7 @@ class SegmentWidget(QWidget):
         else:
             self._set_status("Segmenting…")
         worker = create_worker(
-            guard_worker, _segment_job(self.model_cache, prepared, spec, device, modality, threshold),
+            guard_worker, _segment_job(self.model_cache, prepared, spec, device, modality, threshold, tiling),
             _ignore_errors=True,
         )
         self._pbar = progress(total=prepared.n_slices, desc=f"De-LightSAM {prepared.name}")
@@ -384,7 +408,7 @@ class SegmentWidget(QWidget):
     def cancel(self) -> None:
         if self._worker is not None:
             self._worker.quit()
-            self._set_status("Cancelling after the current slice…")
+            self._set_status("Cancelling after the current slice or tile…")
 
     def _on_yielded(self, item: tuple) -> None:
         # a late progress item of a cancelled/finished run must not overwrite the status
@@ -395,11 +419,19 @@ class SegmentWidget(QWidget):
             self._set_status(f"Segmenting with {item[1]}…")
         elif kind == "progress":
             done, total = item[1], item[2]
+            self.progress_bar.setRange(0, total)  # a tiled single image counted tiles until now
             self.progress_bar.setValue(done)
             if self._pbar is not None:
                 self._pbar.update(1)
             if total > 1:
                 self._set_status(f"Segmenting slice {done}/{total}…")
+        elif kind == "tiles":
+            plane, planes, done, total = item[1:]
+            if planes == 1:  # one image: the bar counts its tiles
+                self.progress_bar.setRange(0, total)
+                self.progress_bar.setValue(done)
+            where = f" of slice {plane + 1}/{planes}" if planes > 1 else ""
+            self._set_status(f"Segmenting tile {done}/{total}{where}…")
 
     def _on_aborted(self) -> None:
         if alive(self):
@@ -461,6 +493,9 @@ class SegmentWidget(QWidget):
             "instances": instances,
             "input_layer": job["input_name"],
             "input_shape": job["input_shape"],
+            "tiling": job.get("tiling", "auto"),
+            "tiles": run.tilings[0] if len(run.tilings) == 1 else None,
+            "pyramid_level": job.get("level", 0),
             "time": utc_now(),
             "device": model_info.get("device"),
             "seconds": round(run.seconds, 3),
@@ -653,8 +688,10 @@ def _quit_worker(state: dict[str, Any]) -> None:
             pass
 
 
-def _segment_job(cache: ModelCache, prepared: Any, spec: str, device: str, modality: str, threshold: float):
-    """Worker body (runs off the GUI thread): load/reuse the model, segment every slice."""
+def _segment_job(cache: ModelCache, prepared: Any, spec: str, device: str, modality: str, threshold: float,
+                 tiling: str = "auto"):
+    """Worker body (runs off the GUI thread): load/reuse the model, segment every slice (a large
+    one tile by tile: progress and Cancel between batches of tiles)."""
     segmenter = cache.get(spec, device)
     info = {
         "checkpoint_path": str(segmenter.checkpoint_path) if getattr(segmenter, "checkpoint_path", None) else None,
@@ -662,13 +699,13 @@ def _segment_job(cache: ModelCache, prepared: Any, spec: str, device: str, modal
         "device": str(getattr(segmenter, "device", device)),
     }
     yield ("loaded", f"{info['checkpoint_path'] and Path(info['checkpoint_path']).name or spec} on {info['device']}")
-    gen = iterate_segmentation(segmenter, prepared, modality, threshold)
+    gen = iterate_segmentation(segmenter, prepared, modality, threshold, tiling)
     while True:
         try:
-            done, total = next(gen)
+            item = next(gen)
         except StopIteration as stop:
             return stop.value, info
-        yield ("progress", done, total)
+        yield ("progress", *item) if len(item) == 2 else ("tiles", *item)
 
 
 def _bundled_path() -> Path | None:
