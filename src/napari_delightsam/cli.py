@@ -1,4 +1,5 @@
-"""`delightsam` command line: segment | train | recipe | evaluate | distill | tune-refiner | benchmark | info.
+"""`delightsam` command line: segment | train | recipe | evaluate | distill | tune-refiner | train-appearance-head |
+benchmark | info.
 
 Each subcommand lives in ``napari_delightsam.commands.<name>`` with two functions:
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and ``run(args) -> int`` (exit code).
@@ -12,7 +13,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS: tuple[str, ...] = ("segment", "train", "recipe", "evaluate", "distill", "tune-refiner", "benchmark", "info")
+COMMANDS: tuple[str, ...] = (
+    "segment", "train", "recipe", "evaluate", "distill", "tune-refiner", "train-appearance-head", "benchmark", "info"
+)
 
 
 class CommandError(Exception):

@@ -89,6 +89,10 @@ class ModelConfig:
     refiner_levels: int = 3
     # Beyond the paper: a modality classifier on pooled image embeddings for "auto".
     modality_head: bool = True
+    #: "pooled" (v1: an MLP on the mean and std of the stage-0 features) or "appearance" (v2,
+    #: ``model/appearance_head.py``: convolutions over the stage-0 features that also predict the
+    #: channel order and hue rotation, which eval mode undoes before segmenting)
+    modality_head_kind: str = "pooled"
     format_version: int = CHECKPOINT_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +104,8 @@ class ModelConfig:
             raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
         if self.img_size % 64:
             raise ValueError(f"img_size {self.img_size} must be a multiple of 64")
+        if self.modality_head_kind not in ("pooled", "appearance"):
+            raise ValueError(f"modality_head_kind must be 'pooled' or 'appearance', got {self.modality_head_kind!r}")
         if self.controller_attention not in ("kv", "none"):
             raise ValueError(f"controller_attention must be 'kv' or 'none', got {self.controller_attention!r}")
         if len(set(self.modalities)) != len(self.modalities) or not self.modalities:

@@ -50,6 +50,7 @@ from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array, 
 INFERENCE_PRECISION_KEY = "inference_precision"
 
 __all__ = [
+    "AutoDecision",
     "ModalitySpec",
     "PreparedImage",
     "SegmentationResult",
@@ -66,6 +67,31 @@ ModalitySpec = str | int
 
 #: checkpoint metadata key that marks the modality classifier head as trained ("true")
 MODALITY_HEAD_TRAINED_KEY = "modality_head_trained"
+#: checkpoint metadata key: the calibrated confidence below which ``auto`` asks (a float)
+AUTO_CONFIDENCE_KEY = "auto_confidence_threshold"
+#: the confidence threshold of models whose file names none (uncalibrated heads)
+DEFAULT_AUTO_CONFIDENCE = 0.9
+
+
+@dataclass(frozen=True)
+class AutoDecision:
+    """What ``auto`` decided for one image, and whether it should ask instead of picking silently.
+
+    ``confidence`` is the (calibrated) probability of ``modality``; ``asks`` is True when it is
+    below the model's threshold: the widget then asks the user to choose between ``modality`` and
+    ``runner_up``, the command line warns (or refuses with ``--strict-auto``)."""
+
+    modality: str
+    confidence: float
+    runner_up: str
+    runner_up_confidence: float
+    threshold: float
+    asks: bool
+
+    def describe(self) -> str:
+        return (
+            f"{self.modality} (p={self.confidence:.2f}) or {self.runner_up} (p={self.runner_up_confidence:.2f})"
+        )
 
 _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
@@ -115,6 +141,9 @@ class SegmentationResult:
     threshold: float = 0.5
     #: how the input was read (layout, intensity window...)
     info: PrepInfo | None = None
+    #: what the appearance head changed before segmenting (e.g. "channels BGR -> RGB",
+    #: "hue -24°"), None when nothing
+    colour_correction: str | None = None
     #: None for a whole-image run; for a tiled run (``tiling.py``) its layout: tiles, grid
     #: (rows, columns), tile, scale, overlap, working_size
     tiling: dict[str, Any] | None = None
@@ -141,6 +170,26 @@ class _BatchOutput:
     modality_logits: torch.Tensor | None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: (B,3,3) colour corrections the appearance head applied (None without one)
+    colour_matrix: torch.Tensor | None = None
+
+
+def _merge_outputs(parts: Sequence[_BatchOutput], order: torch.Tensor | None = None) -> _BatchOutput:
+    """The outputs of sub-batches as one, in ``order`` (indices into their concatenation)."""
+
+    def cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+        if any(t is None for t in tensors):
+            return None
+        joined = torch.cat(tensors)  # type: ignore[arg-type]
+        return joined if order is None else joined[order]
+
+    return _BatchOutput(
+        cat([p.mask_logits for p in parts]),  # type: ignore[arg-type]
+        cat([p.patch_logits for p in parts]),  # type: ignore[arg-type]
+        cat([p.modality for p in parts]),  # type: ignore[arg-type]
+        cat([p.modality_logits for p in parts]),
+        colour_matrix=cat([p.colour_matrix for p in parts]),
+    )
 
 
 class Segmenter:
@@ -240,6 +289,47 @@ class Segmenter:
         trained = self.metadata.get(MODALITY_HEAD_TRAINED_KEY, "").strip().lower() == "true"
         return self.model.modality_head is not None and trained
 
+    @property
+    def auto_confidence_threshold(self) -> float:
+        """Calibrated confidence below which ``auto`` asks (checkpoint metadata, else the default)."""
+        try:
+            return float(self.metadata.get(AUTO_CONFIDENCE_KEY, DEFAULT_AUTO_CONFIDENCE))
+        except ValueError:
+            return DEFAULT_AUTO_CONFIDENCE
+
+    def auto_decision(self, result: SegmentationResult) -> AutoDecision:
+        """The ``auto`` decision behind a result: its modality's probability, the runner-up and
+        whether that probability is below the model's confidence threshold (see ``AutoDecision``).
+        Refused for a result without modality probabilities (no trained modality head)."""
+        probs = result.modality_probabilities
+        if not probs:
+            raise ValueError("this result has no modality probabilities: the model's modality head is not trained")
+        ranked = sorted(probs.items(), key=lambda kv: kv[1], reverse=True)
+        first = result.modality if result.modality in probs else ranked[0][0]
+        runner = next((kv for kv in ranked if kv[0] != first), (first, 0.0))
+        threshold = self.auto_confidence_threshold
+        conf = float(probs[first])
+        return AutoDecision(first, conf, runner[0], float(runner[1]), threshold, conf < threshold)
+
+    def decide_modality(self, images: Sequence[Any], *, nan_policy: NanPolicy = "raise") -> AutoDecision:
+        """One ``auto`` decision for several images (a stack's slices): the modality head's
+        probabilities averaged over them (stage 0 and the head only, no segmentation)."""
+        self.resolve_modality("auto")  # refuses models without a trained head
+        if not len(images):
+            raise ValueError("decide_modality needs at least one image")
+        total = torch.zeros(len(self.modalities), dtype=torch.float64)
+        with torch.inference_mode(), self._autocast():
+            for image in images:
+                x = self.prepare(image, nan_policy=nan_policy).tensor.contiguous(memory_format=self.memory_format)
+                _, _, logits, _ = self.model.stage0(x)
+                total += torch.softmax(logits.float()[0], 0).double().cpu()
+        probs = (total / len(images)).tolist()
+        ranked = sorted(range(len(probs)), key=lambda k: probs[k], reverse=True)
+        first, second = ranked[0], ranked[1] if len(ranked) > 1 else ranked[0]
+        threshold = self.auto_confidence_threshold
+        return AutoDecision(self.modalities[first], float(probs[first]), self.modalities[second],
+                            float(probs[second]), threshold, float(probs[first]) < threshold)
+
     def resolve_modality(self, modality: ModalitySpec | None) -> int | None:
         """Index for a name/alias/index; None for "auto" (refused when the head is untrained)."""
         if modality is None or (isinstance(modality, str) and modality.strip().lower() == "auto"):
@@ -296,7 +386,9 @@ class Segmenter:
                     out = self.model(x, modality)
             self._sync()
         logits = out.modality_logits.float() if out.modality_logits is not None else None
-        return _BatchOutput(out.mask_logits.float(), out.patch_logits.float(), out.modality, logits)
+        colour = getattr(out, "colour_matrix", None)
+        return _BatchOutput(out.mask_logits.float(), out.patch_logits.float(), out.modality, logits,
+                            colour_matrix=None if colour is None else colour.float())
 
     def _forward_guarded(self, x: torch.Tensor, modality: torch.Tensor | None) -> _BatchOutput:
         """One forward with the fallbacks: bf16 -> fp32 on failure; CUDA OOM -> smaller batches."""
@@ -313,17 +405,10 @@ class Segmenter:
                 ) from None
             half = n // 2
             log.warning("out of memory with a batch of %d on %s; retrying with %d", n, self.device, half)
-            parts = [
+            return _merge_outputs([
                 self._forward_guarded(x[:half], None if modality is None else modality[:half]),
                 self._forward_guarded(x[half:], None if modality is None else modality[half:]),
-            ]
-            logits = [p.modality_logits for p in parts]
-            return _BatchOutput(
-                torch.cat([p.mask_logits for p in parts]),
-                torch.cat([p.patch_logits for p in parts]),
-                torch.cat([p.modality for p in parts]),
-                None if logits[0] is None else torch.cat(logits),  # type: ignore[arg-type]
-            )
+            ])
         except RuntimeError as exc:
             if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
                 raise RuntimeError(
@@ -347,16 +432,7 @@ class Segmenter:
             mod = torch.tensor([modality[i] for i in given], dtype=torch.long, device=self.device)
             a = self._forward_guarded(x[auto], None)
             g = self._forward_guarded(x[given], mod)
-            order = torch.tensor(auto + given, device=self.device).argsort()
-            logits = None
-            if a.modality_logits is not None and g.modality_logits is not None:
-                logits = torch.cat([a.modality_logits, g.modality_logits])[order]
-            out = _BatchOutput(
-                torch.cat([a.mask_logits, g.mask_logits])[order],
-                torch.cat([a.patch_logits, g.patch_logits])[order],
-                torch.cat([a.modality, g.modality])[order],
-                logits,
-            )
+            out = _merge_outputs([a, g], torch.tensor(auto + given, device=self.device).argsort())
         else:
             mod = torch.tensor(modality, dtype=torch.long, device=self.device)
             out = self._forward_guarded(x, mod)
@@ -384,6 +460,11 @@ class Segmenter:
             if out.modality_logits is not None and self.auto_available:
                 p = torch.softmax(out.modality_logits[i], dim=0).cpu().tolist()
                 probs = {name: float(v) for name, v in zip(self.modalities, p, strict=True)}
+            correction = None
+            if out.colour_matrix is not None:
+                from .model.appearance_head import describe_correction
+
+                correction = describe_correction(out.colour_matrix[i].cpu().numpy())
         mask = probability > threshold
         post = time.perf_counter() - t0
         timings = {
@@ -401,6 +482,7 @@ class Segmenter:
             timings=timings,
             threshold=threshold,
             info=prepared.info,
+            colour_correction=correction,
         )
 
     # -- public entry points ---------------------------------------------------------------
@@ -443,12 +525,19 @@ class Segmenter:
         *,
         batch_size: int = 8,
         nan_policy: NanPolicy = "raise",
+        auto_per_image: bool = False,
     ) -> list[SegmentationResult]:
         """Segment many images (any sizes): preprocessed one by one, run ``batch_size`` at a
         time as one stacked tensor on the device. ``modality`` is one spec or one per image.
+
+        A single ``"auto"`` picks one modality for all the images (the slices of a stack, the
+        frames of one examination: ``decide_modality``), unless ``auto_per_image``.
         """
         threshold = _check_threshold(threshold)
         mods = self._modality_list(modality, len(images))  # fail before any work
+        if len(images) > 1 and not auto_per_image and not isinstance(modality, (list, tuple)) and mods[0] is None:
+            shared = self.decide_modality(images, nan_policy=nan_policy)
+            mods = [self.modalities.index(shared.modality)] * len(images)
         results: list[SegmentationResult] = []
         step = max(1, int(batch_size))
         for start in range(0, len(images), step):

@@ -115,6 +115,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="a .safetensors checkpoint, or 'untrained' (random weights; tests/benchmarks); "
         "omitted = the bundled default model",
     )
+    p.add_argument(
+        "--strict-auto",
+        action="store_true",
+        help="with --modality auto, write no mask for an image whose modality the model is unsure of (below its "
+        "calibrated confidence threshold) and report it as an error; without it such images are segmented with "
+        "the most likely modality and a note names the runner-up",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N or mps")
     p.add_argument(
         "--threshold", type=_threshold, default=0.5, help="mask = probability > threshold (default 0.5)"
@@ -367,10 +374,24 @@ def run(args: argparse.Namespace) -> int:
     pending: list[tuple[_Job, object, object]] = []
     left_unrefined: set[str] = set()
 
+    auto = segmenter.resolve_modality(modality) is None
+
     def finish(job: _Job, image, result) -> None:
         nonlocal done, tiled
         if result.tiling is not None:
             tiled += 1
+        if auto:
+            decision = segmenter.auto_decision(result)
+            if decision.asks and args.strict_auto:
+                report.error(f"{job.source}: --strict-auto: the modality is unclear ({decision.describe()}, below "
+                             f"p={decision.threshold:.2f}); pass --modality")
+                bar.update(1)
+                return
+            if decision.asks:
+                report.note(f"{job.source}: auto is unsure: segmented as {decision.describe()}; check the mask or "
+                            "pass --modality")
+        if result.colour_correction:
+            report.note(f"{job.source}: {result.colour_correction} before segmenting (the appearance head)")
         refine = refiner is not None and refine_all_suits(result.modality)
         if refiner is not None and not refine and result.modality not in left_unrefined:
             left_unrefined.add(result.modality)

@@ -77,7 +77,7 @@ def _resize(array: np.ndarray, size: tuple[int, int], *, nearest: bool) -> np.nd
     else:
         out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
     out = out[0].permute(1, 2, 0) if array.ndim == 3 else out[0, 0]
-    return np.clip(out.round(), 0, 255).numpy().astype(array.dtype)
+    return out.round().clamp(0, 255).numpy().astype(array.dtype)
 
 
 def _resize_pair(image: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]) -> Pair:

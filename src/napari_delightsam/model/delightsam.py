@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import PIXEL_MEAN, PIXEL_STD, ModelConfig
+from .appearance_head import AppearanceHead
 from .decoder import QMDecoder
 from .encoder import DCEncoder
 from .prompt_generator import SPGenerator
@@ -30,6 +31,9 @@ class DeLightSAMOutput:
     modality_logits: torch.Tensor | None
     #: (B,C,S/16,S/16) image embedding h (before the dense prompt)
     embedding: torch.Tensor
+    #: (B,3,3) RGB matrices applied to the images before segmenting (the appearance head's
+    #: colour correction; identity where nothing changed), or None without one
+    colour_matrix: torch.Tensor | None = None
 
 
 class ModalityHead(nn.Module):
@@ -56,9 +60,10 @@ class DeLightSAM(nn.Module):
         super().__init__()
         self.config = cfg
         self.encoder = DCEncoder(cfg)
-        self.modality_head = (
-            ModalityHead(self.encoder.conv_out_channels, cfg.num_modalities) if cfg.modality_head else None
-        )
+        self.modality_head: ModalityHead | AppearanceHead | None = None
+        if cfg.modality_head:
+            head_cls = AppearanceHead if cfg.modality_head_kind == "appearance" else ModalityHead
+            self.modality_head = head_cls(self.encoder.conv_out_channels, cfg.num_modalities)
         self.prompt_generator = SPGenerator(cfg)
         self.decoder = QMDecoder(cfg)
 
@@ -67,12 +72,16 @@ class DeLightSAM(nn.Module):
         images: torch.Tensor,
         modality: torch.Tensor | None = None,
         use_controller: bool = True,
+        correct_colour: bool | None = None,
     ) -> DeLightSAMOutput:
-        """images (B,3,S,S) normalised; modality (B,) long, or None to use the modality head."""
+        """images (B,3,S,S) normalised; modality (B,) long, or None to use the modality head.
+
+        ``correct_colour`` (None: in eval mode only): with an appearance head, colour images whose
+        channel order or hue the head finds shifted are put back before the encoder's ViT stages,
+        the decoder and the modality decision see them (``DeLightSAMOutput.colour_matrix``)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B,3,S,S), got {tuple(images.shape)}")
-        feats = self.encoder.forward_conv(images)
-        modality_logits = self.modality_head(feats) if self.modality_head is not None else None
+        images, feats, modality_logits, colour_matrix = self.stage0(images, correct_colour)
         if modality is None:
             if modality_logits is None:
                 raise ValueError("this model has no modality head: pass the modality explicitly")
@@ -83,7 +92,49 @@ class DeLightSAM(nn.Module):
         h = self.encoder.forward_vit(feats, modality if use_controller else None)
         patch_logits, dense = self.prompt_generator(h)
         mask_logits = self.decoder(h + dense, modality, stage0=feats, image=images)
-        return DeLightSAMOutput(mask_logits, patch_logits, modality, modality_logits, h)
+        return DeLightSAMOutput(mask_logits, patch_logits, modality, modality_logits, h, colour_matrix)
+
+    def stage0(
+        self, images: torch.Tensor, correct_colour: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The modality-independent part: stage-0 features, modality logits and (appearance head,
+        eval mode or ``correct_colour``) the colour correction. Returns (images as corrected,
+        features, modality logits or None, (B,3,3) colour matrices or None). ``auto`` for a whole
+        stack reads this alone, without the ViT stages."""
+        feats = self.encoder.forward_conv(images)
+        if isinstance(self.modality_head, AppearanceHead):
+            app = self.modality_head(feats)
+            if correct_colour if correct_colour is not None else not self.training:
+                return self._correct_colour(images, feats, app)
+            return images, feats, app.modality_logits, None
+        logits = self.modality_head(feats) if self.modality_head is not None else None
+        return images, feats, logits, None
+
+    def _correct_colour(
+        self, images: torch.Tensor, feats: torch.Tensor, app
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Apply the appearance head's correction to the images it finds shifted; recompute their
+        stage-0 features and modality logits. Returns (images, feats, modality_logits, (B,3,3))."""
+        head = self.modality_head
+        assert isinstance(head, AppearanceHead)
+        mean = torch.tensor(PIXEL_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(PIXEL_STD, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+        raw = images.float() * std + mean
+        spread = (raw[:, 0] - raw[:, 1]).abs().mean((1, 2)) + (raw[:, 1] - raw[:, 2]).abs().mean((1, 2))
+        colour = spread > 2.0  # grey images (equal channels) are never changed
+        mats, changed = head.correction(app, colour)
+        logits = app.modality_logits
+        if bool(changed.any()):
+            idx = torch.nonzero(changed).flatten()
+            fixed = torch.einsum("bij,bjhw->bihw", mats[idx], raw[idx]).clamp(0, 255)
+            fixed = ((fixed - mean) / std).to(images.dtype)
+            images = images.clone()
+            images[idx] = fixed
+            feats = feats.clone()
+            feats[idx] = self.encoder.forward_conv(fixed)
+            logits = logits.clone()
+            logits[idx] = head(feats[idx]).modality_logits.to(logits.dtype)
+        return images, feats, logits, mats
 
     # -- parameter groups, used by `info`, distillation and fine-tuning ---------------------
 

@@ -49,6 +49,7 @@ from .embedding_cache import (
 )
 from .errors import TrainingError
 from .loop import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
+from ..model.delightsam import ModalityHead
 from .model_setup import build_model, modality_head_trained, set_train_mode
 from .optim import adam_exponential, apply_freeze, lr_groups
 from .runfolder import (
@@ -99,7 +100,7 @@ def cached_validation(
         gt = (batch["mask"] > 0.5).flatten(1)
         inter, p_area, g_area = (pred & gt).sum(1), pred.sum(1), gt.sum(1)
         head_ok: list[bool | None] = [None] * len(idx)
-        if model.modality_head is not None:
+        if isinstance(model.modality_head, ModalityHead):  # the cache holds the pooled head's input only
             head_ok = (model.modality_head.mlp(batch["head_input"]).argmax(1) == batch["modality"]).tolist()
         from .metrics import dice_from_counts
 
@@ -240,7 +241,9 @@ def _train_heads(
         train_ds, batch_size=cfg.batch_size, steps=steps, grad_accum=cfg.grad_accum, seed=cfg.seed
     )
     amp = autocast_dtype(device, cfg.amp, cpu=cfg.amp_cpu)
-    head = bool(model.modality_head is not None and cfg.train_modality_head)
+    # the embedding cache holds the pooled head's input; an appearance head trains on images
+    # (``training/appearance_head.py``) and is left as it is here
+    head = bool(isinstance(model.modality_head, ModalityHead) and cfg.train_modality_head)
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> Loss:
         batch = {k: v.to(device) for k, v in batch.items()}
