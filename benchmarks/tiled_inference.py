@@ -6,9 +6,9 @@ k×k such images (one dataset per mosaic, images drawn in a seeded order, repeat
 dataset has fewer than k² images). Each mosaic is segmented as a whole image (``tiling="off"``)
 and tiled at each ``--scales`` value (``tiling="on"``, ``--overlap`` working pixels, the true
 modality given). Per cell (modality, k, method): the mean over mosaics of the Dice of the whole
-mosaic against the mosaic of masks, the mean Dice of the k² tiles cut back out of it (the 1×1
-whole-image row is "each image alone"), seconds per mosaic, tiles per mosaic and megapixels of
-input per second. ``--memory-sides`` adds peak resident memory of one synthetic RGB image per
+mosaic against the mosaic of masks, the mean Dice of the k² images cut back out of it, seconds
+per mosaic, network calls (tiles) per mosaic and megapixels of input per second. The row "each
+image alone" segments the mosaic's k² images one by one (the target tiling should reach). ``--memory-sides`` adds peak resident memory of one synthetic RGB image per
 side (a fresh child process per run: ru_maxrss after segmenting minus ru_maxrss after loading
 the model and one warm-up call; the input image itself is counted).
 
@@ -92,8 +92,21 @@ def mosaics(tiles: dict[str, list], k: int, count: int, seed: int) -> list[tuple
     return out
 
 
-def _methods(scales: list[float]) -> list[tuple[str, dict[str, Any]]]:
-    return [("whole", {"tiling": "off"})] + [(f"tiled x{s:g}", {"tiling": "on", "tile_scale": s}) for s in scales]
+def _methods(scales: list[float], k: int) -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = [("whole", {"tiling": "off"})]
+    if k > 1:  # for 1×1 the image alone is the whole-image run
+        out.append(("each image alone", {"tiling": "off", "alone": True}))
+    return out + [(f"tiled x{s:g}", {"tiling": "on", "tile_scale": s}) for s in scales]
+
+
+def _segment_alone(seg, image: np.ndarray, modality: str, k: int, size: int) -> np.ndarray:
+    """The mosaic's k² images segmented one by one (as whole images), laid out again."""
+    mask = np.zeros(image.shape[:2], bool)
+    for r in range(k):
+        for c in range(k):
+            sl = (slice(r * size, (r + 1) * size), slice(c * size, (c + 1) * size))
+            mask[sl] = seg.segment(image[sl], modality=modality, tiling="off").mask
+    return mask
 
 
 def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -109,20 +122,24 @@ def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"{modality}: {', '.join(f'{k} {len(v)}' for k, v in sorted(tiles.items()))} images", file=sys.stderr)
         for k in args.sizes:
             mos = mosaics(tiles, k, args.max_images, args.seed)
-            for name, kwargs in _methods(args.scales):
+            for name, kwargs in _methods(args.scales, k):
                 if "tile_scale" in kwargs:
                     kwargs = {**kwargs, "tile_overlap": args.overlap}
                 whole_dice, tile_dice, secs, ntiles = [], [], [], []
                 for _, image, gt, _ in mos:
                     t0 = time.perf_counter()
-                    result = seg.segment(image, modality=modality, **kwargs)
+                    if kwargs.get("alone"):
+                        pred, n = _segment_alone(seg, image, modality, k, size), k * k
+                    else:
+                        result = seg.segment(image, modality=modality, **kwargs)
+                        pred, n = result.mask, (result.tiling["tiles"] if result.tiling else 1)
                     secs.append(time.perf_counter() - t0)
-                    ntiles.append(result.tiling["tiles"] if result.tiling else 1)
-                    whole_dice.append(dice_score(result.mask, gt))
+                    ntiles.append(n)
+                    whole_dice.append(dice_score(pred, gt))
                     for r in range(k):
                         for c in range(k):
                             sl = (slice(r * size, (r + 1) * size), slice(c * size, (c + 1) * size))
-                            tile_dice.append(dice_score(result.mask[sl], gt[sl]))
+                            tile_dice.append(dice_score(pred[sl], gt[sl]))
                 mpx = (k * size) ** 2 / 1e6
                 row = {
                     "modality": modality,
