@@ -154,3 +154,17 @@ def test_cli_evaluate_a_trained_checkpoint(tmp_path: Path, capsys):
     assert any((tmp_path / "ov").iterdir())
     assert main(args) == 2  # the JSON file exists: nothing is overwritten
     assert "exists" in capsys.readouterr().err
+
+
+def test_evaluate_records_passes_the_tiling_choice(distinct_sizes: Path):
+    from napari_delightsam.config import tiny_config
+    from napari_delightsam.inference import load_model
+
+    recs = discover(distinct_sizes)[:2]
+    seg = load_model("untrained", "cpu", config=tiny_config())
+    on = evaluate_records(seg, recs, grid=None, tiling="on")
+    off = evaluate_records(seg, recs, grid=None, tiling="off")
+    assert [r["tiles"] for r in on.images] == [1, 1]  # 40x50 images: one 128² tile each
+    assert all("tiles" not in r for r in off.images)
+    # one tile holding the whole image is padded, not resized: a different (valid) mask
+    assert all(0.0 <= r["dice"] <= 1.0 for r in on.images)

@@ -73,6 +73,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="given: the dataset's modality (paper); auto: the model's modality head chooses",
     )
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument(
+        "--tile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="tiled inference (see delightsam segment --tile): auto (default; tiles only microscopy and fundus "
+        "images longer than 1.5x the network input), on, or off (every image whole)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     return p
@@ -136,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         overlays_dir=args.overlays,
         overlays_per_dataset=args.overlays_per_dataset,
         progress=progress,
+        tiling=args.tile,
     )
     report.info = {
         "checkpoint": str(ckpt_path) if ckpt_path else (args.checkpoint or "bundled"),
@@ -145,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         "grid": grid,
         "modality_mode": args.modality_mode,
         "threshold": args.threshold,
+        "tiling": args.tile,
         "device": str(segmenter.device),
         "precision": segmenter.precision,
         "data": str(args.data),

@@ -161,11 +161,14 @@ def evaluate_records(
     overlays_dir: str | Path | None = None,
     overlays_per_dataset: int = 2,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    tiling: str = "auto",
 ) -> EvalReport:
     """Segment every record with ``segmenter`` (a ``Segmenter``) and score it.
 
     ``modality_mode``: "given" passes the dataset's modality (the paper's setting); "auto"
-    lets the model's modality head choose and reports its accuracy.
+    lets the model's modality head choose and reports its accuracy. ``tiling``: the
+    Segmenter's "auto" (its default: tiled only where ``tiling.AUTO_TILING`` says so), "on" or
+    "off"; a tiled image's row has ``tiles``.
     """
     if modality_mode not in ("given", "auto"):
         raise ValueError(f"modality_mode must be 'given' or 'auto', got {modality_mode!r}")
@@ -187,13 +190,16 @@ def evaluate_records(
         # re-scaled by the segmenter's own intensity rules
         pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
         t0 = time.perf_counter()
-        result = segmenter.segment(pixels, modality=modality, threshold=threshold)
+        extra = {} if tiling == "auto" else {"tiling": tiling}  # "auto" is the Segmenter's default
+        result = segmenter.segment(pixels, modality=modality, threshold=threshold, **extra)
         dt = time.perf_counter() - t0
         times.append(dt)
         pred = np.asarray(result.mask, dtype=bool)
         if pred.shape != gt.shape:
             raise RuntimeError(f"{rec.name}: prediction shape {pred.shape} != mask shape {gt.shape}")
         row: dict[str, Any] = {"key": rec.key, "modality": rec.modality, "id": rec.sample_id, "seconds": dt}
+        if getattr(result, "tiling", None):
+            row["tiles"] = int(result.tiling["tiles"])
         row.update(image_metrics(pred, gt, grid=grid))
         predicted = _predicted_modality(result)
         if predicted is not None:
