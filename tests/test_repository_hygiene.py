@@ -86,7 +86,7 @@ def test_tracked_text_speaks_only_of_the_product():
 def test_the_check_finds_planted_labels_and_paths():
     assert problems("docs/x.md", "as in stop 25's run") and problems("x.json", '"note": "Stops 25-26"')
     assert problems("README.md", "made in this Sitting") and problems("a.py", "# see the sitting of 2026")
-    for path in ("/work/runs/s27/best.safetensors", "/tmp/run3/x", "/home/u/data", "/root/x", "/mnt/d/", "/srv/a/"):
+    for path in ("/work/runs/v1/best.safetensors", "/tmp/run3/x", "/home/u/data", "/root/x", "/mnt/d/", "/srv/a/"):
         assert problems("benchmarks/results/r.json", f'"checkpoint": "{path}"'), path
     # the device scripts' scratch folders (only /tmp/, only there)
     assert not problems("scripts/device/run_recipe.sh", "LOGS=/tmp/delightsam-logs")
@@ -101,7 +101,7 @@ def test_a_planted_file_in_a_checkout_fails_the_scan(tmp_path):
     (tmp_path / "clean.md").write_text("Paths: ../shared/data and runs/v1.\n")
     (tmp_path / "image.png").write_bytes(b"\x89PNG\0/work/runs/x stop 3")
     (tmp_path / "notes.md").write_text("Measured in stop 27's run.\n")
-    (tmp_path / "result.json").write_text('{"checkpoint": "/work/runs/s27/best.safetensors"}\n')
+    (tmp_path / "result.json").write_text('{"checkpoint": "/work/runs/v1/best.safetensors"}\n')
     subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
     found = scan(tmp_path)
     assert [f.split(":")[0] for f in found] == ["notes.md", "result.json"]
