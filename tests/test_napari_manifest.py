@@ -148,11 +148,12 @@ def test_widgets_open_through_napari(make_napari_viewer, name, tmp_path, monkeyp
 
 
 @pytest.mark.gui
-def test_sample_data_opens_in_napari(make_napari_viewer):
+@pytest.mark.parametrize("key", ["synthetic_dermoscopy", "breast_ultrasound_busi"])
+def test_sample_data_opens_in_napari(make_napari_viewer, key):
     viewer = make_napari_viewer()
-    viewer.open_sample("napari-delightsam", "synthetic_dermoscopy")
-    assert [layer.name for layer in viewer.layers] == ["synthetic_dermoscopy", "synthetic_dermoscopy_reference_mask"]
-    assert viewer.layers["synthetic_dermoscopy"].rgb
+    viewer.open_sample("napari-delightsam", key)
+    assert [layer.name for layer in viewer.layers] == [key, f"{key}_reference_mask"]
+    assert viewer.layers[key].rgb == (key == "synthetic_dermoscopy")
 
 
 @pytest.mark.gui
