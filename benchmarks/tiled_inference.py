@@ -126,7 +126,8 @@ def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if "tile_scale" in kwargs:
                     kwargs = {**kwargs, "tile_overlap": args.overlap}
                 whole_dice, tile_dice, secs, ntiles = [], [], [], []
-                for _, image, gt, _ in mos:
+                per_key: dict[str, dict[str, list[float]]] = {}
+                for key, image, gt, _ in mos:
                     t0 = time.perf_counter()
                     if kwargs.get("alone"):
                         pred, n = _segment_alone(seg, image, modality, k, size), k * k
@@ -136,10 +137,13 @@ def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
                     secs.append(time.perf_counter() - t0)
                     ntiles.append(n)
                     whole_dice.append(dice_score(pred, gt))
+                    own = per_key.setdefault(key, {"mosaic": [], "tiles": []})
+                    own["mosaic"].append(whole_dice[-1])
                     for r in range(k):
                         for c in range(k):
                             sl = (slice(r * size, (r + 1) * size), slice(c * size, (c + 1) * size))
                             tile_dice.append(dice_score(pred[sl], gt[sl]))
+                            own["tiles"].append(tile_dice[-1])
                 mpx = (k * size) ** 2 / 1e6
                 row = {
                     "modality": modality,
@@ -152,6 +156,11 @@ def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "seconds": float(np.mean(secs)),
                     "tiles": float(np.mean(ntiles)),
                     "mpx_per_s": mpx / float(np.mean(secs)),
+                    "datasets": {
+                        key: {"mosaics": len(v["mosaic"]), "dice_mosaic": 100 * float(np.mean(v["mosaic"])),
+                              "dice_tiles": 100 * float(np.mean(v["tiles"]))}
+                        for key, v in sorted(per_key.items())
+                    },
                 }
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
@@ -201,6 +210,14 @@ def run_probes(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _methods_seen(report: dict[str, Any]) -> list[str]:
+    seen: list[str] = []
+    for r in report["cells"]:
+        if r["method"] not in seen:
+            seen.append(r["method"])
+    return seen
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         "| modality | mosaic | side | method | tiles | Dice (mosaic) | Dice (mean of its images) | s / mosaic | Mpx/s |",
@@ -211,6 +228,17 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['modality']} | {r['k']}×{r['k']} | {r['side']} | {r['method']} | {r['tiles']:.0f} | "
             f"{r['dice_mosaic']:.1f} | {r['dice_tiles']:.1f} | {r['seconds']:.2f} | {r['mpx_per_s']:.2f} |"
         )
+    if report["cells"]:
+        lines += ["", "Per dataset, Dice of the images cut back out of the mosaic (mosaics per cell in brackets):", "",
+                  "| dataset | mosaic | " + " | ".join(_methods_seen(report)) + " |",
+                  "|---|---|" + "---:|" * len(_methods_seen(report))]
+        by: dict[tuple[str, int], dict[str, Any]] = {}
+        for r in report["cells"]:
+            for key, v in r["datasets"].items():
+                by.setdefault((key, r["k"]), {})[r["method"]] = v
+        for (key, k), cells in sorted(by.items()):
+            vals = [f"{cells[m]['dice_tiles']:.1f} ({cells[m]['mosaics']})" if m in cells else "" for m in _methods_seen(report)]
+            lines.append(f"| {key} | {k}×{k} | " + " | ".join(vals) + " |")
     if report.get("memory"):
         lines += ["", "| side | method | tiles | seconds | Mpx/s | peak RSS growth (MB) | input (MB) |",
                   "|---:|---|---:|---:|---:|---:|---:|"]
@@ -228,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", type=Path, default=Path("benchmarks/protocol/splits-unseen-v1.json"))
     p.add_argument("--checkpoint", default=None, help="a checkpoint file (default: the bundled model)")
     p.add_argument("--modalities", nargs="+", default=["microscopy", "fundus"], choices=sorted(DATASETS))
-    p.add_argument("--sizes", nargs="+", type=int, default=[1, 2, 4], help="mosaics of k×k images")
+    p.add_argument("--sizes", nargs="*", type=int, default=[1, 2, 4], help="mosaics of k×k images (none: only the memory probes)")
     p.add_argument("--scales", nargs="+", type=float, default=[1.0, 0.75, 0.5], help="tile scales to compare")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in working pixels")
     p.add_argument("--max-images", type=int, default=4, help="mosaics per cell")
