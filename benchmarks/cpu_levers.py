@@ -9,9 +9,9 @@ Segmenter default from ``load_model`` on a CPU with native bf16). Prints the med
 ``repeats - 2`` calls of each (the first two warm up oneDNN) and the max |Δ| of the mask logits
 against fp32 eager. Variants run in alternating rounds so that drifting load hits all alike.
 
-``--train`` times a training step instead (forward + loss + backward + Adam, train mode, the
-default model at ``--size`` with ``--batch`` images): fp32, + channels_last, bf16 autocast,
-bf16 autocast + channels_last (conv-BN folding does not apply to training); the median skips
+``--train`` times a step of the training loop instead (``training.loop.run_loop``: forward +
+loss + backward + Adam, train mode, the default model at ``--size`` with ``--batch`` images):
+fp32, + channels_last, bf16 autocast, bf16 autocast + channels_last (conv-BN folding does not apply to training); the median skips
 the first step.
 """
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_delightsam.benchmarking.speed import loop_step_times
 from napari_delightsam.config import ModelConfig
 from napari_delightsam.model import DeLightSAM
 from napari_delightsam.model.fusion import fuse_conv_bn
@@ -129,22 +130,21 @@ def train_levers(args: argparse.Namespace) -> int:
         if "channels_last" in v:
             m.to(memory_format=torch.channels_last)
     optims = {v: torch.optim.Adam(m.parameters(), lr=1e-6) for v, m in models.items()}
+    inputs = {v: x.contiguous(memory_format=torch.channels_last) if "channels_last" in v else x for v in variants}
+
+    def loss_of(v: str):  # one variant's forward + loss, as the training loop calls it
+        def loss() -> torch.Tensor:
+            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if v.startswith("bf16") else contextlib.nullcontext()
+            with ctx:
+                out = models[v](inputs[v], mod)
+            return delightsam_loss(out.mask_logits, out.patch_logits, masks).total
+
+        return loss
+
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.repeats):
-        for v in variants:
-            m, opt = models[v], optims[v]
-            inp = x.contiguous(memory_format=torch.channels_last) if "channels_last" in v else x
-            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if v.startswith("bf16") else contextlib.nullcontext()
-            t = time.perf_counter()
-            with ctx:
-                out = m(inp, mod)
-            loss = delightsam_loss(out.mask_logits, out.patch_logits, masks).total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[v].append(time.perf_counter() - t)
+        for v in variants:  # one step of the training loop (training.loop.run_loop) per variant and round
+            times[v] += loop_step_times(models[v], loss_of(v), optims[v], 1, device)
     head = (
         f"training step, {platform.processor() or platform.machine()}, {args.threads} threads, torch "
         f"{torch.__version__}, {args.size}², batch {args.batch}, {args.repeats} rounds, "

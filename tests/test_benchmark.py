@@ -249,3 +249,24 @@ def test_architecture_row_is_timed_in_the_same_rounds_and_reported(tmp_path):
     assert "De-LightSAM 192² architecture" in text and "vs the 192² architecture" in text
     assert md.count("| **De-LightSAM**") == 3  # two sizes of ours + the architecture row
     assert "SAM ViT-B image encoder alone [tiny test ViT] " in md.split("vs the 192² architecture")[1]
+
+
+def test_training_step_timing_runs_the_training_loop(monkeypatch):
+    """The benchmark times steps of training.loop.run_loop (no backward of its own): each step
+    moves the weights, and the caller's RNG state is as it was."""
+    import napari_delightsam.training.loop as loop
+
+    calls = []
+    real = loop.run_loop
+    monkeypatch.setattr(loop, "run_loop", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    torch.manual_seed(5)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    state = torch.random.get_rng_state()
+    times = bm.loop_step_times(model, lambda: ((model(x) - y) ** 2).mean(), optim, 3, torch.device("cpu"))
+    assert len(times) == 3 and all(t > 0 for t in times)
+    assert [(s.epochs, s.steps_per_epoch) for s in calls] == [(1, 3)]
+    assert not torch.equal(model.weight, before)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -591,13 +591,60 @@ def _machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def loop_step_times(
+    model: torch.nn.Module,
+    loss_fn: Callable[[], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    device: torch.device,
+    seed: int = 0,
+) -> list[float]:
+    """Wall seconds of each of ``steps`` optimizer steps of the training loop
+    (``training.loop.run_loop``: zero grad, ``loss_fn()`` backpropagated, optimizer step) on the
+    same batch, which ``loss_fn`` closes over; the learning rate stays fixed. Each step is timed
+    up to its ``step`` event, after the optimizer step (synchronised on CUDA). Torch's RNG state
+    is as it was afterwards."""
+    from ..training.loop import EpochHooks, Loss, Schedule, isolated_rng, run_loop
+    from ..training.runfolder import RunLog
+
+    class _Constant:  # the loop steps a scheduler; a benchmark keeps the rate fixed
+        def step(self) -> None:
+            pass
+
+    def batches(epoch: int) -> Iterator[None]:
+        while True:
+            yield None
+
+    stamps: list[float] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "step":  # emitted right after the optimizer step
+            _sync(device)
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory(prefix="delightsam-bench-train-") as tmp, isolated_rng(device):
+        log = RunLog(Path(tmp) / "metrics.jsonl", progress=on_event)
+        hooks = EpochHooks(train_mode=model.train, save_last=lambda *_: None)
+        _sync(device)
+        t0 = time.perf_counter()
+        run_loop(
+            Schedule(epochs=1, steps_per_epoch=steps, seed=seed),
+            batches,
+            lambda _: Loss(loss_fn()),
+            optimizer,
+            _Constant(),
+            [(n, p) for n, p in model.named_parameters() if p.requires_grad],
+            hooks,
+            log,
+        )
+    return [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
+
+
 def _train_throughput(cfg: Any, opts: BenchmarkOptions, device: torch.device) -> dict[str, Any]:
     """images/s of one optimizer step of the training loop (``training.loop.run_loop``: forward +
     loss + backward + Adam step) at ``train_size`` (bf16 on CUDA)."""
     from ..model import DeLightSAM
     from ..model.losses import delightsam_loss
-    from ..training.loop import EpochHooks, Loss, Schedule, isolated_rng, run_loop
-    from ..training.runfolder import RunLog
 
     size = opts.train_size or (
         cfg.img_size if cfg.img_size < 512 else (1024 if device.type == "cuda" else 512)
@@ -614,11 +661,7 @@ def _train_throughput(cfg: Any, opts: BenchmarkOptions, device: torch.device) ->
     target = disc.expand(batch, 1, size, size).contiguous().to(device)
     modality = torch.arange(batch, device=device) % k  # a mixed batch, as training draws
 
-    def batches(epoch: int) -> Iterator[None]:
-        while True:
-            yield None  # the same synthetic batch every step
-
-    def loss_fn(_: None) -> Loss:
+    def loss_fn() -> torch.Tensor:
         with _autocast(device, bf16):
             out = model(x, modality)
         terms = delightsam_loss(
@@ -628,36 +671,10 @@ def _train_throughput(cfg: Any, opts: BenchmarkOptions, device: torch.device) ->
             modality_logits=None if out.modality_logits is None else out.modality_logits.float(),
             modality_target=modality,
         )
-        return Loss(terms.total)
-
-    class _Constant:  # the loop steps a scheduler; the benchmark keeps the rate fixed
-        def step(self) -> None:
-            pass
-
-    stamps: list[float] = []
-
-    def on_event(event: dict[str, Any]) -> None:
-        if event.get("event") == "step":  # emitted right after the optimizer step
-            _sync(device)
-            stamps.append(time.perf_counter())
+        return terms.total
 
     n_steps = 1 + max(1, opts.train_steps)  # a warm-up step, then the timed ones
-    with tempfile.TemporaryDirectory(prefix="delightsam-bench-train-") as tmp, isolated_rng(device):
-        log = RunLog(Path(tmp) / "metrics.jsonl", progress=on_event)
-        hooks = EpochHooks(train_mode=model.train, save_last=lambda *_: None)
-        _sync(device)
-        t0 = time.perf_counter()
-        run_loop(
-            Schedule(epochs=1, steps_per_epoch=n_steps, seed=opts.seed),
-            batches,
-            loss_fn,
-            optim,
-            _Constant(),
-            list(model.named_parameters()),
-            hooks,
-            log,
-        )
-    durations = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
+    durations = loop_step_times(model, loss_fn, optim, n_steps, device, seed=opts.seed)
     warm, times = durations[0], durations[1:]
     med = statistics.median(times)
     result = {
