@@ -27,6 +27,8 @@ from ..data.appearance import CHANNEL_ORDERS, channel_order_matrix, hue_matrix
 
 #: hue predictions are in units of this many degrees (the training range is about ±45°)
 HUE_UNIT = 45.0
+#: a hue threshold no prediction reaches: hue correction off
+NEVER = 1000.0
 
 
 @dataclass
@@ -57,8 +59,9 @@ class AppearanceHead(nn.Module):
         self.register_buffer("temperature", torch.ones(()))
         #: the order head must give a non-identity order at least this probability to reorder
         self.register_buffer("order_min_p", torch.tensor(0.5))
-        #: hue rotations predicted below this many degrees are left alone (inf: never rotate)
-        self.register_buffer("hue_min_degrees", torch.tensor(float("inf")))
+        #: hue rotations predicted below this many degrees are left alone (``NEVER``: never rotate;
+        #: finite, since checkpoints refuse non-finite tensors)
+        self.register_buffer("hue_min_degrees", torch.tensor(NEVER))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()

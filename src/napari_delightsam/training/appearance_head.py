@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.appearance import BGR_INDEX, COLOUR_MODALITIES, hue_matrix, is_grey, random_appearance
-from ..model.appearance_head import HUE_UNIT, AppearanceHead
+from ..model.appearance_head import HUE_UNIT, NEVER, AppearanceHead
 from ..preprocess import to_model_tensor
 from .loop import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
 from .runfolder import RunLog
@@ -79,6 +79,28 @@ def _tensor(img: np.ndarray, size: int) -> torch.Tensor:
     return to_model_tensor(img, size, "cpu")[0].contiguous()
 
 
+class Stage0:
+    """The frozen stem + stage 0 as a feature extractor: a copy with BatchNorm folded into the
+    convolutions, channels_last, one image at a time (on a CPU a stacked batch of 512² images is
+    memory-bound and slower per image)."""
+
+    def __init__(self, model: Any) -> None:
+        import copy
+
+        from ..model.fusion import fuse_conv_bn
+
+        enc = copy.deepcopy(model.encoder).eval().requires_grad_(False)
+        fuse_conv_bn(enc)
+        self.encoder = enc.to(memory_format=torch.channels_last)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([
+                self.encoder.forward_conv(x[i : i + 1].contiguous(memory_format=torch.channels_last)).contiguous()
+                for i in range(x.shape[0])
+            ])
+
+
 def _apply(img: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(img.astype(np.float32) @ m.T.astype(np.float32)), 0, 255).astype(np.uint8)
 
@@ -98,6 +120,7 @@ class ValViews:
 def validation_views(model: Any, images: Sequence[HeadImage], size: int, seed: int = 1234) -> ValViews:
     feats, mods, orders, hues, colours, views = [], [], [], [], [], []
     rng = np.random.default_rng(seed)
+    stage0 = Stage0(model)
     with torch.inference_mode():
         for item in images:
             cands: list[tuple[str, np.ndarray, int, float]] = [("as stored", item.image, 0, 0.0)]
@@ -109,7 +132,7 @@ def validation_views(model: Any, images: Sequence[HeadImage], size: int, seed: i
             cands.append(("random", img, order, hue))
             for name, img, order, hue in cands:
                 x = _tensor(img, size)[None]
-                feats.append(model.encoder.forward_conv(x)[0].to(torch.float16))
+                feats.append(stage0(x)[0].to(torch.float16))
                 mods.append(item.modality)
                 orders.append(order)
                 hues.append(hue)
@@ -176,6 +199,7 @@ def train_appearance_head(
     for i, item in enumerate(train):
         by_mod.setdefault(item.modality, {}).setdefault(item.dataset, []).append(i)
     mods = sorted(by_mod)
+    stage0 = Stage0(model)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.05)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -200,8 +224,7 @@ def train_appearance_head(
                 os_.append(order)
                 hs.append(hue)
                 cs.append(item.colour and not is_grey(img))
-            with torch.no_grad():
-                feats = model.encoder.forward_conv(torch.stack(xs))
+            feats = stage0(torch.stack(xs)).clone()  # out of inference mode: the head trains on it
             yield feats, torch.tensor(ms), torch.tensor(os_), torch.tensor(hs, dtype=torch.float32), torch.tensor(cs)
 
     def loss_fn(batch: tuple[torch.Tensor, ...]) -> Loss:
@@ -272,7 +295,7 @@ def calibrate(head: AppearanceHead, val: ValViews, *, target_precision: float = 
     order_min = max(0.5, float(non_id[stored].max()) + 0.02) if bool(stored.any()) else 0.5
     order_min = min(order_min, 0.95)
     hue_stored = hue[stored].abs()
-    hue_min = max(12.0, float(torch.quantile(hue_stored, 0.95))) if bool(stored.any()) else float("inf")
+    hue_min = max(12.0, float(torch.quantile(hue_stored, 0.95))) if bool(stored.any()) else NEVER
     head.temperature.fill_(t_best)
     head.order_min_p.fill_(order_min)
     head.hue_min_degrees.fill_(hue_min)

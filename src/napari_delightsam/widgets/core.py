@@ -226,6 +226,10 @@ class SegmentationRun:
     provenance: dict[str, Any] = field(default_factory=dict)
     #: per plane: the tile layout of a tiled run (``SegmentationResult.tiling``), None when whole
     tilings: list[dict[str, Any] | None] = field(default_factory=list)
+    #: with modality "auto": the one decision for the image or stack (``inference.AutoDecision``)
+    auto_decision: Any = None
+    #: per plane: what the appearance head changed before segmenting (None: nothing)
+    colour_corrections: list[str | None] = field(default_factory=list)
 
     @property
     def modality_summary(self) -> str:
@@ -253,7 +257,14 @@ def iterate_segmentation(
     mod_probs: list[dict[str, float] | None] = []
     timings: list[dict[str, float]] = []
     tilings: list[dict[str, Any] | None] = []
+    corrections: list[str | None] = []
     steps = getattr(segmenter, "segment_steps", None)
+    decision = None
+    if modality == "auto" and n > 1 and getattr(segmenter, "auto_available", False):
+        # one modality for the whole stack, from up to 16 evenly spread slices
+        picks = sorted({int(round(k)) for k in np.linspace(0, n - 1, min(n, 16))})
+        decision = segmenter.decide_modality([prepared.plane(k) for k in picks])
+        modality = decision.modality
     for i in range(n):
         if steps is None:
             result = segmenter.segment(prepared.plane(i), modality=modality, threshold=threshold)
@@ -272,10 +283,14 @@ def iterate_segmentation(
         mod_probs.append(result.modality_probabilities)
         timings.append(dict(result.timings))
         tilings.append(getattr(result, "tiling", None))
+        corrections.append(getattr(result, "colour_correction", None))
+        if modality == "auto" and n == 1 and result.modality_probabilities:
+            decision = segmenter.auto_decision(result)
         yield i + 1, n
     if not prepared.stack:
         prob, heat = prob[0], heat[0]
-    return SegmentationRun(prob, heat, modalities, mod_probs, timings, time.perf_counter() - start, tilings=tilings)
+    return SegmentationRun(prob, heat, modalities, mod_probs, timings, time.perf_counter() - start, tilings=tilings,
+                           auto_decision=decision, colour_corrections=corrections)
 
 
 # -- errors from workers and devices --------------------------------------------------------------

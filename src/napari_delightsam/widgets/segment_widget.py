@@ -210,6 +210,23 @@ class SegmentWidget(QWidget):
         self.status_label.setWordWrap(True)
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         layout.addWidget(self.status_label)
+
+        # shown when "auto" is unsure: the two most likely modalities, one click each
+        self.ask_box = QWidget()
+        ask_layout = QVBoxLayout(self.ask_box)
+        ask_layout.setContentsMargins(0, 0, 0, 0)
+        self.ask_label = QLabel("")
+        self.ask_label.setWordWrap(True)
+        ask_layout.addWidget(self.ask_label)
+        ask_row = QHBoxLayout()
+        self.ask_buttons = (QPushButton(""), QPushButton(""))
+        for button in self.ask_buttons:
+            button.clicked.connect(lambda *_, b=button: self.choose_modality(b.property("modality")))
+            ask_row.addWidget(button)
+        ask_layout.addLayout(ask_row)
+        self.ask_box.setVisible(False)
+        layout.addWidget(self.ask_box)
+        self.image_combo.changed.connect(self._on_image_changed)
         layout.addStretch(1)
 
     def _set_status(self, text: str) -> None:
@@ -322,6 +339,59 @@ class SegmentWidget(QWidget):
         active = self.viewer.layers.selection.active
         if active is not None and any(layer is active for layer in choices):
             combo.value = active
+
+    # -- the modality: asking when auto is unsure, remembered per source folder --------------------
+
+    @staticmethod
+    def _source_folder(layer: Any) -> Path | None:
+        path = getattr(getattr(layer, "source", None), "path", None)
+        return Path(path).expanduser().parent if path else None
+
+    def _on_image_changed(self, *_: Any) -> None:
+        """A layer opened from a folder whose modality the user chose before gets that modality."""
+        if not alive(self):
+            return
+        folder = self._source_folder(self.image_combo.value)
+        remembered = settings.remembered_modality(folder) if folder is not None else None
+        if remembered and self.modality_combo.findText(remembered) >= 0:
+            self.modality_combo.setCurrentText(remembered)
+            self._set_status(f"Modality {remembered}: your last choice for images of {folder.name or folder}.")
+
+    def _remember_modality(self, modality: str) -> None:
+        job = self._job
+        layer = job.get("layer", lambda: None)() if job else None
+        folder = self._source_folder(layer) if layer is not None else None
+        if folder is not None and modality in MODALITIES:
+            settings.remember_modality(folder, modality)
+
+    def _ask(self, decision: Any) -> None:
+        """Show the two most likely modalities as buttons (``decision``: an ``AutoDecision``)."""
+        self.ask_label.setText(
+            f"Not sure which modality this is (p={decision.confidence:.2f} is below this model's "
+            f"{decision.threshold:.2f}). The mask shown is for {decision.modality}. Which is it?"
+        )
+        for button, (name, p) in zip(
+            self.ask_buttons,
+            ((decision.modality, decision.confidence), (decision.runner_up, decision.runner_up_confidence)),
+            strict=True,
+        ):
+            button.setText(f"{name} ({p:.2f})")
+            button.setProperty("modality", name)
+        self.ask_box.setVisible(True)
+
+    def choose_modality(self, modality: str) -> Any:
+        """The user's answer to an ``auto`` question: keep the mask (the shown modality) or segment
+        again with the other one; either way the choice is set and remembered for the folder."""
+        self.ask_box.setVisible(False)
+        if modality not in MODALITIES:
+            return None
+        self.modality_combo.setCurrentText(modality)
+        self._remember_modality(modality)
+        shown = self._last.run.modalities if self._last is not None else []
+        if shown and all(m == modality for m in shown):
+            self._set_status(f"Modality {modality} confirmed.")
+            return None
+        return self.run()
 
     def _layer_by_name(self, name: str) -> Any | None:
         for layer in self.viewer.layers:
@@ -489,6 +559,8 @@ class SegmentWidget(QWidget):
             "modality": job["modality"],
             "modality_used": run.modality_summary,
             "modality_probabilities": run.modality_probabilities[0] if len(run.modalities) == 1 else None,
+            "modality_unsure": bool(run.auto_decision.asks) if run.auto_decision is not None else None,
+            "colour_correction": sorted({c for c in run.colour_corrections if c}) or None,
             "threshold": threshold,
             "instances": instances,
             "input_layer": job["input_name"],
@@ -505,9 +577,23 @@ class SegmentWidget(QWidget):
         mask = threshold_mask(run.probability, threshold, instances)
         self._write_layers(job, run, mask, provenance)
         mod = run.modality_summary
-        if job["modality"] == "auto" and len(run.modalities) == 1 and run.modality_probabilities[0]:
+        decision = run.auto_decision
+        if job["modality"] == "auto" and decision is not None:
+            mod = f"{mod} (auto, p={decision.confidence:.2f}{', unsure: choose below' if decision.asks else ''})"
+        elif job["modality"] == "auto" and len(run.modalities) == 1 and run.modality_probabilities[0]:
             p = run.modality_probabilities[0].get(mod)
             mod = f"{mod} (auto, p={p:.2f})" if p is not None else f"{mod} (auto)"
+        if job["modality"] != "auto":
+            self._remember_modality(job["modality"])
+        if decision is not None and decision.asks:
+            self._ask(decision)
+            notify("warning", f"'{job['input_name']}': the model is unsure of the modality ({decision.describe()}); "
+                              "choose it in the De-LightSAM segment panel")
+        else:
+            self.ask_box.setVisible(False)
+        corrections = sorted({c for c in run.colour_corrections if c})
+        if corrections:
+            mod += f" · {'; '.join(corrections)} before segmenting"
         self._set_status(
             f"Done in {run.seconds:.2f} s · modality {mod} · model {checkpoint_label(str(provenance['model_file'])) if provenance['model_file'] else job['spec']}"
             f" on {model_info.get('device')}"

@@ -81,3 +81,33 @@ def remember_model(choice: str) -> bool:
         recent = [choice, *[p for p in recent_checkpoints() if p != choice]]
         values["recent_checkpoints"] = recent[:MAX_RECENT]
     return save_settings(values)
+
+
+#: folders whose modality is remembered (the most recently used ones are kept)
+MAX_FOLDERS = 64
+
+
+def _folder_key(folder: str | os.PathLike[str]) -> str:
+    return str(Path(folder).expanduser().resolve())
+
+
+def _folder_table() -> list[tuple[str, str]]:
+    """[(folder, modality)], newest first (a list: the settings file sorts its keys)."""
+    items = load_settings().get("modality_by_folder", [])
+    if not isinstance(items, list):
+        return []
+    return [(k, v) for k, v in (pair for pair in items if isinstance(pair, list) and len(pair) == 2)
+            if isinstance(k, str) and isinstance(v, str) and v]
+
+
+def remembered_modality(folder: str | os.PathLike[str]) -> str | None:
+    """The modality last chosen for images of ``folder`` (None when none was)."""
+    key = _folder_key(folder)
+    return next((v for k, v in _folder_table() if k == key), None)
+
+
+def remember_modality(folder: str | os.PathLike[str], modality: str) -> bool:
+    """Store ``modality`` as the choice for images of ``folder`` (newest first, at most MAX_FOLDERS)."""
+    key = _folder_key(folder)
+    table = [(key, modality), *[(k, v) for k, v in _folder_table() if k != key]]
+    return save_settings({"modality_by_folder": [list(pair) for pair in table[:MAX_FOLDERS]]})
