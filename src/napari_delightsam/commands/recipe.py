@@ -24,7 +24,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="run a training recipe end to end (e.g. v1, the bundled model's), resumable",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("name", help="a shipped recipe (v1) or a recipe JSON file")
+    p.add_argument("name", help="a shipped recipe (v1, v2) or a recipe JSON file")
     p.add_argument("--data", type=Path, help="data root: <modality>/<dataset>/images|masks")
     p.add_argument("--out", type=Path, help="run folder (new, or the same one to continue)")
     p.add_argument("--splits", type=Path, help="use this splits.json instead of the recipe's seeded split")
@@ -34,6 +34,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="STAGE",
         help="run the stages up to and including STAGE and export its best as model-STAGE.safetensors",
     )
+    p.add_argument(
+        "--start-at",
+        metavar="STAGE",
+        help="with --init: the stages before STAGE are taken as done by the model file --init (e.g. "
+        "`recipe v2 --start-at appearance-head --init V1_EXPORT`: v2 from the v1 recipe's export)",
+    )
+    p.add_argument("--init", type=Path, metavar="FILE", help="the model that stands for the stages before --start-at")
     p.add_argument("--show", action="store_true", help="print the recipe as JSON and exit")
     p.add_argument("--progress-jsonl", action="store_true", help="machine-readable progress on stdout")
     return p
@@ -57,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
         recipe.stages_until(args.until)
     except ValueError as exc:
         raise CommandError(f"--until: {exc}") from exc
+    if (args.start_at is None) != (args.init is None):
+        raise CommandError("--start-at STAGE and --init FILE go together")
+    if args.init is not None and not args.init.is_file():
+        raise CommandError(f"--init: {args.init} is not a file")
+    if args.start_at is not None and args.start_at not in [s.name for s in recipe.stages_until(args.until)]:
+        raise CommandError(f"--start-at: recipe {recipe.name} has no stage {args.start_at!r} up to --until")
     progress = jsonl_progress(args.progress_jsonl)
     printer = progress or _print_recipe_events
     with reported_failures(progress):
@@ -69,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             progress=printer,
             show_progress=not args.progress_jsonl,
             until=args.until,
+            start_at=args.start_at,
+            init=args.init,
         )
     if not args.progress_jsonl:
         print(f"recipe {recipe.name} finished: {exported}")

@@ -39,7 +39,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--splits", type=Path, required=True, help="splits.json (e.g. benchmarks/protocol/splits-unseen-v1.json)")
     p.add_argument("--extra-train", nargs="*", default=[], metavar="SPLIT",
                    help="also train on these splits' images (e.g. unseen); default: none")
-    p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     p.add_argument("--eval-every", type=int, default=100, help="validate every N steps (default 100)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
@@ -56,24 +56,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from ..checkpoint import bundled_checkpoint_path
+    from ..inference import set_threads
+    from ..training.appearance_head import HeadStageConfig, train_head_stage
 
-    from ..checkpoint import bundled_checkpoint_path, load_checkpoint, read_checkpoint_info, save_checkpoint
-    from ..data import discover, load_splits, select
-    from ..inference import AUTO_CONFIDENCE_KEY, MODALITY_HEAD_TRAINED_KEY, set_threads
-    from ..training.appearance_head import (
-        calibrate,
-        load_head_images,
-        train_appearance_head,
-        validation_views,
-        with_appearance_head,
-    )
-    from ..training.runfolder import RunLog
-
-    if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.lr <= 0:
-        raise CommandError("--steps, --batch-size, --eval-every and --lr must be positive")
-    if args.steps % args.eval_every:
-        raise CommandError(f"--steps ({args.steps}) must be a multiple of --eval-every ({args.eval_every})")
+    try:
+        cfg = HeadStageConfig.from_dict({
+            "steps": args.steps, "eval_every": args.eval_every, "batch_size": args.batch_size, "lr": args.lr,
+            "seed": args.seed, "extra_train": args.extra_train, "train_max_per_dataset": args.train_max_per_dataset,
+            "val_max_per_dataset": args.val_max_per_dataset, "target_precision": args.target_precision,
+        })
+    except ValueError as exc:
+        raise CommandError(str(exc).replace("_", "-")) from None
     init = args.init if args.init is not None else bundled_checkpoint_path()
     if init is None or not Path(init).is_file():
         raise CommandError(f"--init: {init} is not a file")
@@ -84,53 +78,23 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--out {out} exists and is not an empty folder; choose another")
     if args.threads is not None:
         set_threads(args.threads)
-
-    def say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-    _, init_meta = read_checkpoint_info(init)
-    model = with_appearance_head(load_checkpoint(init))
-    modalities = list(model.config.modalities)
-    records = discover(args.data, None)
-    splits = load_splits(args.splits)
-    train_records = select(records, splits, "train", args.train_max_per_dataset)
-    for extra in args.extra_train:
-        train_records += select(records, splits, extra, args.train_max_per_dataset)
-    val_records = select(records, splits, "val", args.val_max_per_dataset)
-    if not train_records or not val_records:
-        raise CommandError(f"no training or validation images under {args.data} for this split")
-    say(f"loading {len(train_records)} training and {len(val_records)} validation images")
-    train = load_head_images(train_records, modalities)
-    val = validation_views(model, load_head_images(val_records, modalities), model.config.img_size)
-    say(f"{len(val.view)} validation views; training {args.steps} steps of {args.batch_size}")
     out.mkdir(parents=True, exist_ok=True)
 
-    def progress(event: dict[str, Any]) -> None:
-        if "val_modality_acc" in event:
-            say(f"step {event['global_step']}: modality {100 * event['val_modality_acc']:.1f} % "
-                f"(NLL {event['val_modality_nll']:.3f}), order {100 * (event['val_order_acc'] or 0):.1f} %, "
-                f"hue MAE {event['val_hue_mae'] or 0:.1f}°")
+    def say(event: dict[str, Any]) -> None:
+        if "status" in event:
+            print(event["status"], file=sys.stderr, flush=True)
+        elif "val_modality_acc" in event:
+            print(f"step {event['global_step']}: modality {100 * event['val_modality_acc']:.1f} % "
+                  f"(NLL {event['val_modality_nll']:.3f}), order {100 * (event['val_order_acc'] or 0):.1f} %, "
+                  f"hue MAE {event['val_hue_mae'] or 0:.1f}°", file=sys.stderr, flush=True)
 
-    _, summary = train_appearance_head(
-        model, train, val, modalities=modalities, steps=args.steps, eval_every=args.eval_every,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, log=RunLog(out / "metrics.jsonl", progress),
-    )
-    cal = calibrate(model.modality_head, val, target_precision=args.target_precision)
-    say(f"calibrated: temperature {cal['temperature']:.2f}, auto asks below p={cal['auto_confidence_threshold']:.2f} "
-        f"({100 * cal['asks']:.1f} % of validation views; {100 * cal['wrong_unasked']:.2f} % wrong and not asked)")
-    command = "delightsam " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "delightsam train-appearance-head"
-    from ..checkpoint import RESERVED_METADATA_KEYS
-
-    meta = {k: v for k, v in init_meta.items() if k not in RESERVED_METADATA_KEYS}
-    meta.update({
-        MODALITY_HEAD_TRAINED_KEY: "true",
-        AUTO_CONFIDENCE_KEY: f"{cal['auto_confidence_threshold']:.2f}",
-        "appearance_head": json.dumps({"command": command, "splits": args.splits.name,
-                                       "train_splits": ["train", *args.extra_train], "summary": summary,
-                                       "calibration": cal}, default=float),
-    })
-    target = save_checkpoint(out / "model.safetensors", model, meta, dtype=torch.float16)
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "calibration": cal}, indent=1, default=float),
-                                      encoding="utf-8")
-    say(f"wrote {target}")
+    command = "delightsam " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    target, report = train_head_stage(init, args.data, args.splits, out / "model.safetensors", cfg, progress=say,
+                                      metrics=out / "metrics.jsonl", command=command)
+    cal = report["calibration"]
+    print(f"calibrated: temperature {cal['temperature']:.2f}, auto asks below p={cal['auto_confidence_threshold']:.2f} "
+          f"({100 * cal['asks']:.1f} % of validation views; {100 * cal['wrong_unasked']:.2f} % wrong and not asked)",
+          file=sys.stderr)
+    (out / "summary.json").write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
+    print(f"wrote {target}")
     return 0

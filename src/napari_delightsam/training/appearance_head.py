@@ -37,8 +37,8 @@ from .loop import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng
 from .runfolder import RunLog
 
 __all__ = [
-    "HeadImage", "ValViews", "calibrate", "load_head_images", "train_appearance_head", "validation_views",
-    "with_appearance_head",
+    "HeadImage", "HeadStageConfig", "ValViews", "calibrate", "load_head_images", "train_appearance_head",
+    "train_head_stage", "validation_views", "with_appearance_head",
 ]
 
 
@@ -314,3 +314,96 @@ def calibrate(head: AppearanceHead, val: ValViews, *, target_precision: float = 
         "hue_min_degrees": hue_min,
         "n_views": len(val.view),
     }
+
+
+# ---- the stage: a model file in, a model file with a trained, calibrated appearance head out -------
+
+
+@dataclass(frozen=True)
+class HeadStageConfig:
+    """Settings of ``train_head_stage`` (the ``appearance-head`` recipe stage and
+    ``delightsam train-appearance-head``)."""
+
+    steps: int = 300
+    eval_every: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    #: other splits whose images join training (e.g. ["unseen"]: a head that has seen every camera)
+    extra_train: tuple[str, ...] = ()
+    train_max_per_dataset: int | None = None
+    val_max_per_dataset: int | None = 30
+    #: auto's confidence threshold: the lowest at which this share of confident validation picks is right
+    target_precision: float = 0.995
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HeadStageConfig:
+        import dataclasses
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown appearance-head settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        cfg = cls(**values)
+        if cfg.steps < 1 or cfg.batch_size < 1 or cfg.eval_every < 1 or cfg.lr <= 0:
+            raise ValueError("steps, batch_size, eval_every and lr must be positive")
+        if cfg.steps % cfg.eval_every:
+            raise ValueError(f"steps ({cfg.steps}) must be a multiple of eval_every ({cfg.eval_every})")
+        if not 0.5 < cfg.target_precision <= 1.0:
+            raise ValueError(f"target_precision must be in (0.5, 1], got {cfg.target_precision}")
+        return cfg
+
+
+def train_head_stage(
+    init: str | Path,
+    data_root: str | Path,
+    splits_file: str | Path,
+    target: str | Path,
+    cfg: HeadStageConfig,
+    *,
+    progress: Any = None,
+    metrics: str | Path | None = None,
+    command: str | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Give the model in ``init`` a trained, calibrated appearance head and write it to ``target``
+    (fp16, ``init``'s metadata kept, ``modality_head_trained`` and ``auto_confidence_threshold``
+    set). Returns the file and ``{"summary", "calibration"}``."""
+    import json
+
+    from ..checkpoint import RESERVED_METADATA_KEYS, load_checkpoint, read_checkpoint_info, save_checkpoint
+    from ..data import discover, load_splits, select
+    from ..inference import AUTO_CONFIDENCE_KEY, MODALITY_HEAD_TRAINED_KEY
+
+    say = progress or (lambda event: None)
+    _, init_meta = read_checkpoint_info(init)
+    model = with_appearance_head(load_checkpoint(init))
+    modalities = list(model.config.modalities)
+    records = discover(data_root, None)
+    splits = load_splits(splits_file)
+    train_records = select(records, splits, "train", cfg.train_max_per_dataset)
+    for extra in cfg.extra_train:
+        train_records += select(records, splits, extra, cfg.train_max_per_dataset)
+    val_records = select(records, splits, "val", cfg.val_max_per_dataset)
+    if not train_records or not val_records:
+        raise ValueError(f"no training or validation images under {data_root} for this split")
+    say({"event": "appearance-head", "status": f"loading {len(train_records)} training and {len(val_records)} validation images"})
+    train = load_head_images(train_records, modalities)
+    val = validation_views(model, load_head_images(val_records, modalities), model.config.img_size)
+    say({"event": "appearance-head", "status": f"{len(val.view)} validation views; {cfg.steps} steps of {cfg.batch_size}"})
+    log = RunLog(Path(metrics), progress) if metrics is not None else None
+    _, summary = train_appearance_head(
+        model, train, val, modalities=modalities, steps=cfg.steps, eval_every=cfg.eval_every,
+        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, log=log,
+    )
+    cal = calibrate(model.modality_head, val, target_precision=cfg.target_precision)
+    meta = {k: v for k, v in init_meta.items() if k not in RESERVED_METADATA_KEYS}
+    meta.update({
+        MODALITY_HEAD_TRAINED_KEY: "true",
+        AUTO_CONFIDENCE_KEY: f"{cal['auto_confidence_threshold']:.2f}",
+        "appearance_head": json.dumps({"command": command, "splits": Path(splits_file).name,
+                                       "train_splits": ["train", *cfg.extra_train], "summary": summary,
+                                       "calibration": cal}, default=float),
+    })
+    path = save_checkpoint(target, model, meta, dtype=torch.float16)
+    return path, {"summary": summary, "calibration": cal}

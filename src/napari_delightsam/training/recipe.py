@@ -40,15 +40,17 @@ from .errors import TrainingError
 __all__ = ["RECIPES", "Recipe", "RecipeStage", "cache_folder_name", "export_model", "load_recipe", "run_recipe"]
 
 #: the recipes shipped with the package (``training/recipes/<name>.json``)
-RECIPES = ("v1",)
+RECIPES = ("v1", "v2")
 #: what a stage may be
-STAGE_KINDS = ("heads", "train", "refiner")
+STAGE_KINDS = ("heads", "train", "refiner", "appearance-head")
 DONE = "stage.done"
 SPLITS = "splits.json"
 CACHE = "cache"
 EXPORT = "model.safetensors"
 #: metadata of the last stage's best that the export keeps
-KEPT_METADATA_KEYS = ("modality_head_trained", "sampling_rule", "train_config")
+KEPT_METADATA_KEYS = (
+    "modality_head_trained", "sampling_rule", "train_config", "auto_confidence_threshold", "appearance_head",
+)
 #: metadata keys the export writes besides the checkpoint format's own (``export_metadata`` may set neither)
 EXPORT_METADATA_KEYS = ("recipe", "recipe_stages", *KEPT_METADATA_KEYS)
 
@@ -56,8 +58,10 @@ EXPORT_METADATA_KEYS = ("recipe", "recipe_stages", *KEPT_METADATA_KEYS)
 @dataclass(frozen=True)
 class RecipeStage:
     name: str
-    #: "heads" (on the embedding cache), "train" (end to end) or "refiner" (one modality's
-    #: MaskRefiner on its cached inputs, ``refiner_stage``)
+    #: "heads" (on the embedding cache), "train" (end to end), "refiner" (one modality's
+    #: MaskRefiner on its cached inputs, ``refiner_stage``) or "appearance-head" (v2's modality,
+    #: channel-order and hue head on the frozen stage 0, ``appearance_head``; its config holds
+    #: ``HeadStageConfig`` fields, not ``TrainConfig`` ones)
     kind: str
     #: TrainConfig fields of the stage (``init: "previous"`` = the previous stage's best)
     config: dict[str, Any]
@@ -115,6 +119,14 @@ class Recipe:
                 raise ValueError(
                     f"recipe stage {s.name!r}: kind must be one of {', '.join(STAGE_KINDS)}, got {s.kind!r}"
                 )
+            if s.kind == "appearance-head":
+                from .appearance_head import HeadStageConfig
+
+                try:
+                    HeadStageConfig.from_dict(s.config)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"recipe stage {s.name!r}: {exc}") from None
+                continue
             cfg = recipe.stage_config(s)  # every stage's settings must be valid before anything runs
             if s.kind == "refiner":
                 from .refiner_stage import check_refiner_config
@@ -205,11 +217,15 @@ def run_recipe(
     stop_event: Any = None,
     show_progress: bool = True,
     until: str | None = None,
+    start_at: str | None = None,
+    init: str | Path | None = None,
 ) -> Path:
     """Run (or continue) ``recipe`` in ``out_dir``; returns the exported model file.
 
     ``until``: run the stages up to and including this one and export its best weights as
     ``model-<until>.safetensors`` (the same command without it continues with the later stages).
+    ``start_at`` with ``init``: the stages before ``start_at`` are taken as done by the model file
+    ``init`` (e.g. v2's last stage from the v1 recipe's export), and the recipe runs on from there.
     """
     from ..checkpoint import read_checkpoint_info
     from ..data import discover, load_splits, make_splits, save_splits, select
@@ -221,6 +237,15 @@ def run_recipe(
 
     emit = progress or (lambda event: None)
     stages = recipe.stages_until(until)  # an unknown stage fails before anything is written
+    if (start_at is None) != (init is None):
+        raise ValueError("start_at and init go together: the stage to start at and the model that stands for the ones before")
+    if start_at is not None:
+        names = [s.name for s in stages]
+        if start_at not in names:
+            raise ValueError(f"recipe {recipe.name} has no stage {start_at!r} up to the end asked for (stages: {', '.join(names)})")
+        if not Path(init).is_file():  # type: ignore[arg-type]
+            raise ValueError(f"init: {init} is not a file")
+        stages = stages[names.index(start_at):]
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     stored = out / "recipe.json"
@@ -245,11 +270,27 @@ def run_recipe(
     # 2. the stages (best picked on in-domain + unseen-domain validation where the split has both);
     # a "heads" stage first caches the embeddings of the frozen encoder it starts from
     select_on = "val+unseen" if select(records, splits, "unseen") else "val"
-    init = "litemedsam"
+    init = str(Path(init).resolve()) if init is not None else "litemedsam"
     last_best: Path | None = None
     heads_names = [s.name for s in recipe.stages if s.kind == "heads"]
     for stage in stages:
         folder = out / stage.name
+        if stage.kind == "appearance-head":
+            if not (folder / DONE).is_file():
+                from .appearance_head import HeadStageConfig, train_head_stage
+
+                emit({"event": "recipe", "stage": stage.name, "status": "start"})
+                folder.mkdir(parents=True, exist_ok=True)
+                _, report = train_head_stage(init, data_root, split_path, folder / BEST,
+                                             HeadStageConfig.from_dict(stage.config), progress=progress,
+                                             metrics=folder / "metrics.jsonl")
+                (folder / DONE).write_text(json.dumps(report["calibration"], default=float), encoding="utf-8")
+                emit({"event": "recipe", "stage": stage.name, "status": "done"})
+            else:
+                emit({"event": "recipe", "stage": stage.name, "status": "skipped (done)"})
+            last_best = folder / BEST
+            init = str(last_best)
+            continue
         cfg = recipe.stage_config(
             stage, init=init, device=device, splits_file=str(split_path.resolve()), select_on=select_on
         )

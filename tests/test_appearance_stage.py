@@ -1,0 +1,106 @@
+"""The appearance-head stage end to end: ``delightsam train-appearance-head`` and the recipe's
+``appearance-head`` stage (``recipe v2 --start-at appearance-head --init FILE``), on a tiny model
+and a small synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from napari_delightsam.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    from napari_delightsam.checkpoint import save_checkpoint
+    from napari_delightsam.config import tiny_config
+    from napari_delightsam.data import discover, make_splits, save_splits
+    from napari_delightsam.data.synthetic import make_synthetic_dataset
+    from napari_delightsam.model import DeLightSAM
+
+    root = tmp_path_factory.mktemp("stage")
+    data = make_synthetic_dataset(root / "data", {"dermoscopy": ["derm_a"], "xray": ["xr_a"]}, n_per_dataset=10)
+    splits = root / "splits.json"
+    save_splits(splits, make_splits(discover(data), seed=0))
+    torch.manual_seed(0)
+    init = save_checkpoint(root / "tiny.safetensors", DeLightSAM(tiny_config()).eval(), {"note": "kept"})
+    return {"data": data, "splits": splits, "init": init, "root": root}
+
+
+def test_command_trains_calibrates_and_writes_a_model_with_auto(setup, tmp_path, capsys):
+    from napari_delightsam.checkpoint import read_checkpoint_info
+    from napari_delightsam.inference import load_model
+
+    out = tmp_path / "run"
+    rc = main(["train-appearance-head", "--init", str(setup["init"]), "--data", str(setup["data"]),
+               "--splits", str(setup["splits"]), "--out", str(out), "--steps", "4", "--eval-every", "2",
+               "--batch-size", "4"])
+    assert rc == 0, capsys.readouterr().err
+    cfg, meta = read_checkpoint_info(out / "model.safetensors")
+    assert cfg.modality_head_kind == "appearance"
+    assert meta["modality_head_trained"] == "true" and meta["note"] == "kept"
+    threshold = float(meta["auto_confidence_threshold"])
+    report = json.loads((out / "summary.json").read_text())
+    assert report["calibration"]["auto_confidence_threshold"] == pytest.approx(threshold, abs=0.005)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["type"] == "initial" and any(r.get("type") == "epoch" for r in rows)
+    seg = load_model(out / "model.safetensors", "cpu")
+    assert seg.auto_available and seg.auto_confidence_threshold == pytest.approx(threshold)
+    head = seg.model.modality_head
+    assert float(head.temperature) == pytest.approx(report["calibration"]["temperature"], rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--steps", "5", "--eval-every", "2"], "multiple"), (["--lr", "0"], "positive")],
+)
+def test_command_refuses_bad_settings(setup, tmp_path, capsys, extra, message):
+    rc = main(["train-appearance-head", "--init", str(setup["init"]), "--data", str(setup["data"]),
+               "--splits", str(setup["splits"]), "--out", str(tmp_path / "run"), *extra])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_command_refuses_a_used_out_folder(setup, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    rc = main(["train-appearance-head", "--init", str(setup["init"]), "--data", str(setup["data"]),
+               "--splits", str(setup["splits"]), "--out", str(tmp_path / "run")])
+    assert rc == 2 and "not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
+
+
+def test_recipe_v2_runs_its_last_stage_from_a_model_file(setup, tmp_path):
+    from napari_delightsam.checkpoint import read_checkpoint_info
+    from napari_delightsam.training.recipe import Recipe, load_recipe, run_recipe
+
+    v2 = load_recipe("v2")
+    assert v2.stages[-1].kind == "appearance-head"
+    data = v2.to_dict()
+    data["stages"][-1]["config"] = {"steps": 2, "eval_every": 2, "batch_size": 4}
+    recipe = Recipe.from_dict(data)
+    exported = run_recipe(recipe, setup["data"], tmp_path / "run", splits_file=setup["splits"], device="cpu",
+                          start_at="appearance-head", init=setup["init"], show_progress=False)
+    cfg, meta = read_checkpoint_info(exported)
+    assert cfg.modality_head_kind == "appearance" and "auto_confidence_threshold" in meta
+    assert meta["inference_precision"] == "fp32"  # the recipe's export metadata
+    assert not (tmp_path / "run" / "heads").exists()  # the stages before were not run
+    with pytest.raises(ValueError, match="together"):
+        run_recipe(recipe, setup["data"], tmp_path / "run2", start_at="appearance-head")
+
+
+def test_recipe_refuses_bad_appearance_head_settings():
+    from napari_delightsam.training.recipe import Recipe, load_recipe
+
+    data = load_recipe("v2").to_dict()
+    data["stages"][-1]["config"] = {"steps": 3, "eval_every": 2}
+    with pytest.raises(ValueError, match="appearance-head.*multiple"):
+        Recipe.from_dict(data)
+    data["stages"][-1]["config"] = {"epochs": 3}
+    with pytest.raises(ValueError, match="unknown appearance-head settings"):
+        Recipe.from_dict(data)
