@@ -43,6 +43,7 @@ def test_manifest_contributions():
         "De-LightSAM segment",
         "De-LightSAM fine-tune",
         "De-LightSAM refine",
+        "De-LightSAM annotate",
     }
     writers = {tuple(w.filename_extensions): w.layer_types for w in contrib.writers}
     assert writers == {(".png",): ["labels"], (".tif", ".tiff"): ["labels"]}

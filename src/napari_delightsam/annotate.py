@@ -141,7 +141,7 @@ class AnnotationSession:
         #: session-wide choices kept in the state file (modality, model...)
         self.settings: dict[str, Any] = {}
         self.index: int | None = None
-        for i, entry in enumerate(self.entries):
+        for entry in self.entries:
             reason = _probe(entry.path)
             if reason:
                 self.unreadable[entry.name] = reason

@@ -1,0 +1,175 @@
+"""The "De-LightSAM annotate" widget end to end in a real napari viewer (pytest-qt, Xvfb), with a
+tiny model: open, segment, correct, Save & next (button and Shift+S), close, reopen, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_delightsam.widgets.core import METADATA_KEY
+from napari_delightsam.widgets.export import read_labels, sidecar_path
+
+pytestmark = pytest.mark.gui
+
+WAIT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny De-LightSAM checkpoint, made before any viewer exists (see widgets/_llvm.py)."""
+    import torch
+
+    from napari_delightsam.checkpoint import save_checkpoint
+    from napari_delightsam.config import tiny_config
+    from napari_delightsam.model import DeLightSAM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, DeLightSAM(tiny_config()).eval())
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELIGHTSAM_CONFIG_DIR", str(tmp_path / "config"))
+    from napari.utils.notifications import notification_manager
+
+    notification_manager.records.clear()
+
+
+def _errors() -> list[str]:
+    from napari.utils.notifications import notification_manager
+
+    return [str(n.message) for n in notification_manager.records if str(n.severity).lower() == "error"]
+
+
+def _folder(tmp_path: Path) -> Path:
+    src = tmp_path / "images"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        image = rng.integers(0, 60, (40, 56, 3), dtype=np.uint8)
+        image[10:25, 15:35] += 150  # a bright "lesion"
+        Image.fromarray(image).save(src / f"case{i}.png")
+    (src / "broken.jpg").write_bytes(b"not a jpeg at all")
+    return src
+
+
+def _open(viewer, tiny_checkpoint):
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM annotate")
+    assert widget.use_checkpoint(tiny_checkpoint)
+    widget.device_combo.setCurrentText("cpu")
+    widget.modality_combo.setCurrentText("dermoscopy")
+    return dock, widget
+
+
+def _wait_for(qtbot, widget, name):
+    qtbot.waitUntil(lambda: not widget.busy and widget._labels() is not None
+                    and widget._labels().name == f"{name}_delightsam_mask", timeout=WAIT_MS)
+    return widget._labels()
+
+
+def _paint(labels, rows, cols, value=1):
+    rr, cc = np.mgrid[rows, cols]
+    labels.data_setitem((rr.ravel(), cc.ravel()), value)  # as a brush stroke: one undo step, paint event
+
+
+def _press_save_next(viewer):
+    """Shift+S as napari dispatches it to the viewer's key bindings."""
+    from app_model.types import KeyBinding
+
+    wanted = KeyBinding.from_str("Shift+S")
+    for key, func in viewer.keymap.items():
+        if KeyBinding.validate(key) == wanted:
+            func(viewer)
+            return
+    raise AssertionError("Shift+S is not bound on the viewer")
+
+
+def test_annotate_a_folder_save_next_close_reopen_resume(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    src, out = _folder(tmp_path), tmp_path / "masks"
+    viewer = make_napari_viewer()
+    dock, widget = _open(viewer, tiny_checkpoint)
+    session = widget.start(src, out)
+    assert session is not None
+    # the broken file is listed with its reason, not fatal
+    assert "broken.jpg" in session.unreadable and "broken.jpg" in widget.unreadable_label.text()
+    assert widget.progress_label.text().startswith("0 of 3 done (1 unreadable)")
+
+    labels = _wait_for(qtbot, widget, "case0")
+    names = {layer.name for layer in viewer.layers}
+    assert {"case0", "case0_delightsam_heatmap", "case0_delightsam_mask"} <= names
+    assert labels.data.shape == (40, 56)
+    assert labels.metadata[METADATA_KEY]["model_file"] == str(tiny_checkpoint)
+    assert labels.metadata[METADATA_KEY]["modality"] == "dermoscopy"
+    # correct it: erase everything, paint the lesion
+    _paint(labels, slice(0, 40), slice(0, 56), 0)
+    _paint(labels, slice(10, 25), slice(15, 35), 1)
+    expected0 = np.array(labels.data)
+
+    written = widget.save_and_next()
+    assert written == [out / "case0.png", out / "case0.png.json"]
+    np.testing.assert_array_equal(read_labels(out / "case0.png"), expected0)
+    side = json.loads(sidecar_path(out / "case0.png").read_text())
+    assert side["edited_after_segmentation"] is True and side["model_file"] == str(tiny_checkpoint)
+    assert side["modality"] == "dermoscopy"
+
+    # the next image opens; the viewer's Shift+S saves it too
+    labels = _wait_for(qtbot, widget, "case1")
+    assert "case0" not in {layer.name for layer in viewer.layers}  # the previous image was closed
+    assert widget.progress_label.text().startswith("1 of 3 done")
+    _paint(labels, slice(0, 40), slice(0, 56), 0)
+    _paint(labels, slice(5, 9), slice(5, 9), 1)
+    _press_save_next(viewer)
+    assert read_labels(out / "case1.png").sum() == 16
+
+    # case2: a correction in progress, then the window closes without saving
+    labels = _wait_for(qtbot, widget, "case2")
+    _paint(labels, slice(0, 40), slice(0, 56), 0)
+    _paint(labels, slice(30, 35), slice(40, 50), 1)
+    draft = np.array(labels.data)
+    widget.close()
+    viewer.window.remove_dock_widget(dock)
+    assert not (out / "case2.png").exists()
+
+    # reopen: it resumes on case2 with the unsaved correction; done images are skipped
+    dock, widget2 = _open(viewer, tiny_checkpoint)
+    resumed = widget2.start(src, out)
+    assert resumed.index == resumed.index_of("case2.png")
+    labels = _wait_for(qtbot, widget2, "case2")
+    np.testing.assert_array_equal(labels.data, draft)
+    assert widget2.progress_label.text().startswith("2 of 3 done")
+    assert widget2.next() is None  # nothing after it without a mask
+    widget2.save_and_next()
+    np.testing.assert_array_equal(read_labels(out / "case2.png"), draft)
+    assert "All 3 images are done" in widget2.status_label.text()
+    assert not list((out / ".delightsam-drafts").glob("*.tif"))
+
+    # reopen a done image on request: its saved mask, which Save may replace
+    widget2.jump(resumed.index_of("case0.png"))
+    labels = _wait_for(qtbot, widget2, "case0")
+    np.testing.assert_array_equal(labels.data, expected0)
+    _paint(labels, slice(0, 2), slice(0, 2), 1)
+    widget2.save_and_next()
+    assert read_labels(out / "case0.png")[0, 0] == 1
+    assert not _errors(), _errors()
+
+
+def test_a_mask_that_appears_meanwhile_is_not_replaced_without_asking(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                                      tmp_path, monkeypatch):
+    src, out = _folder(tmp_path), tmp_path / "masks"
+    viewer = make_napari_viewer()
+    _, widget = _open(viewer, tiny_checkpoint)
+    widget.start(src, out)
+    _wait_for(qtbot, widget, "case0")
+    theirs = np.full((40, 56), 255, dtype=np.uint8)
+    Image.fromarray(theirs).save(out / "case0.png")  # e.g. another annotator's file
+    asked = []
+    monkeypatch.setattr(widget, "_confirm_overwrite", lambda path: asked.append(path) or False)
+    assert widget.save_and_next() == []
+    assert asked == [out / "case0.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "case0.png")), theirs)
