@@ -8,13 +8,16 @@ and tiled at each ``--scales`` value (``tiling="on"``, ``--overlap`` working pix
 modality given). Per cell (modality, k, method): the mean over mosaics of the Dice of the whole
 mosaic against the mosaic of masks, the mean Dice of the k² images cut back out of it, seconds
 per mosaic, network calls (tiles) per mosaic and megapixels of input per second. The row "each
-image alone" segments the mosaic's k² images one by one (the target tiling should reach). ``--memory-sides`` adds peak resident memory of one synthetic RGB image per
-side (a fresh child process per run: ru_maxrss after segmenting minus ru_maxrss after loading
-the model and one warm-up call; the input image itself is counted).
+image alone" segments the mosaic's k² images one by one (the target tiling should reach).
+``--memory-sides`` adds the peak memory of segmenting one synthetic RGB image per side, whole
+and tiled (a fresh child process per run: the highest resident set size sampled every 2 ms
+during the call, minus the resident size after loading the model and one warm-up call; the
+input image, made before the call, is not counted; its size is listed).
 
     python benchmarks/tiled_inference.py --data ../shared/data \\
-        --splits benchmarks/protocol/splits-unseen-v1.json --max-images 4 --threads 1 \\
-        --out benchmarks/results/tiled-inference.json --markdown
+        --splits benchmarks/protocol/splits-unseen-v1.json --max-images 6 --threads 1 \\
+        --scales 1.25 1 0.75 0.5 --memory-sides 2048 4096 8192 \\
+        --out benchmarks/results/tiling/tiled-inference-v1.4.json --markdown
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -40,11 +42,6 @@ DATASETS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("fundus/STARE_sample2", ("unseen", "test")),
     ],
 }
-
-
-def _maxrss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
 
 
 def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,9 +89,9 @@ def mosaics(tiles: dict[str, list], k: int, count: int, seed: int) -> list[tuple
     return out
 
 
-def _methods(scales: list[float], k: int) -> list[tuple[str, dict[str, Any]]]:
-    out: list[tuple[str, dict[str, Any]]] = [("whole", {"tiling": "off"})]
-    if k > 1:  # for 1×1 the image alone is the whole-image run
+def _methods(scales: list[float], k: int, baselines: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = [("whole", {"tiling": "off"})] if baselines else []
+    if k > 1 and baselines:  # for 1×1 the image alone is the whole-image run
         out.append(("each image alone", {"tiling": "off", "alone": True}))
     return out + [(f"tiled x{s:g}", {"tiling": "on", "tile_scale": s}) for s in scales]
 
@@ -122,7 +119,7 @@ def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"{modality}: {', '.join(f'{k} {len(v)}' for k, v in sorted(tiles.items()))} images", file=sys.stderr)
         for k in args.sizes:
             mos = mosaics(tiles, k, args.max_images, args.seed)
-            for name, kwargs in _methods(args.scales, k):
+            for name, kwargs in _methods(args.scales, k, not args.no_baselines):
                 if "tile_scale" in kwargs:
                     kwargs = {**kwargs, "tile_overlap": args.overlap}
                 whole_dice, tile_dice, secs, ntiles = [], [], [], []
@@ -167,8 +164,39 @@ def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+class _RssSampler:
+    """Highest resident set size seen by a thread sampling it every ``interval`` seconds (MB)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        import threading
+
+        import psutil
+
+        self.process, self.interval, self.peak = psutil.Process(), interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss / 1e6)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss / 1e6)
+
+
 def probe(side: int, method: str, checkpoint: str | None, threads: int, overlap: int) -> dict[str, Any]:
-    """Child process: peak RSS growth of segmenting one side×side RGB image (see the docstring)."""
+    """Child process: peak memory of segmenting one side×side RGB image (see the docstring)."""
+    import gc
+
+    import psutil
+
     from napari_delightsam.inference import load_model, set_threads
 
     set_threads(threads)
@@ -176,21 +204,23 @@ def probe(side: int, method: str, checkpoint: str | None, threads: int, overlap:
     size = seg.config.img_size
     rng = np.random.default_rng(0)
     seg.segment(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), modality="microscopy", tiling="off")
-    before = _maxrss_mb()
     # a textured synthetic image: one random 512² tile repeated (generated in place, uint8)
     image = np.tile(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), (side // size + 1, side // size + 1, 1))
     image = np.ascontiguousarray(image[:side, :side])
+    gc.collect()
+    before = psutil.Process().memory_info().rss / 1e6
     kwargs: dict[str, Any] = {"tiling": "off"} if method == "whole" else {"tiling": "on", "tile_overlap": overlap}
-    t0 = time.perf_counter()
-    result = seg.segment(image, modality="microscopy", **kwargs)
-    seconds = time.perf_counter() - t0
+    with _RssSampler() as rss:
+        t0 = time.perf_counter()
+        result = seg.segment(image, modality="microscopy", **kwargs)
+        seconds = time.perf_counter() - t0
     return {
         "side": side,
         "method": method,
         "tiles": result.tiling["tiles"] if result.tiling else 1,
         "seconds": seconds,
         "mpx_per_s": side * side / 1e6 / seconds,
-        "peak_rss_growth_mb": _maxrss_mb() - before,
+        "peak_memory_mb": rss.peak - before,
         "input_mb": image.nbytes / 1e6,
     }
 
@@ -215,11 +245,12 @@ def _methods_seen(report: dict[str, Any]) -> list[str]:
     for r in report["cells"]:
         if r["method"] not in seen:
             seen.append(r["method"])
-    return seen
+    first = [m for m in ("whole", "each image alone") if m in seen]
+    return first + [m for m in seen if m not in first]
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [
+    lines = [] if not report["cells"] else [
         "| modality | mosaic | side | method | tiles | Dice (mosaic) | Dice (mean of its images) | s / mosaic | Mpx/s |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
@@ -240,12 +271,12 @@ def markdown(report: dict[str, Any]) -> str:
             vals = [f"{cells[m]['dice_tiles']:.1f} ({cells[m]['mosaics']})" if m in cells else "" for m in _methods_seen(report)]
             lines.append(f"| {key} | {k}×{k} | " + " | ".join(vals) + " |")
     if report.get("memory"):
-        lines += ["", "| side | method | tiles | seconds | Mpx/s | peak RSS growth (MB) | input (MB) |",
+        lines += ([""] if lines else []) + ["| side | method | tiles | seconds | Mpx/s | peak memory above the model (MB) | input (MB) |",
                   "|---:|---|---:|---:|---:|---:|---:|"]
         for r in report["memory"]:
             lines.append(
                 f"| {r['side']} | {r['method']} | {r['tiles']} | {r['seconds']:.1f} | {r['mpx_per_s']:.2f} | "
-                f"{r['peak_rss_growth_mb']:.0f} | {r['input_mb']:.0f} |"
+                f"{r['peak_memory_mb']:.0f} | {r['input_mb']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -259,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="*", type=int, default=[1, 2, 4], help="mosaics of k×k images (none: only the memory probes)")
     p.add_argument("--scales", nargs="+", type=float, default=[1.0, 0.75, 0.5], help="tile scales to compare")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in working pixels")
+    p.add_argument("--no-baselines", action="store_true", help="only the tiled rows (no whole / alone)")
     p.add_argument("--max-images", type=int, default=4, help="mosaics per cell")
     p.add_argument("--memory-sides", nargs="*", type=int, default=[], help="sides of the memory probes")
     p.add_argument("--threads", type=int, default=1)
