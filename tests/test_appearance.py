@@ -253,3 +253,15 @@ def test_training_the_head_learns_and_calibrates():
     assert cal["stored_reordered"] == 0.0
     with pytest.raises(ValueError, match="multiple"):
         train_appearance_head(model, train, val, modalities=model.config.modalities, steps=5, eval_every=2)
+
+
+def test_a_model_with_an_appearance_head_keeps_it_for_further_training():
+    from napari_delightsam.training.appearance_head import with_appearance_head
+
+    model = DeLightSAM(tiny_config(modality_head_kind="appearance")).eval()
+    with torch.no_grad():
+        model.modality_head.temperature.fill_(0.7)
+    kept = with_appearance_head(model)
+    assert kept is model and float(kept.modality_head.temperature) == pytest.approx(0.7)
+    fresh = with_appearance_head(DeLightSAM(tiny_config()).eval())
+    assert isinstance(fresh.modality_head, AppearanceHead) and float(fresh.modality_head.temperature) == 1.0

@@ -44,9 +44,12 @@ __all__ = [
 
 def with_appearance_head(model: Any) -> Any:
     """A copy of ``model`` (a ``DeLightSAM``) whose modality head is a new ``AppearanceHead``;
-    every other tensor is the model's own (checked: nothing else may be missing or left over)."""
+    every other tensor is the model's own (checked: nothing else may be missing or left over).
+    A model that already has an appearance head is returned as it is: training continues it."""
     from ..model import DeLightSAM
 
+    if model.config.modality_head_kind == "appearance":
+        return model.eval()
     new = DeLightSAM(model.config.replace(modality_head_kind="appearance"))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("modality_head.")}
     missing, unexpected = new.load_state_dict(state, strict=False)
