@@ -1,0 +1,106 @@
+"""Time per click of the refine widget's point prompts, after the image embedding (CPU).
+
+    python benchmarks/click_speed.py [--image FILE] [--size 1024] [--rounds 15] [--threads 2] [--json OUT.json]
+
+One image (``--image``, else the bundled synthetic dermoscopy sample), resized to ``--size`` ×
+``--size``, embedded once by ``load_refiner()`` (the widget's refiner, its fast path on this
+machine); then, ``--rounds`` times each, median wall seconds of
+
+* ``box``: ``segment_box`` (one box: the reference, what a Box costs);
+* ``first click``: ``segment_clicks`` with one positive click and no box: one batched decoder
+  call over ``len(CLICK_BOX_SIZES)`` candidate boxes;
+* ``further click``: ``segment_clicks`` with two clicks and the box the first click chose
+  (what the widget sends for each click after the first of an object): one prompt;
+* ``SAM point prompt``: ``segment_points`` with one click alone (SAM's raw point path).
+
+The load average before and after is printed with the numbers: on a shared machine other
+processes slow every figure down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _median_seconds(fn, rounds: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", type=Path, default=None)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+    from PIL import Image
+
+    from napari_delightsam import load_refiner
+    from napari_delightsam.image_files import read_image
+    from napari_delightsam.refine import CLICK_BOX_SIZES
+    from napari_delightsam.sample_data import load_sample
+
+    torch.set_num_threads(args.threads)
+    if args.image is not None:
+        image = read_image(args.image)
+        name = args.image.name
+    else:
+        image = np.asarray(load_sample("synthetic_dermoscopy")[0])
+        name = "synthetic_dermoscopy (bundled sample)"
+    image = np.asarray(Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((args.size, args.size)))
+    load_before = os.getloadavg()[0]
+    refiner = load_refiner("cpu")
+    t0 = time.perf_counter()
+    refiner.set_image(image)
+    embed = time.perf_counter() - t0
+    s = args.size
+    centre = [s / 2 + 0.5, s / 2 + 0.5]
+    second = [s / 2 + s / 20 + 0.5, s / 2 + 0.5]
+    box = (s * 0.3, s * 0.3, s * 0.7, s * 0.7)
+    _, _, chosen = refiner.segment_clicks([centre], [1])
+    results = {
+        "box": _median_seconds(lambda: refiner.segment_box(box), args.rounds),
+        "first click": _median_seconds(lambda: refiner.segment_clicks([centre], [1]), args.rounds),
+        "further click": _median_seconds(lambda: refiner.segment_clicks([centre, second], [1, 1], chosen), args.rounds),
+        "SAM point prompt": _median_seconds(lambda: refiner.segment_points([centre], [1]), args.rounds),
+    }
+    record = {
+        "image": name,
+        "size": [s, s],
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "candidate_boxes": len(CLICK_BOX_SIZES),
+        "refiner": refiner.fast_path_description(),
+        "embedding_s": round(embed, 4),
+        "median_s": {k: round(v, 4) for k, v in results.items()},
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    print(f"{name} at {s}x{s}, {args.threads} threads, {refiner.fast_path_description()}")
+    print(f"embedding {embed:.3f} s (once per image); load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    for key, value in results.items():
+        print(f"  {key:16s} {value:.3f} s")
+    if args.json is not None:
+        args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
