@@ -146,6 +146,8 @@ def test_annotate_a_folder_save_next_close_reopen_resume(make_napari_viewer, qtb
     assert widget2.next() is None  # nothing after it without a mask
     widget2.save_and_next()
     np.testing.assert_array_equal(read_labels(out / "case2.png"), draft)
+    side = json.loads(sidecar_path(out / "case2.png").read_text())  # the draft kept how the mask was made
+    assert side["model_file"] == str(tiny_checkpoint) and side["edited_after_segmentation"] is True
     assert "All 3 images are done" in widget2.status_label.text()
     assert not list((out / ".delightsam-drafts").glob("*.tif"))
 
@@ -173,3 +175,63 @@ def test_a_mask_that_appears_meanwhile_is_not_replaced_without_asking(make_napar
     assert widget.save_and_next() == []
     assert asked == [out / "case0.png"]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "case0.png")), theirs)
+
+
+class _UnsureSegmenter:
+    """The tiny Segmenter, reporting modality probabilities and an unsure ``auto`` decision."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.checkpoint_path, self.checkpoint_sha256, self.device = (
+            inner.checkpoint_path, inner.checkpoint_sha256, inner.device)
+        self.auto_available = True
+        self.modalities_run: list[str] = []
+
+    def segment(self, image, modality="auto", threshold=0.5):
+        import dataclasses
+
+        used = "dermoscopy" if modality == "auto" else modality
+        self.modalities_run.append(modality)
+        result = self.inner.segment(image, modality=used, threshold=threshold)
+        probs = {"dermoscopy": 0.45, "ultrasound": 0.40, "colonoscopy": 0.15} if modality == "auto" else None
+        return dataclasses.replace(result, modality_probabilities=probs)
+
+    def auto_decision(self, result):
+        from napari_delightsam.inference import AutoDecision
+
+        return AutoDecision("dermoscopy", 0.45, "ultrasound", 0.40, 0.6, True)
+
+
+def test_auto_asks_once_and_the_answer_is_the_sessions_modality(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                                 tmp_path, monkeypatch):
+    from napari_delightsam.widgets.model_cache import MODEL_CACHE, default_loader
+
+    made = {}
+
+    def loader(spec, device):
+        made["seg"] = _UnsureSegmenter(default_loader(spec, device))
+        return made["seg"]
+
+    MODEL_CACHE.clear()
+    monkeypatch.setattr(MODEL_CACHE, "loader", loader)
+    try:
+        src, out = _folder(tmp_path), tmp_path / "masks"
+        viewer = make_napari_viewer()
+        _, widget = _open(viewer, tiny_checkpoint)
+        widget.modality_combo.setCurrentText("auto")
+        widget.start(src, out)
+        _wait_for(qtbot, widget, "case0")
+        assert not widget.ask_box.isHidden()
+        assert [b.property("modality") for b in widget.ask_buttons] == ["dermoscopy", "ultrasound"]
+        widget.choose_modality("ultrasound")  # not edited yet: segmented again as ultrasound
+        labels = _wait_for(qtbot, widget, "case0")
+        assert made["seg"].modalities_run == ["auto", "ultrasound"]
+        assert labels.metadata[METADATA_KEY]["modality"] == "ultrasound"
+        assert widget.ask_box.isHidden() and widget.modality_combo.currentText() == "ultrasound"
+        widget.save_and_next()
+        _wait_for(qtbot, widget, "case1")
+        assert made["seg"].modalities_run[-1] == "ultrasound"  # kept for the session
+        assert json.loads((out / "case0.png.json").read_text())["modality"] == "ultrasound"
+        assert json.loads((out / "delightsam-annotate.json").read_text())["settings"]["modality"] == "ultrasound"
+    finally:
+        MODEL_CACHE.clear()

@@ -318,13 +318,26 @@ class AnnotationSession:
     def draft_path(self, index: int) -> Path:
         return self.output / DRAFTS_DIR / f"{self.entries[index].mask_stem}.tif"
 
-    def save_draft(self, index: int, labels: Any) -> Path:
-        """Keep unsaved work on an image (any label ids; TIFF, atomic); :meth:`save` removes it."""
+    def save_draft(self, index: int, labels: Any, provenance: dict[str, Any] | None = None) -> Path:
+        """Keep unsaved work on an image (any label ids; TIFF, atomic) and how the mask was made
+        (``provenance``, beside it as JSON); :meth:`save` removes both."""
+        from .atomic_files import atomic_write
         from .image_files import write_tiff
 
         path = self.draft_path(index)
         path.parent.mkdir(exist_ok=True)
-        return write_tiff(path, np.asarray(labels), overwrite=True)
+        write_tiff(path, np.asarray(labels), overwrite=True)
+        text = json.dumps(provenance or {}, indent=2, default=str) + "\n"
+        atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return path
+
+    def draft_provenance(self, index: int) -> dict[str, Any]:
+        """The provenance kept with the image's draft ({} when none)."""
+        try:
+            record = json.loads(self.draft_path(index).with_suffix(".json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
 
     def load_draft(self, index: int) -> np.ndarray | None:
         path = self.draft_path(index)
@@ -339,6 +352,7 @@ class AnnotationSession:
 
     def discard_draft(self, index: int) -> None:
         self.draft_path(index).unlink(missing_ok=True)
+        self.draft_path(index).with_suffix(".json").unlink(missing_ok=True)
 
     # -- state file -----------------------------------------------------------------------------
 

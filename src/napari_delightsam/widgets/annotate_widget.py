@@ -401,7 +401,7 @@ class AnnotateWidget(QWidget):
         token = self._token
         entry = s.entries[index]
         existing = s.existing_mask(index)
-        draft = None if existing is not None else s.draft_path(index)
+        draft = s.draft_path(index)
         modality = s.settings.get("modality") or self.modality_combo.currentText()
         job = {
             "index": index, "name": entry.mask_stem,
@@ -410,7 +410,8 @@ class AnnotateWidget(QWidget):
         }
         worker = create_worker(
             guard_worker,
-            _open_job(self.model_cache, entry.path, existing, draft, job["spec"], job["device"], modality),
+            _open_job(self.model_cache, entry.path, existing, draft, job["spec"], job["device"], modality,
+                      s.draft_provenance(index)),
             _ignore_errors=True,
         )
         worker.yielded.connect(lambda item, token=token: self._on_yielded(token, item))
@@ -479,8 +480,8 @@ class AnnotateWidget(QWidget):
             mask = np.asarray(result["labels"])
             provenance = dict(result.get("provenance") or {})
             source = result["source"]
-            if source == "mask":
-                s.load_mask(index)  # the user opened it: Save may replace it
+            if s.is_done(index):
+                s.load_mask(index)  # the user opened it (or a draft of it): Save may replace it
         # a draft holds the user's corrections: no fingerprint, so it counts as edited
         record = {**provenance, "kind": "mask", "annotate": tag,
                   "fingerprint": "" if source == "draft" else fingerprint(mask)}
@@ -636,8 +637,11 @@ class AnnotateWidget(QWidget):
             return None
         if not was_edited(labels.data, labels.metadata):
             return None
+        record = {k: v for k, v in (labels.metadata.get(METADATA_KEY, {}) or {}).items()
+                  if k not in ("fingerprint", "kind", "annotate")}
+        record["edited_after_segmentation"] = True  # a draft exists only for an edited mask
         try:
-            return s.save_draft(self._shown["index"], np.asarray(labels.data))
+            return s.save_draft(self._shown["index"], np.asarray(labels.data), provenance=record)
         except OSError as exc:
             notify("warning", f"could not keep a draft of the mask: {exc}")
             return None
@@ -653,7 +657,7 @@ class AnnotateWidget(QWidget):
 
 
 def _open_job(cache: ModelCache, path: Path, existing: Path | None, draft: Path | None, spec: str, device: str,
-              modality: str):
+              modality: str, draft_provenance: dict[str, Any] | None = None):
     """Worker body: read the image; its saved mask, else its draft, else segment it."""
     from ..image_files import ImageReadError, read_image
     from .export import read_labels
@@ -665,16 +669,19 @@ def _open_job(cache: ModelCache, path: Path, existing: Path | None, draft: Path 
         return {"error": str(exc)}
     if prepared.stack:
         return {"error": f"holds {prepared.n_slices} planes; the annotator takes 2D images (grey or RGB)"}
-    if existing is not None:
-        return {"image": image, "labels": read_labels(existing), "source": "mask",
-                "provenance": _sidecar_provenance(existing)}
-    if draft is not None and draft.is_file():
+    if draft is not None and draft.is_file():  # unsaved corrections: newer than any saved mask
         import tifffile
 
         try:
-            return {"image": image, "labels": tifffile.imread(draft), "source": "draft", "provenance": {}}
-        except Exception:  # noqa: BLE001 -- a damaged draft: segment again
+            labels = tifffile.imread(draft)
+            if labels.shape == prepared.plane_shape:
+                provenance = draft_provenance or (_sidecar_provenance(existing) if existing is not None else {})
+                return {"image": image, "labels": labels, "source": "draft", "provenance": provenance}
+        except Exception:  # noqa: BLE001 -- a damaged draft: the saved mask, or segment again
             pass
+    if existing is not None:
+        return {"image": image, "labels": read_labels(existing), "source": "mask",
+                "provenance": _sidecar_provenance(existing)}
     yield ("segmenting", path.name, f"loading the model on {device}" if not cache.is_loaded(spec, device) else modality)
     segmenter = cache.get(spec, device)
     info = {
