@@ -235,3 +235,61 @@ def test_auto_asks_once_and_the_answer_is_the_sessions_modality(make_napari_view
         assert json.loads((out / "delightsam-annotate.json").read_text())["settings"]["modality"] == "ultrasound"
     finally:
         MODEL_CACHE.clear()
+
+
+class _BrightRefiner:
+    """A stand-in for LiteMedSAM: the object in a box is its bright pixels."""
+
+    def __init__(self, device):
+        import threading
+
+        self.device, self.precision, self.weights = device, "fp32", {"model": "bright pixels", "sha256": None}
+        self.lock, self.image_id, self.image = threading.RLock(), None, None
+
+    def set_image(self, image, image_id=None):
+        self.image, self.image_id = np.asarray(image), image_id
+
+    @property
+    def image_size(self):
+        return None if self.image is None else self.image.shape[:2]
+
+    def segment_box(self, box):
+        from napari_delightsam.refine import box_pixels
+
+        grey = self.image if self.image.ndim == 2 else self.image.mean(axis=-1)
+        out = np.zeros(grey.shape, dtype=bool)
+        rows, cols = box_pixels(box, grey.shape)
+        out[rows, cols] = grey[rows, cols] > 128
+        return out
+
+
+def test_correct_with_a_box_of_the_refine_widget_then_save_and_next(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                                    tmp_path, monkeypatch):
+    from napari_delightsam.widgets import refine_widget as rw
+
+    rw.REFINER_CACHE.clear()
+    monkeypatch.setattr(rw.REFINER_CACHE, "loader", lambda spec, device: _BrightRefiner(device))
+    try:
+        src, out = _folder(tmp_path), tmp_path / "masks"
+        viewer = make_napari_viewer()
+        _, widget = _open(viewer, tiny_checkpoint)
+        _, refine = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM refine")
+        refine.device_combo.value = "cpu"
+        widget.start(src, out)
+        labels = _wait_for(qtbot, widget, "case0")
+        # the refine widget follows the image on screen and its mask
+        assert refine.image_picker.value is viewer.layers["case0"] and refine.labels_picker.value is labels
+        _paint(labels, slice(0, 40), slice(0, 56), 0)
+        shapes = refine.start_boxes()
+        shapes.add_rectangles([np.array([[5, 10], [5, 40], [30, 40], [30, 10]], dtype=float)])
+        qtbot.waitUntil(lambda: refine.pending == 0, timeout=WAIT_MS)
+        assert refine.refinements == 1 and labels.data[10:25, 15:35].all()
+        widget.save_and_next()
+        saved = read_labels(out / "case0.png")
+        assert saved[10:25, 15:35].all() and saved.sum() == 15 * 20
+        assert json.loads((out / "case0.png.json").read_text())["boxes"][0]["box"] == [10.5, 5.5, 40.5, 30.5]
+        labels = _wait_for(qtbot, widget, "case1")
+        assert "case0_delightsam_boxes" not in [layer.name for layer in viewer.layers]
+        assert refine.image_picker.value is viewer.layers["case1"] and refine.labels_picker.value is labels
+    finally:
+        rw.REFINER_CACHE.clear()
