@@ -4,7 +4,7 @@
 
 One image (``--image``, else the bundled synthetic dermoscopy sample), resized to ``--size`` ×
 ``--size``, embedded once by ``load_refiner()`` (the widget's refiner, its fast path on this
-machine); then, ``--rounds`` times each, median wall seconds of
+machine); then median wall seconds over ``--rounds`` rounds (the four take turns in each) of
 
 * ``box``: ``segment_box`` (one box: the reference, what a Box costs);
 * ``first click``: ``segment_clicks`` with one positive click and no box: one batched decoder
@@ -29,14 +29,18 @@ from pathlib import Path
 import numpy as np
 
 
-def _median_seconds(fn, rounds: int) -> float:
-    fn()  # warm-up
-    times = []
+def _interleaved_medians(cases: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each case; the cases take turns in every round (a shared machine's load
+    then weighs on all of them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
+        fn()  # warm-up
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     second = [s / 2 + s / 20 + 0.5, s / 2 + 0.5]
     box = (s * 0.3, s * 0.3, s * 0.7, s * 0.7)
     _, _, chosen = refiner.segment_clicks([centre], [1])
-    results = {
-        "box": _median_seconds(lambda: refiner.segment_box(box), args.rounds),
-        "first click": _median_seconds(lambda: refiner.segment_clicks([centre], [1]), args.rounds),
-        "further click": _median_seconds(lambda: refiner.segment_clicks([centre, second], [1, 1], chosen), args.rounds),
-        "SAM point prompt": _median_seconds(lambda: refiner.segment_points([centre], [1]), args.rounds),
-    }
+    results = _interleaved_medians({
+        "box": lambda: refiner.segment_box(box),
+        "first click": lambda: refiner.segment_clicks([centre], [1]),
+        "further click": lambda: refiner.segment_clicks([centre, second], [1, 1], chosen),
+        "SAM point prompt": lambda: refiner.segment_points([centre], [1]),
+    }, args.rounds)
     record = {
         "image": name,
         "size": [s, s],

@@ -24,6 +24,13 @@ otherwise (vessel trees, nuclei, lungs, painted masks). On a vessel, nuclei or l
 (``refine.REFINE_ALL_LOWERS``, where Refine all measured worse than the prompt-free mask) it asks
 first.
 
+**Clicks** adds (or reuses) a Points layer ``<image>_delightsam_clicks`` in add mode: each click
+(positive, or negative after T / the "negative clicks" box) redraws the current object from all
+its clicks, plus the last box drawn if any (``refine.BoxRefiner.segment_clicks``, one decoder
+call), written over the mask as it was before the object's first click (pixels the user changed
+since are kept); N / **New object** starts another. A negative click alone (no positive click,
+no box) removes the mask region under it.
+
 Only pixels whose centres lie inside a box change. Each refinement (one box, or one Refine all)
 is one ``Labels.data_setitem`` inside ``Labels.block_history()``: one step of napari's Labels undo.
 The boxes used are appended to the mask layer's provenance (``metadata['delightsam']['boxes']``,
