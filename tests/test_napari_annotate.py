@@ -101,6 +101,8 @@ def test_annotate_a_folder_save_next_close_reopen_resume(make_napari_viewer, qtb
     assert widget.progress_label.text().startswith("0 of 3 done (1 unreadable)")
 
     labels = _wait_for(qtbot, widget, "case0")
+    # meanwhile the next image is segmented in the background
+    qtbot.waitUntil(lambda: widget._prefetch.get("result") is not None, timeout=WAIT_MS)
     names = {layer.name for layer in viewer.layers}
     assert {"case0", "case0_delightsam_heatmap", "case0_delightsam_mask"} <= names
     assert labels.data.shape == (40, 56)
@@ -118,7 +120,8 @@ def test_annotate_a_folder_save_next_close_reopen_resume(make_napari_viewer, qtb
     assert side["edited_after_segmentation"] is True and side["model_file"] == str(tiny_checkpoint)
     assert side["modality"] == "dermoscopy"
 
-    # the next image opens; the viewer's Shift+S saves it too
+    # the next image is on screen at once (segmented in the background); the viewer's Shift+S saves it too
+    assert widget._labels().name == "case1_delightsam_mask" and widget.prefetch_hits == 1
     labels = _wait_for(qtbot, widget, "case1")
     assert "case0" not in {layer.name for layer in viewer.layers}  # the previous image was closed
     assert widget.progress_label.text().startswith("1 of 3 done")
@@ -177,6 +180,11 @@ def test_a_mask_that_appears_meanwhile_is_not_replaced_without_asking(make_napar
     np.testing.assert_array_equal(np.asarray(Image.open(out / "case0.png")), theirs)
 
 
+def labels_modality(widget):
+    record = widget._labels().metadata[METADATA_KEY]
+    return record.get("modality"), record.get("modality_used")
+
+
 class _UnsureSegmenter:
     """The tiny Segmenter, reporting modality probabilities and an unsure ``auto`` decision."""
 
@@ -223,14 +231,16 @@ def test_auto_asks_once_and_the_answer_is_the_sessions_modality(make_napari_view
         _wait_for(qtbot, widget, "case0")
         assert not widget.ask_box.isHidden()
         assert [b.property("modality") for b in widget.ask_buttons] == ["dermoscopy", "ultrasound"]
+        assert labels_modality(widget) == ("auto", "dermoscopy")
         widget.choose_modality("ultrasound")  # not edited yet: segmented again as ultrasound
-        labels = _wait_for(qtbot, widget, "case0")
-        assert made["seg"].modalities_run == ["auto", "ultrasound"]
-        assert labels.metadata[METADATA_KEY]["modality"] == "ultrasound"
+        qtbot.waitUntil(lambda: not widget.busy and labels_modality(widget)[0] == "ultrasound", timeout=WAIT_MS)
+        assert labels_modality(widget) == ("ultrasound", "ultrasound")
+        assert "ultrasound" in made["seg"].modalities_run
         assert widget.ask_box.isHidden() and widget.modality_combo.currentText() == "ultrasound"
         widget.save_and_next()
         _wait_for(qtbot, widget, "case1")
-        assert made["seg"].modalities_run[-1] == "ultrasound"  # kept for the session
+        assert labels_modality(widget) == ("ultrasound", "ultrasound")  # kept for the session: no question
+        assert widget.ask_box.isHidden()
         assert json.loads((out / "case0.png.json").read_text())["modality"] == "ultrasound"
         assert json.loads((out / "delightsam-annotate.json").read_text())["settings"]["modality"] == "ultrasound"
     finally:

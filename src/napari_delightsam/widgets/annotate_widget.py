@@ -94,6 +94,9 @@ class AnnotateWidget(QWidget):
         self.setObjectName("DeLightSAMAnnotateWidget")
         self._worker: Any = None
         self._token = 0
+        #: the next image, segmented in the background (key, index, worker, result, waiting, failed)
+        self._prefetch: dict[str, Any] = {}
+        self.prefetch_hits = 0
         self._shown: dict[str, Any] = {}  # index, layers (weakrefs), provenance of the image on screen
         self._previous_model_index = 0
         state: dict[str, Any] = {"worker": None}
@@ -402,12 +405,24 @@ class AnnotateWidget(QWidget):
         entry = s.entries[index]
         existing = s.existing_mask(index)
         draft = s.draft_path(index)
-        modality = s.settings.get("modality") or self.modality_combo.currentText()
-        job = {
-            "index": index, "name": entry.mask_stem,
-            "spec": self.current_model(), "device": self.device_combo.currentText() or "auto",
-            "modality": modality,
-        }
+        job = self._job_for(index)
+        modality = job["modality"]
+        pre = self._prefetch
+        if pre.get("key") == job["key"] and existing is None and not draft.is_file() and not pre.get("failed"):
+            # segmented in the background while the previous image was corrected
+            self._prefetch = {}
+            if pre.get("result") is not None:
+                self.prefetch_hits += 1
+                self._on_opened(token, job, pre["result"])
+                return None
+            if pre.get("worker") is not None:
+                self.prefetch_hits += 1
+                pre["waiting"] = (token, job)
+                self._prefetch = pre
+                self._worker = pre["worker"]
+                self._worker_box["worker"] = pre["worker"]
+                self._set_status(f"Opening {entry.name} (segmenting in the background)…")
+                return pre["worker"]
         worker = create_worker(
             guard_worker,
             _open_job(self.model_cache, entry.path, existing, draft, job["spec"], job["device"], modality,
@@ -423,6 +438,62 @@ class AnnotateWidget(QWidget):
         self._set_status(f"Opening {entry.name}…")
         worker.start()
         return worker
+
+    def _job_for(self, index: int) -> dict[str, Any]:
+        s = self.session
+        assert s is not None
+        modality = s.settings.get("modality") or self.modality_combo.currentText()
+        spec, device = self.current_model(), self.device_combo.currentText() or "auto"
+        return {"index": index, "name": s.entries[index].mask_stem, "spec": spec, "device": device,
+                "modality": modality, "key": (index, spec, device, modality, str(s.output))}
+
+    def _start_prefetch(self) -> None:
+        """Segment the next image without a mask in the background, so that Save & next shows
+        its mask at once."""
+        from napari.qt.threading import create_worker
+
+        s = self.session
+        if s is None or self._shown.get("index") is None or not alive(self):
+            return
+        target = s.next_todo(self._shown["index"])
+        if target is None or target == self._shown["index"] or s.draft_path(target).is_file():
+            return
+        job = self._job_for(target)
+        if self._prefetch.get("key") == job["key"]:
+            return
+        _quit({"worker": self._prefetch.get("worker")})
+        entry = {"key": job["key"], "index": target, "result": None, "waiting": None, "failed": False}
+        worker = create_worker(
+            guard_worker,
+            _open_job(self.model_cache, s.entries[target].path, None, None, job["spec"], job["device"],
+                      job["modality"]),
+            _ignore_errors=True,
+        )
+        entry["worker"] = worker
+        worker.returned.connect(lambda result, entry=entry: self._on_prefetched(entry, result))
+        worker.errored.connect(lambda exc, entry=entry: self._on_prefetch_failed(entry))
+        self._prefetch = entry
+        worker.start()
+
+    def _on_prefetched(self, entry: dict[str, Any], result: dict[str, Any]) -> None:
+        entry["worker"] = None
+        entry["result"] = result
+        waiting = entry.get("waiting")
+        if waiting is not None and alive(self) and waiting[0] == self._token:
+            self._prefetch = {}
+            self._worker = None
+            self._worker_box["worker"] = None
+            self._on_opened(waiting[0], waiting[1], result)
+
+    def _on_prefetch_failed(self, entry: dict[str, Any]) -> None:
+        entry["worker"] = None
+        entry["failed"] = True
+        waiting = entry.get("waiting")
+        if waiting is not None and alive(self) and waiting[0] == self._token:
+            self._prefetch = {}
+            self._worker = None
+            self._worker_box["worker"] = None
+            self.open_index(waiting[1]["index"])  # again in the foreground: its error is reported
 
     def _on_yielded(self, token: int, item: tuple) -> None:
         if token != self._token or not alive(self):
@@ -455,6 +526,7 @@ class AnnotateWidget(QWidget):
             if target is not None:
                 self.open_index(target)
             return
+        self.save_draft()  # edits made to the previous image while this one opened
         self._remove_shown()
         tag = str(s.output)
         for layer in list(self.viewer.layers):  # left by a closed annotate panel of this session
@@ -504,6 +576,7 @@ class AnnotateWidget(QWidget):
                     notify("warning", f"{s.name(index)}: the model is unsure of the modality ({decision.describe()}); "
                                       "choose it in the De-LightSAM annotate panel")
         self._set_status(text + ". Correct it, then Save & next (Shift+S).")
+        self._start_prefetch()
 
     def _provenance(self, job: dict[str, Any], run: Any, model_info: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
         from .. import __version__
@@ -588,6 +661,9 @@ class AnnotateWidget(QWidget):
 
         s = self.session
         labels = self._labels()
+        if self.busy:  # the next image is still opening: the mask on screen was saved already
+            self._set_status("Still opening the image; Save & next when its mask is on screen.")
+            return []
         if s is None or labels is None or self._shown.get("index") is None:
             notify("warning", "nothing to save: start a session and wait for the image to open")
             return []
@@ -652,6 +728,7 @@ class AnnotateWidget(QWidget):
         self.save_draft()
         self._draft_timer.stop()
         _quit(self._worker_box)
+        _quit({"worker": self._prefetch.get("worker")})
         self._unbind_keys()
         super().closeEvent(event)
 
