@@ -122,8 +122,13 @@ def test_annotate_a_folder_save_next_close_reopen_resume(make_napari_viewer, qtb
 
     # the next image is on screen at once (segmented in the background); the viewer's Shift+S saves it too
     assert widget._labels().name == "case1_delightsam_mask" and widget.prefetch_hits == 1
+    first_labels = labels
     labels = _wait_for(qtbot, widget, "case1")
     assert "case0" not in {layer.name for layer in viewer.layers}  # the previous image was closed
+    assert labels is first_labels  # its layers reused, with the new image's data
+    before = np.array(labels.data)
+    labels.undo()  # the undo history of the previous image is gone
+    np.testing.assert_array_equal(labels.data, before)
     assert widget.progress_label.text().startswith("1 of 3 done")
     _paint(labels, slice(0, 40), slice(0, 56), 0)
     _paint(labels, slice(5, 9), slice(5, 9), 1)

@@ -12,7 +12,8 @@ modality (or ``auto``), the device and the model (the segment widget's choices),
   Refine all -- it picks up the image and its mask by their names);
 * **Save & next** (button, or Shift+S in the viewer) writes the mask + its provenance sidecar
   into the output folder (``annotate.AnnotationSession.save``: atomic, PNG or TIFF) and opens
-  the next image that has no mask yet.
+  the next image that has no mask yet -- segmented in the background while the user corrected the
+  previous one, so its mask appears at once.
 
 Previous / Next step through the images (those already done are skipped unless "show done
 images" is ticked; a done image opens with its saved mask, which Save then replaces). A
@@ -395,8 +396,8 @@ class AnnotateWidget(QWidget):
         if s is None:
             return None
         self.save_draft()
-        if self._worker is not None:
-            _quit(self._worker_box)
+        if self._worker is not None and self._worker is not self._prefetch.get("worker"):
+            _quit({"worker": self._worker})
         s.go(index)
         self._refresh()
         self.ask_box.setVisible(False)
@@ -470,6 +471,7 @@ class AnnotateWidget(QWidget):
             _ignore_errors=True,
         )
         entry["worker"] = worker
+        self._worker_box["prefetch"] = worker  # stopped with the dock
         worker.returned.connect(lambda result, entry=entry: self._on_prefetched(entry, result))
         worker.errored.connect(lambda exc, entry=entry: self._on_prefetch_failed(entry))
         self._prefetch = entry
@@ -527,24 +529,13 @@ class AnnotateWidget(QWidget):
                 self.open_index(target)
             return
         self.save_draft()  # edits made to the previous image while this one opened
-        self._remove_shown()
-        tag = str(s.output)
-        for layer in list(self.viewer.layers):  # left by a closed annotate panel of this session
-            if (layer.metadata.get(METADATA_KEY, {}) or {}).get("annotate") == tag:
-                self.viewer.layers.remove(layer)
         image = result["image"]
         name = job["name"]
         names = output_names(name)
         rgb = image.ndim == 3 and image.shape[-1] in (3, 4)
-        image_layer = self.viewer.add_image(image, name=name, rgb=rgb, metadata={METADATA_KEY: {"kind": "annotate-image", "annotate": tag}})
-        layers = [weakref.ref(image_layer)]
         run = result.get("run")
         model_info = result.get("model") or {}
         if run is not None:
-            heat = self.viewer.add_image(run.heatmap, name=names["heatmap"], colormap="inferno", opacity=0.5,
-                                         blending="translucent", contrast_limits=(0.0, 1.0),
-                                         metadata={METADATA_KEY: {"kind": "heatmap", "annotate": tag}})
-            layers.append(weakref.ref(heat))
             mask = threshold_mask(run.probability, THRESHOLD)
             provenance = self._provenance(job, run, model_info, image)
             source = "segmented"
@@ -554,15 +545,15 @@ class AnnotateWidget(QWidget):
             source = result["source"]
             if s.is_done(index):
                 s.load_mask(index)  # the user opened it (or a draft of it): Save may replace it
+        tag = str(s.output)
         # a draft holds the user's corrections: no fingerprint, so it counts as edited
         record = {**provenance, "kind": "mask", "annotate": tag,
                   "fingerprint": "" if source == "draft" else fingerprint(mask)}
-        labels = self.viewer.add_labels(mask, name=names["mask"], opacity=0.6, metadata={METADATA_KEY: record})
-        layers.append(weakref.ref(labels))
-        labels.events.paint.connect(self._schedule_draft)
-        labels.events.data.connect(self._schedule_draft)
+        layers = self._show(name, names, image, rgb, None if run is None else run.heatmap, mask, record, tag)
+        labels = layers["labels"]
         self.viewer.layers.selection.active = labels
-        self._shown = {"index": index, "layers": layers, "labels": weakref.ref(labels), "name": name}
+        self._shown = {"index": index, "layers": {k: weakref.ref(v) for k, v in layers.items()},
+                       "labels": weakref.ref(labels), "name": name}
         what = {"segmented": "segmented", "mask": "its saved mask (Save replaces it)",
                 "draft": "your unsaved corrections (draft)"}[source]
         text = f"{s.name(index)}: {what}"
@@ -600,16 +591,72 @@ class AnnotateWidget(QWidget):
             "package_version": __version__,
         }
 
-    def _remove_shown(self) -> None:
-        shown, self._shown = self._shown, {}
-        doomed = [ref() for ref in shown.get("layers", [])]
-        name = shown.get("name")
-        if name:  # the refine widget's boxes/clicks layers of that image
+    def _show(self, name: str, names: dict[str, str], image: np.ndarray, rgb: bool, heatmap: np.ndarray | None,
+              mask: np.ndarray, record: dict[str, Any], tag: str) -> dict[str, Any]:
+        """Put the image, its heatmap and its mask on screen. The previous image's layers are
+        reused (new data, new names): removing and adding layers costs napari far more (a garbage
+        collection per removed layer) than Save & next may take."""
+        old = {k: ref() for k, ref in (self._shown.get("layers") or {}).items()}
+        old = {k: v for k, v in old.items() if v is not None and v in self.viewer.layers}
+        previous_name = self._shown.get("name")
+        doomed = []
+        if previous_name:  # the refine widget's boxes/clicks layers of the previous image
             doomed += [layer for layer in self.viewer.layers
-                       if (layer.metadata.get(METADATA_KEY, {}) or {}).get("image") == name]
+                       if (layer.metadata.get(METADATA_KEY, {}) or {}).get("image") == previous_name]
+        reusable = old.get("image") is not None and bool(old["image"].rgb) == rgb and "labels" in old
+        if not reusable:
+            doomed += list(old.values())
+            old = {}
+        kept = set(map(id, old.values()))
+        for layer in list(self.viewer.layers):  # left by a closed annotate panel of this session
+            if id(layer) not in kept and (layer.metadata.get(METADATA_KEY, {}) or {}).get("annotate") == tag:
+                doomed.append(layer)
         for layer in doomed:
-            if layer is not None and layer in self.viewer.layers:
+            if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
+        self._shown = {}
+        image_meta = {METADATA_KEY: {"kind": "annotate-image", "annotate": tag}}
+        heat_meta = {METADATA_KEY: {"kind": "heatmap", "annotate": tag}}
+        if old:
+            image_layer = old["image"]
+            image_layer.data = image
+            image_layer.metadata = image_meta
+            image_layer.name = name
+            image_layer.reset_contrast_limits()
+        else:
+            image_layer = self.viewer.add_image(image, name=name, rgb=rgb, metadata=image_meta)
+        out: dict[str, Any] = {"image": image_layer}
+        heat = old.get("heatmap")
+        if heatmap is not None:
+            if heat is not None:
+                heat.data = heatmap
+                heat.name = names["heatmap"]
+            else:
+                heat = self.viewer.add_image(heatmap, name=names["heatmap"], colormap="inferno", opacity=0.5,
+                                             blending="translucent", contrast_limits=(0.0, 1.0), metadata=heat_meta)
+            out["heatmap"] = heat
+        elif heat is not None:
+            self.viewer.layers.remove(heat)
+        labels = old.get("labels")
+        if labels is not None:
+            labels.data = mask
+            labels.metadata = {METADATA_KEY: record}
+            labels.name = names["mask"]
+            reset = getattr(labels, "_reset_history", None)
+            if reset is not None:
+                reset()  # undo must not reach into the previous image
+        else:
+            labels = self.viewer.add_labels(mask, name=names["mask"], opacity=0.6, metadata={METADATA_KEY: record})
+            labels.events.paint.connect(self._schedule_draft)
+            labels.events.data.connect(self._schedule_draft)
+        # the mask on top of the heatmap, the heatmap on top of the image
+        order = [layer for layer in (image_layer, out.get("heatmap"), labels) if layer is not None]
+        indices = [self.viewer.layers.index(layer) for layer in order]
+        if indices != sorted(indices):
+            for layer in order:
+                self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
+        out["labels"] = labels
+        return out
 
     # -- auto modality ---------------------------------------------------------------------------
 
@@ -728,7 +775,6 @@ class AnnotateWidget(QWidget):
         self.save_draft()
         self._draft_timer.stop()
         _quit(self._worker_box)
-        _quit({"worker": self._prefetch.get("worker")})
         self._unbind_keys()
         super().closeEvent(event)
 
@@ -789,12 +835,14 @@ def _sidecar_provenance(mask: Path) -> dict[str, Any]:
 
 
 def _quit(state: dict[str, Any]) -> None:
-    worker = state.get("worker")
-    if worker is not None:
-        try:
-            worker.quit()
-        except RuntimeError:
-            pass
+    """Ask the workers in ``state`` ("worker", and "prefetch" when given) to stop."""
+    for key in ("worker", "prefetch"):
+        worker = state.get(key)
+        if worker is not None:
+            try:
+                worker.quit()
+            except RuntimeError:
+                pass
 
 
 __all__ = ["AnnotateWidget", "SAVE_NEXT_KEY"]

@@ -182,7 +182,7 @@ class RefineWidget(Container):
         self._progress: Any = None
         self._sessions: dict[int, tuple[weakref.ref, weakref.ref, weakref.ref]] = {}
         self._seen: dict[int, int] = {}
-        self._protected: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+        self._protected: dict[int, tuple[weakref.ref, np.ndarray, Any]] = {}
         self.refinements = 0  # refinements written (for tests and the status line)
 
         self.box_button.changed.connect(self.start_boxes)
@@ -518,7 +518,8 @@ class RefineWidget(Container):
         click (``snapshot``), what the clicks last wrote (``last``), its box (the last box drawn on
         this image and slice, else None) and the box a first click chose (``chosen``)."""
         state = self._click_objects.get(id(points))
-        if state is not None and state["labels_layer"]() is labels and state["z"] == z:
+        if (state is not None and state["labels_layer"]() is labels and state["z"] == z
+                and state["data"]() is labels.data):
             return state
         lead = () if z is None else (z,)
         plane = np.array(labels.data[lead] if lead else labels.data)
@@ -529,7 +530,7 @@ class RefineWidget(Container):
             if session is not None and image_ref() is session[1]() and last_z == z:
                 box = np.asarray(last, dtype=np.float64)
         value = int(np.asarray(labels.data).max()) + 1 if self.mode_combo.value == "instances" else 1
-        state = {"labels_layer": weakref.ref(labels), "z": z, "snapshot": plane, "last": plane.copy(), "box": box,
+        state = {"labels_layer": weakref.ref(labels), "data": _weak_data(labels.data), "z": z, "snapshot": plane, "last": plane.copy(), "box": box,
                  "chosen": None, "clicks": [], "labels": [], "value": value}
         self._click_objects[id(points)] = state
         return state
@@ -567,8 +568,8 @@ class RefineWidget(Container):
         object merged inside the box used (``merge_object``); pixels the user changed since are
         kept. Returns the number of pixels changed."""
         obj, score, used = result["clicked"]
-        state = next((s for s in self._click_objects.values() if s["labels_layer"]() is labels and s["z"] == job.z),
-                     None)
+        state = next((s for s in self._click_objects.values() if s["labels_layer"]() is labels and s["z"] == job.z
+                      and s["data"]() is labels.data), None)
         if state is None:  # the object was closed (New object) while this click ran
             return 0
         if state["box"] is None:
@@ -814,10 +815,13 @@ class RefineWidget(Container):
         return n
 
     def _protected_for(self, labels: Any) -> np.ndarray:
-        ref, arr = self._protected.get(id(labels), (None, None))
-        if ref is None or ref() is not labels or arr is None or arr.shape != tuple(labels.data.shape):
+        """Pixels refinements wrote into ``labels``; forgotten when the layer's data is replaced
+        (``layer.data = ...``: another image's mask, e.g. the annotate widget's next image)."""
+        ref, arr, data = self._protected.get(id(labels), (None, None, None))
+        if (ref is None or ref() is not labels or arr is None or arr.shape != tuple(labels.data.shape)
+                or data is None or data() is not labels.data):
             arr = np.zeros(labels.data.shape, dtype=bool)
-            self._protected[id(labels)] = (weakref.ref(labels), arr)
+            self._protected[id(labels)] = (weakref.ref(labels), arr, _weak_data(labels.data))
         return arr
 
     def _record(self, labels: Any, job: RefineJob, value: int, changed: int, model: dict[str, Any]) -> None:
@@ -905,6 +909,14 @@ def _refine_job(
     }
     return {"mask": mask, "refined": refined, "embedded": embedded, "seconds": time.perf_counter() - start,
             "model": model, "clicked": clicked}
+
+
+def _weak_data(data: Any) -> Any:
+    """A weak reference to a layer's data array (a strong one for types without weakrefs)."""
+    try:
+        return weakref.ref(data)
+    except TypeError:
+        return lambda: data
 
 
 def _call(ref: weakref.ref, method: str, _layer: Any = None) -> None:
