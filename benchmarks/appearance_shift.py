@@ -12,6 +12,7 @@ confidence threshold) and the Dice of the mask it gives.
         --splits benchmarks/protocol/splits-unseen-v1.json --split test unseen \\
         --max-per-dataset 8 --out OUT [--checkpoint FILE] [--threads 2]
     python benchmarks/appearance_shift.py --resummarise OUT/appearance-shift.json
+    python benchmarks/appearance_shift.py --compare v1.4=A.json v2=B.json
 
 Writes ``OUT/appearance-shift.json`` (rows + summary) and ``OUT/appearance-shift.md`` (tables:
 per shift, mean Dice over modalities with the drop from "as stored", the largest drop of a
@@ -184,6 +185,36 @@ def report(summary: dict[str, Any], header: str) -> str:
     return "\n".join(lines)
 
 
+def compare(named: list[tuple[str, dict[str, Any]]]) -> str:
+    """Side by side, per split and shift, the summaries of several runs (``NAME=JSON`` each): mean
+    Dice, its change from "as stored", the worst modality's change and ``auto`` right / asks %."""
+    lines = []
+    splits = [sp for sp in named[0][1]["summary"] if all(sp in d["summary"] for _, d in named)]
+    for split in splits:
+        lines += [f"### {split}", ""]
+        head = "| shift | " + " | ".join(
+            f"{n}: Dice (change) | {n}: worst modality | {n}: `auto` right % (asks %)" for n, _ in named) + " |"
+        lines += [head, "|---|" + "---:|---|---:|" * len(named)]
+        shifts = list(named[0][1]["summary"][split]["shifts"])
+        for shift in shifts:
+            cells = []
+            for _, d in named:
+                e = d["summary"][split]["shifts"].get(shift)
+                if e is None:
+                    cells += ["–", "–", "–"]
+                    continue
+                change = "" if shift == "as stored" else f" ({_f(e['drop'], signed=True)})"
+                worst = "" if shift == "as stored" or not e["worst_modality"] else f"{e['worst_modality']} {_f(e['worst_drop'], signed=True)}"
+                auto = f"{_f(e.get('auto_right'))} ({_f(e.get('auto_asks'))})" if "auto_right" in e else "–"
+                cells += [f"{_f(e['mean_dice'])}{change}", worst, auto]
+            lines.append(f"| {shift} | " + " | ".join(cells) + " |")
+        means = " | ".join(
+            f"{_f(d['summary'][split]['mean_drop_over_shifts'], signed=True)} (worst {_f(d['summary'][split]['worst_shift_drop'], signed=True)}) | | "
+            for _, d in named)
+        lines += [f"| mean change over the shifts | {means}", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path)
@@ -196,7 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--resummarise", type=Path, default=None, help="rebuild summary + report from a JSON")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--compare", nargs="+", metavar="NAME=JSON", help="print runs side by side and exit")
     args = p.parse_args(argv)
+
+    if args.compare:
+        named = []
+        for item in args.compare:
+            name, _, path = item.partition("=")
+            if not path:
+                p.error(f"--compare takes NAME=JSON, got {item!r}")
+            named.append((name, json.loads(Path(path).read_text(encoding="utf-8"))))
+        print(compare(named))
+        return 0
 
     if args.resummarise:
         data = json.loads(args.resummarise.read_text(encoding="utf-8"))

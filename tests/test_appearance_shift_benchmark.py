@@ -1,0 +1,95 @@
+"""``benchmarks/appearance_shift.py`` end to end on a tiny model and synthetic images: rows per
+image and shift, the summary's arithmetic, the report, --resummarise and --compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, object]:
+    import importlib.util
+    import sys
+
+    from napari_delightsam.checkpoint import save_checkpoint
+    from napari_delightsam.config import tiny_config
+    from napari_delightsam.data import discover, make_splits, save_splits
+    from napari_delightsam.data.synthetic import make_synthetic_dataset
+    from napari_delightsam.inference import MODALITY_HEAD_TRAINED_KEY
+    from napari_delightsam.model import DeLightSAM
+
+    root = tmp_path_factory.mktemp("shift")
+    data = make_synthetic_dataset(root / "data", {"dermoscopy": ["derm_a"], "xray": ["xr_a"]}, n_per_dataset=10)
+    splits = root / "splits.json"
+    save_splits(splits, make_splits(discover(data), seed=0))
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(root / "tiny.safetensors", DeLightSAM(tiny_config(modality_head_kind="appearance")).eval(),
+                           {MODALITY_HEAD_TRAINED_KEY: "true"})
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "appearance_shift.py"
+    spec = importlib.util.spec_from_file_location("appearance_shift", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["appearance_shift"] = bench
+    spec.loader.exec_module(bench)
+    out = root / "out"
+    rc = bench.main(["--data", str(data), "--splits", str(splits), "--split", "test", "--max-per-dataset", "2",
+                     "--shifts", "BGR channel order", "half resolution", "greyscale", "--checkpoint", str(ckpt),
+                     "--out", str(out), "--threads", "1", "--quiet"])
+    assert rc == 0
+    return {"bench": bench, "out": out, "data": data, "splits": splits, "ckpt": ckpt}
+
+
+def test_rows_cover_each_image_and_applicable_shift(run):
+    data = json.loads((run["out"] / "appearance-shift.json").read_text())
+    rows = data["rows"]
+    keys = {r["key"] for r in rows}
+    assert len(keys) >= 2
+    for key in keys:
+        shifts = {r["shift"] for r in rows if r["key"] == key}
+        modality = next(r["modality"] for r in rows if r["key"] == key)
+        want = {"as stored", "BGR channel order", "half resolution"} | ({"greyscale"} if modality == "dermoscopy" else set())
+        assert shifts == want
+    for r in rows:
+        assert 0.0 <= r["dice"] <= 1.0 and 0.0 <= r["auto_dice"] <= 1.0
+        assert 0.0 <= r["auto_confidence"] <= 1.0 and isinstance(r["auto_asks"], bool)
+
+
+def test_summary_is_the_mean_over_modalities_of_per_modality_means(run):
+    data = json.loads((run["out"] / "appearance-shift.json").read_text())
+    rows, summary = data["rows"], data["summary"]["test"]
+    for shift, entry in summary["shifts"].items():
+        per = {}
+        for m in entry["modalities"]:
+            per[m] = np.mean([r["dice"] for r in rows if r["shift"] == shift and r["modality"] == m])
+        assert entry["mean_dice"] == pytest.approx(np.mean(list(per.values())))
+        base = np.mean([np.mean([r["dice"] for r in rows if r["shift"] == "as stored" and r["modality"] == m])
+                        for m in entry["modalities"]])
+        assert entry["drop"] == pytest.approx(entry["mean_dice"] - base)
+        right = [r["auto_modality"] == r["modality"] for r in rows if r["shift"] == shift and r["modality"] in per]
+        assert entry["auto_right"] == pytest.approx(np.mean(right))
+    assert summary["shifts"]["greyscale"]["modalities"] == ["dermoscopy"]  # colour modalities only
+    report = (run["out"] / "appearance-shift.md").read_text()
+    assert "| greyscale |" in report and "Command: `python benchmarks/appearance_shift.py" in report
+
+
+def test_resummarise_and_compare(run, capsys):
+    bench, out = run["bench"], run["out"]
+    before = (out / "appearance-shift.md").read_text()
+    assert bench.main(["--resummarise", str(out / "appearance-shift.json")]) == 0
+    assert (out / "appearance-shift.md").read_text() == before
+    capsys.readouterr()
+    assert bench.main(["--compare", f"a={out / 'appearance-shift.json'}", f"b={out / 'appearance-shift.json'}"]) == 0
+    table = capsys.readouterr().out
+    assert "### test" in table and table.count("| BGR channel order |") == 1 and "a: Dice" in table
+
+
+def test_refuses_a_used_out_folder(run):
+    with pytest.raises(SystemExit):
+        run["bench"].main(["--data", str(run["data"]), "--splits", str(run["splits"]), "--out", str(run["out"])])
+    assert Path(run["out"] / "appearance-shift.json").is_file()
