@@ -125,6 +125,7 @@ class AnnotateWidget(QWidget):
         self.modality_combo.addItems(["auto", *MODALITIES])
         self.modality_combo.setToolTip("The images' modality; 'auto' asks when the model is unsure, then keeps "
                                        "your answer for the whole folder")
+        self.modality_combo.currentTextChanged.connect(self._on_modality_changed)
         form.addRow("Modality", self.modality_combo)
         self.device_combo = QComboBox()
         self.device_combo.addItems(device_choices())
@@ -210,6 +211,11 @@ class AnnotateWidget(QWidget):
         folder = QFileDialog.getExistingDirectory(self, "Choose a folder", edit.text() or str(Path.home()))
         if folder:
             edit.setText(folder)
+
+    def _on_modality_changed(self, text: str) -> None:
+        """A modality chosen in the menu during a session is the session's from the next image on."""
+        if self.session is not None and self.session.settings.get("modality") != (text if text in MODALITIES else None):
+            self.session.set_setting("modality", text if text in MODALITIES else None)
 
     def _set_status(self, text: str) -> None:
         if alive(self):
@@ -691,7 +697,6 @@ class AnnotateWidget(QWidget):
         if was_edited(labels.data, labels.metadata):
             self._set_status(f"Modality {modality} for the next images; your corrected mask here is kept.")
             return None
-        labels.metadata = {METADATA_KEY: {**record, "fingerprint": fingerprint(labels.data)}}
         return self.open_index(self._shown["index"])
 
     # -- saving -------------------------------------------------------------------------------------
