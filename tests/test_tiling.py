@@ -166,14 +166,14 @@ def test_tiles_are_streamed_in_batches_and_the_run_can_stop_between_them(seg, mo
         return real_run(batch, modality)
 
     monkeypatch.setattr(seg, "_run", spy)
-    steps = seg.segment_steps(_image(400, 300), "microscopy", tiling="on", tile_overlap=32, tile_batch_size=2)
+    steps = seg.segment_steps(_image(400, 300), "microscopy", tiling="on", tile_overlap=32, tile_batch_size=2, tile_scale=1.0)
     progress = list(_drain(steps))
     total = progress[-1][1]
     assert total == 4 * 3 and max(sizes) == 2 and sum(sizes) == total  # never a stack of all tiles
     assert [d for d, _ in progress] == list(range(2, total + 1, 2))
 
     sizes.clear()
-    steps = seg.segment_steps(_image(400, 300), "microscopy", tiling="on", tile_overlap=32, tile_batch_size=2)
+    steps = seg.segment_steps(_image(400, 300), "microscopy", tiling="on", tile_overlap=32, tile_batch_size=2, tile_scale=1.0)
     assert next(steps) == (2, 12)
     steps.close()  # cancel between batches: no further network call
     assert sizes == [2]
@@ -204,6 +204,8 @@ def test_auto_rule_tiles_large_microscopy_and_fundus_only():
         assert not auto_tiles(modality, (512, 512), 512)
         assert auto_tiles(modality, (1024, 1024), 512)
         assert auto_tiles(modality, (2048, 700), 512)
+        assert not auto_tiles(modality, (768, 600), 512) and auto_tiles(modality, (600, 769), 512)  # 1.5 x 512
+        assert policy_for(modality).scale == 1.25  # the best measured scale (docs/tiled-inference.md)
     for modality in ("colonoscopy", "xray", "dermoscopy", "ultrasound"):
         assert not auto_tiles(modality, (4096, 4096), 512)
         assert policy_for(modality).scale == 1.0  # tiling="on" still has a default

@@ -161,7 +161,7 @@ class SegmentWidget(QWidget):
         self.tiling_combo = QComboBox()
         self.tiling_combo.addItems(["auto", "on", "off"])
         self.tiling_combo.setToolTip(
-            "Tiled inference for large images: auto = overlapping tiles at the training scale for microscopy and "
+            "Tiled inference for large images: auto = overlapping tiles (at 1.25x, measured) for microscopy and "
             "fundus images longer than 1.5x the network input (measured rule), the whole image otherwise; "
             "on = always tiled; off = the whole image resized to the network input"
         )
