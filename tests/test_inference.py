@@ -105,7 +105,8 @@ def test_batch_is_one_stacked_forward(seg, images, monkeypatch):
         return forward(x, modality, use_controller)
 
     monkeypatch.setattr(seg.model, "forward", spy)
-    seg.segment_batch(images, "fundus", batch_size=8)
+    # whole images: the 64x200 one is above 1.5 x the tiny model's 128 and would be tiled ("auto")
+    seg.segment_batch(images, "fundus", batch_size=8, tiling="off")
     assert calls == [len(images)]
 
 

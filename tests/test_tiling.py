@@ -231,3 +231,15 @@ def test_auto_modality_decides_the_rule_from_the_whole_image(tiny_model):
     assert tiled.tiling is not None and tiled.tiling["tiles"] > 1
     auto = seg.segment(img, "auto")
     assert (auto.tiling is not None) == (whole.modality in AUTO_TILING)
+
+
+def test_segment_batch_tiles_what_segment_tiles_and_batches_the_rest(seg, monkeypatch):
+    s = seg.config.img_size
+    images = [_image(s, s, seed=1), _image(2 * s, 2 * s, seed=2), _image(40, 50, seed=3)]
+    singles = [seg.segment(im, "microscopy") for im in images]
+    batch = seg.segment_batch(images, "microscopy", batch_size=4)
+    assert [r.tiling is not None for r in batch] == [False, True, False]
+    for a, b in zip(singles, batch, strict=True):
+        np.testing.assert_allclose(a.probability, b.probability, atol=1e-4)
+    off = seg.segment_batch(images, "microscopy", batch_size=4, tiling="off")
+    assert all(r.tiling is None for r in off)

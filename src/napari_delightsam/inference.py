@@ -526,28 +526,53 @@ class Segmenter:
         batch_size: int = 8,
         nan_policy: NanPolicy = "raise",
         auto_per_image: bool = False,
+        tiling: str = "auto",
+        tile_scale: float | None = None,
+        tile_overlap: int | None = None,
     ) -> list[SegmentationResult]:
         """Segment many images (any sizes): preprocessed one by one, run ``batch_size`` at a
         time as one stacked tensor on the device. ``modality`` is one spec or one per image.
 
         A single ``"auto"`` picks one modality for all the images (the slices of a stack, the
         frames of one examination: ``decide_modality``), unless ``auto_per_image``.
+        ``tiling`` as in :meth:`segment`: images it may tile go through ``segment`` one by one,
+        the others are batched.
         """
         threshold = _check_threshold(threshold)
         mods = self._modality_list(modality, len(images))  # fail before any work
         if len(images) > 1 and not auto_per_image and not isinstance(modality, (list, tuple)) and mods[0] is None:
             shared = self.decide_modality(images, nan_policy=nan_policy)
             mods = [self.modalities.index(shared.modality)] * len(images)
-        results: list[SegmentationResult] = []
+        from .preprocess import infer_layout
+        from .tiling import may_tile
+
+        done: dict[int, SegmentationResult] = {}
+        batched: list[int] = []
+        for i, image in enumerate(images):
+            try:
+                size = infer_layout(getattr(image, "shape", None) or np.shape(image))[:2]
+                name = None if mods[i] is None else self.modalities[mods[i]]  # type: ignore[index]
+                if not may_tile(tiling, name, size, self.config.img_size):
+                    batched.append(i)
+                    continue
+                done[i] = self.segment(
+                    image, "auto" if mods[i] is None else mods[i], threshold, nan_policy=nan_policy,
+                    tiling=tiling, tile_scale=tile_scale, tile_overlap=tile_overlap,
+                )
+            except ValueError as exc:  # say which image of the batch is unusable
+                raise ValueError(f"image {i} of the batch ({len(images)} images): {exc}") from None
         step = max(1, int(batch_size))
-        for start in range(0, len(images), step):
+        for start in range(0, len(batched), step):
+            chunk = batched[start : start + step]
             prepared = []
-            for i in range(start, min(start + step, len(images))):
+            for i in chunk:
                 try:
                     prepared.append(self.prepare(images[i], nan_policy=nan_policy))
                 except ValueError as exc:  # say which image of the batch is unusable
                     raise ValueError(f"image {i} of the batch ({len(images)} images): {exc}") from None
-            results += self.segment_prepared(prepared, mods[start : start + step], threshold, batch_size=step)
+            out = self.segment_prepared(prepared, [mods[i] for i in chunk], threshold, batch_size=step)
+            done.update(zip(chunk, out, strict=True))
+        results = [done[i] for i in range(len(images))]
         return results
 
     def segment(

@@ -70,6 +70,7 @@ __all__ = [
     "auto_tiles",
     "blend_window",
     "iter_segment",
+    "may_tile",
     "plan_tiles",
     "policy_for",
     "tile_starts",
@@ -122,6 +123,17 @@ def auto_tiles(modality: str, size: tuple[int, int], input_size: int) -> bool:
     (Its longer side, in the image's own pixels, above ``min_side`` network input sides.)"""
     policy = AUTO_TILING.get(str(modality))
     return policy is not None and max(size) > policy.min_side * input_size
+
+
+def may_tile(tiling: str, modality: str | None, size: tuple[int, int], input_size: int) -> bool:
+    """Whether ``Segmenter.segment(tiling=...)`` may tile an image of ``size``: always for "on",
+    never for "off"; for "auto" when the rule tiles ``modality`` at that size, or, for
+    ``modality=None`` ("auto", not known before the whole-image pass), any listed modality."""
+    mode = _check_tiling(tiling)
+    if mode != "auto":
+        return mode == "on"
+    names = list(AUTO_TILING) if modality is None else [modality]
+    return any(auto_tiles(n, size, input_size) for n in names)
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
