@@ -57,7 +57,7 @@ def choose_records(data: Path, splits_file: Path, split: str, max_per_dataset: i
 def evaluate_image(seg: Any, image: np.ndarray, gt: np.ndarray, modality: str, shifts: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     """One row per applicable shift: Dice given, and auto's pick, confidence, asks and Dice."""
     from napari_delightsam.data.appearance import COLOUR_MODALITIES
-    from napari_delightsam.training.metrics import dice_score
+    from napari_delightsam.training.evaluation.metrics import dice_score
 
     rows = []
     auto = seg.auto_available

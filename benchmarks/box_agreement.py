@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_delightsam.data import discover, load_pair, make_splits, select
     from napari_delightsam.model.litemedsam import build_litemedsam, load_box_decoder
     from napari_delightsam.refine import BoxRefiner, load_refiner
-    from napari_delightsam.training.metrics import dice_score
+    from napari_delightsam.training.evaluation.metrics import dice_score
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)

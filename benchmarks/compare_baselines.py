@@ -8,9 +8,9 @@ whole-image box, Otsu, and De-LightSAM (untrained, trained, trained with "auto" 
 The split is the training split: ``--splits FILE`` if given, else the ``splits.json`` beside
 the checkpoint (a run folder), else recomputed with the same function and seed as ``delightsam
 train`` (the checkpoint's recorded split seed, else ``--seed``, else 0; ratios 8:1:1) — see
-``training.evaluate.resolve_eval_splits``. Every image is decoded once and given to every
+``training.evaluation.evaluate.resolve_eval_splits``. Every image is decoded once and given to every
 method; Dice / HD / HD95 are computed at the image's original resolution
-(``training.metrics.image_metrics``; ``--grid 1024`` adds the paper's 1024² grid).
+(``training.evaluation.metrics.image_metrics``; ``--grid 1024`` adds the paper's 1024² grid).
 
 Methods and their rules: ``napari_delightsam.baselines`` (module docstring). Default methods:
 the four baselines, plus ``delightsam`` when ``--checkpoint`` is given or a bundled model is
@@ -304,7 +304,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from napari_delightsam.checkpoint import CheckpointError, bundled_checkpoint_path, read_checkpoint_info
     from napari_delightsam.data import discover, load_pair
     from napari_delightsam.inference import MODALITY_HEAD_TRAINED_KEY, set_threads
-    from napari_delightsam.training.evaluate import resolve_eval_splits, select_records
+    from napari_delightsam.training.evaluation.evaluate import resolve_eval_splits, select_records
 
     if args.max_per_dataset is not None and args.max_per_dataset < 1:
         raise UsageError("--max-per-dataset must be >= 1")

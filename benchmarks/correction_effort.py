@@ -237,7 +237,7 @@ def run_image(
     baseline with ``baseline`` (LiteMedSAM as published; ``refiner`` itself when None)."""
     import torch
 
-    from napari_delightsam.training.metrics import dice_score
+    from napari_delightsam.training.evaluation.metrics import dice_score
 
     start = _clock()
     pf = np.asarray(seg.segment(image, modality=rec.modality).mask, dtype=bool)

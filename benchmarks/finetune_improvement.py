@@ -44,7 +44,7 @@ def _pairs(root: Path, modality: str) -> list[tuple[Path, Path]]:
 
 
 def _evaluate(segmenter, items, modality: str) -> dict[str, float]:
-    from napari_delightsam.training.metrics import dice_score
+    from napari_delightsam.training.evaluation.metrics import dice_score
 
     scores = [dice_score(segmenter.segment(image, modality=modality).mask, mask) for image, mask in items]
     return {"mean_dice": round(float(np.mean(scores)), 4), "median_dice": round(float(np.median(scores)), 4),

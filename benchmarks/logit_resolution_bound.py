@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_delightsam.data import discover, load_pair
-from napari_delightsam.training.metrics import dice_score
+from napari_delightsam.training.evaluation.metrics import dice_score
 
 
 def bound_dice(mask: np.ndarray, size: int) -> float:

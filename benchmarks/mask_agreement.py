@@ -27,8 +27,8 @@ import numpy as np
 
 from napari_delightsam.data import discover, load_pair
 from napari_delightsam.inference import load_model
-from napari_delightsam.training.evaluate import resolve_eval_splits, select_records
-from napari_delightsam.training.metrics import dice_score
+from napari_delightsam.training.evaluation.evaluate import resolve_eval_splits, select_records
+from napari_delightsam.training.evaluation.metrics import dice_score
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ def main(
         p.error("--data, --splits and --out are needed (or --summarise FILES)")
     from napari_delightsam.data import discover, load_pair, load_splits, select
     from napari_delightsam.inference import load_model, set_threads
-    from napari_delightsam.training.metrics import dice_score
+    from napari_delightsam.training.evaluation.metrics import dice_score
 
     set_threads(args.threads)
     chosen = select(discover(args.data, None), load_splits(args.splits), args.split, None)

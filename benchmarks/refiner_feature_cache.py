@@ -4,7 +4,7 @@
         --splits benchmarks/protocol/splits-unseen-v1.json --modality fundus --out runs/refiner-r \\
         [--checkpoint FILE] [--width 16] [--levels 3] [--steps 1200] [--eval-every 150] [--lr 3e-3]
 
-The recipe's ``"refiner"`` stage (``training.refiner_stage.train_refiner``: the decoder fixed, its
+The recipe's ``"refiner"`` stage (``training.stages.refiner_stage.train_refiner``: the decoder fixed, its
 inputs to the refiner recorded once, BCE + soft Dice at the input size, rot90 / flip and colour
 jitter, AdamW one-cycle) outside a recipe: on ``--checkpoint`` (default: the bundled model; R1 /
 R2 of the model card used v1.2, ``git show 8d374c8:weights/delightsam_default.safetensors``),
@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     from napari_delightsam.checkpoint import bundled_checkpoint_path, read_checkpoint_info
     from napari_delightsam.inference import set_threads
     from napari_delightsam.training import TrainConfig
-    from napari_delightsam.training.refiner_stage import train_refiner
-    from napari_delightsam.training.trainer import LAST
+    from napari_delightsam.training.stages.refiner_stage import train_refiner
+    from napari_delightsam.training.stages.trainer import LAST
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True)

@@ -108,7 +108,7 @@ def _segment_alone(seg, image: np.ndarray, modality: str, k: int, size: int) -> 
 
 def run_cells(args: argparse.Namespace) -> list[dict[str, Any]]:
     from napari_delightsam.inference import load_model
-    from napari_delightsam.training.metrics import dice_score
+    from napari_delightsam.training.evaluation.metrics import dice_score
 
     seg = load_model(args.checkpoint, "cpu")
     size = seg.config.img_size

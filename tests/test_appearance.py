@@ -210,7 +210,7 @@ def test_a_batch_or_stack_gets_one_modality_unless_told_otherwise():
 
 
 def test_training_the_head_learns_and_calibrates():
-    from napari_delightsam.training.appearance_head import (
+    from napari_delightsam.training.stages.appearance_head import (
         HeadImage,
         calibrate,
         train_appearance_head,
@@ -256,7 +256,7 @@ def test_training_the_head_learns_and_calibrates():
 
 
 def test_a_model_with_an_appearance_head_keeps_it_for_further_training():
-    from napari_delightsam.training.appearance_head import with_appearance_head
+    from napari_delightsam.training.stages.appearance_head import with_appearance_head
 
     model = DeLightSAM(tiny_config(modality_head_kind="appearance")).eval()
     with torch.no_grad():

@@ -77,7 +77,7 @@ def test_command_refuses_a_used_out_folder(setup, tmp_path, capsys):
 
 def test_recipe_v2_runs_its_last_stage_from_a_model_file(setup, tmp_path):
     from napari_delightsam.checkpoint import read_checkpoint_info
-    from napari_delightsam.training.recipe import Recipe, load_recipe, run_recipe
+    from napari_delightsam.training.stages.recipe import Recipe, load_recipe, run_recipe
 
     v2 = load_recipe("v2")
     assert v2.stages[-1].kind == "appearance-head"
@@ -95,7 +95,7 @@ def test_recipe_v2_runs_its_last_stage_from_a_model_file(setup, tmp_path):
 
 
 def test_recipe_refuses_bad_appearance_head_settings():
-    from napari_delightsam.training.recipe import Recipe, load_recipe
+    from napari_delightsam.training.stages.recipe import Recipe, load_recipe
 
     data = load_recipe("v2").to_dict()
     data["stages"][-1]["config"] = {"steps": 3, "eval_every": 2}

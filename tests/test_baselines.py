@@ -333,6 +333,6 @@ def test_shared_embedding_matches_independent_litemedsam_calls():
     np.testing.assert_array_equal(b.mask, expected_whole)
     assert (shared.net.image_encoder.hits, shared.net.image_encoder.misses) == (1, 1)
     # a GT box per disc/box on this easy image: LiteMedSAM finds the targets
-    from napari_delightsam.training.metrics import dice_score
+    from napari_delightsam.training.evaluation.metrics import dice_score
 
     assert dice_score(a.mask, gt) > 0.8

@@ -12,7 +12,7 @@ from torch import nn
 
 from napari_delightsam.benchmarking import speed as bm
 from napari_delightsam.cli import main
-from napari_delightsam.training.metrics import dice_score
+from napari_delightsam.training.evaluation.metrics import dice_score
 
 
 def test_count_flops_matches_hand_count_for_linear():
@@ -254,7 +254,7 @@ def test_architecture_row_is_timed_in_the_same_rounds_and_reported(tmp_path):
 def test_training_step_timing_runs_the_training_loop(monkeypatch):
     """The benchmark times steps of training.loop.run_loop (no backward of its own): each step
     moves the weights, and the caller's RNG state is as it was."""
-    import napari_delightsam.training.loop as loop
+    import napari_delightsam.training.loop.run as loop
 
     calls = []
     real = loop.run_loop

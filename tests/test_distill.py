@@ -12,7 +12,7 @@ from torch import nn
 
 from napari_delightsam.checkpoint import load_checkpoint, read_checkpoint_info
 from napari_delightsam.data.synthetic import make_synthetic_dataset
-from napari_delightsam.training.distill import (
+from napari_delightsam.training.stages.distill import (
     AdaptedMLP,
     DistillConfig,
     ResizingTeacher,
@@ -72,7 +72,7 @@ def test_common_kd_trains_only_the_shared_encoder(tmp_path: Path, data: Path):
     result = distill_common(teacher, data / "dermoscopy", tmp_path / "run", CFG, show_progress=False)
     model = result.model
     assert result.final_loss is not None and result.final_loss > 0
-    from napari_delightsam.training.trainer import build_model
+    from napari_delightsam.training.stages.trainer import build_model
 
     start, _ = build_model(CFG.train_config())
     before = snapshot(start)
@@ -93,7 +93,7 @@ def test_common_kd_trains_only_the_shared_encoder(tmp_path: Path, data: Path):
 def test_domain_kd_trains_only_the_controller_of_each_images_modality(tmp_path: Path, data: Path):
     teacher = ResizingTeacher(tiny_sam_encoder(), 128)
     cfg = DistillConfig(**{**CFG.to_dict(), "modalities": ("dermoscopy",)})  # modality 0 only
-    from napari_delightsam.training.trainer import build_model
+    from napari_delightsam.training.stages.trainer import build_model
 
     before = snapshot(build_model(cfg.train_config())[0])
     result = distill_domain(teacher, data, tmp_path / "run", cfg, show_progress=False)

@@ -12,7 +12,11 @@ from PIL import Image
 
 from napari_delightsam.data import discover, load_pair, make_splits, select
 from napari_delightsam.data.synthetic import make_synthetic_dataset
-from napari_delightsam.training.evaluate import evaluate_records, format_markdown, resolve_eval_splits
+from napari_delightsam.training.evaluation.evaluate import (
+    evaluate_records,
+    format_markdown,
+    resolve_eval_splits,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

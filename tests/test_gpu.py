@@ -17,7 +17,7 @@ from napari_delightsam.config import tiny_config
 from napari_delightsam.data.synthetic import make_synthetic_dataset, synthetic_pair
 from napari_delightsam.inference import load_model
 from napari_delightsam.training import TrainConfig, train
-from napari_delightsam.training.recipe import Recipe, run_recipe
+from napari_delightsam.training.stages.recipe import Recipe, run_recipe
 
 pytestmark = [
     pytest.mark.gpu,

@@ -12,14 +12,14 @@ from napari_delightsam.checkpoint import load_checkpoint, read_checkpoint_info
 from napari_delightsam.data import discover, make_splits, select
 from napari_delightsam.data.synthetic import make_synthetic_dataset
 from napari_delightsam.training import TrainConfig, TrainingError
-from napari_delightsam.training.embedding_cache import (
+from napari_delightsam.training.caches.embedding_cache import (
     build_cache_folder,
     cache_file_name,
     concatenate,
     load_embeddings,
 )
-from napari_delightsam.training.heads import load_cache_split, train_heads
 from napari_delightsam.training.model_setup import build_model
+from napari_delightsam.training.stages.heads import load_cache_split, train_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from napari_delightsam.devices import autocast_context, autocast_dtype
 from napari_delightsam.training.errors import TrainingError
-from napari_delightsam.training.loop import BestKeeper, EpochHooks, Loss, Schedule, run_loop
-from napari_delightsam.training.runfolder import RunLog, read_metrics
+from napari_delightsam.training.loop.run import BestKeeper, EpochHooks, Loss, Schedule, run_loop
+from napari_delightsam.training.loop.runfolder import RunLog, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,10 +18,10 @@ from napari_delightsam.inference import Segmenter
 from napari_delightsam.model import DeLightSAM, delightsam_loss
 from napari_delightsam.model.detail import MaskRefiner
 from napari_delightsam.training import TrainConfig, TrainingError
-from napari_delightsam.training.embedding_cache import load_embeddings
+from napari_delightsam.training.caches.embedding_cache import load_embeddings
+from napari_delightsam.training.loop.optim import apply_freeze, named_parameter_groups
 from napari_delightsam.training.model_setup import build_model
-from napari_delightsam.training.optim import apply_freeze, named_parameter_groups
-from napari_delightsam.training.recipe import Recipe, run_recipe
+from napari_delightsam.training.stages.recipe import Recipe, run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread", "single_process_env")
 

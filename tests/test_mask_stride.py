@@ -18,11 +18,11 @@ from napari_delightsam.data.synthetic import make_synthetic_dataset
 from napari_delightsam.inference import Segmenter
 from napari_delightsam.model import DeLightSAM, delightsam_loss
 from napari_delightsam.training import TrainConfig, TrainingError
-from napari_delightsam.training.embedding_cache import build_cache_folder, load_embeddings
-from napari_delightsam.training.heads import train_heads
+from napari_delightsam.training.caches.embedding_cache import build_cache_folder, load_embeddings
+from napari_delightsam.training.loop.optim import apply_freeze, named_parameter_groups
 from napari_delightsam.training.model_setup import build_model
-from napari_delightsam.training.optim import apply_freeze, named_parameter_groups
-from napari_delightsam.training.recipe import Recipe, run_recipe
+from napari_delightsam.training.stages.heads import train_heads
+from napari_delightsam.training.stages.recipe import Recipe, run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread", "single_process_env")
 
@@ -238,7 +238,7 @@ def test_a_later_recipe_stage_adds_the_stage_on_its_own_cache(synthetic, tmp_pat
     assert all(d.mask.shape[-1] == 16 for d in first) and all(d.mask.shape[-1] == 32 for d in later)
     # the later cache is the controllers stage's encoder, capped at max_per_dataset training images
     controllers = load_checkpoint(out / "controllers" / "best.safetensors")
-    from napari_delightsam.training.embedding_cache import encoder_fingerprint
+    from napari_delightsam.training.caches.embedding_cache import encoder_fingerprint
 
     assert {d.meta["encoder_sha256"] for d in later} == {encoder_fingerprint(controllers)}
     assert all(len(d.keys) <= 2 for d in later) and any(len(d.keys) > 2 for d in first)

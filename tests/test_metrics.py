@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from napari_delightsam.training.metrics import (
+from napari_delightsam.training.evaluation.metrics import (
     aggregate,
     boundary,
     dice_from_counts,
@@ -136,7 +136,7 @@ def test_training_validation_dice_is_the_metrics_dice():
 
     import torch
 
-    from napari_delightsam.training.validation import validate
+    from napari_delightsam.training.evaluation.validation import validate
 
     size, rng = 16, np.random.default_rng(0)
     logits = torch.from_numpy(rng.normal(size=(3, 1, size // 4, size // 4)).astype(np.float32))

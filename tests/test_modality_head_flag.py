@@ -14,9 +14,9 @@ from napari_delightsam.data import discover, make_splits, select
 from napari_delightsam.data.synthetic import make_synthetic_dataset
 from napari_delightsam.inference import load_model
 from napari_delightsam.training import TrainConfig, train
-from napari_delightsam.training.embedding_cache import build_cache_folder
-from napari_delightsam.training.heads import train_heads
+from napari_delightsam.training.caches.embedding_cache import build_cache_folder
 from napari_delightsam.training.model_setup import build_model
+from napari_delightsam.training.stages.heads import train_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread", "single_process_env")
 

@@ -12,7 +12,7 @@ from napari_delightsam.checkpoint import load_checkpoint, read_checkpoint_info
 from napari_delightsam.cli import main
 from napari_delightsam.data.synthetic import make_synthetic_dataset
 from napari_delightsam.training import TrainingError
-from napari_delightsam.training.recipe import RECIPES, Recipe, load_recipe, run_recipe
+from napari_delightsam.training.stages.recipe import RECIPES, Recipe, load_recipe, run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread", "single_process_env")
 

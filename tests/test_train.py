@@ -13,8 +13,8 @@ import torch
 from napari_delightsam.checkpoint import load_checkpoint, read_checkpoint_info
 from napari_delightsam.data.synthetic import make_synthetic_dataset, synthetic_pair
 from napari_delightsam.training import TrainConfig, TrainingError, train
-from napari_delightsam.training import trainer as trainer_mod
-from napari_delightsam.training.optim import named_parameter_groups
+from napari_delightsam.training.loop.optim import named_parameter_groups
+from napari_delightsam.training.stages import trainer as trainer_mod
 
 TINY = dict(
     img_size=64,

@@ -50,7 +50,7 @@ def ship(run: Path, out: Path) -> list[Path]:
     best = run / "best.safetensors"
     if best.is_file():
         written += ship_file(best, out)
-    for name in ("metrics.jsonl",):  # curves: plot here from metrics.jsonl (training.plot.plot_curves)
+    for name in ("metrics.jsonl",):  # curves: plot here from metrics.jsonl (training.loop.plot.plot_curves)
         if (run / name).is_file():
             shutil.copy(run / name, out / name)
             written.append(out / name)

@@ -2,7 +2,7 @@
 
 Every method maps one decoded image (H,W,3 float32 in [0,255], from ``data.load_pair``) to an
 (H,W) bool mask at the image's own size; all methods see the same images and are scored with
-the same metrics (``training.metrics.image_metrics``).
+the same metrics (``training.evaluation.metrics.image_metrics``).
 
 Methods (the names are the column names of the comparison table)
 ----------------------------------------------------------------
@@ -368,7 +368,7 @@ def run_comparison(
     with ``ValueError`` (``BadSampleError``) is skipped for all methods and listed. Row keys:
     ``key, modality, id, seconds`` + ``image_metrics`` + the method's ``info``.
     """
-    from ..training.metrics import image_metrics
+    from ..training.evaluation.metrics import image_metrics
 
     rows: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
     skipped: list[str] = []
@@ -425,7 +425,7 @@ def _box_counts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def summarise_method(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per dataset, per modality and overall means (``metrics.aggregate``), plus time, box counts
     (GT-box method) and the modality head's accuracy and confusion (auto method)."""
-    from ..training.metrics import aggregate
+    from ..training.evaluation.metrics import aggregate
 
     by_key: dict[str, list[dict[str, Any]]] = {}
     by_mod: dict[str, list[dict[str, Any]]] = {}

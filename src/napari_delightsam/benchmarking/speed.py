@@ -604,8 +604,8 @@ def loop_step_times(
     same batch, which ``loss_fn`` closes over; the learning rate stays fixed. Each step is timed
     up to its ``step`` event, after the optimizer step (synchronised on CUDA). Torch's RNG state
     is as it was afterwards."""
-    from ..training.loop import EpochHooks, Loss, Schedule, isolated_rng, run_loop
-    from ..training.runfolder import RunLog
+    from ..training.loop.run import EpochHooks, Loss, Schedule, isolated_rng, run_loop
+    from ..training.loop.runfolder import RunLog
 
     class _Constant:  # the loop steps a scheduler; a benchmark keeps the rate fixed
         def step(self) -> None:
@@ -1024,7 +1024,9 @@ def _fast_path_section(
     data_dir = find_data_dir(opts.data_dir)
     real = real_images(data_dir)
     checks += [(f"{m}/{name}", m, im) for m, name, im in real]
-    from ..training.metrics import dice_score  # the project's one Dice (both empty: 1.0, they agree)
+    from ..training.evaluation.metrics import (
+        dice_score,  # the project's one Dice (both empty: 1.0, they agree)
+    )
 
     dice: list[dict[str, Any]] = []
     for label, modality, im in checks:

@@ -90,7 +90,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace):
-    from ..training.distill import DistillConfig
+    from ..training.stages.distill import DistillConfig
 
     fields: dict[str, Any] = {
         "epochs": args.epochs,
@@ -121,7 +121,7 @@ def _sam_info(path: Path, sam_type: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import distill as D
+    from ..training.stages import distill as D
     from .train import jsonl_progress, reported_failures
 
     cfg = _config(args)

@@ -90,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..data import discover
     from ..inference import load_model
-    from ..training.evaluate import evaluate_records, format_markdown, resolve_eval_splits, select_records
+    from ..training.evaluation.evaluate import (
+        evaluate_records,
+        format_markdown,
+        resolve_eval_splits,
+        select_records,
+    )
 
     if args.max_per_dataset is not None and args.max_per_dataset < 1:
         raise CommandError("--max-per-dataset must be >= 1")

@@ -2,7 +2,7 @@
 
     delightsam recipe v1 --data ../shared/data --out runs/v1
 
-``NAME`` is a shipped recipe (``training/recipes/<name>.json``: ``v1`` made the bundled model)
+``NAME`` is a shipped recipe (``training/stages/recipes/<name>.json``: ``v1`` made the bundled model)
 or a recipe JSON file. The same command continues an interrupted run: finished stages are
 skipped, the current one resumes from its last checkpoint. ``--show`` prints the recipe.
 """
@@ -47,7 +47,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.recipe import load_recipe, run_recipe
+    from ..training.stages.recipe import load_recipe, run_recipe
 
     try:
         recipe = load_recipe(args.name)

@@ -204,7 +204,7 @@ def _json_fields(path: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from ..training import train
-    from ..training.trainer import RUN_FILE, benchmark_loader
+    from ..training.stages.trainer import RUN_FILE, benchmark_loader
 
     if args.benchmark_loader is not None:
         if args.data is None:

@@ -6,7 +6,7 @@ hue), trained for robustness and calibrated on validation data; every other weig
 
 Loads ``--init`` (a De-LightSAM .safetensors; default the bundled model), replaces its modality
 head by an ``AppearanceHead`` (``model/appearance_head.py``), trains it on the training split
-(``training/appearance_head.py``: balanced over modalities and datasets, random appearance
+(``training/stages/appearance_head.py``: balanced over modalities and datasets, random appearance
 shifts), keeps the best step on validation views of the validation split, calibrates it (softmax
 temperature, ``auto``'s confidence threshold, the colour-correction thresholds) and writes
 ``RUN/model.safetensors`` (fp16, like the bundled file) with ``RUN/summary.json`` and
@@ -58,7 +58,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import bundled_checkpoint_path
     from ..inference import set_threads
-    from ..training.appearance_head import HeadStageConfig, train_head_stage
+    from ..training.stages.appearance_head import HeadStageConfig, train_head_stage
 
     try:
         cfg = HeadStageConfig.from_dict({

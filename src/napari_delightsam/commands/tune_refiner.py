@@ -6,7 +6,7 @@ Embeds the training and validation images once (``RUN/cache/{train,val}/``, reus
 ``--resume``; with ``--prompt-free-fraction`` > 0, for polyp, skin and breast-lesion images also
 the prompt-free model's mask, whose component boxes are what Refine all prompts with), trains the
 mask decoder with jittered ground-truth boxes and, for that share of each batch, those boxes
-(``training/box_decoder_tuning.py``), keeps the step with the best validation Dice and writes
+(``training/stages/box_decoder_tuning.py``), keeps the step with the best validation Dice and writes
 ``RUN/box_refiner_decoder.safetensors`` -- load it with ``load_refiner(decoder=FILE)``, or copy
 it to ``weights/`` to make it the bundled "tuned" decoder -- plus ``RUN/metrics.jsonl`` and
 ``RUN/summary.json``.
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import load_model, set_threads
     from ..model.litemedsam import save_box_decoder
     from ..refine import LESION_MODALITIES, load_refiner
-    from ..training.box_decoder_tuning import cache_records, load_cached, tune_decoder
-    from ..training.runfolder import RunLog
+    from ..training.loop.runfolder import RunLog
+    from ..training.stages.box_decoder_tuning import cache_records, load_cached, tune_decoder
 
     if not 0.0 <= args.jitter < 0.5 or not 0.0 <= args.prompt_free_jitter < 0.5:
         raise CommandError("--jitter and --prompt-free-jitter must be in [0, 0.5)")

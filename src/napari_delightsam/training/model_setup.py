@@ -48,7 +48,7 @@ def build_model(cfg: TrainConfig) -> tuple[DeLightSAM, dict[str, Any]]:
     model = DeLightSAM(model_config_for(cfg))
     if init == "litemedsam":
         try:
-            from ..training.litemedsam_init import init_encoder_from_litemedsam
+            from .litemedsam_init import init_encoder_from_litemedsam
         except ImportError as exc:
             raise TrainingError(f"--init litemedsam needs the LiteMedSAM interop ({exc})") from exc
         try:

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..atomic_files import atomic_write
+from ...atomic_files import atomic_write
 
 __all__ = ["plot_curves"]
 

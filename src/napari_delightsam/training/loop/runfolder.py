@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..atomic_files import atomic_write
-from .errors import TrainingError
+from ...atomic_files import atomic_write
+from ..errors import TrainingError
 from .state import load_training_state, save_training_state
 
 __all__ = [

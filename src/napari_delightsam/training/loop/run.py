@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import TrainingError
 from .distributed import DistContext
-from .errors import TrainingError
 from .optim import current_lr
 from .runfolder import RunLog
 

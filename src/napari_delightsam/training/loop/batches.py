@@ -16,7 +16,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import BalancedSampler
+from ...data import BalancedSampler
 from .runfolder import RunLog
 
 __all__ = ["EpochBatches", "cache_cap", "relayed_warnings", "steps_per_epoch"]

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.appearance import BGR_INDEX, COLOUR_MODALITIES, hue_matrix, is_grey, random_appearance
-from ..model.appearance_head import HUE_UNIT, NEVER, AppearanceHead
-from ..preprocess import to_model_tensor
-from .loop import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
-from .runfolder import RunLog
+from ...data.appearance import BGR_INDEX, COLOUR_MODALITIES, hue_matrix, is_grey, random_appearance
+from ...model.appearance_head import HUE_UNIT, NEVER, AppearanceHead
+from ...preprocess import to_model_tensor
+from ..loop.run import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
+from ..loop.runfolder import RunLog
 
 __all__ = [
     "HeadImage", "HeadStageConfig", "ValViews", "calibrate", "load_head_images", "train_appearance_head",
@@ -46,7 +46,7 @@ def with_appearance_head(model: Any) -> Any:
     """A copy of ``model`` (a ``DeLightSAM``) whose modality head is a new ``AppearanceHead``;
     every other tensor is the model's own (checked: nothing else may be missing or left over).
     A model that already has an appearance head is returned as it is: training continues it."""
-    from ..model import DeLightSAM
+    from ...model import DeLightSAM
 
     if model.config.modality_head_kind == "appearance":
         return model.eval()
@@ -69,7 +69,7 @@ class HeadImage:
 
 def load_head_images(records: Sequence[Any], modalities: Sequence[str]) -> list[HeadImage]:
     """Decode ``records`` (``data.SampleRecord``) once into memory as uint8."""
-    from ..data.records import load_image_only
+    from ...data.records import load_image_only
 
     out = []
     for rec in records:
@@ -90,7 +90,7 @@ class Stage0:
     def __init__(self, model: Any) -> None:
         import copy
 
-        from ..model.fusion import fuse_conv_bn
+        from ...model.fusion import fuse_conv_bn
 
         enc = copy.deepcopy(model.encoder).eval().requires_grad_(False)
         fuse_conv_bn(enc)
@@ -374,9 +374,9 @@ def train_head_stage(
     set). Returns the file and ``{"summary", "calibration"}``."""
     import json
 
-    from ..checkpoint import RESERVED_METADATA_KEYS, load_checkpoint, read_checkpoint_info, save_checkpoint
-    from ..data import discover, load_splits, select
-    from ..inference import AUTO_CONFIDENCE_KEY, MODALITY_HEAD_TRAINED_KEY
+    from ...checkpoint import RESERVED_METADATA_KEYS, load_checkpoint, read_checkpoint_info, save_checkpoint
+    from ...data import discover, load_splits, select
+    from ...inference import AUTO_CONFIDENCE_KEY, MODALITY_HEAD_TRAINED_KEY
 
     say = progress or (lambda event: None)
     _, init_meta = read_checkpoint_info(init)

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..refine import LESION_MODALITIES
-from .loop import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
-from .runfolder import RunLog
+from ...refine import LESION_MODALITIES
+from ..loop.run import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
+from ..loop.runfolder import RunLog
 
 __all__ = [
     "BoxSample",
@@ -93,7 +93,7 @@ def prompt_free_tensors(prompt_free: np.ndarray, gt: np.ndarray, valid: tuple[in
     """
     from skimage.measure import label as connected
 
-    from ..refine import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, objects_of_mask
+    from ...refine import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, objects_of_mask
 
     pf = np.asarray(prompt_free, dtype=bool)
     gt = np.asarray(gt, dtype=bool)
@@ -121,7 +121,7 @@ def sample_tensors(refiner: Any, image: np.ndarray, gt: np.ndarray, max_objects:
     first, at most ``max_objects``); each is area-resized to the unpadded part of the 256² input
     (``> 0.5``) and zero-padded like the image. ``refiner`` is a :class:`refine.BoxRefiner`.
     """
-    from ..refine import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, objects_of_mask
+    from ...refine import DEFAULT_MAX_BOXES, DEFAULT_MIN_COMPONENT_FRACTION, objects_of_mask
 
     refiner.set_image(image)
     valid = tuple(refiner._valid)
@@ -161,8 +161,8 @@ def cache_records(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ..atomic_files import atomic_write
-    from ..data import BadSampleError, load_pair
+    from ...atomic_files import atomic_write
+    from ...data import BadSampleError, load_pair
 
     folder.mkdir(parents=True, exist_ok=True)
     weights = str(refiner.weights.get("sha256"))
@@ -224,7 +224,7 @@ def decoder_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Ten
     against each thresholded mask's IoU (0 when both are empty). Items flagged ``stray`` (N,)
     bool -- a prompt-free box around a region with no object -- take no mask loss, only the IoU
     term (their IoU is 0)."""
-    from ..model.losses import dice_loss
+    from ...model.losses import dice_loss
 
     with torch.no_grad():
         pred = logits > 0
@@ -242,7 +242,7 @@ def decoder_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Ten
 
 def _decode(net: nn.Module, embeddings: torch.Tensor, boxes: torch.Tensor, dense_pe: torch.Tensor,
             dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..devices import autocast_context
+    from ...devices import autocast_context
 
     with torch.no_grad():
         sparse, dense = net.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
@@ -262,7 +262,7 @@ def validation_dice(net: nn.Module, samples: Sequence[BoxSample], *, dtype: torc
                     jitter: float = 0.1, seed: int = 1) -> dict[str, float]:
     """Mean Dice per modality of the union of every object's mask, each from its own box
     jittered by up to ``jitter`` (seeded), in the 256² frame."""
-    from .metrics import dice_from_counts
+    from ..evaluation.metrics import dice_from_counts
 
     was_training = net.mask_decoder.training
     net.mask_decoder.eval()

@@ -42,20 +42,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..atomic_files import atomic_write, sha256_file
-from ..config import ModelConfig, tiny_config
-from ..data import SampleRecord, SegmentationDataset, discover, discover_images, normalise
-from ..devices import autocast_context, autocast_dtype, resolve_device
-from ..model import DeLightSAM, delightsam_loss
-from ..model.decoder import QMDecoder
-from ..model.prompt_generator import SPGenerator
-from .batches import EpochBatches, cache_cap, relayed_warnings, steps_per_epoch
-from .config import TrainConfig, require_positive_int
-from .errors import TrainingError
-from .loop import EpochHooks, Loss, LossFn, Schedule, StopFlag, isolated_rng, run_loop
-from .model_setup import build_model
-from .optim import adam_exponential, train_only
-from .runfolder import (
+from ...atomic_files import atomic_write, sha256_file
+from ...config import ModelConfig, tiny_config
+from ...data import SampleRecord, SegmentationDataset, discover, discover_images, normalise
+from ...devices import autocast_context, autocast_dtype, resolve_device
+from ...model import DeLightSAM, delightsam_loss
+from ...model.decoder import QMDecoder
+from ...model.prompt_generator import SPGenerator
+from ..config import TrainConfig, require_positive_int
+from ..errors import TrainingError
+from ..loop.batches import EpochBatches, cache_cap, relayed_warnings, steps_per_epoch
+from ..loop.optim import adam_exponential, train_only
+from ..loop.run import EpochHooks, Loss, LossFn, Schedule, StopFlag, isolated_rng, run_loop
+from ..loop.runfolder import (
     LAST,
     METRICS,
     ProgressFn,
@@ -67,6 +66,7 @@ from .runfolder import (
     save_resumable,
     write_json,
 )
+from ..model_setup import build_model
 
 __all__ = [
     "SAM_TYPES",
@@ -495,7 +495,7 @@ def _source_records(data: str | Path | Sequence[SampleRecord], cfg: DistillConfi
         return list(data)
     records = discover(data, cfg.modalities)
     if cfg.max_per_dataset is not None:
-        from ..data import make_splits, select
+        from ...data import make_splits, select
 
         records = select(records, make_splits(records, seed=cfg.seed), "train", cfg.max_per_dataset)
     return records
@@ -508,7 +508,7 @@ def _student(
     cfg: DistillConfig, out: Path, resume: bool, device: torch.device
 ) -> tuple[DeLightSAM, dict[str, Any]]:
     if resume:
-        from ..checkpoint import load_checkpoint, read_checkpoint_info
+        from ...checkpoint import load_checkpoint, read_checkpoint_info
 
         _, meta = read_checkpoint_info(out / LAST)
         model = load_checkpoint(out / LAST)
@@ -526,7 +526,7 @@ def _student_saver(
 ) -> SaveModel:
     """Writes the student as a De-LightSAM checkpoint. Distillation never trains the modality
     head: the flag of the checkpoint it started from is kept."""
-    from ..checkpoint import save_checkpoint
+    from ...checkpoint import save_checkpoint
 
     base = {
         "modality_head_trained": str(report.get("source_modality_head_trained", "false")) or "false",

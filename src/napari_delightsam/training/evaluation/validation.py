@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import SegmentationDataset, normalise
-from ..devices import autocast_context
-from ..model import DeLightSAM
-from .distributed import DistContext
+from ...data import SegmentationDataset, normalise
+from ...devices import autocast_context
+from ...model import DeLightSAM
+from ..loop.distributed import DistContext
 from .metrics import dice_from_counts
 
 __all__ = ["gather_validation", "summarise_validation", "validate"]

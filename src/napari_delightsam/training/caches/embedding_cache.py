@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..data import SampleRecord, SegmentationDataset, normalise
-from ..data.augment import policy_for
-from ..model import DeLightSAM
-from ..model.losses import LossTerms, dice_loss, focal_loss, patch_targets
+from ...data import SampleRecord, SegmentationDataset, normalise
+from ...data.augment import policy_for
+from ...model import DeLightSAM
+from ...model.losses import LossTerms, dice_loss, focal_loss, patch_targets
 
 __all__ = [
     "EmbeddingDataset",
@@ -221,7 +221,7 @@ def save_embeddings(path: str | Path, data: EmbeddingSet) -> Path:
     """Write ``data`` as one safetensors file (atomically)."""
     from safetensors.torch import save_file
 
-    from ..atomic_files import atomic_write
+    from ...atomic_files import atomic_write
 
     tensors = {
         "embedding": data.embedding.contiguous(),

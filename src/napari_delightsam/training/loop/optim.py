@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import TrainingError
+from ..errors import TrainingError
 
 __all__ = [
     "PARAM_GROUPS",

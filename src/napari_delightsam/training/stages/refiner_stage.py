@@ -42,15 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import SAMPLING_RULE
-from ..devices import resolve_device
-from ..model import DeLightSAM
-from .batches import EpochBatches
-from .config import TrainConfig
-from .errors import TrainingError
-from .loop import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
-from .model_setup import build_model, inherits_trained_head
-from .runfolder import (
+from ...data import SAMPLING_RULE
+from ...devices import resolve_device
+from ...model import DeLightSAM
+from ..config import TrainConfig
+from ..errors import TrainingError
+from ..loop.batches import EpochBatches
+from ..loop.run import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
+from ..loop.runfolder import (
     CURVES,
     LAST,
     METRICS,
@@ -61,6 +60,7 @@ from .runfolder import (
     save_resumable,
     write_json,
 )
+from ..model_setup import build_model, inherits_trained_head
 from .trainer import BEST, TrainResult, check_resume_settings, finish_run
 
 __all__ = [
@@ -136,8 +136,8 @@ def record_refiner_inputs(
 
     ``train``: ground truth area-resized to the input size (else kept at the original size);
     ``progress(done, total)`` after each image."""
-    from ..data import load_pair
-    from ..preprocess import prepare_array, to_model_tensor
+    from ...data import load_pair
+    from ...preprocess import prepare_array, to_model_tensor
 
     refiner = model.decoder.refiners[modality]
     seen: dict[str, torch.Tensor] = {}
@@ -221,8 +221,8 @@ def refiner_loss(refined: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tens
 def refiner_validation(refiner: nn.Module, rows: RefinerRows, prefix: str) -> dict[str, Any]:
     """Dice of the refined masks at each image's original size: the mean over ``rows`` as
     ``<prefix>_dice``, per dataset as ``<prefix>_dice_per_dataset`` (None, {} without rows)."""
-    from ..preprocess import to_input_size
-    from .metrics import dice_from_counts
+    from ...preprocess import to_input_size
+    from ..evaluation.metrics import dice_from_counts
 
     if not len(rows):
         return {f"{prefix}_dice": None, f"{prefix}_dice_per_dataset": {}}
@@ -287,9 +287,9 @@ def _train_refiner(
     show_progress: bool,
     device: torch.device,
 ) -> TrainResult:
-    from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from ..data import discover, load_splits, select
-    from ..model.detail import MaskRefiner
+    from ...checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from ...data import discover, load_splits, select
+    from ...model.detail import MaskRefiner
 
     prepare_run_folder(out, resume, REFINER_FILE)
     if resume:

@@ -34,12 +34,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
-from .errors import TrainingError
+from ..config import TrainConfig
+from ..errors import TrainingError
 
 __all__ = ["RECIPES", "Recipe", "RecipeStage", "cache_folder_name", "export_model", "load_recipe", "run_recipe"]
 
-#: the recipes shipped with the package (``training/recipes/<name>.json``)
+#: the recipes shipped with the package (``training/stages/recipes/<name>.json``)
 RECIPES = ("v1", "v2")
 #: what a stage may be
 STAGE_KINDS = ("heads", "train", "refiner", "appearance-head")
@@ -135,7 +135,7 @@ class Recipe:
                     check_refiner_config(cfg)
                 except ValueError as exc:
                     raise ValueError(f"recipe stage {s.name!r}: {exc}") from None
-        from ..checkpoint import RESERVED_METADATA_KEYS
+        from ...checkpoint import RESERVED_METADATA_KEYS
 
         for key, value in recipe.export_metadata.items():
             if not (isinstance(key, str) and isinstance(value, str)):
@@ -190,7 +190,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     """A shipped recipe by name (``RECIPES``) or a recipe JSON file."""
     text: str
     if str(name_or_path) in RECIPES:
-        text = resources.files("napari_delightsam.training").joinpath(f"recipes/{name_or_path}.json").read_text()
+        text = resources.files("napari_delightsam.training.stages").joinpath(f"recipes/{name_or_path}.json").read_text()
     else:
         path = Path(name_or_path)
         if not path.is_file():
@@ -227,12 +227,12 @@ def run_recipe(
     ``start_at`` with ``init``: the stages before ``start_at`` are taken as done by the model file
     ``init`` (e.g. v2's last stage from the v1 recipe's export), and the recipe runs on from there.
     """
-    from ..checkpoint import read_checkpoint_info
-    from ..data import discover, load_splits, make_splits, save_splits, select
-    from ..data.holdout import holdout_by_name
+    from ...checkpoint import read_checkpoint_info
+    from ...data import discover, load_splits, make_splits, save_splits, select
+    from ...data.holdout import holdout_by_name
+    from ..loop.runfolder import write_json
     from .heads import train_heads
     from .refiner_stage import train_refiner
-    from .runfolder import write_json
     from .trainer import BEST, LAST, train
 
     emit = progress or (lambda event: None)
@@ -350,10 +350,10 @@ def _build_stage_cache(
     the training images (≤ ``max_per_dataset``), made with the network the stage starts from
     (``cfg.init``, with its model settings: e.g. masks at the decoder's output size).
     Files already made with the same encoder are kept (``build_cache_folder``)."""
-    from ..data import select
-    from ..devices import autocast_dtype, resolve_device
-    from .embedding_cache import build_cache_folder
-    from .model_setup import build_model
+    from ...data import select
+    from ...devices import autocast_dtype, resolve_device
+    from ..caches.embedding_cache import build_cache_folder
+    from ..model_setup import build_model
 
     emit({"event": "recipe", "stage": folder.name, "status": "start"})
     model, _ = build_model(cfg)
@@ -396,7 +396,7 @@ def export_model(
     model, the recipe's ``export_metadata``."""
     import torch
 
-    from ..checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+    from ...checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 
     _, meta = read_checkpoint_info(best)
     meta = {k: v for k, v in meta.items() if k in KEPT_METADATA_KEYS}

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data import BadSampleError, SampleRecord, load_pair
-from ..data.splits import Splits, load_splits, make_splits, select
+from ...data import BadSampleError, SampleRecord, load_pair
+from ...data.splits import Splits, load_splits, make_splits, select
 from .metrics import aggregate, image_metrics
 
 __all__ = ["EvalReport", "evaluate_records", "format_markdown", "resolve_eval_splits", "write_overlay"]
@@ -91,7 +91,7 @@ def resolve_eval_splits(
         beside = Path(checkpoint).expanduser().parent / "splits.json"
         if beside.is_file():
             return load_splits(beside), str(beside)
-        from ..checkpoint import read_checkpoint_info
+        from ...checkpoint import read_checkpoint_info
 
         _, meta = read_checkpoint_info(checkpoint)
     use_seed = seed
@@ -129,7 +129,7 @@ def write_overlay(path: Path, image: np.ndarray, pred: np.ndarray, gt: np.ndarra
     """Side-by-side PNG: image | prediction in red | ground truth in green (contours filled 40%)."""
     from PIL import Image, ImageDraw
 
-    from ..atomic_files import atomic_write
+    from ...atomic_files import atomic_write
 
     img = _to_uint8_rgb(image).astype(np.float32)
 

@@ -32,12 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import SAMPLING_RULE
-from ..devices import autocast_context, autocast_dtype, resolve_device
-from ..model import DeLightSAM
-from .batches import EpochBatches, steps_per_epoch
-from .config import TrainConfig
-from .embedding_cache import (
+from ...data import SAMPLING_RULE
+from ...devices import autocast_context, autocast_dtype, resolve_device
+from ...model import DeLightSAM
+from ...model.delightsam import ModalityHead
+from ..caches.embedding_cache import (
     EmbeddingDataset,
     EmbeddingSet,
     cached_mask_size,
@@ -47,12 +46,13 @@ from .embedding_cache import (
     heads_loss,
     load_embeddings,
 )
-from .errors import TrainingError
-from .loop import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
-from ..model.delightsam import ModalityHead
-from .model_setup import build_model, modality_head_trained, set_train_mode
-from .optim import adam_exponential, apply_freeze, lr_groups
-from .runfolder import (
+from ..config import TrainConfig
+from ..errors import TrainingError
+from ..evaluation.validation import summarise_validation
+from ..loop.batches import EpochBatches, steps_per_epoch
+from ..loop.optim import adam_exponential, apply_freeze, lr_groups
+from ..loop.run import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
+from ..loop.runfolder import (
     CURVES,
     LAST,
     METRICS,
@@ -64,8 +64,8 @@ from .runfolder import (
     save_resumable,
     write_json,
 )
+from ..model_setup import build_model, modality_head_trained, set_train_mode
 from .trainer import BEST, TrainResult, check_resume_settings, finish_run
-from .validation import summarise_validation
 
 __all__ = ["HEADS_FILE", "cached_validation", "load_cache_split", "train_heads"]
 
@@ -102,7 +102,7 @@ def cached_validation(
         head_ok: list[bool | None] = [None] * len(idx)
         if isinstance(model.modality_head, ModalityHead):  # the cache holds the pooled head's input only
             head_ok = (model.modality_head.mlp(batch["head_input"]).argmax(1) == batch["modality"]).tolist()
-        from .metrics import dice_from_counts
+        from ..evaluation.metrics import dice_from_counts
 
         for j, i in enumerate(idx):
             key = data.keys[int(data.record[i])]
@@ -208,7 +208,7 @@ def _train_heads(
     opt = adam_exponential(lr_groups(model, trainable, cfg.lr_scale), cfg.lr, cfg.gamma, cfg.weight_decay)
     start_epoch, best_val, best_epoch = 0, None, None
     if resume:
-        from ..checkpoint import CheckpointError, load_checkpoint
+        from ...checkpoint import CheckpointError, load_checkpoint
 
         require_resumable(out)
         try:
@@ -277,7 +277,7 @@ def _train_heads(
     }
 
     def save(path: Path, extra: dict[str, str]) -> Path:
-        from ..checkpoint import save_checkpoint
+        from ...checkpoint import save_checkpoint
 
         return save_checkpoint(path, model, {**meta, **extra})
 

@@ -52,8 +52,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import ModelConfig
-from ..data import (
+from ...config import ModelConfig
+from ...data import (
     SAMPLING_RULE,
     BalancedSampler,
     SampleRecord,
@@ -66,23 +66,17 @@ from ..data import (
     save_splits,
     select,
 )
-from ..data.splits import SPLIT_NAMES, Splits
-from ..devices import autocast_context, autocast_dtype, resolve_device
-from ..model import DeLightSAM, delightsam_loss
-from .batches import EpochBatches, cache_cap, relayed_warnings, steps_per_epoch
-from .config import RESUME_MUTABLE, TrainConfig
-from .distributed import DistContext
-from .errors import TrainingError
-from .loop import BestKeeper, EpochHooks, Loss, LossFn, Schedule, StopFlag, isolated_rng, run_loop
-from .model_setup import (
-    build_model,
-    inherits_trained_head,
-    modality_head_trained,
-    model_config_for,
-    set_train_mode,
-)
-from .optim import Optimisation, adam_exponential, apply_freeze, lr_groups
-from .runfolder import (
+from ...data.splits import SPLIT_NAMES, Splits
+from ...devices import autocast_context, autocast_dtype, resolve_device
+from ...model import DeLightSAM, delightsam_loss
+from ..config import RESUME_MUTABLE, TrainConfig
+from ..errors import TrainingError
+from ..evaluation.validation import gather_validation, summarise_validation, validate
+from ..loop.batches import EpochBatches, cache_cap, relayed_warnings, steps_per_epoch
+from ..loop.distributed import DistContext
+from ..loop.optim import Optimisation, adam_exponential, apply_freeze, lr_groups
+from ..loop.run import BestKeeper, EpochHooks, Loss, LossFn, Schedule, StopFlag, isolated_rng, run_loop
+from ..loop.runfolder import (
     CURVES,
     LAST,
     LAST_STATE,
@@ -95,7 +89,13 @@ from .runfolder import (
     save_resumable,
     write_json,
 )
-from .validation import gather_validation, summarise_validation, validate
+from ..model_setup import (
+    build_model,
+    inherits_trained_head,
+    modality_head_trained,
+    model_config_for,
+    set_train_mode,
+)
 
 __all__ = [
     "BEST",
@@ -485,7 +485,7 @@ class _Start:
 def _resume(out: Path, model: DeLightSAM, opt: Optimisation, device: torch.device, log: RunLog) -> _Start:
     """Weights from ``last``, optimizer/scheduler from ``last_state``, the history of finished
     epochs; where to continue."""
-    from ..checkpoint import CheckpointError, load_checkpoint
+    from ...checkpoint import CheckpointError, load_checkpoint
 
     require_resumable(out)
     try:
@@ -684,7 +684,7 @@ def _segmentation_loss(
 
 
 def _save_model(path: Path, model: DeLightSAM, meta: dict[str, str]) -> Path:
-    from ..checkpoint import save_checkpoint
+    from ...checkpoint import save_checkpoint
 
     return save_checkpoint(path, model, meta)
 
@@ -768,7 +768,7 @@ def benchmark_loader(cfg: TrainConfig, data_root: str | Path, max_batches: int =
         balanced=cfg.balanced,
     )
     loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers)
-    from ..data import measure_loader
+    from ...data import measure_loader
 
     stats = measure_loader(loader, max_batches=max_batches)
     return {

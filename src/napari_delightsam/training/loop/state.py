@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..atomic_files import atomic_write
+from ...atomic_files import atomic_write
 
 __all__ = ["TrainingStateError", "load_training_state", "save_training_state"]
 

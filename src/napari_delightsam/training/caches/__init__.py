@@ -1,0 +1,1 @@
+"""Inputs computed once and trained on many times (frozen-encoder embeddings)."""

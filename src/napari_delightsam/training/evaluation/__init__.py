@@ -1,0 +1,1 @@
+"""How a model is scored: metrics, validation during training, dataset evaluation."""

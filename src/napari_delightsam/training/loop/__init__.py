@@ -1,0 +1,1 @@
+"""The one training loop (``run.py``) and what it needs: batches, optimiser, run folder, resume state."""
