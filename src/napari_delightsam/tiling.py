@@ -103,8 +103,8 @@ class TilePolicy:
 #: The auto rule, measured by ``benchmarks/tiled_inference.py`` on mosaics of 1×1, 2×2 and 4×4
 #: visible test/unseen images resized to 512² (docs/tiled-inference.md): at 2×2 and 4×4, tiles at
 #: scale 1.25 gave the best Dice of the scales tried (1.25, 1, 0.75, 0.5) for microscopy and fundus,
-#: within 0.1-0.5 of (or above) each image segmented alone; scale 1 is 0.4-0.9 lower and needs
-#: 30-45 % fewer tiles. The threshold 1.5 (768 px for the bundled model) lies between the measured
+#: within 0.1 of, or above, each image segmented alone; scale 1 is 0.5 (microscopy) to 1.6 (fundus)
+#: lower, with as many tiles at 1024² and 31 % fewer at 2048². The threshold 1.5 (768 px for the bundled model) lies between the measured
 #: 1× and 2× sizes, so images of about the training size stay whole as before. Modalities not
 #: listed are segmented as a whole image.
 AUTO_TILING: dict[str, TilePolicy] = {
