@@ -537,9 +537,9 @@ def test_dask_array_is_checked_before_it_is_computed(seg):
 
 @pytest.mark.slow
 def test_8192_rgb_16bit_and_float_within_3gb_peak_rss():
-    """B's slow test covers uint8 8192x8192 RGB; this covers the paths that make float copies
-    (uint16 -> percentile window, float32 -> unit range), each in a fresh child process whose
-    own peak RSS (ru_maxrss) is read after the call."""
+    """B's slow test covers uint8 8192x8192 RGB; this covers the whole-image paths that make float
+    copies (uint16 -> percentile window, float32 -> unit range), each in a fresh child process whose
+    own peak RSS (ru_maxrss) is read after the call. (The tiled path's memory: tests/test_tiling.py.)"""
     import subprocess
     import sys
 
@@ -552,7 +552,7 @@ def test_8192_rgb_16bit_and_float_within_3gb_peak_rss():
         "    img = rng.integers(0, 65536, size=(8192, 8192, 3), dtype=np.uint16)\n"
         "else:\n"
         "    img = rng.random((8192, 8192, 3), dtype=np.float32)\n"
-        "r = seg.segment(img, 'microscopy')\n"
+        "r = seg.segment(img, 'microscopy', tiling='off')\n"
         "assert r.mask.shape == (8192, 8192) and np.isfinite(r.probability).all()\n"
         "import os  # VmHWM: peak RSS of this process image only; ru_maxrss also counts the\n"
         "# forked parent (pytest) because Linux carries it across exec\n"

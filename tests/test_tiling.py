@@ -243,3 +243,23 @@ def test_segment_batch_tiles_what_segment_tiles_and_batches_the_rest(seg, monkey
         np.testing.assert_allclose(a.probability, b.probability, atol=1e-4)
     off = seg.segment_batch(images, "microscopy", batch_size=4, tiling="off")
     assert all(r.tiling is None for r in off)
+
+
+def test_a_float_image_is_resampled_in_uint8_when_scaled():
+    """The working copy of a float image at another scale is uint8 (a quarter of float32's
+    memory), within one grey level of resampling the float image itself."""
+    import torch.nn.functional as F
+
+    from napari_delightsam import tiling
+
+    rng = np.random.default_rng(0)
+    arr = (rng.random((100, 120, 3)) * 255).astype(np.float32)
+    plan = tiling.plan_tiles((100, 120), 64, scale=1.25, overlap=16)
+    work = tiling._working_image(arr, plan)
+    assert work.dtype == np.uint8
+    hw, ww = plan.working
+    t = torch.from_numpy(np.rint(arr).astype(np.uint8)).permute(2, 0, 1)[None].float()
+    want = F.interpolate(t, size=(hw, ww), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    assert np.abs(work[:hw, :ww].astype(np.float32) - want).max() <= 1.0
+    same = tiling._working_image(arr, tiling.plan_tiles((100, 120), 64, scale=1.0, overlap=16))
+    assert same.dtype == np.float32  # no resampling: the image as prepared

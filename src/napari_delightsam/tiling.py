@@ -256,10 +256,22 @@ def plan_tiles(
     )
 
 
+def _to_uint8(arr: np.ndarray, rows: int = 512) -> np.ndarray:
+    """(H,W,C) float in [0,255] -> uint8, rounded, a block of rows at a time (no full float copy)."""
+    out = np.empty(arr.shape, dtype=np.uint8)
+    for r in range(0, arr.shape[0], rows):
+        out[r : r + rows] = np.clip(np.rint(arr[r : r + rows]), 0, 255)
+    return out
+
+
 def _working_image(arr: np.ndarray, plan: TilePlan) -> np.ndarray:
     """(H,W,C) [0,255] -> the (Hp,Wp,C) tiled area: resized to the working size, reflect-padded."""
     hw, ww = plan.working
     if (hw, ww) != arr.shape[:2]:
+        if arr.dtype != np.uint8:
+            # resample in uint8 (values are already in [0, 255]): a quarter of the memory of the
+            # float32 working copies (an 8192² uint16 image at scale 1.25 peaked at 4.6 GB)
+            arr = _to_uint8(arr)
         src = np.ascontiguousarray(arr)
         if not src.flags.writeable:  # torch wants a writable buffer (it does not write to it)
             src = src.copy()
