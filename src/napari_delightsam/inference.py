@@ -304,8 +304,13 @@ class Segmenter:
         probs = result.modality_probabilities
         if not probs:
             raise ValueError("this result has no modality probabilities: the model's modality head is not trained")
+        return self._decision(probs, result.modality)
+
+    def _decision(self, probs: dict[str, float], chosen: str | None = None) -> AutoDecision:
+        """The decision for modality probabilities: ``chosen`` (default: the most likely), the
+        runner-up, and whether ``chosen``'s probability is below the model's threshold."""
         ranked = sorted(probs.items(), key=lambda kv: kv[1], reverse=True)
-        first = result.modality if result.modality in probs else ranked[0][0]
+        first = chosen if chosen in probs else ranked[0][0]
         runner = next((kv for kv in ranked if kv[0] != first), (first, 0.0))
         threshold = self.auto_confidence_threshold
         conf = float(probs[first])
@@ -323,12 +328,7 @@ class Segmenter:
                 x = self.prepare(image, nan_policy=nan_policy).tensor.contiguous(memory_format=self.memory_format)
                 _, _, logits, _ = self.model.stage0(x)
                 total += torch.softmax(logits.float()[0], 0).double().cpu()
-        probs = (total / len(images)).tolist()
-        ranked = sorted(range(len(probs)), key=lambda k: probs[k], reverse=True)
-        first, second = ranked[0], ranked[1] if len(ranked) > 1 else ranked[0]
-        threshold = self.auto_confidence_threshold
-        return AutoDecision(self.modalities[first], float(probs[first]), self.modalities[second],
-                            float(probs[second]), threshold, float(probs[first]) < threshold)
+        return self._decision(dict(zip(self.modalities, (total / len(images)).tolist(), strict=True)))
 
     def resolve_modality(self, modality: ModalitySpec | None) -> int | None:
         """Index for a name/alias/index; None for "auto" (refused when the head is untrained)."""
