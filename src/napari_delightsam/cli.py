@@ -1,4 +1,4 @@
-"""`delightsam` command line: segment | train | recipe | evaluate | distill | tune-refiner | train-appearance-head |
+"""`delightsam` command line: segment | annotate | train | recipe | evaluate | distill | tune-refiner | train-appearance-head |
 benchmark | info.
 
 Each subcommand lives in ``napari_delightsam.commands.<name>`` with two functions:
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: tuple[str, ...] = (
-    "segment", "train", "recipe", "evaluate", "distill", "tune-refiner", "train-appearance-head", "benchmark", "info"
+    "segment", "annotate", "train", "recipe", "evaluate", "distill", "tune-refiner", "train-appearance-head", "benchmark", "info"
 )
 
 
