@@ -56,13 +56,12 @@ def choose_records(data: Path, splits_file: Path, split: str, max_per_dataset: i
 
 def evaluate_image(seg: Any, image: np.ndarray, gt: np.ndarray, modality: str, shifts: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     """One row per applicable shift: Dice given, and auto's pick, confidence, asks and Dice."""
-    from napari_delightsam.data.appearance import COLOUR_MODALITIES
     from napari_delightsam.training.evaluation.metrics import dice_score
 
     rows = []
     auto = seg.auto_available
     for name, shift in shifts.items():
-        if shift.colour_only and modality not in COLOUR_MODALITIES:
+        if not shift.applies_to(modality):
             continue
         img, mask = shift.apply(image, gt, seed)
         t0 = time.perf_counter()
@@ -96,9 +95,12 @@ def _mean(values: list[float]) -> float | None:
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """{split: {shift: {mean_dice, drop, worst_drop, worst_modality, auto_right, auto_asks,
-    auto_dice, per_modality: {m: dice}}}} — means over modalities of per-modality means."""
-    from napari_delightsam.data.appearance import COLOUR_MODALITIES
+    auto_dice, per_modality: {m: dice}}}} — means over modalities of per-modality means. Rows of
+    a shift on a modality it no longer applies to (a results file written before the shift's
+    scope changed) are left out."""
+    from napari_delightsam.data.appearance import COLOUR_MODALITIES, SHIFTS
 
+    rows = [r for r in rows if r["shift"] not in SHIFTS or SHIFTS[r["shift"]].applies_to(r["modality"])]
     out: dict[str, Any] = {}
     for split in sorted({r["split"] for r in rows}):
         srows = [r for r in rows if r["split"] == split]
@@ -106,7 +108,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for r in srows:
             cell[(r["shift"], r["modality"])].append(r)
         modalities = sorted({r["modality"] for r in srows})
-        shifts = list(dict.fromkeys(r["shift"] for r in srows))
+        known = list(SHIFTS)
+        shifts = sorted(dict.fromkeys(r["shift"] for r in srows), key=lambda n: known.index(n) if n in known else len(known))
         base = {m: _mean([r["dice"] for r in cell[("as stored", m)]]) for m in modalities}
         table: dict[str, Any] = {}
         for s in shifts:
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resummarise:
         data = json.loads(args.resummarise.read_text(encoding="utf-8"))
         data["summary"] = summarise(data["rows"])
-        _write(args.resummarise.parent, data)
+        _write(args.resummarise, data)
         print(report(data["summary"], data["header"]))
         return 0
     if args.data is None or args.splits is None or args.out is None:
@@ -285,19 +288,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{split} {i + 1}/{len(records)}] {rec.key} ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     data = {"header": header, "command": " ".join(["python", "benchmarks/appearance_shift.py", *(argv if argv is not None else sys.argv[1:])]), "rows": rows}
     data["summary"] = summarise(rows)
-    _write(args.out, data)
+    _write(args.out / "appearance-shift.json", data)
     print(report(data["summary"], header))
     return 0
 
 
-def _write(out: Path, data: dict[str, Any]) -> None:
+def _write(json_path: Path, data: dict[str, Any]) -> None:
+    """The results as ``json_path`` and the report beside it (same name, ``.md``)."""
     from napari_delightsam.atomic_files import atomic_write
 
     def text(path: Path, content: str) -> None:
         atomic_write(path, lambda tmp: tmp.write_text(content, encoding="utf-8"))
 
-    text(out / "appearance-shift.json", json.dumps(data, indent=1))
-    text(out / "appearance-shift.md", report(data["summary"], data["header"]) + f"\nCommand: `{data['command']}`\n")
+    text(json_path, json.dumps(data, indent=1))
+    text(json_path.with_suffix(".md"), report(data["summary"], data["header"]) + f"\nCommand: `{data['command']}`\n")
 
 
 if __name__ == "__main__":

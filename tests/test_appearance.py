@@ -81,6 +81,26 @@ def test_hue_matrix_is_a_rotation_that_keeps_grey():
     assert np.allclose(hue_matrix(-25.0) @ m, np.eye(3), atol=1e-6)
 
 
+def test_appearance_mix_sets_bgr_share_and_canvas():
+    from napari_delightsam.data.appearance import BGR_INDEX, AppearanceMix
+
+    img, _ = _image(64, 48)
+    rng = np.random.default_rng(5)
+    mix = AppearanceMix(reorder_p=1.0, bgr_share=1.0, canvas_p=1.0)
+    shapes = set()
+    for _ in range(40):
+        out, order, _hue = random_appearance(img, rng, mix=mix)
+        if not is_grey(out):  # a greyscale draw reorders nothing
+            assert order == BGR_INDEX
+        shapes.add(out.shape[:2])
+    assert any(h > 64 * 1.05 or w > 48 * 1.05 for h, w in shapes)  # a black canvas was added
+    none = AppearanceMix(reorder_p=1.0, bgr_share=0.0)
+    orders = {random_appearance(img, rng, mix=none)[1] for _ in range(40)}
+    assert BGR_INDEX not in orders and len(orders - {0}) >= 2
+    with pytest.raises(ValueError, match="canvas_p"):
+        AppearanceMix(canvas_p=1.5)
+
+
 def test_random_appearance_reports_what_it_did():
     img, _ = _image(64, 64)
     rng = np.random.default_rng(3)

@@ -78,11 +78,18 @@ def test_summary_is_the_mean_over_modalities_of_per_modality_means(run):
     assert "| greyscale |" in report and "Command: `python benchmarks/appearance_shift.py" in report
 
 
-def test_resummarise_and_compare(run, capsys):
+def test_resummarise_and_compare(run, capsys, tmp_path):
+    import shutil
+
     bench, out = run["bench"], run["out"]
     before = (out / "appearance-shift.md").read_text()
     assert bench.main(["--resummarise", str(out / "appearance-shift.json")]) == 0
     assert (out / "appearance-shift.md").read_text() == before
+    renamed = tmp_path / "appearance-shift-v9.json"  # a renamed results file is rewritten in place
+    shutil.copy(out / "appearance-shift.json", renamed)
+    assert bench.main(["--resummarise", str(renamed)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["appearance-shift-v9.json", "appearance-shift-v9.md"]
+    assert renamed.with_suffix(".md").read_text() == before
     capsys.readouterr()
     assert bench.main(["--compare", f"a={out / 'appearance-shift.json'}", f"b={out / 'appearance-shift.json'}"]) == 0
     table = capsys.readouterr().out
@@ -93,3 +100,19 @@ def test_refuses_a_used_out_folder(run):
     with pytest.raises(SystemExit):
         run["bench"].main(["--data", str(run["data"]), "--splits", str(run["splits"]), "--out", str(run["out"])])
     assert Path(run["out"] / "appearance-shift.json").is_file()
+
+
+def test_a_shift_scoped_to_a_modality_is_left_out_elsewhere_even_in_older_results(run):
+    """The H&E stain jitter means something on stained tissue only: it is not run on other
+    modalities, and rows of it on other modalities (results written before) are not summarised."""
+    from napari_delightsam.data.appearance import SHIFTS
+
+    stain = SHIFTS["H&E stain jitter"]
+    assert stain.applies_to("microscopy") and not stain.applies_to("fundus") and not stain.applies_to("xray")
+    assert SHIFTS["greyscale"].applies_to("dermoscopy") and not SHIFTS["greyscale"].applies_to("xray")
+    data = json.loads((run["out"] / "appearance-shift.json").read_text())
+    derm = [r for r in data["rows"] if r["shift"] == "BGR channel order" and r["modality"] == "dermoscopy"]
+    older = data["rows"] + [{**r, "shift": "H&E stain jitter", "dice": 0.0} for r in derm]
+    summary = run["bench"].summarise(older)["test"]
+    assert "H&E stain jitter" not in summary["shifts"]
+    assert summary["mean_drop_over_shifts"] == pytest.approx(data["summary"]["test"]["mean_drop_over_shifts"])

@@ -51,6 +51,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--target-precision", type=float, default=0.995,
                    help="auto's confidence threshold is the lowest at which this share of the confident "
                         "validation predictions is right (default 0.995)")
+    p.add_argument("--order-weight", type=float, default=0.5,
+                   help="weight of the channel-order loss (modality cross-entropy: 1; default 0.5)")
+    p.add_argument("--reorder-p", type=float, default=0.4,
+                   help="probability that a colour training image's channels are reordered (default 0.4)")
+    p.add_argument("--bgr-share", type=float, default=None,
+                   help="share of those reorderings that are BGR (default: all five orders equally likely)")
+    p.add_argument("--canvas-p", type=float, default=0.0,
+                   help="probability of a wider or taller black canvas around a training image (default 0)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     return p
 
@@ -65,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             "steps": args.steps, "eval_every": args.eval_every, "batch_size": args.batch_size, "lr": args.lr,
             "seed": args.seed, "extra_train": args.extra_train, "train_max_per_dataset": args.train_max_per_dataset,
             "val_max_per_dataset": args.val_max_per_dataset, "target_precision": args.target_precision,
+            "order_weight": args.order_weight, "reorder_p": args.reorder_p, "bgr_share": args.bgr_share,
+            "canvas_p": args.canvas_p,
         })
     except ValueError as exc:
         raise CommandError(str(exc).replace("_", "-")) from None

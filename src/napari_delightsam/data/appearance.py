@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .augment import _RGB2YIQ, _colour_matrix, _jpeg, _stain_jitter
 
 __all__ = [
+    "AppearanceMix",
     "CHANNEL_ORDERS",
     "COLOUR_MODALITIES",
     "SHIFTS",
@@ -132,12 +133,19 @@ def _stain(image: np.ndarray, sigma: float, seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Shift:
-    """A named shift of the scoreboard. ``colour_only``: run it on colour modalities only."""
+    """A named shift of the scoreboard. ``colour_only``: run it on colour modalities only;
+    ``modalities``: run it on these modalities only (None: every modality it applies to)."""
 
     name: str
     apply: Callable[[np.ndarray, "np.ndarray | None", int], Pair]
     colour_only: bool = False
     geometric: bool = False
+    modalities: tuple[str, ...] | None = None
+
+    def applies_to(self, modality: str) -> bool:
+        if self.colour_only and modality not in COLOUR_MODALITIES:
+            return False
+        return self.modalities is None or modality in self.modalities
 
 
 def _colour(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray, "np.ndarray | None", int], Pair]:
@@ -161,7 +169,8 @@ SHIFTS: dict[str, Shift] = {
         Shift("BGR channel order", _colour(lambda im: im[..., [2, 1, 0]].copy())),
         Shift("hue +25°", _colour(lambda im: im if is_grey(im) else _apply_matrix(im, hue_matrix(25.0)))),
         Shift("hue -25°", _colour(lambda im: im if is_grey(im) else _apply_matrix(im, hue_matrix(-25.0)))),
-        Shift("H&E stain jitter", lambda image, mask, seed: (_stain(image, 0.25, seed), mask)),
+        # a stain model of haematoxylin and eosin: it means something on stained tissue only
+        Shift("H&E stain jitter", lambda image, mask, seed: (_stain(image, 0.25, seed), mask), modalities=("microscopy",)),
         Shift("gamma 0.6", _colour(lambda im: _gamma(im, 0.6))),
         Shift("gamma 1.6", _colour(lambda im: _gamma(im, 1.6))),
         Shift("JPEG quality 25", _colour(lambda im: _jpeg(np.ascontiguousarray(im), 25))),
@@ -177,11 +186,56 @@ SHIFTS: dict[str, Shift] = {
 # ---- random appearance for training ------------------------------------------------------------
 
 
-def random_appearance(image: np.ndarray, rng: np.random.Generator, *, colour: bool = True) -> tuple[np.ndarray, int, float]:
+@dataclass(frozen=True)
+class AppearanceMix:
+    """How often ``random_appearance`` applies the kinds of change that need tuning per head
+    stage (the rest of the mix is fixed). The defaults are the mix v2's head was trained with."""
+
+    #: probability that a colour image's channels are reordered
+    reorder_p: float = 0.4
+    #: share of the reorderings that are BGR (None: the five non-identity orders equally likely)
+    bgr_share: float | None = None
+    #: probability that the image is placed on a wider or taller black canvas (a fundus camera's
+    #: or video processor's frame around the field of view)
+    canvas_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("reorder_p", "canvas_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.bgr_share is not None and not 0.0 <= self.bgr_share <= 1.0:
+            raise ValueError(f"bgr_share must be in [0, 1] or None, got {self.bgr_share}")
+
+
+def black_canvas(image: np.ndarray, rng: np.random.Generator, widen: tuple[float, float] = (1.1, 1.6)) -> np.ndarray:
+    """``image`` placed on a black canvas that is wider (or, one time in four, taller) by a random
+    factor in ``widen``, at a random offset along that axis."""
+    h, w = image.shape[:2]
+    f = float(rng.uniform(*widen))
+    tall = rng.random() < 0.25
+    nh, nw = (int(round(h * f)), w) if tall else (h, int(round(w * f)))
+    out = np.zeros((nh, nw, image.shape[2]), dtype=image.dtype)
+    top, left = int(rng.integers(0, nh - h + 1)), int(rng.integers(0, nw - w + 1))
+    out[top : top + h, left : left + w] = image
+    return out
+
+
+def _draw_order(rng: np.random.Generator, mix: AppearanceMix) -> int:
+    if mix.bgr_share is not None and rng.random() < mix.bgr_share:
+        return BGR_INDEX
+    others = [i for i in range(1, len(CHANNEL_ORDERS)) if mix.bgr_share is None or i != BGR_INDEX]
+    return others[int(rng.integers(len(others)))]
+
+
+def random_appearance(
+    image: np.ndarray, rng: np.random.Generator, *, colour: bool = True, mix: AppearanceMix | None = None
+) -> tuple[np.ndarray, int, float]:
     """A random mix of the scoreboard's kinds of change, drawn from ``rng``, for training the
     modality head. Returns (image, channel order applied (index into ``CHANNEL_ORDERS``, 0 for
     none), hue rotation applied in degrees). Geometry here is only what keeps the image's
-    meaning: crops, rescaling, aspect, frames. ``colour=False`` (grey modalities) skips colour."""
+    meaning: crops, rescaling, aspect, frames, a black canvas. ``colour=False`` (grey
+    modalities) skips colour. ``mix`` sets the tunable probabilities (``AppearanceMix``)."""
+    mix = mix if mix is not None else AppearanceMix()
     h, w = image.shape[:2]
     out = image[..., :3]
     grey = is_grey(out)
@@ -216,10 +270,12 @@ def random_appearance(image: np.ndarray, rng: np.random.Generator, *, colour: bo
             out = _apply_matrix(out, _colour_matrix(hue / 360.0, float(rng.uniform(0.6, 1.4))))
         if rng.random() < 0.1:
             out, hue = _greyscale(out), 0.0
-        elif rng.random() < 0.4:
-            order = int(rng.integers(1, len(CHANNEL_ORDERS)))
+        elif rng.random() < mix.reorder_p:
+            order = _draw_order(rng, mix)
             out = out[..., list(CHANNEL_ORDERS[order])]
-    # frames, compression
+    # frames, canvas, compression
+    if mix.canvas_p and rng.random() < mix.canvas_p:
+        out = black_canvas(np.ascontiguousarray(out), rng)
     if rng.random() < 0.3:
         shape = "circle" if rng.random() < 0.4 else "octagon"
         out, _ = _frame(np.ascontiguousarray(out), None, shape, float(rng.uniform(0.08, 0.3)))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...data.appearance import BGR_INDEX, COLOUR_MODALITIES, hue_matrix, is_grey, random_appearance
+from ...data.appearance import BGR_INDEX, COLOUR_MODALITIES, AppearanceMix, hue_matrix, is_grey, random_appearance
 from ...model.appearance_head import HUE_UNIT, NEVER, AppearanceHead
 from ...preprocess import to_model_tensor
 from ..loop.run import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
@@ -180,11 +180,14 @@ def train_appearance_head(
     batch_size: int = 16,
     lr: float = 1e-3,
     seed: int = 0,
+    mix: AppearanceMix | None = None,
+    order_weight: float = 0.5,
     log: RunLog | None = None,
     stop: StopFlag | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train ``model.modality_head`` (an ``AppearanceHead``; everything else frozen) and return
-    its best state on ``val`` (lowest modality NLL) and a summary."""
+    its best state on ``val`` (lowest modality NLL) and a summary. ``mix``: the training
+    augmentation's tunable probabilities; ``order_weight``: the channel-order loss's weight."""
     head = model.modality_head
     if not isinstance(head, AppearanceHead):
         raise ValueError("the model has no appearance head (modality_head_kind must be 'appearance')")
@@ -221,7 +224,7 @@ def train_appearance_head(
             for _ in range(batch_size):
                 item = train[draw()]
                 colour_ok = item.colour and modalities[item.modality] in COLOUR_MODALITIES
-                img, order, hue = random_appearance(item.image, rng, colour=colour_ok)
+                img, order, hue = random_appearance(item.image, rng, colour=colour_ok, mix=mix)
                 xs.append(_tensor(img, size))
                 ms.append(item.modality)
                 os_.append(order)
@@ -236,7 +239,7 @@ def train_appearance_head(
         loss = F.cross_entropy(out.modality_logits, m, label_smoothing=0.05)
         result = Loss(loss, {"modality": float(loss.detach())})
         if bool(colour.any()):
-            result = result.plus("order", F.cross_entropy(out.order_logits[colour], order[colour]), 0.5)
+            result = result.plus("order", F.cross_entropy(out.order_logits[colour], order[colour]), order_weight)
             result = result.plus("hue", F.smooth_l1_loss(out.hue_degrees[colour] / HUE_UNIT, hue[colour] / HUE_UNIT), 0.5)
         return result
 
@@ -338,6 +341,17 @@ class HeadStageConfig:
     val_max_per_dataset: int | None = 30
     #: auto's confidence threshold: the lowest at which this share of confident validation picks is right
     target_precision: float = 0.995
+    #: the channel-order loss's weight (modality cross-entropy has weight 1)
+    order_weight: float = 0.5
+    #: ``data.appearance.AppearanceMix``: probability of a channel reordering, share of them BGR
+    #: (None: uniform), probability of a black canvas around the image
+    reorder_p: float = 0.4
+    bgr_share: float | None = None
+    canvas_p: float = 0.0
+
+    @property
+    def mix(self) -> AppearanceMix:
+        return AppearanceMix(reorder_p=self.reorder_p, bgr_share=self.bgr_share, canvas_p=self.canvas_p)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HeadStageConfig:
@@ -353,6 +367,9 @@ class HeadStageConfig:
             raise ValueError("steps, batch_size, eval_every and lr must be positive")
         if cfg.steps % cfg.eval_every:
             raise ValueError(f"steps ({cfg.steps}) must be a multiple of eval_every ({cfg.eval_every})")
+        if cfg.order_weight < 0:
+            raise ValueError(f"order_weight must be >= 0, got {cfg.order_weight}")
+        cfg.mix  # validates the probabilities
         if not 0.5 < cfg.target_precision <= 1.0:
             raise ValueError(f"target_precision must be in (0.5, 1], got {cfg.target_precision}")
         return cfg
@@ -397,7 +414,7 @@ def train_head_stage(
     log = RunLog(Path(metrics), progress) if metrics is not None else None
     _, summary = train_appearance_head(
         model, train, val, modalities=modalities, steps=cfg.steps, eval_every=cfg.eval_every,
-        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, log=log,
+        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, mix=cfg.mix, order_weight=cfg.order_weight, log=log,
     )
     cal = calibrate(model.modality_head, val, target_precision=cfg.target_precision)
     meta = {k: v for k, v in init_meta.items() if k not in RESERVED_METADATA_KEYS}
