@@ -212,14 +212,14 @@ def test_rounds_are_due_every_k_saved_images_and_need_enough_of_them(tmp_path, t
 
 @pytest.mark.timeout(300)
 def test_a_real_short_finetune_round_decides_by_the_held_out_dice(tmp_path, tiny):
-    """The real trainer (child process, 2 steps at 128²) from tiny model 0 on its own masks,
+    """The real trainer (child process, 2 steps at the tiny model's 128²) from tiny model 0 on its own masks,
     plus the CLI's --finetune-every path; the bundled weights are never touched."""
     from napari_delightsam.checkpoint import bundled_checkpoint_path
 
     bundled = bundled_checkpoint_path()
     before = hashlib.sha256(bundled.read_bytes()).hexdigest() if bundled else None
     src, out = _folder(tmp_path, 6), tmp_path / "masks"
-    code = _cli(src, out, tiny[0], "--finetune-every", "5", "--finetune-steps", "2", "--finetune-img-size", "128")
+    code = _cli(src, out, tiny[0], "--finetune-every", "5", "--finetune-steps", "2")
     assert code == 0
     record = json.loads((out / FINETUNE_DIR / LEARNING_FILE).read_text())
     assert len(record["rounds"]) == 1
@@ -237,6 +237,18 @@ def test_a_real_short_finetune_round_decides_by_the_held_out_dice(tmp_path, tiny
         assert hashlib.sha256(bundled.read_bytes()).hexdigest() == before
 
 
-def test_default_finetune_is_short():
+def test_rounds_train_at_the_starting_models_own_size_capped_on_a_cpu(tmp_path, tiny):
+    from napari_delightsam.annotate_learning import _img_size
+    from napari_delightsam.checkpoint import save_checkpoint
+    from napari_delightsam.config import tiny_config
+    from napari_delightsam.model import DeLightSAM
+
     s = default_finetune()
-    assert s.epochs * (s.steps_per_epoch or 0) <= 40 and s.img_size <= 512
+    assert s.epochs * (s.steps_per_epoch or 0) <= 40
+    s.device, s.init = "cpu", str(tiny[0])
+    assert _img_size(s) == 128  # the tiny model's own size
+    big = save_checkpoint(tmp_path / "big.safetensors", DeLightSAM(tiny_config().replace(img_size=1024)).eval())
+    s.init = str(big)
+    assert _img_size(s) == 512
+    s.img_size = 64
+    assert _img_size(s) == 64

@@ -68,9 +68,32 @@ THRESHOLD = 0.5
 CommandBuilder = Callable[[FinetuneSettings, Path, Path, Path], list[str]]
 
 
+#: the longest side a round trains at on a CPU (the fine-tune widget's cap)
+CPU_MAX_IMG_SIZE = 512
+
+
 def default_finetune() -> FinetuneSettings:
-    """A short CPU-sized round: 2 epochs x 10 steps at 256², controllers + prompt generator train."""
-    return FinetuneSettings(epochs=2, steps_per_epoch=10, img_size=256, batch_size=2)
+    """A short round: 2 epochs x 10 steps, controllers + prompt generator train; ``img_size`` 0 =
+    the starting model's own size (at most 512 on a CPU), as it is the size the model segments at."""
+    return FinetuneSettings(epochs=2, steps_per_epoch=10, img_size=0, batch_size=2)
+
+
+def _img_size(settings: FinetuneSettings) -> int:
+    """The round's training size: the one given, else the starting model's (capped on a CPU)."""
+    if settings.img_size > 0:
+        return int(settings.img_size)
+    native = 256
+    if settings.init:
+        from .checkpoint import read_checkpoint_info
+
+        native = int(read_checkpoint_info(settings.init)[0].img_size)
+    from .devices import resolve_device
+
+    try:
+        cpu = resolve_device(settings.device).type == "cpu"
+    except ValueError:
+        cpu = True
+    return min(native, CPU_MAX_IMG_SIZE) if cpu else native
 
 
 @dataclass
@@ -311,6 +334,7 @@ class Learner:
             return result
         settings = FinetuneSettings(**{**asdict(self.config.finetune), "init": self._init_for(current)})
         settings.device = self.config.device if settings.device == "auto" else settings.device
+        settings.img_size = _img_size(settings)
         splits = _write_round_data(train_pairs, holdout_pairs, data, root / "splits.json")
         run_dir = root / "train"
         builder = command_builder or _train_command

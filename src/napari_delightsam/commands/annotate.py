@@ -53,7 +53,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--holdout-every", type=_count, default=4, metavar="N",
                    help="every N-th saved mask is kept out of training to decide whether a new model wins (default 4)")
     p.add_argument("--finetune-steps", type=_count, default=20, help="optimizer steps per fine-tune (default 20)")
-    p.add_argument("--finetune-img-size", type=_count, default=256, help="fine-tune image size (default 256)")
+    p.add_argument("--finetune-img-size", type=_count, default=0,
+                   help="fine-tune image size (default 0: the model's own, at most 512 on a CPU)")
     p.add_argument("--json", action="store_true", help="one JSON object per saved image / round on stdout")
     return p
 

@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -46,6 +47,7 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QMessageBox,
     QPushButton,
+    QSpinBox,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
     import napari
 
     from ..annotate import AnnotationSession
+    from ..annotate_learning import Learner
 
 #: the viewer shortcut of Save & next
 SAVE_NEXT_KEY = "Shift-S"
@@ -100,7 +103,11 @@ class AnnotateWidget(QWidget):
         self.prefetch_hits = 0
         self._shown: dict[str, Any] = {}  # index, layers (weakrefs), provenance of the image on screen
         self._previous_model_index = 0
-        state: dict[str, Any] = {"worker": None}
+        #: fine-tune rounds of the session (annotate_learning.Learner) and the running one
+        self.learner: Learner | None = None
+        self._learn_holder: dict[str, Any] = {}
+        self.last_round: Any = None
+        state: dict[str, Any] = {"worker": None, "learn": self._learn_holder}
         self._worker_box = state
         self._draft_timer = QTimer(self)
         self._draft_timer.setSingleShot(True)
@@ -139,6 +146,7 @@ class AnnotateWidget(QWidget):
         self.format_combo.setToolTip("png: binary masks as 0/255, label ids up to 255; tiff: any label ids")
         form.addRow("Mask format", self.format_combo)
         layout.addLayout(form)
+        self._build_learning(layout)
 
         self.start_button = QPushButton("Start / resume")
         self.start_button.setToolTip("List the images, then open the first one without a mask (or the one you "
@@ -193,6 +201,34 @@ class AnnotateWidget(QWidget):
         self.ask_box.setVisible(False)
         layout.addWidget(self.ask_box)
         self._set_navigation(False)
+
+    def _build_learning(self, layout: QVBoxLayout) -> None:
+        box = QGroupBox("Learn as you go")
+        form = QFormLayout(box)
+        self.every_spin = QSpinBox()
+        self.every_spin.setRange(0, 1000)
+        self.every_spin.setValue(0)
+        self.every_spin.setSpecialValueText("off")
+        self.every_spin.setToolTip(
+            "Fine-tune on the masks saved so far after every K saved images, in the background. Every "
+            "4th saved image is kept out of training; the next images use the new model only if it "
+            "segments those better than the current one."
+        )
+        self.every_spin.valueChanged.connect(self._on_every_changed)
+        form.addRow("Fine-tune every", self.every_spin)
+        self.finetune_button = QPushButton("Fine-tune now")
+        self.finetune_button.setToolTip("Fine-tune on the images saved so far (in the background)")
+        self.finetune_button.clicked.connect(lambda *_: self.finetune_now())
+        self.finetune_button.setEnabled(False)
+        form.addRow(self.finetune_button)
+        self.learn_label = QLabel("")
+        self.learn_label.setWordWrap(True)
+        form.addRow(self.learn_label)
+        self.model_label = QLabel("")
+        self.model_label.setWordWrap(True)
+        self.model_label.setToolTip("The model that made the mask on screen")
+        layout.addWidget(box)
+        layout.addWidget(self.model_label)
 
     def _folder_row(self, tooltip: str) -> tuple[QLineEdit, QWidget]:
         edit = QLineEdit()
@@ -283,6 +319,97 @@ class AnnotateWidget(QWidget):
         settings.remember_model(path)
         return True
 
+    # -- learning as you go (annotate_learning) -------------------------------------------------
+
+    def _start_learner(self, session: AnnotationSession) -> None:
+        from ..annotate_learning import LearnConfig, Learner
+
+        _quit({"learn": self._learn_holder})
+        self.learner = Learner(session, LearnConfig(every=self.every_spin.value(),
+                                                    device=self.device_combo.currentText() or "auto"))
+        self.finetune_button.setEnabled(True)
+        adopted = self.learner.current_path
+        if adopted is not None and self.current_model() != str(adopted) and self.use_checkpoint(adopted):
+            self.learn_label.setText(f"Resumed with {self.learner.describe(str(adopted))}.")
+        elif self.learner.rounds:
+            self.learn_label.setText(f"Last round: {self.learner.rounds[-1].get('message', '')}")
+        else:
+            self.learn_label.setText("")
+
+    def _on_every_changed(self, value: int) -> None:
+        if self.learner is not None:
+            self.learner.config.every = int(value)
+
+    @property
+    def learning(self) -> bool:
+        """Whether a fine-tune round runs in the background."""
+        return self._learn_holder.get("worker") is not None
+
+    def finetune_now(self) -> Any:
+        """Start a fine-tune round on the images saved so far (a worker that only streams the
+        child processes' events); returns the worker, None when one runs or nothing can start."""
+        from napari.qt.threading import create_worker
+
+        if self.learner is None or self.session is None:
+            notify("warning", "start a session first; fine-tuning uses the masks it saved")
+            return None
+        if self.learning:
+            self.learn_label.setText("A fine-tune round is running already; the next starts after it.")
+            return None
+        self.learner.config.device = self.device_combo.currentText() or "auto"
+        holder = self._learn_holder
+        holder.clear()
+        base = self.current_model()
+        worker = create_worker(guard_worker, self.learner.run_round(base, holder=holder), _ignore_errors=True)
+        holder["worker"] = worker
+        worker.yielded.connect(self._on_learn_event)
+        worker.returned.connect(self._on_round)
+        worker.errored.connect(lambda exc: self._on_round_failed(exc))
+        worker.finished.connect(lambda holder=holder, worker=worker: _release(holder, worker))
+        self.finetune_button.setEnabled(False)
+        self.learn_label.setText("Fine-tuning: preparing the saved images…")
+        worker.start()
+        return worker
+
+    def _on_learn_event(self, event: dict[str, Any] | None) -> None:
+        if event is None or not alive(self):
+            return
+        kind = event.get("event")
+        if kind == "round":
+            phase = event.get("phase")
+            text = {"data": f"Round {event.get('round')}: {event.get('train')} images to train on, "
+                            f"{event.get('holdout')} held out…",
+                    "training": f"Round {event.get('round')}: training in the background…",
+                    "evaluating": f"Round {event.get('round')}: scoring the new model on the held-out images…"}
+            self.learn_label.setText(text.get(str(phase), ""))
+        elif kind == "step":
+            self.learn_label.setText(f"Fine-tuning: step {event.get('global_step')} · loss "
+                                     f"{float(event.get('loss', float('nan'))):.3f}")
+
+    def _on_round(self, result: Any) -> None:
+        self.last_round = result
+        if not alive(self):
+            return
+        self.finetune_button.setEnabled(True)
+        self.learn_label.setText(f"Round {result.round}: {result.message}")
+        if result.accepted and self.learner is not None and self.learner.current_path is not None:
+            # the next images (not the one on screen) are segmented with the new model
+            self.use_checkpoint(self.learner.current_path)
+            notify("info", f"fine-tune round {result.round}: {result.message}; the next images use it")
+
+    def _on_round_failed(self, exc: BaseException) -> None:
+        if alive(self):
+            self.finetune_button.setEnabled(True)
+            self.learn_label.setText(f"Fine-tuning failed: {getattr(exc, 'original', exc)}")
+
+    def model_name(self, spec: str | None) -> str:
+        """How the widget names a model: a fine-tune round of this session, bundled, or a file."""
+        if spec is None:
+            return "unknown model"
+        if self.learner is not None:
+            return self.learner.describe(spec)
+        return spec if spec in (settings.BUNDLED, settings.UNTRAINED) else Path(spec).name
+
     # -- keys ------------------------------------------------------------------------------------
 
     def _bind_keys(self) -> None:
@@ -325,6 +452,7 @@ class AnnotateWidget(QWidget):
             self._set_status(f"Cannot start: {exc}")
             return None
         self.session = session
+        self._start_learner(session)
         chosen = session.settings.get("modality")
         if chosen in MODALITIES:
             self.modality_combo.setCurrentText(chosen)  # a resumed session keeps its modality
@@ -560,11 +688,14 @@ class AnnotateWidget(QWidget):
         self.viewer.layers.selection.active = labels
         self._shown = {"index": index, "layers": {k: weakref.ref(v) for k, v in layers.items()},
                        "labels": weakref.ref(labels), "name": name}
+        made_by = (self.model_name(job["spec"]) if source == "segmented"
+                   else provenance.get("model_name") or self.model_name(provenance.get("model_file")))
+        self.model_label.setText(f"Mask on screen made by: {made_by}")
         what = {"segmented": "segmented", "mask": "its saved mask (Save replaces it)",
                 "draft": "your unsaved corrections (draft)"}[source]
         text = f"{s.name(index)}: {what}"
         if run is not None:
-            text += f" in {run.seconds:.2f} s, modality {run.modality_summary}"
+            text += f" by {made_by} in {run.seconds:.2f} s, modality {run.modality_summary}"
             decision = run.auto_decision
             if job["modality"] == "auto" and decision is not None:
                 text += f" (auto, p={decision.confidence:.2f})"
@@ -583,6 +714,7 @@ class AnnotateWidget(QWidget):
             "model_file": model_info.get("checkpoint_path"),
             "model_sha256": model_info.get("checkpoint_sha256"),
             "model": job["spec"] if job["spec"] in (settings.BUNDLED, settings.UNTRAINED) else "file",
+            "model_name": self.model_name(job["spec"]),
             "modality": job["modality"],
             "modality_used": run.modality_summary,
             "modality_probabilities": run.modality_probabilities[0] if run.modality_probabilities else None,
@@ -738,6 +870,8 @@ class AnnotateWidget(QWidget):
         labels.metadata = {METADATA_KEY: {**(labels.metadata.get(METADATA_KEY, {}) or {}),
                                           "fingerprint": fingerprint(data)}}
         self._refresh()
+        if self.learner is not None and self.learner.due() and not self.learning:
+            self.finetune_now()
         target = s.next_todo(index)
         if target is None:
             self._set_status(f"Saved {written[0].name}. All {s.readable_count} images are done.")
@@ -825,6 +959,12 @@ def _open_job(cache: ModelCache, path: Path, existing: Path | None, draft: Path 
             return {"image": image, "run": stop.value, "model": info, "source": "segmented"}
 
 
+def _release(holder: dict[str, Any], worker: Any) -> None:
+    if holder.get("worker") is worker:
+        holder.pop("worker", None)
+        holder.pop("job", None)
+
+
 def _sidecar_provenance(mask: Path) -> dict[str, Any]:
     """What the saved mask's sidecar says about how it was made (kept when it is saved again)."""
     import json
@@ -835,12 +975,25 @@ def _sidecar_provenance(mask: Path) -> dict[str, Any]:
         record = json.loads(sidecar_path(mask).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    keys = ("model_file", "model_sha256", "modality", "modality_used", "threshold", "boxes", "box_model")
+    keys = ("model_file", "model_sha256", "model_name", "modality", "modality_used", "threshold", "boxes", "box_model")
     return {k: record.get(k) for k in keys if record.get(k) is not None}
 
 
 def _quit(state: dict[str, Any]) -> None:
-    """Ask the workers in ``state`` ("worker", and "prefetch" when given) to stop."""
+    """Ask the workers in ``state`` ("worker", and "prefetch" when given) to stop, and the
+    fine-tune round in ``state["learn"]`` (its child process gets SIGINT; nothing is adopted)."""
+    learn = state.get("learn")
+    if learn:
+        learn["stop"] = True
+        job = learn.get("job")
+        if job is not None:
+            job.stop(grace_s=10.0)
+        worker = learn.get("worker")
+        if worker is not None:
+            try:
+                worker.quit()
+            except RuntimeError:
+                pass
     for key in ("worker", "prefetch"):
         worker = state.get(key)
         if worker is not None:
