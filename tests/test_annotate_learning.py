@@ -231,6 +231,8 @@ def test_a_real_short_finetune_round_decides_by_the_held_out_dice(tmp_path, tiny
     assert r["status"] == "rejected", r
     assert (out / FINETUNE_DIR / r["candidate"]).is_file()
     assert r["candidate"].startswith("round-001/train/")
+    kept = sorted(p.name for p in (out / FINETUNE_DIR / "round-001" / "train").glob("*.safetensors"))
+    assert kept == ["best.safetensors"]  # the trainer's resume state is removed
     used = json.loads(sidecar_path(out / "case05.png").read_text())["model_file"]
     assert used == str(tiny[0].resolve())
     if bundled:

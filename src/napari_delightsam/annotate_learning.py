@@ -17,8 +17,8 @@ A :class:`Learner` belongs to an :class:`~napari_delightsam.annotate.AnnotationS
    ``margin``); a tie keeps the current model.
 
 Every round lives in ``<output>/.delightsam/finetune/round-NNN/`` (``train/best.safetensors`` is
-its model; the copied training images are removed after training). ``learning.json`` beside the
-rounds records each decision and the current model; it is rewritten atomically only after a
+its model; the copied training images and the trainer's resume state are removed after
+training). ``learning.json`` beside the rounds records each decision and the current model; it is rewritten atomically only after a
 decision, so a crash or a closed window mid-round loses nothing: the next session picks the last
 adopted model, and the bundled weights are never written.
 
@@ -64,6 +64,8 @@ BUNDLED = "bundled"
 UNTRAINED = "untrained"
 THRESHOLD = 0.5
 
+#: files of a round's run folder removed after training (only best.safetensors is kept)
+PRUNED = ("last.safetensors", "last_state.safetensors")
 #: builds the training child's command: (settings, data root, run folder, splits file) -> argv
 CommandBuilder = Callable[[FinetuneSettings, Path, Path, Path], list[str]]
 
@@ -352,8 +354,10 @@ class Learner:
                 yield event
         finally:
             if job is not None and job.running:  # the generator was closed: stop the child
-                job.stop(grace_s=10.0)
+                job.stop(grace_s=10.0, wait=True)
             shutil.rmtree(data, ignore_errors=True)
+            for name in PRUNED:  # the trainer's resume state: a round is never resumed
+                (run_dir / name).unlink(missing_ok=True)
         candidate = run_dir / "best.safetensors"
         assert job is not None
         if holder.get("stop") or job.stop_requested:
