@@ -256,7 +256,7 @@ def test_rounds_train_at_the_starting_models_own_size_capped_on_a_cpu(tmp_path, 
     assert _img_size(s) == 64
 
 
-@pytest.mark.slow  # 10 LiteMedSAM corrections: ~40 s on an idle 2-core host, minutes on a loaded one
+@pytest.mark.slow  # 10 LiteMedSAM corrections and a scoring child: 141 s on a 2-core host at load 5.4
 @pytest.mark.timeout(600)
 def test_annotate_loop_benchmark_runs_both_arms_through_the_session(tmp_path, tiny, load_script, monkeypatch):
     """benchmarks/annotate_loop.py on 5 synthetic images: the arm with rounds uses the adopted
