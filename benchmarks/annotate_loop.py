@@ -34,7 +34,6 @@ import datetime as _dt
 import importlib.util
 import json
 import os
-import re
 import sys
 import time
 import zlib
@@ -209,6 +208,17 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _command_args(argv: list[str]) -> str:
+    """The arguments as typed, with the output folder as ``OUT`` and other absolute paths as file names."""
+    out = []
+    for i, a in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--out":
+            out.append("OUT")
+        else:
+            out.append(Path(a).name if a.startswith("/") else a)
+    return " ".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from napari_delightsam.refine import load_refiner
@@ -223,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         out = run_arm(arm, records, args, refiner, fx)
         arms[arm] = {**out, "summary": summarise(out["rows"])}
     result = {
-        "command": "python benchmarks/annotate_loop.py " + " ".join(
-            re.sub(r"^/\S*/", "", a) if a.startswith("/") else a for a in (argv or sys.argv[1:])),
+        "command": "python benchmarks/annotate_loop.py " + _command_args(argv if argv is not None else sys.argv[1:]),
         "dataset": args.dataset, "split": args.split, "images": len(records),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average_start": load_start, "omp_threads": os.environ.get("OMP_NUM_THREADS"),
