@@ -273,6 +273,22 @@ def test_training_the_head_learns_and_calibrates():
     assert cal["stored_reordered"] == 0.0
     with pytest.raises(ValueError, match="multiple"):
         train_appearance_head(model, train, val, modalities=model.config.modalities, steps=5, eval_every=2)
+    # selecting on modality + channel order: the score is both NLLs, weighted as in training
+    import torch.nn.functional as F
+
+    from napari_delightsam.training.stages.appearance_head import _predict, _val_metrics
+
+    with torch.inference_mode():
+        logits, order, _ = _predict(model.modality_head, val.feats)
+    c = val.colour
+    want = F.cross_entropy(logits, val.modality) + 2.0 * F.cross_entropy(order[c], val.order[c])
+    assert _val_metrics(model.modality_head, val, 2.0)["val_neg_nll_with_order"] == pytest.approx(-float(want), rel=1e-5)
+    _, by_both = train_appearance_head(model, train, val, modalities=model.config.modalities, steps=20,
+                                       eval_every=10, batch_size=4, lr=3e-3, select="modality+order")
+    kept = by_both["best"]["val_neg_nll_with_order"]
+    assert kept >= by_both["start"]["val_neg_nll_with_order"]
+    with pytest.raises(ValueError, match="select"):
+        train_appearance_head(model, train, val, modalities=model.config.modalities, steps=2, eval_every=1, select="order")
 
 
 def test_a_model_with_an_appearance_head_keeps_it_for_further_training():

@@ -58,7 +58,7 @@ def test_command_trains_calibrates_and_writes_a_model_with_auto(setup, tmp_path,
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["--steps", "5", "--eval-every", "2"], "multiple"), (["--lr", "0"], "positive"),
-     (["--bgr-share", "2"], "bgr-share"), (["--order-weight", "-1"], "order-weight")],
+     (["--bgr-share", "2"], "bgr-share"), (["--order-weight", "-1"], "order-weight"), (["--select", "hue"], "select")],
 )
 def test_command_refuses_bad_settings(setup, tmp_path, capsys, extra, message):
     rc = main(["train-appearance-head", "--init", str(setup["init"]), "--data", str(setup["data"]),

@@ -59,6 +59,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="share of those reorderings that are BGR (default: all five orders equally likely)")
     p.add_argument("--canvas-p", type=float, default=0.0,
                    help="probability of a wider or taller black canvas around a training image (default 0)")
+    p.add_argument("--select", default="modality", metavar="{modality,modality+order}",
+                   help="validation score that picks the state kept: modality NLL (default) or modality "
+                        "+ order-weight x channel-order NLL")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     return p
 
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed, "extra_train": args.extra_train, "train_max_per_dataset": args.train_max_per_dataset,
             "val_max_per_dataset": args.val_max_per_dataset, "target_precision": args.target_precision,
             "order_weight": args.order_weight, "reorder_p": args.reorder_p, "bgr_share": args.bgr_share,
-            "canvas_p": args.canvas_p,
+            "canvas_p": args.canvas_p, "select": args.select,
         })
     except ValueError as exc:
         raise CommandError(str(exc).replace("_", "-")) from None

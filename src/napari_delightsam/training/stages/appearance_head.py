@@ -152,16 +152,24 @@ def _predict(head: AppearanceHead, feats: torch.Tensor, chunk: int = 64) -> tupl
             torch.cat([o.hue_degrees for o in out]))
 
 
-def _val_metrics(head: AppearanceHead, val: ValViews) -> dict[str, Any]:
+#: ``train_appearance_head(select=...)``: the validation metric each choice maximises
+SELECT_SCORES = {"modality": "val_neg_nll", "modality+order": "val_neg_nll_with_order"}
+
+
+def _val_metrics(head: AppearanceHead, val: ValViews, order_weight: float = 0.5) -> dict[str, Any]:
     with torch.inference_mode():
         logits, order, hue = _predict(head, val.feats)
     nll = float(F.cross_entropy(logits, val.modality))
     right = logits.argmax(1) == val.modality
     c = val.colour
+    order_nll = float(F.cross_entropy(order[c], val.order[c])) if bool(c.any()) else 0.0
     per_view = {v: float(right[[i for i, w in enumerate(val.view) if w == v]].float().mean()) for v in dict.fromkeys(val.view)}
     return {
         "val_modality_nll": nll,
         "val_neg_nll": -nll,
+        "val_order_nll": order_nll,
+        #: the selection score of ``select="modality+order"``: modality and channel-order NLL, weighted as in training
+        "val_neg_nll_with_order": -(nll + order_weight * order_nll),
         "val_modality_acc": float(right.float().mean()),
         "val_modality_acc_by_view": per_view,
         "val_order_acc": float((order.argmax(1)[c] == val.order[c]).float().mean()) if bool(c.any()) else None,
@@ -182,12 +190,17 @@ def train_appearance_head(
     seed: int = 0,
     mix: AppearanceMix | None = None,
     order_weight: float = 0.5,
+    select: str = "modality",
     log: RunLog | None = None,
     stop: StopFlag | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train ``model.modality_head`` (an ``AppearanceHead``; everything else frozen) and return
     its best state on ``val`` (lowest modality NLL) and a summary. ``mix``: the training
-    augmentation's tunable probabilities; ``order_weight``: the channel-order loss's weight."""
+    augmentation's tunable probabilities; ``order_weight``: the channel-order loss's weight;
+    ``select``: the state kept is the one with the lowest validation modality NLL ("modality") or
+    modality + ``order_weight`` × channel-order NLL ("modality+order")."""
+    if select not in SELECT_SCORES:
+        raise ValueError(f"select must be one of {sorted(SELECT_SCORES)}, got {select!r}")
     head = model.modality_head
     if not isinstance(head, AppearanceHead):
         raise ValueError("the model has no appearance head (modality_head_kind must be 'appearance')")
@@ -245,7 +258,7 @@ def train_appearance_head(
 
     def validate() -> dict[str, Any]:
         head.eval()
-        return _val_metrics(head, val)
+        return _val_metrics(head, val, order_weight)
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -258,7 +271,8 @@ def train_appearance_head(
     def keep(summary: dict[str, Any], epoch: int) -> None:
         kept.update(state=snapshot(), summary=summary, step=(epoch + 1) * eval_every)
 
-    best = BestKeeper("val_neg_nll", keep, value=start["val_neg_nll"], epoch=-1)
+    score = SELECT_SCORES[select]
+    best = BestKeeper(score, keep, value=start[score], epoch=-1)
     t0 = time.perf_counter()
     with isolated_rng(torch.device("cpu")):
         outcome = run_loop(
@@ -348,6 +362,8 @@ class HeadStageConfig:
     reorder_p: float = 0.4
     bgr_share: float | None = None
     canvas_p: float = 0.0
+    #: which validation score picks the state kept: "modality" (modality NLL) or "modality+order"
+    select: str = "modality"
 
     @property
     def mix(self) -> AppearanceMix:
@@ -370,6 +386,8 @@ class HeadStageConfig:
         if cfg.order_weight < 0:
             raise ValueError(f"order_weight must be >= 0, got {cfg.order_weight}")
         cfg.mix  # validates the probabilities
+        if cfg.select not in SELECT_SCORES:
+            raise ValueError(f"select must be one of {', '.join(sorted(SELECT_SCORES))}, got {cfg.select!r}")
         if not 0.5 < cfg.target_precision <= 1.0:
             raise ValueError(f"target_precision must be in (0.5, 1], got {cfg.target_precision}")
         return cfg
@@ -414,7 +432,7 @@ def train_head_stage(
     log = RunLog(Path(metrics), progress) if metrics is not None else None
     _, summary = train_appearance_head(
         model, train, val, modalities=modalities, steps=cfg.steps, eval_every=cfg.eval_every,
-        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, mix=cfg.mix, order_weight=cfg.order_weight, log=log,
+        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, mix=cfg.mix, order_weight=cfg.order_weight, select=cfg.select, log=log,
     )
     cal = calibrate(model.modality_head, val, target_precision=cfg.target_precision)
     meta = {k: v for k, v in init_meta.items() if k not in RESERVED_METADATA_KEYS}
