@@ -236,7 +236,7 @@ class Learner:
         """The session's saved images (in the order saved) whose mask is still there."""
         s = self.session
         out = []
-        for name in s.saved:
+        for name in list(s.saved):  # a snapshot: the GUI thread may save while a round starts
             if name in s._by_name and s.is_done(s.index_of(name)) and not s.is_unreadable(s.index_of(name)):
                 out.append(name)
         return out
