@@ -138,6 +138,7 @@ def test_a_round_every_k_saved_images_and_the_widget_names_the_model(make_napari
     _wait_for(qtbot, again, "case07")
     assert again.current_model() == str(adopted)
     assert "fine-tuned round 1" in again.model_label.text()
+    assert again.every_spin.value() == 6 and again.learner.config.every == 6  # K is the session's
 
 
 def test_closing_the_widget_mid_round_stops_the_child_and_adopts_nothing(make_napari_viewer, qtbot, tmp_path, tiny,

@@ -325,6 +325,11 @@ class AnnotateWidget(QWidget):
         from ..annotate_learning import LearnConfig, Learner
 
         _quit({"learn": self._learn_holder})
+        every = session.settings.get("finetune_every")
+        if isinstance(every, int) and every >= 0:
+            self.every_spin.setValue(every)  # a resumed session keeps its K
+        elif self.every_spin.value():
+            session.set_setting("finetune_every", self.every_spin.value())
         self.learner = Learner(session, LearnConfig(every=self.every_spin.value(),
                                                     device=self.device_combo.currentText() or "auto"))
         self.finetune_button.setEnabled(True)
@@ -339,6 +344,8 @@ class AnnotateWidget(QWidget):
     def _on_every_changed(self, value: int) -> None:
         if self.learner is not None:
             self.learner.config.every = int(value)
+        if self.session is not None and self.session.settings.get("finetune_every") != int(value):
+            self.session.set_setting("finetune_every", int(value))  # kept when the session resumes
 
     @property
     def learning(self) -> bool:
