@@ -305,9 +305,11 @@ class Learner:
         *,
         holder: dict[str, Any] | None = None,
         command_builder: CommandBuilder | None = None,
+        exact: bool = False,
     ) -> Generator[dict[str, Any] | None, None, RoundResult]:
-        """Fine-tune the model that segments now (``model_for(base)``) on the saved images, score
-        it against the new one on the held-out images, adopt the better (see the module doc).
+        """Fine-tune the model that segments now (``model_for(base)``, or ``base`` itself with
+        ``exact``: the napari panel passes the model it uses) on the saved images, score it
+        against the new one on the held-out images, adopt the better (see the module doc).
 
         Yields the trainer's events (plus ``{"event": "round", ...}`` phases and ``None``
         heartbeats) and returns the :class:`RoundResult`. ``holder["job"]`` is the running child;
@@ -315,7 +317,7 @@ class Learner:
         """
         holder = {} if holder is None else holder
         started = time.perf_counter()
-        current = self.model_for(base)
+        current = base if exact else self.model_for(base)
         names = self.saved_names()
         train_names, holdout_names = split_saved(names, self.config.holdout_every)
         number = self._next_round_number()

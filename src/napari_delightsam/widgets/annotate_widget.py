@@ -367,7 +367,7 @@ class AnnotateWidget(QWidget):
         holder = self._learn_holder
         holder.clear()
         base = self.current_model()
-        worker = create_worker(guard_worker, self.learner.run_round(base, holder=holder), _ignore_errors=True)
+        worker = create_worker(guard_worker, self.learner.run_round(base, holder=holder, exact=True), _ignore_errors=True)
         holder["worker"] = worker
         worker.yielded.connect(self._on_learn_event)
         worker.returned.connect(self._on_round)
