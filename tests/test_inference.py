@@ -334,11 +334,11 @@ def test_out_of_memory_retries_with_smaller_batches(seg, images, monkeypatch):
     original = seg._forward_once
     sizes = []
 
-    def oom_above_one(x, modality):
+    def oom_above_one(x, modality, *rest):
         sizes.append(x.shape[0])
         if x.shape[0] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(x, modality)
+        return original(x, modality, *rest)
 
     monkeypatch.setattr(seg, "_forward_once", oom_above_one)
     batch = seg.segment_batch(images, "xray", batch_size=4)
@@ -347,7 +347,7 @@ def test_out_of_memory_retries_with_smaller_batches(seg, images, monkeypatch):
     for im, r in zip(images, batch, strict=True):
         np.testing.assert_allclose(seg.segment(im, "xray").probability, r.probability, atol=1e-4)
 
-    def always_oom(x, modality):
+    def always_oom(x, modality, *rest):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(seg, "_forward_once", always_oom)

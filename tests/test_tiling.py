@@ -99,7 +99,7 @@ def _constant_run(seg, monkeypatch, value_of_tile):
     calls: list[int] = []
     m, p = seg.config.mask_size, seg.config.patch_grid
 
-    def fake_run(batch, modality):
+    def fake_run(batch, modality, **kwargs):
         n = len(batch)
         calls.append(n)
         vals = torch.tensor([value_of_tile(len(calls), k) for k in range(n)], dtype=torch.float32)
@@ -161,9 +161,9 @@ def test_tiles_are_streamed_in_batches_and_the_run_can_stop_between_them(seg, mo
     real_run = seg._run
     sizes: list[int] = []
 
-    def spy(batch, modality):
+    def spy(batch, modality, **kwargs):
         sizes.append(len(batch))
-        return real_run(batch, modality)
+        return real_run(batch, modality, **kwargs)
 
     monkeypatch.setattr(seg, "_run", spy)
     steps = seg.segment_steps(_image(400, 300), "microscopy", tiling="on", tile_overlap=32, tile_batch_size=2, tile_scale=1.0)
@@ -263,3 +263,54 @@ def test_a_float_image_is_resampled_in_uint8_when_scaled():
     assert np.abs(work[:hw, :ww].astype(np.float32) - want).max() <= 1.0
     same = tiling._working_image(arr, tiling.plan_tiles((100, 120), 64, scale=1.0, overlap=16))
     assert same.dtype == np.float32  # no resampling: the image as prepared
+
+
+# -- the modality/appearance head: once per image, not per tile --------------------------------------
+
+
+def test_tiles_skip_the_head_and_take_the_whole_images_colour_correction(seg, monkeypatch):
+    from napari_delightsam import tiling
+    from napari_delightsam.config import PIXEL_MEAN, PIXEL_STD
+
+    swap = np.eye(3)[::-1].copy()  # BGR -> RGB
+    probs = np.full(len(seg.modalities), 1.0 / len(seg.modalities))
+    monkeypatch.setattr(tiling, "_whole_image_appearance", lambda s, a: (probs, swap))
+    seen: list[tuple[bool, torch.Tensor]] = []
+    real_run = seg._run
+
+    def spy(batch, modality, **kwargs):
+        seen.append((kwargs.get("run_head", True), torch.cat([p.tensor for p in batch])))
+        return real_run(batch, modality, **kwargs)
+
+    monkeypatch.setattr(seg, "_run", spy)
+    img = np.empty((300, 260, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = 200, 100, 10
+    res = seg.segment(img, "microscopy", tiling="on", tile_scale=1.0, tile_overlap=32)
+    assert res.tiling["tiles"] == sum(t.shape[0] for _, t in seen) > 1
+    assert all(head is False for head, _ in seen)  # no tile runs the modality/appearance head
+    x = torch.cat([t for _, t in seen])
+    want = [(v - m) / s for v, m, s in zip((10, 100, 200), PIXEL_MEAN, PIXEL_STD, strict=True)]
+    for c in range(3):  # every tile sees the corrected colours (blue and red swapped back)
+        np.testing.assert_allclose(x[:, c].numpy(), want[c], atol=1e-4)
+    assert res.colour_correction is not None and "BGR" in res.colour_correction
+    assert img[0, 0].tolist() == [200, 100, 10]  # the caller's image is not touched
+    assert not seg.auto_available and res.modality_probabilities is None  # an untrained head claims nothing
+
+
+def test_the_whole_image_appearance_pass_and_the_headless_forward(seg):
+    from napari_delightsam import tiling
+
+    grey = np.repeat(_image(200, 200)[..., :1], 3, axis=2)  # equal channels: never recoloured
+    probs, matrix = tiling._whole_image_appearance(seg, grey)
+    assert matrix is None and probs is not None
+    assert probs.shape == (len(seg.modalities),) and probs.sum() == pytest.approx(1.0, abs=1e-5)
+    x = torch.randn(2, 3, seg.config.img_size, seg.config.img_size)
+    mod = torch.tensor([seg.config.modality_index("microscopy")] * 2)
+    with torch.inference_mode():
+        full = seg.model(x, mod, correct_colour=False)
+        headless = seg.model(x, mod, run_head=False)
+        with pytest.raises(ValueError, match="needs the modality"):
+            seg.model(x, None, run_head=False)
+    assert headless.modality_logits is None and full.modality_logits is not None
+    torch.testing.assert_close(headless.mask_logits, full.mask_logits)
+    torch.testing.assert_close(headless.patch_logits, full.patch_logits)

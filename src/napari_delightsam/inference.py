@@ -367,12 +367,13 @@ class Segmenter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _forward_once(self, x: torch.Tensor, modality: torch.Tensor | None) -> _BatchOutput:
+    def _forward_once(self, x: torch.Tensor, modality: torch.Tensor | None, run_head: bool = True) -> _BatchOutput:
+        kw = {} if run_head else {"run_head": False}  # the plain call unless the head is skipped
         with torch.inference_mode():
             with self._autocast():
                 if self._compiled is not None:
                     try:
-                        out = self._compiled(x, modality)
+                        out = self._compiled(x, modality, **kw)
                     except _OOM_ERRORS:
                         raise
                     except Exception as exc:
@@ -381,19 +382,19 @@ class Segmenter:
                             stacklevel=2,
                         )
                         self._compiled = None
-                        out = self.model(x, modality)
+                        out = self.model(x, modality, **kw)
                 else:
-                    out = self.model(x, modality)
+                    out = self.model(x, modality, **kw)
             self._sync()
         logits = out.modality_logits.float() if out.modality_logits is not None else None
         colour = getattr(out, "colour_matrix", None)
         return _BatchOutput(out.mask_logits.float(), out.patch_logits.float(), out.modality, logits,
                             colour_matrix=None if colour is None else colour.float())
 
-    def _forward_guarded(self, x: torch.Tensor, modality: torch.Tensor | None) -> _BatchOutput:
+    def _forward_guarded(self, x: torch.Tensor, modality: torch.Tensor | None, run_head: bool = True) -> _BatchOutput:
         """One forward with the fallbacks: bf16 -> fp32 on failure; CUDA OOM -> smaller batches."""
         try:
-            return self._forward_once(x, modality)
+            return self._forward_once(x, modality, run_head)
         except _OOM_ERRORS:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -406,8 +407,8 @@ class Segmenter:
             half = n // 2
             log.warning("out of memory with a batch of %d on %s; retrying with %d", n, self.device, half)
             return _merge_outputs([
-                self._forward_guarded(x[:half], None if modality is None else modality[:half]),
-                self._forward_guarded(x[half:], None if modality is None else modality[half:]),
+                self._forward_guarded(x[:half], None if modality is None else modality[:half], run_head),
+                self._forward_guarded(x[half:], None if modality is None else modality[half:], run_head),
             ])
         except RuntimeError as exc:
             if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
@@ -418,12 +419,19 @@ class Segmenter:
                 raise
             warnings.warn(f"bf16 inference failed ({exc}); falling back to fp32", stacklevel=2)
             self.precision = "fp32"
-            return self._forward_once(x, modality)
+            return self._forward_once(x, modality, run_head)
 
-    def _run(self, batch: list[PreparedImage], modality: list[int | None]) -> _BatchOutput:
+    def _run(self, batch: list[PreparedImage], modality: list[int | None], *, run_head: bool = True) -> _BatchOutput:
+        """One network call over ``batch``; ``run_head=False`` (every modality given) skips the
+        modality/appearance head (no modality logits, no colour correction)."""
         x = torch.cat([p.tensor for p in batch]).contiguous(memory_format=self.memory_format)
         t0 = time.perf_counter()
-        if all(m is None for m in modality):
+        if not run_head:
+            if any(m is None for m in modality):
+                raise ValueError("run_head=False needs every modality given")
+            mod = torch.tensor(modality, dtype=torch.long, device=self.device)
+            out = self._forward_guarded(x, mod, run_head=False)
+        elif all(m is None for m in modality):
             out = self._forward_guarded(x, None)
         elif any(m is None for m in modality):
             # a chunk mixing "auto" with given modalities: two forwards, merged back in order

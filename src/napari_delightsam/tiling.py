@@ -288,6 +288,35 @@ def _working_image(arr: np.ndarray, plan: TilePlan) -> np.ndarray:
     return arr
 
 
+def _whole_image_appearance(seg: Segmenter, arr: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The modality/appearance head once, on the whole image at S² (as whole-image inference sees
+    it): (modality probabilities (K,) or None, the colour correction (3,3) or None when there is
+    none). The tiles then run without the head: a tile alone may look like another modality or
+    colour, and the head costs ~5-10 % of a tile's forward."""
+    x = to_model_tensor(arr, seg.config.img_size, seg.device).contiguous(memory_format=seg.memory_format)
+    with torch.inference_mode(), seg._autocast():
+        _, _, logits, mats = seg.model.stage0(x, correct_colour=None)
+    probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy() if logits is not None else None
+    matrix = None
+    if mats is not None:
+        m = mats[0].float().cpu().numpy()
+        matrix = None if np.allclose(m, np.eye(3), atol=1e-6) else m
+    return probs, matrix
+
+
+def _recolour(work: np.ndarray, matrix: np.ndarray, rows: int = 512) -> np.ndarray:
+    """(H,W,3) [0,255] with each pixel's RGB replaced by ``matrix @ rgb`` (clamped; uint8 rounded),
+    in place, a block of rows at a time (the appearance head's correction, as whole-image
+    inference applies it to its S² input)."""
+    if not work.flags.writeable:
+        work = work.copy()
+    mt = matrix.T.astype(np.float32)
+    for r in range(0, work.shape[0], rows):
+        block = np.clip(work[r : r + rows].astype(np.float32) @ mt, 0, 255)
+        work[r : r + rows] = np.rint(block) if work.dtype == np.uint8 else block
+    return work
+
+
 def _check_tiling(tiling: Any) -> str:
     mode = str(tiling).strip().lower() if isinstance(tiling, str) else tiling
     if mode is True:
@@ -367,9 +396,13 @@ def _run_tiles(
     name: str,
 ) -> Generator[tuple[int, int], None, SegmentationResult]:
     from .inference import PreparedImage, SegmentationResult
+    from .model.appearance_head import describe_correction
 
     t0 = time.perf_counter()
+    mod_probs, colour = _whole_image_appearance(seg, arr)
     work = _working_image(arr, plan)
+    if colour is not None and work.shape[2] == 3:
+        work = _recolour(work if work is not arr else work.copy(), colour)
     del arr
     prep_seconds += time.perf_counter() - t0
     step = int(batch_size) if batch_size else DEFAULT_TILE_BATCH.get(seg.device.type, 2)
@@ -381,7 +414,6 @@ def _run_tiles(
     logit_sum = np.zeros(grid, dtype=np.float32)
     heat_sum = np.zeros(grid, dtype=np.float32)
     weight_sum = np.zeros(grid, dtype=np.float32)
-    mod_prob_sum: np.ndarray | None = None
     model_seconds = 0.0
     done = 0
     tiles = plan.windows()
@@ -399,16 +431,13 @@ def _run_tiles(
             for y, x, _ in chunk
         ]
         prep_seconds += time.perf_counter() - t
-        out = seg._run(prepared, [index] * len(chunk))
+        out = seg._run(prepared, [index] * len(chunk), run_head=False)
         model_seconds += out.seconds
         with torch.inference_mode():
             mask_logits = out.mask_logits[:, 0]
             heat = F.interpolate(out.patch_logits.float(), size=(m, m), mode="bilinear", align_corners=False)[:, 0]
             mask_np = mask_logits.float().cpu().numpy()
             heat_np = heat.cpu().numpy()
-            if out.modality_logits is not None and seg.auto_available:
-                p = torch.softmax(out.modality_logits, dim=1).sum(0).cpu().numpy()
-                mod_prob_sum = p if mod_prob_sum is None else mod_prob_sum + p
         for k, (y, x, w) in enumerate(chunk):
             sy, sx = slice(y // g, y // g + m), slice(x // g, x // g + m)
             logit_sum[sy, sx] += w * mask_np[k]
@@ -452,8 +481,8 @@ def _run_tiles(
             threshold=threshold, tiling=tiling,
         )
     probs = None
-    if mod_prob_sum is not None:
-        probs = {n: float(v) / plan.count for n, v in zip(seg.modalities, mod_prob_sum, strict=True)}
+    if mod_probs is not None and seg.auto_available:
+        probs = {n: float(v) for n, v in zip(seg.modalities, mod_probs, strict=True)}
     return SegmentationResult(
         mask=mask,
         probability=probability,
@@ -464,4 +493,5 @@ def _run_tiles(
         threshold=threshold,
         info=info,
         tiling=tiling,
+        colour_correction=None if colour is None else describe_correction(colour),
     )

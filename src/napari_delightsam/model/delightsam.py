@@ -73,15 +73,25 @@ class DeLightSAM(nn.Module):
         modality: torch.Tensor | None = None,
         use_controller: bool = True,
         correct_colour: bool | None = None,
+        run_head: bool = True,
     ) -> DeLightSAMOutput:
         """images (B,3,S,S) normalised; modality (B,) long, or None to use the modality head.
 
         ``correct_colour`` (None: in eval mode only): with an appearance head, colour images whose
         channel order or hue the head finds shifted are put back before the encoder's ViT stages,
-        the decoder and the modality decision see them (``DeLightSAMOutput.colour_matrix``)."""
+        the decoder and the modality decision see them (``DeLightSAMOutput.colour_matrix``).
+
+        ``run_head=False`` (a given ``modality`` only) skips the modality/appearance head: no
+        modality logits, no colour correction (tiled inference decides both once for the whole
+        image and runs its tiles this way)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B,3,S,S), got {tuple(images.shape)}")
-        images, feats, modality_logits, colour_matrix = self.stage0(images, correct_colour)
+        if run_head:
+            images, feats, modality_logits, colour_matrix = self.stage0(images, correct_colour)
+        elif modality is None:
+            raise ValueError("run_head=False needs the modality")
+        else:
+            feats, modality_logits, colour_matrix = self.encoder.forward_conv(images), None, None
         if modality is None:
             if modality_logits is None:
                 raise ValueError("this model has no modality head: pass the modality explicitly")
