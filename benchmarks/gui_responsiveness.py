@@ -7,8 +7,13 @@ a gap much longer than 50 ms. Measured in a real (shown) napari window:
 
 1. idle: the window doing nothing (the baseline of this machine);
 2. segment: the "De-LightSAM segment" widget segmenting an image in its worker thread;
-3. fine-tune: the "De-LightSAM fine-tune" widget training in its child process (the widget's own
-   50 ms probe, ``FinetuneWidget.tick_stats``).
+3. segment tiled: the same widget segmenting a large RGB image (``--tiled-size``, 2048² by default)
+   with the bundled model (when installed) as microscopy with tiling "auto" (tiled: progress per
+   batch of tiles, the three full-size layers added at the end); the longest gaps are listed with
+   the stage they fell in (while the tiles ran, in the widget's result handler on the GUI thread,
+   or in the first draw after it), and the handler's own time and profile;
+4. fine-tune: the "De-LightSAM fine-tune" widget training in its child process (the widget's own
+   50 ms probe, ``FinetuneWidget.tick_stats``); ``--skip-finetune`` leaves it out.
 
 Prints max / 99th percentile / mean gap in ms for each. The model is the default architecture
 with random weights unless ``--checkpoint`` is given (the work per step, not the weights, is
@@ -80,6 +85,78 @@ def _spin(app, until, timeout_s: float) -> bool:
     return True
 
 
+def _tiled_case(app, viewer, seg, probe: Probe, tile: np.ndarray, side: int) -> dict | None:
+    """Segment a ``side``² RGB image (``tile`` repeated) as microscopy, tiling "auto", in the segment
+    widget; the probe's gaps, the five longest with their stage, and the GUI-thread time of the
+    widget's result handler (mask threshold, fingerprint, three full-size layers)."""
+    reps = -(-side // tile.shape[0])
+    large = np.tile(tile, (reps, reps, 1))[:side, :side].copy()
+    viewer.add_image(large, name="large", rgb=True)
+    for _ in range(20):
+        app.processEvents()
+    bundled = seg.model_combo.findData("bundled")
+    if bundled >= 0 and "not installed" not in seg.model_combo.itemText(bundled):
+        seg.model_combo.setCurrentIndex(bundled)  # the shipped network size (its tiles, its cost)
+    seg.modality_combo.setCurrentText("microscopy")
+    seg.tiling_combo.setCurrentText("auto")
+    seg.image_combo.value = viewer.layers["large"]
+    handler = seg._on_returned
+    spans: list[tuple[float, float]] = []
+
+    profile_lines: list[str] = []
+
+    def timed(payload):  # the result handler runs on the GUI thread: time it (and profile it)
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        start = time.perf_counter()
+        try:
+            prof.runcall(handler, payload)
+        finally:
+            spans.append((start, time.perf_counter()))
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
+            profile_lines.extend(line.strip() for line in out.getvalue().splitlines() if "/" in line)
+
+    seg._on_returned = timed  # looked up when the widget connects its worker's signals
+    probe.start()
+    t0 = time.monotonic()
+    if seg.run() is None or not _spin(app, lambda: not seg.busy, 3600):
+        return None
+    for _ in range(20):  # the layers' first draw comes after the handler returns
+        app.processEvents()
+        time.sleep(0.01)
+    stats = probe.stop()
+    seg._on_returned = handler
+    layers_at = spans[0] if spans else (float("inf"), float("inf"))
+    start_t = probe.times[0] - probe.gaps[0] / 1000 if probe.times else 0.0
+    worst = sorted(zip(probe.gaps, probe.times, strict=True), reverse=True)[:5]
+    tiles = (seg._last.run.tilings[0] if seg._last is not None and seg._last.run.tilings else None) or {}
+    return {
+        **stats,
+        "model": seg.model_combo.currentData(),
+        "side": side,
+        "tiles": tiles.get("tiles"),
+        "seconds": round(time.monotonic() - t0, 2),
+        "result_handler_ms": round((layers_at[1] - layers_at[0]) * 1000, 1) if spans else None,
+        "worst_gaps": [
+            {"gap_ms": round(g, 1), "at_s": round(t - start_t, 2), "stage": _stage(t - g / 1000, t, layers_at)}
+            for g, t in worst
+        ],
+        "result_handler_profile": profile_lines[:25],
+    }
+
+
+def _stage(start: float, end: float, handler: tuple[float, float]) -> str:
+    """Where a gap fell: while tiles ran in the worker, in the result handler, or after it (the
+    first draw of the new layers)."""
+    if end < handler[0]:
+        return "tiles"
+    return "result handler" if start <= handler[1] else "first draw"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="model file (default: default architecture, random weights)")
@@ -88,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--train-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--tiled-size", type=int, default=2048,
+                        help="side of the large image segmented tiled (0: leave the case out)")
+    parser.add_argument("--skip-finetune", action="store_true", help="leave the fine-tune case out")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -135,6 +215,18 @@ def main(argv: list[str] | None = None) -> int:
             print("segmentation did not finish", file=sys.stderr)
             return 1
         results[label] = {**probe.stop(), "seconds": round(time.monotonic() - t0, 2)}
+
+    if args.tiled_size:
+        results["segment_tiled"] = _tiled_case(app, viewer, seg, probe, big, args.tiled_size)
+        if results["segment_tiled"] is None:
+            print("tiled segmentation did not finish", file=sys.stderr)
+            return 1
+    if args.skip_finetune:
+        viewer.close()
+        print(json.dumps(results, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
 
     _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune", tabify=True)
     ft.add_pair("lesion", "lesion_corrected", "dermoscopy")
