@@ -118,7 +118,7 @@ def _tiled_case(app, viewer, seg, probe: Probe, tile: np.ndarray, side: int) -> 
             spans.append((start, time.perf_counter()))
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
-            profile_lines.extend(line.strip() for line in out.getvalue().splitlines() if "/" in line)
+            profile_lines.extend(_short_path(line.strip()) for line in out.getvalue().splitlines() if "/" in line)
 
     seg._on_returned = timed  # looked up when the widget connects its worker's signals
     probe.start()
@@ -147,6 +147,15 @@ def _tiled_case(app, viewer, seg, probe: Probe, tile: np.ndarray, side: int) -> 
         ],
         "result_handler_profile": profile_lines[:25],
     }
+
+
+def _short_path(line: str) -> str:
+    """A profile line with its file named from the package on (no machine-specific prefix)."""
+    for marker in ("site-packages/", "src/"):
+        head, sep, tail = line.partition(marker)
+        if sep:
+            return head.rsplit(" ", 1)[0] + " " + tail
+    return line
 
 
 def _stage(start: float, end: float, handler: tuple[float, float]) -> str:

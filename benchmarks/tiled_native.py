@@ -68,8 +68,8 @@ def upsample(image: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.nda
     return np.asarray(img), np.asarray(msk) > 127
 
 
-def methods(factor: float, relative: list[float]) -> list[tuple[str, dict[str, Any]]]:
-    out: list[tuple[str, dict[str, Any]]] = [("whole", {"tiling": "off"}), ("rule", {"tiling": "auto"})]
+def methods(factor: float, relative: list[float], rule: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = [("whole", {"tiling": "off"})] + ([("rule", {"tiling": "auto"})] if rule else [])
     return out + [(f"tiled rel x{s:g}", {"tiling": "on", "tile_scale": s / factor}) for s in relative]
 
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         images = load_images(args.data, args.splits, modality)[: args.max_images or None]
         for factor in args.factors:
             big = [(key, *upsample(img, msk, factor)) for key, img, msk in images]
-            for name, kwargs in methods(factor, args.relative_scales):
+            for name, kwargs in methods(factor, args.relative_scales, not args.no_rule):
                 dice, secs, tiles, per_key = [], [], [], {}
                 for key, img, gt in big:
                     t0 = time.perf_counter()
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--factors", nargs="+", type=float, default=[2.0, 4.0], help="upsampling factors")
     p.add_argument("--relative-scales", nargs="*", type=float, default=[1.25],
                    help="tile scales relative to the stored image (divided by the factor)")
+    p.add_argument("--no-rule", action="store_true", help="leave the auto rule out (its tiles grow with F²)")
     p.add_argument("--max-images", type=int, default=0, help="at most this many images per modality (0: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="write the report (JSON) here")

@@ -37,3 +37,4 @@ def test_methods_are_whole_the_rule_and_tiles_at_the_stored_images_scale(bench):
     assert names[0] == ("whole", {"tiling": "off"}) and names[1] == ("rule", {"tiling": "auto"})
     assert names[2] == ("tiled rel x1.25", {"tiling": "on", "tile_scale": 1.25 / 4.0})
     assert names[3][1]["tile_scale"] == 0.25
+    assert [n for n, _ in bench.methods(2.0, [1.25], rule=False)] == ["whole", "tiled rel x1.25"]
