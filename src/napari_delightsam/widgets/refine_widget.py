@@ -184,6 +184,7 @@ class RefineWidget(Container):
         self._seen: dict[int, int] = {}
         self._protected: dict[int, tuple[weakref.ref, np.ndarray, Any]] = {}
         self.refinements = 0  # refinements written (for tests and the status line)
+        self._job_started_status = ""
 
         self.box_button.changed.connect(self.start_boxes)
         self.clicks_button.changed.connect(self.start_clicks)
@@ -205,6 +206,9 @@ class RefineWidget(Container):
         self._worker_box = state
         # stop the worker when the dock goes away; the closure must not hold `self`
         self.native.destroyed.connect(lambda *_: _quit(state))
+        #: compute the picked image's embedding in the background as soon as it is picked (the
+        #: widget opens, or another image is chosen), so the first box or click does not wait for it
+        self.prefetch = True
         self.reset_choices()
         self._on_image_changed(self.image_picker.value)  # the pickers may be filled already
         self._on_labels_changed(self.labels_picker.value)
@@ -231,6 +235,29 @@ class RefineWidget(Container):
         candidates = [c for c in self.labels_picker.choices if c.name == base or c.name.startswith(base + " [")]
         if candidates:
             self.labels_picker.value = candidates[-1]
+        self.prefetch_embedding(image)
+
+    def prefetch_embedding(self, image: Any = None) -> RefineJob | None:
+        """Queue the embedding of ``image`` (default: the picked one; a stack: its current slice)
+        in the worker, with the decoder's per-image tensors (``BoxRefiner.prepare_prompts``), unless
+        ``prefetch`` is off, the image cannot be used, or the same embedding is already queued."""
+        image = self.image_picker.value if image is None else image
+        if not self.prefetch or image is None or not alive(self):
+            return None
+        try:
+            prepared = prepare_layer(image)
+        except InputError:
+            return None  # the Box / Clicks buttons say why
+        z = self._current_slice(image) if prepared.stack else None
+        device = self.device_combo.value
+        for job in [*self._queue, *([self._job] if self._job is not None else [])]:
+            if (job.box is None and job.clicks is None and not job.refine_all and job.image() is image
+                    and job.z == z and job.device == device):
+                return None
+        job = RefineJob(weakref.ref(image), None, prepared, z, None, device, image_name=image.name,
+                        drawn={"prefetch": True})
+        self._submit(job)
+        return job
 
     def _on_labels_changed(self, labels: Any) -> None:
         record = (labels.metadata.get(METADATA_KEY, {}) or {}) if labels is not None else {}
@@ -632,6 +659,7 @@ class RefineWidget(Container):
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._worker_box["worker"] = worker
+        self._job_started_status = self.status.value
         if job.box is not None:
             self._set_status(f"Refining the box {job.drawn.get('box')}…")
         elif job.refine_all:
@@ -641,12 +669,16 @@ class RefineWidget(Container):
     def _on_yielded(self, item: tuple) -> None:
         if not alive(self) or self._job is None:
             return
+        if self._job.drawn.get("prefetch") and self.status.value != self._job_started_status:
+            return  # a background embedding never overwrites a newer message
         if item[0] == "loading":
             self._set_status(f"Loading LiteMedSAM on {item[1]}…")
+            self._job_started_status = self.status.value
         elif item[0] == "embedding":
             what = f"slice {self._job.z} of '{self._job.image_name}'" if self._job.z is not None else f"'{self._job.image_name}'"
             self._set_status(f"Computing the LiteMedSAM image embedding of {what} (once per image; "
                              "later boxes reuse it)…")
+            self._job_started_status = self.status.value  # our own message (see _on_returned)
             from napari.utils import progress
 
             self._close_progress()
@@ -704,6 +736,8 @@ class RefineWidget(Container):
                              f"{'negative' if self.negative_check.value else 'positive'} (T toggles, N: new object).")
             return
         if job.box is None and not job.refine_all:
+            if job.drawn.get("prefetch") and self._job_started_status != self.status.value:
+                return  # computed in the background; the status line says something newer
             self._set_status(f"Ready: boxes on '{job.image_name}' now reuse its embedding "
                              f"({result['seconds']:.2f} s).")
             return
@@ -895,6 +929,8 @@ def _refine_job(
         if embedded:
             yield ("embedding",)
             refiner.set_image(plane, image_id=key)
+        if box is None and clicks is None and snapshot is None and hasattr(refiner, "prepare_prompts"):
+            refiner.prepare_prompts()  # an embedding job: the decoder's per-image tensors too (cached)
         mask = refiner.segment_box(box) if box is not None else None
         clicked = refiner.segment_clicks(clicks, click_labels, click_box) if clicks is not None else None
         refined = (
