@@ -9,7 +9,8 @@ views on colour modalities only), the Segmenter's own decision path (``decide_mo
 preprocessing, stage 0, the head's correction, the calibrated probabilities, the model's
 threshold) gives the modality, its confidence and whether ``auto`` asks; the correction is read
 from ``stage0``'s colour matrix. Reported per split and view: right %, asks %, wrong and not
-asked %, and for BGR views the share of colour images put back to RGB; per dataset: right %.
+asked %, colours changed % (as stored, every change is a false one), and for BGR views the
+share of colour images put back to RGB; per dataset: right %.
 A tenth of the scoreboard's time (``benchmarks/appearance_shift.py`` segments every view twice),
 so a head can be checked on every image before the scoreboard is run.
 """
@@ -42,9 +43,11 @@ def decide(seg: Any, image: np.ndarray) -> dict[str, Any]:
     with torch.inference_mode():
         x = seg.prepare(image).tensor.contiguous(memory_format=seg.memory_format)
         _, _, _, mats = seg.model.stage0(x)
-    bgr_fixed = mats is not None and _is_reorder_to_rgb(mats[0].float().cpu().numpy())
+    matrix = None if mats is None else mats[0].float().cpu().numpy()
     return {"modality_picked": decision.modality, "confidence": decision.confidence,
-            "runner_up": decision.runner_up, "asks": decision.asks, "bgr_fixed": bgr_fixed}
+            "runner_up": decision.runner_up, "asks": decision.asks,
+            "colour_changed": matrix is not None and not np.allclose(matrix, np.eye(3), atol=1e-3),
+            "bgr_fixed": matrix is not None and _is_reorder_to_rgb(matrix)}
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -63,6 +66,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "asks": float(np.mean([r["asks"] for r in cells])),
                 "wrong_unasked": float(np.mean([(not ok) and not r["asks"] for r, ok in zip(cells, right, strict=True)])),
                 "right_by_dataset": {k: float(np.mean(v)) for k, v in sorted(by_dataset.items())},
+                "colour_changed": float(np.mean([r["colour_changed"] for r in cells])),
             }
             if view == "BGR channel order":
                 entry["bgr_put_back"] = float(np.mean([r["bgr_fixed"] for r in cells]))
@@ -74,12 +78,13 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def report(summary: dict[str, Any]) -> str:
     lines = []
     for split, views in summary.items():
-        lines += [f"## {split}", "", "| view | n | right % | asks % | wrong, not asked % | BGR put back % |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"## {split}", "",
+                  "| view | n | right % | asks % | wrong, not asked % | colours changed % | BGR put back % |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for view, e in views.items():
             back = f"{100 * e['bgr_put_back']:.1f}" if "bgr_put_back" in e else ""
             lines.append(f"| {view} | {e['n_images']} | {100 * e['right']:.1f} | {100 * e['asks']:.1f} | "
-                         f"{100 * e['wrong_unasked']:.1f} | {back} |")
+                         f"{100 * e['wrong_unasked']:.1f} | {100 * e['colour_changed']:.1f} | {back} |")
         lines.append("")
         first = next(iter(views.values()))["right_by_dataset"]
         lines += ["| right % by dataset | " + " | ".join(views) + " |", "|---|" + "---:|" * len(views)]

@@ -68,6 +68,9 @@ def test_summary_arithmetic(run):
         assert e["n_images"] == len(cells)
         assert e["right"] == pytest.approx(np.mean([r["modality_picked"] == r["modality"] for r in cells]))
         assert e["asks"] == pytest.approx(np.mean([r["asks"] for r in cells]))
+        assert e["colour_changed"] == pytest.approx(np.mean([r["colour_changed"] for r in cells]))
+    for r in rows:
+        assert not (r["bgr_fixed"] and not r["colour_changed"])  # putting BGR back is a change
     assert summary["BGR channel order"]["bgr_put_back"] == pytest.approx(
         np.mean([r["bgr_fixed"] for r in rows if r["view"] == "BGR channel order"]))
     assert "greyscale" in summary and "| right % by dataset |" in run["out"].with_suffix(".md").read_text()
