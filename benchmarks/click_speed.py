@@ -1,6 +1,6 @@
 """Time per click of the refine widget's point prompts, after the image embedding (CPU).
 
-    python benchmarks/click_speed.py [--image FILE] [--size 1024] [--rounds 15] [--threads 2] [--json OUT.json]
+    python benchmarks/click_speed.py [--image FILE] [--size 1024] [--rounds 15] [--threads 2] [--decode-threads 1] [--json OUT.json]
 
 One image (``--image``, else the bundled synthetic dermoscopy sample), resized to ``--size`` ×
 ``--size``, embedded once by ``load_refiner()`` (the widget's refiner, its fast path on this
@@ -12,6 +12,14 @@ machine); then median wall seconds over ``--rounds`` rounds (the four take turns
 * ``further click``: ``segment_clicks`` with two clicks and the box the first click chose
   (what the widget sends for each click after the first of an object): one prompt;
 * ``SAM point prompt``: ``segment_points`` with one click alone (SAM's raw point path).
+
+Each case runs twice per round: as the refiner runs it (the decoder's image side cached per
+image, ``BoxRefiner.prepare_prompts``, timed apart as ``image_side_s``; a first click's
+candidates decoded only in the rows its clicks read) and with every prompt through
+``MaskDecoder.forward`` as published (``cache_image_side = False``, "published decoder", the
+code before); the two give identical masks (checked here on every case). ``--decode-threads 1``
+adds the cases again with the decoder on one intra-op thread (``BoxRefiner.decode_threads``;
+not bit-identical: the logits of 1 and 2 threads differ in the last bits).
 
 The load average before and after is printed with the numbers: on a shared machine other
 processes slow every figure down.
@@ -50,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--decode-threads", type=int, default=None,
+                        help="also time the cached path with the decoder on this many intra-op threads")
     args = parser.parse_args(argv)
 
     import torch
@@ -77,13 +87,38 @@ def main(argv: list[str] | None = None) -> int:
     centre = [s / 2 + 0.5, s / 2 + 0.5]
     second = [s / 2 + s / 20 + 0.5, s / 2 + 0.5]
     box = (s * 0.3, s * 0.3, s * 0.7, s * 0.7)
+    t0 = time.perf_counter()
+    refiner.prepare_prompts()
+    image_side = time.perf_counter() - t0
     _, _, chosen = refiner.segment_clicks([centre], [1])
-    results = _interleaved_medians({
+    base = {
         "box": lambda: refiner.segment_box(box),
         "first click": lambda: refiner.segment_clicks([centre], [1]),
         "further click": lambda: refiner.segment_clicks([centre, second], [1, 1], chosen),
         "SAM point prompt": lambda: refiner.segment_points([centre], [1]),
-    }, args.rounds)
+    }
+
+    def variant(fn, cached: bool, threads: int | None):
+        def run():
+            refiner.cache_image_side, refiner.decode_threads = cached, threads
+            try:
+                return fn()
+            finally:
+                refiner.cache_image_side, refiner.decode_threads = True, None
+        return run
+
+    cases = {}
+    for key, fn in base.items():
+        cases[key] = variant(fn, True, None)
+        cases[f"{key} (published decoder)"] = variant(fn, False, None)
+        if args.decode_threads is not None:
+            cases[f"{key} ({args.decode_threads} decode thread(s))"] = variant(fn, True, args.decode_threads)
+    identical = {}
+    for key in base:
+        a, b = cases[key](), cases[f"{key} (published decoder)"]()
+        a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
+        identical[key] = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    results = _interleaved_medians(cases, args.rounds)
     record = {
         "image": name,
         "size": [s, s],
@@ -92,15 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         "candidate_boxes": len(CLICK_BOX_SIZES),
         "refiner": refiner.fast_path_description(),
         "embedding_s": round(embed, 4),
+        "image_side_s": round(image_side, 4),
+        "identical_to_published_decoder": identical,
+        "decode_threads": args.decode_threads,
         "median_s": {k: round(v, 4) for k, v in results.items()},
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }
     print(f"{name} at {s}x{s}, {args.threads} threads, {refiner.fast_path_description()}")
-    print(f"embedding {embed:.3f} s (once per image); load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"embedding {embed:.3f} s + decoder image side {image_side:.3f} s (once per image); "
+          f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"identical masks, scores, boxes to the published decoder: {identical}")
     for key, value in results.items():
-        print(f"  {key:16s} {value:.3f} s")
+        print(f"  {key:40s} {value:.3f} s")
     if args.json is not None:
         args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return 0

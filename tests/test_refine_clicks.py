@@ -156,3 +156,58 @@ def test_widget_clicks_add_an_object_and_a_negative_click_removes_a_region(make_
     wait()
     assert not lab.data[2:7, 2:7].any() and lab.data[DISC_CENTRE] == 1
     rw.REFINER_CACHE.clear()
+
+
+def _same(a, b) -> bool:
+    a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+
+
+def test_the_cached_image_side_gives_the_published_decoders_masks_bit_for_bit(refiner):
+    """Boxes and clicks with the decoder's image side cached per image (and a first click's
+    candidates decoded in the clicked rows only) give exactly the masks, scores and boxes of
+    ``MaskDecoder.forward`` as published, and the image side is built once per batch size."""
+    refiner.set_image(_scene()[0])
+    assert refiner.image_side_computed >= 0 and not refiner._image_side_cache
+    built = refiner.image_side_computed
+    refiner.prepare_prompts()
+    assert refiner.image_side_computed == built + 2  # batch sizes 1 and len(CLICK_BOX_SIZES)
+    disc, far = _at(*DISC_CENTRE), _at(70, 110)
+    _, _, chosen = refiner.segment_clicks([disc], [1])
+    calls = {
+        "first click": lambda: refiner.segment_clicks([disc], [1]),
+        "two first clicks far apart": lambda: refiner.segment_clicks([disc, far], [1, 1]),
+        "negative": lambda: refiner.segment_clicks([disc, far], [1, 0]),
+        "further click": lambda: refiner.segment_clicks([disc, _at(45, 55)], [1, 1], chosen),
+        "box": lambda: refiner.segment_box((25.0, 15.0, 75.0, 65.0)),
+        "boxes": lambda: refiner.segment_boxes_scored([(25.0, 15.0, 75.0, 65.0), (95.0, 55.0, 130.0, 85.0)]),
+        "points": lambda: refiner.segment_points([disc], [1]),
+    }
+    for name, call in calls.items():
+        cached = call()
+        refiner.cache_image_side = False
+        try:
+            published = call()
+        finally:
+            refiner.cache_image_side = True
+        assert _same(cached, published), name
+    assert refiner.image_side_computed == built + 2  # every call above reused them
+    refiner.set_image(_scene()[0][::-1].copy())  # a new image forgets them
+    assert not refiner._image_side_cache
+
+
+def test_decode_threads_runs_the_decoder_on_that_many_threads_and_restores_torchs(refiner, monkeypatch):
+    seen: list[int] = []
+    decoder = refiner.net.mask_decoder.transformer.layers[1]
+    original = type(decoder).forward
+    monkeypatch.setattr(type(decoder), "forward",
+                        lambda self, *a, **k: seen.append(torch.get_num_threads()) or original(self, *a, **k))
+    before = torch.get_num_threads()
+    refiner.decode_threads = 1
+    try:
+        refiner.segment_clicks([_at(*DISC_CENTRE)], [1])
+    finally:
+        refiner.decode_threads = None
+    assert seen == [1] and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="decode_threads"):
+        type(refiner)(refiner.net, "cpu", decode_threads=0)

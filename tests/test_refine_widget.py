@@ -518,3 +518,29 @@ def test_real_litemedsam_refines_a_synthetic_lesion(make_napari_viewer, qtbot):
     assert dice_score(lab.data > 0, gt) > 0.8
     assert lab.metadata[METADATA_KEY]["box_model"]["sha256"]
     rw.REFINER_CACHE.clear()
+
+
+def test_the_picked_image_is_embedded_in_the_background_before_the_first_box(make_napari_viewer, qtbot, fake):
+    """Opening the widget or picking another image queues its embedding (once: a second request
+    for the same image is not queued); the first box then reuses it."""
+    viewer = make_napari_viewer()
+    image, mask = _scene()
+    img, lab, widget = _open(viewer, image, mask)
+    assert widget.prefetch
+    _wait_idle(qtbot, widget)
+    first = widget.prefetch_embedding()  # the picked image on the chosen device ("cpu")
+    assert first is not None and first.drawn == {"prefetch": True}
+    assert widget.prefetch_embedding() is None  # already queued or running
+    _wait_idle(qtbot, widget)
+    refiner = fake["cpu"]
+    assert refiner.set_calls == 1
+    shapes = widget.start_boxes()
+    _draw(shapes, 14.5, 34.5, 47.5, 63.5)
+    _wait_idle(qtbot, widget)
+    assert widget.refinements == 1 and refiner.set_calls == 1 and refiner.box_calls == 1
+    other = viewer.add_image(image[::-1].copy(), name="other")
+    widget.image_picker.value = other
+    _wait_idle(qtbot, widget)
+    assert refiner.set_calls == 2 and refiner.image_size == image.shape
+    widget.prefetch = False
+    assert widget.prefetch_embedding(img) is None
