@@ -211,6 +211,21 @@ def test_auto_rule_tiles_large_microscopy_and_fundus_only():
         assert policy_for(modality).scale == 1.0  # tiling="on" still has a default
 
 
+def test_fundus_is_tiled_relative_to_the_field_and_microscopy_in_its_own_pixels(seg):
+    s = seg.config.img_size
+    assert policy_for("fundus").fit == 1.25 and policy_for("microscopy").fit is None
+    assert policy_for("fundus").scale_for((4 * s, 3 * s), s) == pytest.approx(1.25 / 4)
+    assert policy_for("microscopy").scale_for((4 * s, 3 * s), s) == 1.25
+    big = _image(4 * s, 4 * s)
+    fundus = seg.segment(big, "fundus")  # auto: tiled, the longer side resized to 1.25 inputs
+    assert fundus.tiling["working_size"] == [round(1.25 * s), round(1.25 * s)]
+    assert fundus.tiling["grid"] == [2, 2] and fundus.mask.shape == big.shape[:2]
+    micro = seg.segment(big, "microscopy")
+    assert micro.tiling["working_size"] == [5 * s, 5 * s] and micro.tiling["tiles"] >= 36
+    explicit = seg.segment(big, "fundus", tiling="on", tile_scale=1.0)  # a given scale wins
+    assert explicit.tiling["working_size"] == [4 * s, 4 * s]
+
+
 def test_tiling_auto_follows_the_rule_in_segment(seg):
     s = seg.config.img_size
     big = _image(2 * s, 2 * s)

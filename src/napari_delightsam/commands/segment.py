@@ -166,7 +166,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="resize factor applied before tiling: 1 = the image's own pixels (objects as large as in the "
         "training images), 0.5 = halve the image (objects twice that size), 2 = double it (default: the "
-        "modality's: 1.25 for microscopy and fundus, measured; 1 for the others)",
+        "modality's, measured: 1.25 for microscopy; for fundus the image resized so its longer side is 1.25 "
+        "network inputs; 1 for the others)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--fp32", action="store_true", help="disable the bf16/channels_last fast paths")

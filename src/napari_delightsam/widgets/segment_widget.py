@@ -161,8 +161,9 @@ class SegmentWidget(QWidget):
         self.tiling_combo = QComboBox()
         self.tiling_combo.addItems(["auto", "on", "off"])
         self.tiling_combo.setToolTip(
-            "Tiled inference for large images: auto = overlapping tiles (at 1.25x, measured) for microscopy and "
-            "fundus images longer than 1.5x the network input (measured rule), the whole image otherwise; "
+            "Tiled inference for large images: auto = overlapping tiles for microscopy (at 1.25x) and fundus "
+            "(the retina at 1.25x the network input) images longer than 1.5x the network input (measured rule), "
+            "the whole image otherwise; "
             "on = always tiled; off = the whole image resized to the network input"
         )
         form.addRow("Tiling", self.tiling_combo)
