@@ -101,6 +101,22 @@ def test_appearance_mix_sets_bgr_share_and_canvas():
         AppearanceMix(canvas_p=1.5)
 
 
+def test_mix_by_modality_narrows_hue_where_asked():
+    from napari_delightsam.data.appearance import AppearanceMix, MixByModality
+
+    mixes = MixByModality.from_settings(AppearanceMix(reorder_p=0.5), {"microscopy": {"hue_max": 5.0}})
+    assert mixes.for_modality("microscopy").hue_max == 5.0 and mixes.for_modality("microscopy").reorder_p == 0.5
+    assert mixes.for_modality("fundus") == AppearanceMix(reorder_p=0.5)
+    img, _ = _image(48, 48)
+    rng = np.random.default_rng(2)
+    hues = [random_appearance(img, rng, mix=mixes.for_modality("microscopy"))[2] for _ in range(60)]
+    assert max(abs(h) for h in hues) <= 5.0 and any(h != 0 for h in hues)
+    with pytest.raises(ValueError, match="unknown appearance-mix fields"):
+        MixByModality.from_settings(AppearanceMix(), {"microscopy": {"hue": 5}})
+    with pytest.raises(ValueError, match="hue_max"):
+        AppearanceMix(hue_max=120.0)
+
+
 def test_random_appearance_reports_what_it_did():
     img, _ = _image(64, 64)
     rng = np.random.default_rng(3)

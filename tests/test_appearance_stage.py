@@ -58,7 +58,8 @@ def test_command_trains_calibrates_and_writes_a_model_with_auto(setup, tmp_path,
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["--steps", "5", "--eval-every", "2"], "multiple"), (["--lr", "0"], "positive"),
-     (["--bgr-share", "2"], "bgr-share"), (["--order-weight", "-1"], "order-weight"), (["--select", "hue"], "select")],
+     (["--bgr-share", "2"], "bgr-share"), (["--order-weight", "-1"], "order-weight"), (["--select", "hue"], "select"),
+     (["--mix-by-modality", "{not json"], "not JSON"), (["--mix-by-modality", '{"xray": {"hue": 1}}'], "unknown")],
 )
 def test_command_refuses_bad_settings(setup, tmp_path, capsys, extra, message):
     rc = main(["train-appearance-head", "--init", str(setup["init"]), "--data", str(setup["data"]),

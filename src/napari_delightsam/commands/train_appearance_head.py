@@ -62,6 +62,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--select", default="modality", metavar="{modality,modality+order}",
                    help="validation score that picks the state kept: modality NLL (default) or modality "
                         "+ order-weight x channel-order NLL")
+    p.add_argument("--mix-by-modality", default=None, metavar="JSON",
+                   help='per-modality changes of the training mix, e.g. \'{"microscopy": {"hue_max": 12, '
+                        '"stain_sigma_max": 0.1}}\' (fields of data.appearance.AppearanceMix)')
     p.add_argument("--threads", type=int, help="torch CPU threads")
     return p
 
@@ -72,12 +75,16 @@ def run(args: argparse.Namespace) -> int:
     from ..training.stages.appearance_head import HeadStageConfig, train_head_stage
 
     try:
+        try:
+            by_modality = json.loads(args.mix_by_modality) if args.mix_by_modality else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"mix_by_modality is not JSON: {exc}") from None
         cfg = HeadStageConfig.from_dict({
             "steps": args.steps, "eval_every": args.eval_every, "batch_size": args.batch_size, "lr": args.lr,
             "seed": args.seed, "extra_train": args.extra_train, "train_max_per_dataset": args.train_max_per_dataset,
             "val_max_per_dataset": args.val_max_per_dataset, "target_precision": args.target_precision,
             "order_weight": args.order_weight, "reorder_p": args.reorder_p, "bgr_share": args.bgr_share,
-            "canvas_p": args.canvas_p, "select": args.select,
+            "canvas_p": args.canvas_p, "select": args.select, "mix_by_modality": by_modality,
         })
     except ValueError as exc:
         raise CommandError(str(exc).replace("_", "-")) from None

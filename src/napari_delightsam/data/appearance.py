@@ -25,6 +25,7 @@ from .augment import _RGB2YIQ, _colour_matrix, _jpeg, _stain_jitter
 __all__ = [
     "AppearanceMix",
     "CHANNEL_ORDERS",
+    "MixByModality",
     "COLOUR_MODALITIES",
     "SHIFTS",
     "Shift",
@@ -198,11 +199,47 @@ class AppearanceMix:
     #: probability that the image is placed on a wider or taller black canvas (a fundus camera's
     #: or video processor's frame around the field of view)
     canvas_p: float = 0.0
+    #: the largest hue rotation drawn, degrees (real H&E varies far less in hue than photographs)
+    hue_max: float = 45.0
+    #: the largest H&E stain jitter drawn (HED scale/shift sigma)
+    stain_sigma_max: float = 0.3
 
     def __post_init__(self) -> None:
         for name in ("reorder_p", "canvas_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.bgr_share is not None and not 0.0 <= self.bgr_share <= 1.0:
+            raise ValueError(f"bgr_share must be in [0, 1] or None, got {self.bgr_share}")
+        if not 0.0 <= self.hue_max <= 90.0:
+            raise ValueError(f"hue_max must be in [0, 90] degrees, got {self.hue_max}")
+        if not 0.05 <= self.stain_sigma_max <= 0.5:
+            raise ValueError(f"stain_sigma_max must be in [0.05, 0.5], got {self.stain_sigma_max}")
+
+
+@dataclass(frozen=True)
+class MixByModality:
+    """An ``AppearanceMix`` per modality: ``default`` for all but those in ``overrides``."""
+
+    default: AppearanceMix = AppearanceMix()
+    overrides: tuple[tuple[str, AppearanceMix], ...] = ()
+
+    def for_modality(self, modality: str) -> AppearanceMix:
+        return dict(self.overrides).get(modality, self.default)
+
+    @classmethod
+    def from_settings(cls, default: AppearanceMix, by_modality: dict[str, dict[str, float]]) -> MixByModality:
+        """``by_modality``: {modality: {field: value}}, each field replacing ``default``'s."""
+        import dataclasses
+
+        known = {f.name for f in dataclasses.fields(AppearanceMix)}
+        overrides = []
+        for modality, fields in sorted(by_modality.items()):
+            unknown = sorted(set(fields) - known)
+            if unknown:
+                raise ValueError(f"unknown appearance-mix fields for {modality}: {', '.join(unknown)} "
+                                 f"(known: {', '.join(sorted(known))})")
+            overrides.append((modality, dataclasses.replace(default, **fields)))
+        return cls(default, tuple(overrides))
         if self.bgr_share is not None and not 0.0 <= self.bgr_share <= 1.0:
             raise ValueError(f"bgr_share must be in [0, 1] or None, got {self.bgr_share}")
 
@@ -261,12 +298,12 @@ def random_appearance(
     order, hue = 0, 0.0
     if colour and not grey:
         if rng.random() < 0.25:
-            out = _stain(out, float(rng.uniform(0.05, 0.3)), int(rng.integers(0, 2**31 - 1)))
+            out = _stain(out, float(rng.uniform(0.05, mix.stain_sigma_max)), int(rng.integers(0, 2**31 - 1)))
         if rng.random() < 0.25:  # white balance: a gain per channel
             gains = rng.uniform(0.75, 1.25, size=3)
             out = np.clip(np.rint(out.astype(np.float32) * gains), 0, 255).astype(np.uint8)
         if rng.random() < 0.6:
-            hue = float(rng.uniform(-45.0, 45.0))
+            hue = float(rng.uniform(-mix.hue_max, mix.hue_max))
             out = _apply_matrix(out, _colour_matrix(hue / 360.0, float(rng.uniform(0.6, 1.4))))
         if rng.random() < 0.1:
             out, hue = _greyscale(out), 0.0

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...data.appearance import BGR_INDEX, COLOUR_MODALITIES, AppearanceMix, hue_matrix, is_grey, random_appearance
+from ...data.appearance import BGR_INDEX, COLOUR_MODALITIES, AppearanceMix, MixByModality, hue_matrix, is_grey, random_appearance
 from ...model.appearance_head import HUE_UNIT, NEVER, AppearanceHead
 from ...preprocess import to_model_tensor
 from ..loop.run import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
@@ -120,7 +120,12 @@ class ValViews:
     view: list[str]  # "as stored", "BGR", "hue +25", "random"
 
 
-def validation_views(model: Any, images: Sequence[HeadImage], size: int, seed: int = 1234) -> ValViews:
+def validation_views(
+    model: Any, images: Sequence[HeadImage], size: int, seed: int = 1234, mix: MixByModality | None = None
+) -> ValViews:
+    """Stage-0 features of each image as stored, BGR, hue +25° (colour images) and one random
+    appearance drawn with ``mix`` (default: v2's mix), with what each should be predicted as."""
+    mix = mix if mix is not None else MixByModality()
     feats, mods, orders, hues, colours, views = [], [], [], [], [], []
     rng = np.random.default_rng(seed)
     stage0 = Stage0(model)
@@ -131,7 +136,8 @@ def validation_views(model: Any, images: Sequence[HeadImage], size: int, seed: i
                 cands.append(("BGR", item.image[..., ::-1].copy(), BGR_INDEX, 0.0))
                 cands.append(("hue +25", _apply(item.image, hue_matrix(25.0)), 0, 25.0))
             colour_ok = item.colour and any(item.dataset.startswith(m) for m in COLOUR_MODALITIES)
-            img, order, hue = random_appearance(item.image, rng, colour=colour_ok)
+            img, order, hue = random_appearance(item.image, rng, colour=colour_ok,
+                                                mix=mix.for_modality(item.dataset.split("/")[0]))
             cands.append(("random", img, order, hue))
             for name, img, order, hue in cands:
                 x = _tensor(img, size)[None]
@@ -188,7 +194,7 @@ def train_appearance_head(
     batch_size: int = 16,
     lr: float = 1e-3,
     seed: int = 0,
-    mix: AppearanceMix | None = None,
+    mix: AppearanceMix | MixByModality | None = None,
     order_weight: float = 0.5,
     select: str = "modality",
     log: RunLog | None = None,
@@ -201,6 +207,7 @@ def train_appearance_head(
     modality + ``order_weight`` × channel-order NLL ("modality+order")."""
     if select not in SELECT_SCORES:
         raise ValueError(f"select must be one of {sorted(SELECT_SCORES)}, got {select!r}")
+    mixes = mix if isinstance(mix, MixByModality) else MixByModality(mix if mix is not None else AppearanceMix())
     head = model.modality_head
     if not isinstance(head, AppearanceHead):
         raise ValueError("the model has no appearance head (modality_head_kind must be 'appearance')")
@@ -237,7 +244,8 @@ def train_appearance_head(
             for _ in range(batch_size):
                 item = train[draw()]
                 colour_ok = item.colour and modalities[item.modality] in COLOUR_MODALITIES
-                img, order, hue = random_appearance(item.image, rng, colour=colour_ok, mix=mix)
+                img, order, hue = random_appearance(item.image, rng, colour=colour_ok,
+                                                    mix=mixes.for_modality(modalities[item.modality]))
                 xs.append(_tensor(img, size))
                 ms.append(item.modality)
                 os_.append(order)
@@ -364,10 +372,14 @@ class HeadStageConfig:
     canvas_p: float = 0.0
     #: which validation score picks the state kept: "modality" (modality NLL) or "modality+order"
     select: str = "modality"
+    #: per-modality changes of the mix, e.g. {"microscopy": {"hue_max": 12, "stain_sigma_max": 0.1}}
+    #: (``data.appearance.AppearanceMix`` fields); the validation views' random mix follows it
+    mix_by_modality: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
-    def mix(self) -> AppearanceMix:
-        return AppearanceMix(reorder_p=self.reorder_p, bgr_share=self.bgr_share, canvas_p=self.canvas_p)
+    def mix(self) -> MixByModality:
+        base = AppearanceMix(reorder_p=self.reorder_p, bgr_share=self.bgr_share, canvas_p=self.canvas_p)
+        return MixByModality.from_settings(base, self.mix_by_modality)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HeadStageConfig:
@@ -378,6 +390,8 @@ class HeadStageConfig:
         if unknown:
             raise ValueError(f"unknown appearance-head settings: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        if not isinstance(values.get("mix_by_modality", {}), dict):
+            raise ValueError("mix_by_modality must map a modality to {field: value}")
         cfg = cls(**values)
         if cfg.steps < 1 or cfg.batch_size < 1 or cfg.eval_every < 1 or cfg.lr <= 0:
             raise ValueError("steps, batch_size, eval_every and lr must be positive")
@@ -427,7 +441,7 @@ def train_head_stage(
         raise ValueError(f"no training or validation images under {data_root} for this split")
     say({"event": "appearance-head", "status": f"loading {len(train_records)} training and {len(val_records)} validation images"})
     train = load_head_images(train_records, modalities)
-    val = validation_views(model, load_head_images(val_records, modalities), model.config.img_size)
+    val = validation_views(model, load_head_images(val_records, modalities), model.config.img_size, mix=cfg.mix)
     say({"event": "appearance-head", "status": f"{len(val.view)} validation views; {cfg.steps} steps of {cfg.batch_size}"})
     log = RunLog(Path(metrics), progress) if metrics is not None else None
     _, summary = train_appearance_head(
