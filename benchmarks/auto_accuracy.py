@@ -79,7 +79,7 @@ def report(summary: dict[str, Any]) -> str:
     lines = []
     for split, views in summary.items():
         lines += [f"## {split}", "",
-                  "| view | n | right % | asks % | wrong, not asked % | colours changed % | BGR put back % |",
+                  "| view | n | right % | asks % | wrong, not asked % | colours changed % | BGR put back % (of all images) |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for view, e in views.items():
             back = f"{100 * e['bgr_put_back']:.1f}" if "bgr_put_back" in e else ""
