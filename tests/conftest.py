@@ -77,7 +77,7 @@ def shared_data_dir() -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def load_script():
     """``load_script(relative_path)`` -> the repository script at that path, imported as a module
     named after its file (registered in ``sys.modules`` so dataclasses and pickling work)."""
@@ -93,3 +93,24 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_appearance_setup(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic data (dermoscopy + X-ray, 10 images each), its splits and a tiny model whose
+    appearance head is flagged as trained (``auto`` available): for the appearance benchmarks."""
+    from napari_delightsam.checkpoint import save_checkpoint
+    from napari_delightsam.config import tiny_config
+    from napari_delightsam.data import discover, make_splits, save_splits
+    from napari_delightsam.data.synthetic import make_synthetic_dataset
+    from napari_delightsam.inference import MODALITY_HEAD_TRAINED_KEY
+    from napari_delightsam.model import DeLightSAM
+
+    root = tmp_path_factory.mktemp("appearance-setup")
+    data = make_synthetic_dataset(root / "data", {"dermoscopy": ["derm_a"], "xray": ["xr_a"]}, n_per_dataset=10)
+    splits = root / "splits.json"
+    save_splits(splits, make_splits(discover(data), seed=0))
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(root / "tiny.safetensors", DeLightSAM(tiny_config(modality_head_kind="appearance")).eval(),
+                           {MODALITY_HEAD_TRAINED_KEY: "true"})
+    return {"data": data, "splits": splits, "ckpt": ckpt}

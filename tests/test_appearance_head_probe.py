@@ -3,35 +3,22 @@ probabilities summing to one, and the decision equal to the Segmenter's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_probe_reports_both_views(tmp_path, capsys):
-    from napari_delightsam.checkpoint import save_checkpoint
-    from napari_delightsam.config import tiny_config
-    from napari_delightsam.inference import MODALITY_HEAD_TRAINED_KEY, load_model
-    from napari_delightsam.model import DeLightSAM
+def test_probe_reports_both_views(tmp_path, capsys, load_script, tiny_appearance_setup):
+    from napari_delightsam.inference import load_model
 
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp_path / "tiny.safetensors", DeLightSAM(tiny_config(modality_head_kind="appearance")).eval(),
-                           {MODALITY_HEAD_TRAINED_KEY: "true"})
+    ckpt = tiny_appearance_setup["ckpt"]
     img = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / "a.png")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "appearance_head_probe.py"
-    spec = importlib.util.spec_from_file_location("appearance_head_probe", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["appearance_head_probe"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/appearance_head_probe.py")
     out = tmp_path / "probe.json"
     assert bench.main([str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

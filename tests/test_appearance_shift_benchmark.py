@@ -8,35 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict[str, object]:
-    import importlib.util
-    import sys
-
-    from napari_delightsam.checkpoint import save_checkpoint
-    from napari_delightsam.config import tiny_config
-    from napari_delightsam.data import discover, make_splits, save_splits
-    from napari_delightsam.data.synthetic import make_synthetic_dataset
-    from napari_delightsam.inference import MODALITY_HEAD_TRAINED_KEY
-    from napari_delightsam.model import DeLightSAM
-
-    root = tmp_path_factory.mktemp("shift")
-    data = make_synthetic_dataset(root / "data", {"dermoscopy": ["derm_a"], "xray": ["xr_a"]}, n_per_dataset=10)
-    splits = root / "splits.json"
-    save_splits(splits, make_splits(discover(data), seed=0))
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(root / "tiny.safetensors", DeLightSAM(tiny_config(modality_head_kind="appearance")).eval(),
-                           {MODALITY_HEAD_TRAINED_KEY: "true"})
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "appearance_shift.py"
-    spec = importlib.util.spec_from_file_location("appearance_shift", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["appearance_shift"] = bench
-    spec.loader.exec_module(bench)
+def run(tmp_path_factory, load_script, tiny_appearance_setup) -> dict[str, object]:
+    data, splits, ckpt = (tiny_appearance_setup[k] for k in ("data", "splits", "ckpt"))
+    bench = load_script("benchmarks/appearance_shift.py")
+    root = tmp_path_factory.mktemp("appearance_shift")
     out = root / "out"
     rc = bench.main(["--data", str(data), "--splits", str(splits), "--split", "test", "--max-per-dataset", "2",
                      "--shifts", "BGR channel order", "half resolution", "greyscale", "--checkpoint", str(ckpt),
