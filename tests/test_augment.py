@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,87 @@ def test_stain_jitter_keeps_he_images_plausible():
     assert any(not torch.equal(o, outs[0]) for o in outs[1:])
     for o in outs:  # the nucleus stays darker than the tissue around it
         assert o[:, 8:16, 8:16].float().mean() < o[:, 20:, 20:].float().mean()
+
+
+def _plain(policy: AugmentPolicy, **changes) -> AugmentPolicy:
+    """``policy`` with every other appearance change off: only the fields in ``changes`` act."""
+    import dataclasses
+
+    off = dict(hue=0.0, saturation=(1.0, 1.0), stain_p=0.0, greyscale_p=0.0, blur_p=0.0, sharpen_p=0.0,
+               noise_p=0.0, jpeg_p=0.0)
+    return dataclasses.replace(policy, **{**off, **changes})
+
+
+def test_channel_order_reorders_colour_images_bgr_mostly_and_leaves_grey_ones():
+    image = torch.stack([torch.full((32, 32), v) for v in (200.0, 90.0, 30.0)])
+    mask = torch.zeros(1, 32, 32)
+    policy = _plain(policy_for("microscopy"), channel_order_p=0.5, bgr_share=0.5)
+    seen: dict[tuple[int, ...], int] = {}
+    for seed in range(200):
+        img, _ = augment(image, mask, seed, policy, geometry=False, intensity=False)
+        order = tuple(int(v) for v in img[:, 0, 0])
+        seen[order] = seen.get(order, 0) + 1
+    assert set(seen) <= {(200, 90, 30), (30, 90, 200), (200, 30, 90), (90, 200, 30), (90, 30, 200), (30, 200, 90)}
+    assert 70 <= seen[(200, 90, 30)] <= 130  # about half as stored
+    assert 30 <= seen[(30, 90, 200)] <= 75  # about half the reorderings BGR
+    assert len(seen) == 6  # and every other order too
+    grey = torch.full((3, 32, 32), 77.0)
+    for seed in range(20):
+        img, _ = augment(grey, mask, seed, policy, geometry=False, intensity=False)
+        assert torch.equal(img, grey.to(torch.uint8))
+
+
+def test_a_policy_without_channel_order_keeps_every_draw_of_a_seed():
+    """The new field is drawn last and only when on: recipes written before it reproduce."""
+    import dataclasses
+
+    image, mask = pattern()
+    base = policy_for("microscopy")
+    off = dataclasses.replace(base, channel_order_p=0.0, bgr_share=0.9)
+    for seed in range(10):
+        assert torch.equal(augment(image, mask, seed, base)[0], augment(image, mask, seed, off)[0])
+
+
+def test_policies_with_replaces_named_fields_and_refuses_typos():
+    from napari_delightsam.data.augment import policies_with
+
+    out = policies_with({"microscopy": {"channel_order_p": 0.5, "gamma": [0.5, 1.8], "greyscale_p": 0.3}})
+    assert set(out) == {"microscopy"}
+    assert out["microscopy"].gamma == (0.5, 1.8) and out["microscopy"].channel_order_p == 0.5
+    assert out["microscopy"].stain_p == policy_for("microscopy").stain_p  # the rest is the modality's
+    for bad, match in [
+        ({"microscopy": {"chanel_order_p": 0.5}}, "unknown augmentation field"),
+        ({"microscopy": {"gamma": [0.5]}}, "2 numbers"),
+        ({"microscopy": {"channel_order_p": 1.5}}, "probability"),
+        ({"microscopy": {"hflip": 1}}, "true or false"),
+        ({"microscopy": {"hue": "x"}}, "a number"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            policies_with(bad)
+
+
+def test_train_config_checks_its_augment_overrides():
+    from napari_delightsam.training import TrainConfig
+
+    cfg = TrainConfig(augment_overrides={"fundus": {"greyscale_p": 0.4}})
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(ValueError, match="unknown augmentation field"):
+        TrainConfig(augment_overrides={"fundus": {"grayscale_p": 0.4}})
+
+
+def test_the_dataset_uses_the_policy_given_for_a_modality():
+    from napari_delightsam.data.augment import policies_with
+
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 210, 120, 40
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    items = [(image, mask, "microscopy"), (image, mask, "dermoscopy")]
+    always_bgr = {m: {**_plain(policy_for(m)).__dict__, "channel_order_p": 1.0, "bgr_share": 1.0,
+                      "intensity_p": 0.0, "scale_p": 0.0} for m in ["microscopy"]}
+    ds = SegmentationDataset(records_from_items(items), 32, POLICIES.keys(), augment=True,
+                             policies=policies_with(always_bgr))
+    for seed in range(5):
+        micro = ds[(0, seed)]["image"].float().mean(dim=(1, 2))
+        assert micro[2] > micro[0]  # blue now first-channel red
+        derm = ds[(1, seed)]["image"].float().mean(dim=(1, 2))
+        assert derm[0] > derm[2]  # dermoscopy keeps its own policy: never reordered

@@ -78,3 +78,23 @@ def test_heads_on_the_cache_with_the_head_fixed_keep_the_sources_flag(tmp_path, 
     trained = train_heads(cfg.replace(train_modality_head=True, freeze=()), tmp_path / "c", tmp_path / "h2",
                           show_progress=False)
     assert flag_of(trained.last_checkpoint) == "true"
+
+
+def test_a_run_that_keeps_the_head_keeps_autos_calibration_and_one_that_trains_it_does_not(tmp_path, data_root):
+    """A fine-tune of a calibrated model (the fine-tune widget's path) keeps the confidence below
+    which ``auto`` asks; retraining the head drops it (the default rule applies again)."""
+    model, _ = build_model(TrainConfig(**TINY))
+    calibration = {"auto_confidence_threshold": "0.87", "appearance_head": '{"command": "x"}'}
+    init = save_checkpoint(tmp_path / "calibrated.safetensors", model, {"modality_head_trained": "true", **calibration})
+    kept = TrainConfig(**TINY, init=str(init), freeze=("backbone", "modality_head"), train_modality_head=False)
+    result = train(kept, tmp_path / "run", data_root=data_root, show_progress=False)
+    for path in (result.best_checkpoint, result.last_checkpoint):
+        meta = read_checkpoint_info(path)[1]
+        assert {k: meta.get(k) for k in calibration} == calibration
+    assert load_model(result.last_checkpoint, "cpu", precision="fp32").auto_confidence_threshold == 0.87
+    more = train(kept.replace(epochs=2), tmp_path / "run", data_root=data_root, resume=True, show_progress=False)
+    assert read_checkpoint_info(more.last_checkpoint)[1].get("auto_confidence_threshold") == "0.87"
+    retrained = train(kept.replace(freeze=("backbone",), train_modality_head=True), tmp_path / "run2",
+                      data_root=data_root, show_progress=False)
+    meta = read_checkpoint_info(retrained.last_checkpoint)[1]
+    assert meta["modality_head_trained"] == "true" and not set(calibration) & set(meta)

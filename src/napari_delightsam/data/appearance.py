@@ -138,7 +138,7 @@ class Shift:
     ``modalities``: run it on these modalities only (None: every modality it applies to)."""
 
     name: str
-    apply: Callable[[np.ndarray, "np.ndarray | None", int], Pair]
+    apply: Callable[[np.ndarray, np.ndarray | None, int], Pair]
     colour_only: bool = False
     geometric: bool = False
     modalities: tuple[str, ...] | None = None
@@ -149,7 +149,7 @@ class Shift:
         return self.modalities is None or modality in self.modalities
 
 
-def _colour(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray, "np.ndarray | None", int], Pair]:
+def _colour(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray, np.ndarray | None, int], Pair]:
     return lambda image, mask, seed: (fn(image), mask)
 
 
@@ -240,8 +240,6 @@ class MixByModality:
                                  f"(known: {', '.join(sorted(known))})")
             overrides.append((modality, dataclasses.replace(default, **fields)))
         return cls(default, tuple(overrides))
-        if self.bgr_share is not None and not 0.0 <= self.bgr_share <= 1.0:
-            raise ValueError(f"bgr_share must be in [0, 1] or None, got {self.bgr_share}")
 
 
 def black_canvas(image: np.ndarray, rng: np.random.Generator, widen: tuple[float, float] = (1.1, 1.6)) -> np.ndarray:

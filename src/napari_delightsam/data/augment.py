@@ -14,7 +14,8 @@ Appearance changes (``appearance=True``, on by default) imitate what differs bet
 scanners and stains rather than between images of one source, as domain-generalisation work
 does: hue and saturation (one 3×3 colour matrix in YIQ space), H&E stain jitter in HED space
 (microscopy), random greyscale, Gaussian blur or unsharp-mask sharpening, Gaussian or speckle
-noise, and JPEG re-compression. They are drawn after the geometry and intensity parameters, so
+noise, and JPEG re-compression, and (where a policy asks: ``channel_order_p``) the colour channels in
+another order, last. They are drawn after the geometry and intensity parameters, so
 a seed's geometry and intensity do not depend on them. A grey image (equal channels) stays grey.
 
 Per-modality policy (``POLICIES``): dermoscopy, fundus, colonoscopy and microscopy have no
@@ -26,14 +27,17 @@ policy.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["POLICIES", "AugmentPolicy", "augment", "augment_hwc", "policy_for"]
+__all__ = ["POLICIES", "AugmentPolicy", "augment", "augment_hwc", "policies_with", "policy_for"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,13 @@ class AugmentPolicy:
     speckle: bool = False
     jpeg_p: float = 0.2
     jpeg_quality: tuple[int, int] = (35, 90)
+    #: probability of a colour image arriving with its channels reordered (a file written in
+    #: OpenCV's BGR order, an exporter's swapped planes), applied last; 0 keeps a seed's draws
+    #: identical to a policy without the field
+    channel_order_p: float = 0.0
+    #: share of those reorderings that are BGR (the common one); the rest is one of the other
+    #: four non-identity orders
+    bgr_share: float = 0.5
 
 
 _FULL = AugmentPolicy()
@@ -101,6 +112,48 @@ POLICIES: dict[str, AugmentPolicy] = {
 
 def policy_for(modality: str) -> AugmentPolicy:
     return POLICIES.get(modality, _FULL)
+
+
+def policies_with(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, AugmentPolicy]:
+    """The policies of the modalities ``overrides`` names, each ``policy_for(modality)`` with the
+    named fields replaced (lists become tuples), e.g. ``{"microscopy": {"channel_order_p": 0.5}}``.
+
+    ``ValueError`` for a field ``AugmentPolicy`` does not have or a value of the wrong shape, so a
+    typo in a recipe fails before any training step.
+    """
+    known = {f.name: f for f in dataclasses.fields(AugmentPolicy)}
+    out: dict[str, AugmentPolicy] = {}
+    for modality, changes in overrides.items():
+        if not isinstance(changes, Mapping):
+            raise ValueError(f"augment override for {modality!r} must be a mapping of policy fields")
+        unknown = sorted(set(changes) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown augmentation field(s) for {modality!r}: {', '.join(unknown)}; "
+                f"choose from {', '.join(known)}"
+            )
+        base = policy_for(modality)
+        values: dict[str, Any] = {}
+        for name, value in changes.items():
+            current = getattr(base, name)
+            if isinstance(current, tuple):
+                if not isinstance(value, (list, tuple)) or len(value) != len(current):
+                    raise ValueError(f"{modality}.{name} must be {len(current)} numbers, got {value!r}")
+                value = tuple(type(c)(v) for c, v in zip(current, value, strict=True))
+            elif isinstance(current, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{modality}.{name} must be true or false, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{modality}.{name} must be a number, got {value!r}")
+            else:
+                value = type(current)(value)
+            values[name] = value
+        for name in ("channel_order_p", "bgr_share", "greyscale_p", "stain_p", "scale_p", "intensity_p"):
+            v = values.get(name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ValueError(f"{modality}.{name} must be a probability in [0, 1], got {v!r}")
+        out[modality] = dataclasses.replace(base, **values)
+    return out
 
 
 def _scale_crop(x: np.ndarray, factor: float, u_top: float, u_left: float) -> np.ndarray:
@@ -218,7 +271,17 @@ def _appearance(rgb: np.ndarray, rng: np.random.Generator, p: AugmentPolicy) -> 
     out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     if do_jpeg:
         out = _jpeg(out, quality)
-    return np.repeat(out, 3, axis=-1) if out.shape[-1] == 1 else out
+    if out.shape[-1] == 1:
+        return np.repeat(out, 3, axis=-1)
+    # drawn last and only when enabled: policies without it keep every earlier draw of a seed
+    if p.channel_order_p > 0 and rng.random() < p.channel_order_p:
+        order = (2, 1, 0) if rng.random() < p.bgr_share else _OTHER_ORDERS[int(rng.integers(0, 4))]
+        out = np.ascontiguousarray(out[..., order])
+    return out
+
+
+#: the non-identity channel orders other than BGR
+_OTHER_ORDERS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1))
 
 
 def augment_hwc(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import PIXEL_MEAN, PIXEL_STD
-from .augment import augment_hwc, policy_for
+from .augment import AugmentPolicy, augment_hwc, policy_for
 from .records import BadSampleError, DataWarning, SampleRecord, load_image_only, load_pair
 
 __all__ = [
@@ -81,7 +81,8 @@ class SegmentationDataset(Dataset):
 
     ``modalities`` maps a record's modality name to the model's index (-1 for a name outside
     it, allowed only with ``any_modality=True``, e.g. natural images for distillation). Records
-    without a mask get an empty mask. Unusable records are dropped while caching (see
+    without a mask get an empty mask. ``policies`` replaces the augmentation policy of the
+    modalities it names (``data.augment.policies_with``). Unusable records are dropped while caching (see
     ``self.skipped``); ``self.records`` is what remains.
     """
 
@@ -96,12 +97,15 @@ class SegmentationDataset(Dataset):
         cache_max_bytes: int | None = None,
         threads: int = 4,
         any_modality: bool = False,
+        policies: Mapping[str, AugmentPolicy] | None = None,
     ) -> None:
         if not records:
             raise ValueError("no samples to load")
         self.img_size = int(img_size)
         self.modalities = tuple(modalities)
         self.augment = augment
+        #: augmentation policy per modality where it is not ``policy_for``'s
+        self.policies: dict[str, AugmentPolicy] = dict(policies or {})
         self.skipped: list[str] = []
         records = list(records)
         unknown = sorted({r.modality for r in records} - set(self.modalities))
@@ -179,7 +183,7 @@ class SegmentationDataset(Dataset):
         index, x = self._arrays(int(index))  # (S,S,4) uint8: geometry moves image and mask together
         record = self.records[index]
         if self.augment and seed is not None:
-            x = augment_hwc(x, int(seed), policy_for(record.modality))
+            x = augment_hwc(x, int(seed), self.policies.get(record.modality) or policy_for(record.modality))
         t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)
         return {
             "image": t[:3],

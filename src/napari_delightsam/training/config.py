@@ -98,6 +98,10 @@ class TrainConfig:
     splits_file: str | None = None
     balanced: bool = True
     augment: bool = True
+    #: per-modality changes to the augmentation policy (``data.augment.AugmentPolicy`` fields),
+    #: e.g. {"microscopy": {"channel_order_p": 0.5, "greyscale_p": 0.3}}; modalities not named
+    #: keep their policy
+    augment_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     cache: bool = True
     num_workers: int = 2
     # runtime
@@ -160,6 +164,11 @@ class TrainConfig:
         if len(self.split_ratios) != 3 or any(r < 0 for r in self.split_ratios):
             raise ValueError(f"split_ratios must be three non-negative numbers, got {self.split_ratios}")
         self._validate_lr_scale()
+        if not isinstance(self.augment_overrides, dict):
+            raise ValueError(f"augment_overrides must be a mapping of modality -> fields, got {self.augment_overrides!r}")
+        from ..data.augment import policies_with
+
+        policies_with(self.augment_overrides)  # ValueError for an unknown field or a bad value
 
     def _validate_lr_scale(self) -> None:
         if not isinstance(self.lr_scale, dict):

@@ -28,6 +28,11 @@ __all__ = ["ADDED_BY_OVERRIDE", "build_model", "inherits_trained_head", "model_c
 ADDED_BY_OVERRIDE = ("decoder.fine.", "decoder.refiners.")
 
 
+#: checkpoint metadata that calibrates ``auto`` (the confidence below which it asks, and the
+#: appearance head's provenance); the temperature is a buffer of the head itself
+CALIBRATION_KEYS = ("auto_confidence_threshold", "appearance_head")
+
+
 def model_config_for(cfg: TrainConfig) -> ModelConfig:
     """The preset's ``ModelConfig`` with ``cfg.model`` overrides and the training image size."""
     base = tiny_config() if cfg.model_preset == "tiny" else ModelConfig()
@@ -95,6 +100,7 @@ def _from_checkpoint(cfg: TrainConfig, path: Path) -> tuple[DeLightSAM, dict[str
         "init": "checkpoint",
         "path": str(path),
         "source_modality_head_trained": meta.get("modality_head_trained", ""),
+        "source_calibration": {k: meta[k] for k in CALIBRATION_KEYS if k in meta},
         "added_tensors": len(added),
     }
 
@@ -124,6 +130,17 @@ def modality_head_trained(
     if cfg.train_modality_head and "modality_head" not in cfg.freeze:
         return True
     return stage0_frozen and inherits_trained_head(init_report)
+
+
+def inherited_calibration(cfg: TrainConfig, init_report: dict[str, Any], head_declared: bool) -> dict[str, str]:
+    """The ``--init`` checkpoint's calibration of ``auto`` (``CALIBRATION_KEYS``) that a run's
+    checkpoints keep: only when the run declares the head trained without training it (the head
+    and the stage 0 it reads came unchanged from that checkpoint), else none — a retrained head
+    falls back to the default confidence rule rather than another head's calibration."""
+    if not head_declared or (cfg.train_modality_head and "modality_head" not in cfg.freeze):
+        return {}
+    stored = init_report.get("source_calibration") or {}
+    return {k: str(stored[k]) for k in CALIBRATION_KEYS if k in stored}
 
 
 def _jsonable(v: Any) -> Any:

@@ -30,7 +30,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...data.appearance import BGR_INDEX, COLOUR_MODALITIES, AppearanceMix, MixByModality, hue_matrix, is_grey, random_appearance
+from ...data.appearance import (
+    BGR_INDEX,
+    COLOUR_MODALITIES,
+    AppearanceMix,
+    MixByModality,
+    hue_matrix,
+    is_grey,
+    random_appearance,
+)
 from ...model.appearance_head import HUE_UNIT, NEVER, AppearanceHead
 from ...preprocess import to_model_tensor
 from ..loop.run import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
@@ -399,7 +407,7 @@ class HeadStageConfig:
             raise ValueError(f"steps ({cfg.steps}) must be a multiple of eval_every ({cfg.eval_every})")
         if cfg.order_weight < 0:
             raise ValueError(f"order_weight must be >= 0, got {cfg.order_weight}")
-        cfg.mix  # validates the probabilities
+        _ = cfg.mix  # building it validates the probabilities
         if cfg.select not in SELECT_SCORES:
             raise ValueError(f"select must be one of {', '.join(sorted(SELECT_SCORES))}, got {cfg.select!r}")
         if not 0.5 < cfg.target_precision <= 1.0:

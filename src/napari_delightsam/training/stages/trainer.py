@@ -66,6 +66,7 @@ from ...data import (
     save_splits,
     select,
 )
+from ...data.augment import policies_with
 from ...data.splits import SPLIT_NAMES, Splits
 from ...devices import autocast_context, autocast_dtype, resolve_device
 from ...model import DeLightSAM, delightsam_loss
@@ -91,6 +92,7 @@ from ..loop.runfolder import (
 )
 from ..model_setup import (
     build_model,
+    inherited_calibration,
     inherits_trained_head,
     modality_head_trained,
     model_config_for,
@@ -308,6 +310,7 @@ def _model_for_run(cfg: TrainConfig, out: Path, resume: bool) -> tuple[DeLightSA
     return DeLightSAM(model_cfg), {
         "init": "resume",
         "source_modality_head_trained": started.get("source_modality_head_trained", ""),
+        "source_calibration": started.get("source_calibration") or {},
     }
 
 
@@ -358,6 +361,7 @@ def _build_data(
             cfg.img_size,
             modalities,
             augment=cfg.augment,
+            policies=policies_with(cfg.augment_overrides),
             cache=cfg.cache,
             cache_max_bytes=mem_cap,
         )
@@ -581,6 +585,7 @@ class _Checkpoints:
             "sampling_rule": SAMPLING_RULE,
             "split_seed": str(self.splits.seed),
             "init": json.dumps(self.init_report, default=str),
+            **inherited_calibration(self.cfg, self.init_report, self.head_trained),
         }
 
     def _training(self, summary: dict[str, Any], epoch: int) -> str:
