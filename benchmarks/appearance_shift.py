@@ -41,10 +41,12 @@ def spread(items: list[Any], n: int | None) -> list[Any]:
     return [items[i] for i in sorted(set(idx.tolist()))]
 
 
-def choose_records(data: Path, splits_file: Path, split: str, max_per_dataset: int | None) -> list[Any]:
+def choose_records(
+    data: Path, splits_file: Path, split: str, max_per_dataset: int | None, modalities: list[str] | None = None
+) -> list[Any]:
     from napari_delightsam.data import discover, load_splits, select
 
-    chosen = select(discover(data, None), load_splits(splits_file), split, None)
+    chosen = select(discover(data, modalities), load_splits(splits_file), split, None)
     by_dataset: dict[str, list[Any]] = defaultdict(list)
     for rec in chosen:
         by_dataset[f"{rec.modality}/{rec.dataset}"].append(rec)
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", nargs="+", default=["test", "unseen"])
     p.add_argument("--max-per-dataset", type=int, default=8)
     p.add_argument("--shifts", nargs="+", default=None, help="names from SHIFTS (default: all)")
+    p.add_argument("--modalities", nargs="+", default=None, help="only these modalities (default: all)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path)
@@ -268,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     seg = load_model(args.checkpoint, "cpu")
     header = (
         f"Model: `{args.checkpoint or 'bundled'}` (sha256 {seg.checkpoint_sha256[:12] if seg.checkpoint_sha256 else '–'}); "
-        f"splits {', '.join(args.split)} of `{args.splits.name}`, at most {args.max_per_dataset} images per dataset "
+        f"splits {', '.join(args.split)} of `{args.splits.name}`"
+        f"{', modalities ' + ', '.join(args.modalities) if args.modalities else ''}, at most {args.max_per_dataset} images per dataset "
         f"(evenly spread over the sorted ids); CPU, {args.threads} threads. "
         f"`auto` asks below a calibrated confidence of {getattr(seg, 'auto_confidence_threshold', None)}."
     )
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     for split in args.split:
-        records = choose_records(args.data, args.splits, split, args.max_per_dataset)
+        records = choose_records(args.data, args.splits, split, args.max_per_dataset, args.modalities)
         for i, rec in enumerate(records):
             image, gt = load_pair(rec)  # (H,W,3) float32 in [0,255]
             image = np.clip(np.rint(image), 0, 255).astype(np.uint8)

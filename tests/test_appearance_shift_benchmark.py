@@ -96,3 +96,17 @@ def test_a_shift_scoped_to_a_modality_is_left_out_elsewhere_even_in_older_result
     summary = run["bench"].summarise(older)["test"]
     assert "H&E stain jitter" not in summary["shifts"]
     assert summary["mean_drop_over_shifts"] == pytest.approx(data["summary"]["test"]["mean_drop_over_shifts"])
+
+
+def test_modalities_keeps_only_the_named_ones(run, tmp_path):
+    data = json.loads((run["out"] / "appearance-shift.json").read_text())
+    every = {r["modality"] for r in data["rows"]}
+    assert len(every) >= 2
+    keep = sorted(every)[0]
+    out = tmp_path / "one"
+    assert run["bench"].main(["--data", str(run["data"]), "--splits", str(run["splits"]), "--split", "test",
+                              "--max-per-dataset", "2", "--shifts", "BGR channel order", "--modalities", keep,
+                              "--checkpoint", str(run["ckpt"]), "--out", str(out), "--threads", "1", "--quiet"]) == 0
+    rows = json.loads((out / "appearance-shift.json").read_text())["rows"]
+    assert rows and {r["modality"] for r in rows} == {keep}
+    assert {r["key"] for r in rows} == {r["key"] for r in data["rows"] if r["modality"] == keep}
