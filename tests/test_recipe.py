@@ -76,6 +76,14 @@ def test_a_stage_may_set_its_own_seed_and_the_others_keep_the_recipes():
     assert [recipe.stage_config(s).seed for s in recipe.stages] == [3, 5]
 
 
+def test_a_stage_may_choose_what_selects_its_best_over_the_runs_default():
+    stages = [dict(TINY_RECIPE["stages"][0]), dict(TINY_RECIPE["stages"][1])]
+    stages[1]["config"] = dict(stages[1]["config"], select_on="val")
+    recipe = Recipe.from_dict(dict(TINY_RECIPE, stages=stages))
+    # the recipe runner asks for val+unseen where the split has unseen images; the stage's own wins
+    assert [recipe.stage_config(s, select_on="val+unseen").select_on for s in recipe.stages] == ["val+unseen", "val"]
+
+
 def test_tiny_recipe_runs_end_to_end_and_a_second_run_skips_finished_stages(tmp_path: Path, capsys):
     root = make_synthetic_dataset(tmp_path / "data", n_per_dataset=8, size=(40, 52))
     recipe = Recipe.from_dict(TINY_RECIPE)

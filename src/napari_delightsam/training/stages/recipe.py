@@ -176,8 +176,11 @@ class Recipe:
         """The stage's ``TrainConfig``: common fields, the stage's own, the model overrides, then
         ``runtime`` (device, splits file...); ``init: "previous"`` is replaced by ``init``.
         The seed is the recipe's unless the stage sets its own (e.g. a continuation that should
-        not replay the previous stage's sample order)."""
+        not replay the previous stage's sample order), and so is ``select_on`` (e.g. "val" for a
+        stage whose purpose the unseen-domain images must not steer)."""
         data = {**self.common, **stage.config, **runtime}
+        if "select_on" in stage.config:
+            data["select_on"] = stage.config["select_on"]
         data["img_size"] = self.img_size
         data["seed"] = stage.config.get("seed", self.seed)
         data["model"] = {**self.model, **data.get("model", {})}
