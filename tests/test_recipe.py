@@ -69,6 +69,32 @@ def test_shipped_recipes_are_valid():
         Recipe.from_dict(dict(TINY_RECIPE, export_metadata={"inference_precision": 32}))
 
 
+def test_a_recipe_that_extends_another_runs_the_parents_stages_then_its_own(tmp_path: Path):
+    parents = {"v2": "v1", "v2.1": "v2", "v2.2": "v2.1"}
+    for name, parent_name in parents.items():
+        recipe, parent = load_recipe(name), load_recipe(parent_name)
+        assert recipe.stages[: len(parent.stages)] == parent.stages and len(recipe.stages) > len(parent.stages)
+        assert (recipe.img_size, recipe.holdout, recipe.seed, recipe.views, recipe.common, recipe.model) == (
+            parent.img_size, parent.holdout, parent.seed, parent.views, parent.common, parent.model
+        )
+        assert recipe.description.endswith(parent.description) and recipe.description != parent.description
+    child = tmp_path / "mine.json"
+    stage = {"name": "more", "kind": "train", "config": {"init": "previous", "epochs": 1}}
+    child.write_text(json.dumps({"name": "mine", "description": "Mine.", "extends": "v2.1", "stages": [stage]}))
+    mine = load_recipe(child)
+    assert mine.name == "mine" and mine.stages[-1].name == "more" and mine.description.startswith("Mine. ")
+    assert mine.stages[:-1] == load_recipe("v2.1").stages
+    child.write_text(json.dumps({"name": "mine", "extends": "v2.1", "img_size": 256, "stages": [stage]}))
+    with pytest.raises(ValueError, match="may set only.*not img_size"):
+        load_recipe(child)
+    child.write_text(json.dumps({"name": "mine", "extends": "v0", "stages": [stage]}))
+    with pytest.raises(ValueError, match="extends 'v0'"):
+        load_recipe(child)
+    child.write_text(json.dumps({"name": "mine", "extends": "v2.1", "stages": [dict(stage, name="fine")]}))
+    with pytest.raises(ValueError, match="distinct names"):  # a stage of the parent's name
+        load_recipe(child)
+
+
 def test_a_stage_may_set_its_own_seed_and_the_others_keep_the_recipes():
     stages = [dict(TINY_RECIPE["stages"][0]), dict(TINY_RECIPE["stages"][1])]
     stages[1]["config"] = dict(stages[1]["config"], seed=5)

@@ -40,7 +40,7 @@ from ..errors import TrainingError
 __all__ = ["RECIPES", "Recipe", "RecipeStage", "cache_folder_name", "export_model", "load_recipe", "run_recipe"]
 
 #: the recipes shipped with the package (``training/stages/recipes/<name>.json``)
-RECIPES = ("v1", "v2", "v2.1")
+RECIPES = ("v1", "v2", "v2.1", "v2.2")
 #: what a stage may be
 STAGE_KINDS = ("heads", "train", "refiner", "appearance-head")
 DONE = "stage.done"
@@ -190,7 +190,20 @@ class Recipe:
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    """A shipped recipe by name (``RECIPES``) or a recipe JSON file."""
+    """A shipped recipe by name (``RECIPES``) or a recipe JSON file.
+
+    A recipe may build on another: ``{"name": ..., "description": ..., "extends": "v2",
+    "stages": [...]}`` is the shipped recipe ``extends`` (resolved the same way, recursively) with
+    these stages after its own; the description is this one's, then the parent's. Such a file may
+    set nothing else: the stages must chain on the parent's images, split and network."""
+    return Recipe.from_dict(_recipe_data(name_or_path, ()))
+
+
+#: the only fields of a recipe that ``extends`` another
+EXTENDING_FIELDS = ("name", "description", "extends", "stages")
+
+
+def _recipe_data(name_or_path: str | Path, seen: tuple[str, ...]) -> dict[str, Any]:
     text: str
     if str(name_or_path) in RECIPES:
         text = resources.files("napari_delightsam.training.stages").joinpath(f"recipes/{name_or_path}.json").read_text()
@@ -203,7 +216,27 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"recipe {name_or_path}: not valid JSON ({exc})") from exc
-    return Recipe.from_dict(data)
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    parent_name = str(data["extends"])
+    if parent_name not in RECIPES:
+        raise ValueError(f"recipe {name_or_path}: extends {parent_name!r}, not one of {', '.join(RECIPES)}")
+    if parent_name in seen:
+        raise ValueError(f"recipe {name_or_path}: extends itself ({' -> '.join((*seen, parent_name))})")
+    extra = sorted(set(data) - set(EXTENDING_FIELDS))
+    if extra:
+        raise ValueError(
+            f"recipe {name_or_path} extends {parent_name} and may set only {', '.join(EXTENDING_FIELDS)}, "
+            f"not {', '.join(extra)}"
+        )
+    parent = _recipe_data(parent_name, (*seen, parent_name))
+    own = str(data.get("description", "")).strip()
+    return {
+        **parent,
+        "name": str(data.get("name", name_or_path)),
+        "description": f"{own} {parent.get('description', '')}".strip(),
+        "stages": [*parent["stages"], *data.get("stages", [])],
+    }
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
