@@ -211,3 +211,27 @@ def test_decode_threads_runs_the_decoder_on_that_many_threads_and_restores_torch
     assert seen == [1] and torch.get_num_threads() == before
     with pytest.raises(ValueError, match="decode_threads"):
         type(refiner)(refiner.net, "cpu", decode_threads=0)
+
+
+def test_clicks_move_the_box_they_are_sent_with():
+    from napari_delightsam.refine import CLICK_PULL_BAND, next_click_box
+
+    box = np.array([100.0, 100.0, 200.0, 300.0])  # x0 y0 x1 y1: 100 wide, 200 high
+    assert next_click_box(None, [(150, 150)], [1]) is None  # a first click: the candidates decide
+    np.testing.assert_array_equal(next_click_box(box, [(150, 150)], [1]), box)  # inside: nothing moves
+    # a positive click above the box pushes its top edge out past it (10 % of the height beyond)
+    np.testing.assert_allclose(next_click_box(box, [(150, 150), (150, 80)], [1, 1]), [100, 60, 200, 300])
+    # a negative click near the right edge pulls that edge in past it
+    np.testing.assert_allclose(next_click_box(box, [(150, 150), (190, 200)], [1, 0]), [100, 100, 189, 300])
+    # one deep inside (a hole) leaves the box alone
+    centre = (150, 200)
+    assert (centre[0] - 100) / 100 > CLICK_PULL_BAND
+    np.testing.assert_array_equal(next_click_box(box, [(150, 150), centre], [1, 0]), box)
+    # an edge is not pulled past a positive click: the next nearest edge in reach is
+    moved = next_click_box(box, [(195, 150), (190, 110)], [1, 0])
+    np.testing.assert_allclose(moved, [100, 111, 200, 300])
+    # the box a click used, moved by the same clicks, does not move again (the widget passes it back)
+    clicks, signs = [(150, 150), (150, 80), (190, 200), (110, 290)], [1, 1, 0, 0]
+    once = next_click_box(box, clicks, signs)
+    np.testing.assert_array_equal(next_click_box(once, clicks, signs), once)
+    assert not np.array_equal(once, box)

@@ -78,6 +78,7 @@ __all__ = [
     "default_min_score",
     "load_refiner",
     "merge_object",
+    "next_click_box",
     "object_boxes",
     "objects_of_mask",
     "refine_all_suits",
@@ -170,6 +171,63 @@ def check_box(box: Any, size: tuple[int, int]) -> np.ndarray:
     if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
         raise ValueError(f"box {_fmt(arr)} lies wholly outside the {w}×{h} image (x in [0, {w}], y in [0, {h}])")
     return np.array([max(x0, 0.0), max(y0, 0.0), min(x1, float(w)), min(y1, float(h))])
+
+
+#: a positive click outside an object's box pushes the box's edge to it plus this fraction of the
+#: box's side (at least ``CLICK_MARGIN_MIN`` pixels): the object goes on beyond the click
+CLICK_PUSH_MARGIN = 0.1
+CLICK_MARGIN_MIN = 4.0
+#: a negative click this close to an edge of the box (a fraction of the box's side) pulls that
+#: edge in past it; one deeper inside (a hole, a neighbour inside the box) leaves the box alone
+CLICK_PULL_BAND = 0.3
+
+
+def next_click_box(chosen: Any, points: Any, labels: Any) -> np.ndarray | None:
+    """The box to send with an object's next clicks (``BoxRefiner.segment_clicks``' ``box``), from
+    the box its clicks last used (``chosen``, x0 y0 x1 y1; None before the first click: then None,
+    and the first click's candidate boxes are tried).
+
+    LiteMedSAM reads the box far more than the clicks, so the clicks move the box: in click order,
+    a positive click outside it pushes the nearest edges out to it (plus ``CLICK_PUSH_MARGIN`` of
+    the side), a negative click inside it and within ``CLICK_PULL_BAND`` of an edge pulls the
+    nearest such edge in past it -- unless that would leave a positive click outside. A box
+    already moved by the same clicks does not move again, so the widget can pass the box each
+    click used."""
+    if chosen is None:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in np.asarray(chosen, dtype=np.float64).reshape(4))
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    signs = np.asarray(labels).reshape(-1)
+    positive = pts[signs == 1]
+    for (x, y), sign in zip(pts, signs, strict=True):
+        w, h = x1 - x0, y1 - y0
+        if sign == 1:
+            mx, my = max(CLICK_MARGIN_MIN, CLICK_PUSH_MARGIN * w), max(CLICK_MARGIN_MIN, CLICK_PUSH_MARGIN * h)
+            if x < x0:
+                x0 = x - mx
+            elif x > x1:
+                x1 = x + mx
+            if y < y0:
+                y0 = y - my
+            elif y > y1:
+                y1 = y + my
+            continue
+        if not (x0 < x < x1 and y0 < y < y1):
+            continue
+        # the edges in reach, nearest first: (distance as a fraction of the side, which edge)
+        reach = sorted((d, edge) for d, edge in (
+            ((x - x0) / w, "x0"), ((x1 - x) / w, "x1"), ((y - y0) / h, "y0"), ((y1 - y) / h, "y1"),
+        ) if d <= CLICK_PULL_BAND)
+        for _, edge in reach:
+            pulled = {"x0": (x + 1, y0, x1, y1), "x1": (x0, y0, x - 1, y1),
+                      "y0": (x0, y + 1, x1, y1), "y1": (x0, y0, x1, y - 1)}[edge]
+            px0, py0, px1, py1 = pulled
+            keeps = bool(((positive[:, 0] >= px0) & (positive[:, 0] <= px1)
+                          & (positive[:, 1] >= py0) & (positive[:, 1] <= py1)).all())
+            if keeps and px1 - px0 >= 2 and py1 - py0 >= 2:
+                x0, y0, x1, y1 = pulled
+                break
+    return np.array([x0, y0, x1, y1], dtype=np.float64)
 
 
 def box_pixels(box: Any, size: tuple[int, int]) -> tuple[slice, slice]:

@@ -57,6 +57,7 @@ from ..refine import (
     default_decoder,
     default_min_score,
     merge_object,
+    next_click_box,
     refine_all_suits,
 )
 from ._llvm import avoid_triton_llvm_clash
@@ -528,11 +529,8 @@ class RefineWidget(Container):
             self._erase_under(labels, state, col + 0.5, row + 0.5)
             return
         box = state["box"]
-        if box is None and state["chosen"] is not None:
-            x0, y0, x1, y1 = state["chosen"]
-            pos = clicks[click_labels == 1]
-            if ((pos[:, 0] >= x0) & (pos[:, 0] <= x1) & (pos[:, 1] >= y0) & (pos[:, 1] <= y1)).all():
-                box = state["chosen"]  # the box the first click chose: one decoder prompt per further click
+        if box is None:
+            box = next_click_box(state["chosen"], clicks, click_labels)
         drawn = {"clicks": [[round(float(x), 2), round(float(y), 2), int(s)] for (x, y), s in zip(clicks, click_labels,
                                                                                                strict=True)],
                  "slice": z, "box": None if state["box"] is None else [round(float(v), 2) for v in state["box"]]}

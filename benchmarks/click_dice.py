@@ -1,0 +1,232 @@
+"""Dice after 1, 3 and 5 simulated clicks against one box, per object, with the refine widget's
+refiner (LiteMedSAM, the tuned decoder, its fast path) on real images.
+
+    python benchmarks/click_dice.py --data ../shared/data --splits benchmarks/protocol/splits-unseen-v1.json \\
+        [--split test unseen] [--modalities colonoscopy dermoscopy ultrasound xray] [--max-per-dataset 8] \\
+        [--clicks 5] [--threads 2] [--json OUT.json] [--md OUT.md]
+
+Each object is a connected component of the ground truth (at least ``--min-object`` of the image;
+lungs are two objects). For each one, after the image's embedding:
+
+* **one box**: ``segment_box`` with the object's tight bounding box (what Box costs a user);
+* **clicks**, the simulated user of the interactive-segmentation literature: the first click is
+  positive, at the object's interior point farthest from its boundary; each further click goes to
+  the interior point (farthest from its border) of the largest error region of the current mask
+  -- positive if the region is missed object, negative if it is false background. The clicks go
+  through ``BoxRefiner.segment_clicks`` exactly as the widget sends them: the first without a
+  box (the candidate boxes around it), the next ones with the box the previous click used, moved
+  by the clicks (``refine.next_click_box``).
+
+Dice is the object's own (its mask against its component). Reported per modality and split:
+mean Dice of one box and after 1..N clicks, the share of objects where one click reaches 90 % of
+the box's Dice, and the median seconds of a first and of a further click. A negative click whose
+candidate box moved away from the object can make a mask worse: that is what a user would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LESIONS = ("colonoscopy", "dermoscopy", "ultrasound", "xray")
+
+
+def interior_point(region: np.ndarray) -> tuple[float, float]:
+    """(x, y) pixel-centre coordinates of the pixel of ``region`` farthest from its border."""
+    from scipy.ndimage import distance_transform_edt
+
+    dist = distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(c) + 0.5, float(r) + 0.5
+
+
+def next_click(mask: np.ndarray, target: np.ndarray) -> tuple[tuple[float, float], int] | None:
+    """The simulated user's next click: the largest error region's interior point; 1 for a missed
+    part of the object, 0 for a false one; None when the mask is exact."""
+    from skimage.measure import label as connected
+
+    best: tuple[int, np.ndarray, int] | None = None
+    for error, sign in ((target & ~mask, 1), (mask & ~target, 0)):
+        if not error.any():
+            continue
+        comps = connected(error, connectivity=1)
+        sizes = np.bincount(comps.ravel())[1:]
+        k = int(np.argmax(sizes)) + 1
+        if best is None or sizes[k - 1] > best[0]:
+            best = (int(sizes[k - 1]), comps == k, sign)
+    if best is None:
+        return None
+    return interior_point(best[1]), best[2]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def object_masks(gt: np.ndarray, min_fraction: float) -> list[np.ndarray]:
+    from skimage.measure import label as connected
+
+    comps = connected(gt, connectivity=2)
+    sizes = np.bincount(comps.ravel())[1:]
+    keep = [k + 1 for k in np.argsort(-sizes) if sizes[k] >= max(16, min_fraction * gt.size)]
+    return [comps == k for k in keep]
+
+
+def kept_box(chosen: Any, points: Any, signs: Any) -> np.ndarray | None:
+    """The rule before clicks moved the box (``--click-box kept``): the box the clicks last used
+    while every positive click lies inside it, else None (the candidates are tried again)."""
+    if chosen is None:
+        return None
+    pts, lab = np.asarray(points, dtype=np.float64), np.asarray(signs)
+    pos = pts[lab == 1]
+    x0, y0, x1, y1 = chosen
+    inside = (pos[:, 0] >= x0) & (pos[:, 0] <= x1) & (pos[:, 1] >= y0) & (pos[:, 1] <= y1)
+    return np.asarray(chosen) if bool(inside.all()) else None
+
+
+def run_object(refiner: Any, target: np.ndarray, n_clicks: int, rule: str = "moved") -> dict[str, Any]:
+    from napari_delightsam.refine import next_click_box
+
+    box_rule = next_click_box if rule == "moved" else kept_box
+
+    rows, cols = np.nonzero(target)
+    box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64)
+    box_mask = refiner.segment_box(box)
+    points: list[tuple[float, float]] = []
+    signs: list[int] = []
+    chosen = None
+    mask = np.zeros_like(target)
+    dices: list[float] = []
+    seconds: list[float] = []
+    for _ in range(n_clicks):
+        click = next_click(mask, target)
+        if click is None:  # exact: further clicks change nothing
+            dices.append(dices[-1])
+            continue
+        points.append(click[0])
+        signs.append(click[1])
+        if not any(signs):  # a negative click before any positive one: the simulator never does this
+            raise AssertionError("first simulated click must be positive")
+        prompt_box = box_rule(chosen, points, signs)
+        t0 = time.perf_counter()
+        mask, _, used = refiner.segment_clicks(np.asarray(points), np.asarray(signs), prompt_box)
+        seconds.append(time.perf_counter() - t0)
+        mask = np.asarray(mask, dtype=bool)
+        chosen = used  # as the widget keeps it: the box this click used
+        dices.append(dice(mask, target))
+    return {"box": dice(np.asarray(box_mask, dtype=bool), target), "clicks": dices, "click_s": seconds,
+            "pixels": int(target.sum())}
+
+
+def summarise(rows: list[dict[str, Any]], n_clicks: int) -> dict[str, Any]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["split"], r["modality"])].append(r)
+    out: dict[str, Any] = {}
+    for (split, modality), objs in sorted(groups.items()):
+        box = float(np.mean([o["box"] for o in objs]))
+        after = [float(np.mean([o["clicks"][k] for o in objs])) for k in range(n_clicks)]
+        first = [o["click_s"][0] for o in objs if o["click_s"]]
+        further = [s for o in objs for s in o["click_s"][1:]]
+        out.setdefault(split, {})[modality] = {
+            "objects": len(objs),
+            "images": len({o["key"] for o in objs}),
+            "box": box,
+            "clicks": after,
+            "one_click_reaches_90pct_of_box": float(np.mean([o["clicks"][0] >= 0.9 * o["box"] for o in objs])),
+            "first_click_median_s": float(np.median(first)) if first else None,
+            "further_click_median_s": float(np.median(further)) if further else None,
+        }
+    return out
+
+
+def markdown(summary: dict[str, Any], n_clicks: int, command: str) -> str:
+    shown = [k for k in (1, 3, 5) if k <= n_clicks]
+    lines = ["# Clicks against one box (refine widget's refiner)", "",
+             "Dice % per object (a connected component of the ground truth), mean over the objects.", ""]
+    for split, mods in summary.items():
+        lines += [f"## {split}", "",
+                  "| modality | images / objects | one box | " + " | ".join(f"{k} click{'s' if k > 1 else ''}"
+                                                                        for k in shown)
+                  + " | 1 click / box | 1 click ≥ 90 % of box | first / further click s |",
+                  "|---|---:|---:|" + "---:|" * len(shown) + "---:|---:|---:|"]
+        for mod, s in mods.items():
+            clicks = " | ".join(f"{100 * s['clicks'][k - 1]:.1f}" for k in shown)
+            ratio = s["clicks"][0] / s["box"] if s["box"] else float("nan")
+            lines.append(
+                f"| {mod} | {s['images']} / {s['objects']} | {100 * s['box']:.1f} | {clicks} | {100 * ratio:.0f} % "
+                f"| {100 * s['one_click_reaches_90pct_of_box']:.0f} % "
+                f"| {s['first_click_median_s']:.3f} / {s['further_click_median_s']:.3f} |"
+            )
+        lines.append("")
+    lines += [f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--splits", required=True, type=Path, help="a splits.json (the protocol's)")
+    p.add_argument("--split", nargs="+", default=["test", "unseen"])
+    p.add_argument("--modalities", nargs="+", default=list(LESIONS))
+    p.add_argument("--max-per-dataset", type=int, default=8)
+    p.add_argument("--min-object", type=float, default=0.002, help="smallest object, fraction of the image")
+    p.add_argument("--clicks", type=int, default=5)
+    p.add_argument("--click-box", choices=("moved", "kept"), default="moved",
+                   help="moved: the clicks move the box (refine.next_click_box, the widget's rule); kept: the "
+                        "first click's box is kept while the positive clicks lie inside it, else the candidates again")
+    p.add_argument("--decoder", default="tuned", help="the refiner's decoder: tuned | litemedsam | a decoder file")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--md", type=Path)
+    args = p.parse_args(argv)
+    if args.clicks < 1:
+        p.error("--clicks must be at least 1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from napari_delightsam.data import discover, load_pair, load_splits, select
+    from napari_delightsam.refine import load_refiner
+
+    records = [r for r in discover(args.data) if r.modality in args.modalities]
+    splits = load_splits(args.splits)
+    refiner = load_refiner("cpu", decoder=args.decoder)
+    rows: list[dict[str, Any]] = []
+    for split in args.split:
+        chosen = select(records, splits, split, args.max_per_dataset)
+        print(f"{split}: {len(chosen)} images", file=sys.stderr)
+        for rec in chosen:
+            image, gt = load_pair(rec)
+            refiner.set_image(image)
+            for target in object_masks(gt, args.min_object):
+                row = run_object(refiner, target, args.clicks, args.click_box)
+                rows.append({"split": split, "modality": rec.modality, "key": rec.key, **row})
+    summary = summarise(rows, args.clicks)
+    command = "python benchmarks/click_dice.py " + " ".join(
+        a if not os.path.isabs(a) else os.path.relpath(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    result = {"refiner": refiner.fast_path_description(), "weights": dict(getattr(refiner, "weights", {})),
+              "threads": args.threads, "clicks": args.clicks, "click_box": args.click_box, "summary": summary, "objects": rows,
+              "command": command}
+    text = markdown(summary, args.clicks, command)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
