@@ -3,7 +3,7 @@ refiner (LiteMedSAM, the tuned decoder, its fast path) on real images.
 
     python benchmarks/click_dice.py --data ../shared/data --splits benchmarks/protocol/splits-unseen-v1.json \\
         [--split test unseen] [--modalities colonoscopy dermoscopy ultrasound xray] [--max-per-dataset 8] \\
-        [--clicks 5] [--threads 2] [--json OUT.json] [--md OUT.md]
+        [--clicks 5] [--click-box moved|kept] [--box-sizes F ...] [--threads 2] [--json OUT.json] [--md OUT.md]
 
 Each object is a connected component of the ground truth (at least ``--min-object`` of the image;
 lungs are two objects). For each one, after the image's embedding:
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--click-box", choices=("moved", "kept"), default="moved",
                    help="moved: the clicks move the box (refine.next_click_box, the widget's rule); kept: the "
                         "first click's box is kept while the positive clicks lie inside it, else the candidates again")
+    p.add_argument("--box-sizes", type=float, nargs="+",
+                   help="a first click's candidate box sizes instead of refine.CLICK_BOX_SIZES (an ablation)")
     p.add_argument("--decoder", default="tuned", help="the refiner's decoder: tuned | litemedsam | a decoder file")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
@@ -194,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from napari_delightsam import refine
     from napari_delightsam.data import discover, load_pair, load_splits, select
     from napari_delightsam.refine import load_refiner
+
+    if args.box_sizes:
+        refine.CLICK_BOX_SIZES = tuple(args.box_sizes)
 
     records = [r for r in discover(args.data) if r.modality in args.modalities]
     splits = load_splits(args.splits)
@@ -215,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         a if not os.path.isabs(a) else os.path.relpath(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     result = {"refiner": refiner.fast_path_description(), "weights": dict(getattr(refiner, "weights", {})),
-              "threads": args.threads, "clicks": args.clicks, "click_box": args.click_box, "summary": summary, "objects": rows,
+              "threads": args.threads, "clicks": args.clicks, "click_box": args.click_box,
+              "box_sizes": list(refine.CLICK_BOX_SIZES), "summary": summary, "objects": rows,
               "command": command}
     text = markdown(summary, args.clicks, command)
     print(text)

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in base:
         a, b = cases[key](), cases[f"{key} (published decoder)"]()
         a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
-        identical[key] = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+        identical[key] = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
     results = _interleaved_medians(cases, args.rounds)
     record = {
         "image": name,

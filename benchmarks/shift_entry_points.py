@@ -121,9 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     means = {k: float(np.mean([r[k] for r in rows])) for k in PARTS}
     print(f"mean over {len(rows)} colour images, shift {args.shift}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in means.items()))
     if args.json:
+        import hashlib
+
         from napari_delightsam.atomic_files import atomic_write
 
-        result = {"checkpoint": checkpoint, "split": args.split, "modality": args.modality, "shift": args.shift,
+        result = {"checkpoint": args.checkpoint or "the bundled model",
+                  "checkpoint_sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:12],
+                  "split": args.split, "modality": args.modality, "shift": args.shift,
                   "n_images": len(rows), "mean_dice": means, "images": rows,
                   "command": " ".join(["python", "benchmarks/shift_entry_points.py", *(argv if argv is not None else sys.argv[1:])])}
         atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1), encoding="utf-8"))
