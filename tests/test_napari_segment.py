@@ -397,7 +397,7 @@ def test_model_choice_is_remembered(make_napari_viewer, tiny_checkpoint):
     # untrained chosen by the user is remembered too
     index = again.model_combo.findData("untrained")
     again.model_combo.setCurrentIndex(index)
-    again._on_model_activated(index)
+    again.model_combo.on_activated(index)
     viewer3 = make_napari_viewer()
     _, third = viewer3.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM segment")
     assert third.current_model() == "untrained"
@@ -407,6 +407,17 @@ def test_model_choice_is_remembered(make_napari_viewer, tiny_checkpoint):
     assert not third.use_checkpoint(bad)
     assert third.current_model() == "untrained"
     assert any("cannot use checkpoint" in m for m in _messages("error"))
+    # the annotate widget has the same menu, and the choice made in one is the other's default
+    _, annotate = viewer3.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM annotate")
+    entries = [annotate.model_combo.itemData(i) for i in range(annotate.model_combo.count())]
+    assert entries == [third.model_combo.itemData(i) for i in range(third.model_combo.count())]
+    assert annotate.current_model() == "untrained"
+    index = annotate.model_combo.findData(str(tiny_checkpoint.resolve()))
+    annotate.model_combo.setCurrentIndex(index)
+    annotate.model_combo.on_activated(index)
+    viewer4 = make_napari_viewer()
+    _, fourth = viewer4.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM segment")
+    assert fourth.current_model() == str(tiny_checkpoint.resolve())
 
 
 def test_changing_layers_during_a_run_uses_the_snapshot(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):

@@ -56,7 +56,7 @@ from qtpy.QtWidgets import (
 from ..config import MODALITIES
 from . import settings
 from ._llvm import avoid_triton_llvm_clash
-from .common import checkpoint_label, device_choices
+from .common import device_choices
 from .core import (
     METADATA_KEY,
     InputError,
@@ -70,6 +70,7 @@ from .core import (
     was_edited,
 )
 from .model_cache import MODEL_CACHE, ModelCache
+from .model_combo import ModelCombo
 from .notify import alive, notify
 
 if TYPE_CHECKING:
@@ -102,7 +103,6 @@ class AnnotateWidget(QWidget):
         self._prefetch: dict[str, Any] = {}
         self.prefetch_hits = 0
         self._shown: dict[str, Any] = {}  # index, layers (weakrefs), provenance of the image on screen
-        self._previous_model_index = 0
         #: fine-tune rounds of the session (annotate_learning.Learner) and the running one
         self.learner: Learner | None = None
         self._learn_holder: dict[str, Any] = {}
@@ -114,7 +114,6 @@ class AnnotateWidget(QWidget):
         self._draft_timer.setInterval(DRAFT_DELAY_MS)
         self._draft_timer.timeout.connect(self.save_draft)
         self._build_ui()
-        self._populate_models()
         self._bind_keys()
         self.destroyed.connect(lambda *_: _quit(state))
 
@@ -137,9 +136,7 @@ class AnnotateWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(device_choices())
         form.addRow("Device", self.device_combo)
-        self.model_combo = QComboBox()
-        self.model_combo.setToolTip("Bundled model, a checkpoint file (.safetensors), or untrained weights")
-        self.model_combo.activated.connect(self._on_model_activated)
+        self.model_combo = ModelCombo()
         form.addRow("Model", self.model_combo)
         self.format_combo = QComboBox()
         self.format_combo.addItems(["png", "tiff"])
@@ -261,63 +258,14 @@ class AnnotateWidget(QWidget):
         for button in (self.previous_button, self.next_button, self.save_button):
             button.setEnabled(enabled)
 
-    # -- model choice (the segment widget's list) ---------------------------------------------------
-
-    def _populate_models(self) -> None:
-        from .segment_widget import CHOOSE_FILE, MODEL_LABELS, _bundled_path
-
-        combo = self.model_combo
-        combo.clear()
-        bundled = _bundled_path()
-        combo.addItem(f"{MODEL_LABELS[settings.BUNDLED]} ({Path(bundled).name if bundled else 'not installed'})",
-                      settings.BUNDLED)
-        if bundled is None:
-            item = combo.model().item(0)
-            if item is not None:
-                item.setEnabled(False)
-        combo.addItem(MODEL_LABELS[settings.UNTRAINED], settings.UNTRAINED)
-        for path in settings.recent_checkpoints():
-            combo.addItem(checkpoint_label(path), path)
-        combo.addItem("choose checkpoint file…", CHOOSE_FILE)
-        last = settings.last_model()
-        index = combo.findData(last) if last else -1
-        if index < 0 or (last == settings.BUNDLED and bundled is None):
-            index = 0 if bundled is not None else combo.findData(settings.UNTRAINED)
-        combo.setCurrentIndex(index)
-        self._previous_model_index = index
+    # -- model choice (the segment widget's menu, model_combo.ModelCombo) --------------------------
 
     def current_model(self) -> str:
-        return str(self.model_combo.currentData())
-
-    def _on_model_activated(self, index: int) -> None:
-        from .segment_widget import CHOOSE_FILE
-
-        if self.model_combo.itemData(index) == CHOOSE_FILE:
-            path, _ = QFileDialog.getOpenFileName(self, "Choose a De-LightSAM checkpoint", str(Path.home()),
-                                                  "Checkpoints (*.safetensors);;All files (*)")
-            if not (path and self.use_checkpoint(path)):
-                self.model_combo.setCurrentIndex(self._previous_model_index)
-            return
-        self._previous_model_index = index
+        return self.model_combo.current_model()
 
     def use_checkpoint(self, path: str | Path) -> bool:
         """Offer a checkpoint file in the model list and select it; False if it is not valid."""
-        path = str(Path(path).expanduser().resolve())
-        try:
-            from ..checkpoint import read_checkpoint_info
-
-            read_checkpoint_info(path)
-        except Exception as exc:  # noqa: BLE001 -- any unreadable file -> one message
-            notify("error", f"cannot use checkpoint {path}: {exc}")
-            return False
-        index = self.model_combo.findData(path)
-        if index < 0:
-            index = self.model_combo.count() - 1
-            self.model_combo.insertItem(index, checkpoint_label(path), path)
-        self.model_combo.setCurrentIndex(index)
-        self._previous_model_index = index
-        settings.remember_model(path)
-        return True
+        return self.model_combo.use_checkpoint(path)
 
     # -- learning as you go (annotate_learning) -------------------------------------------------
 

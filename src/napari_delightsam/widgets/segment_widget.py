@@ -62,17 +62,11 @@ from .core import (
     was_edited,
 )
 from .model_cache import MODEL_CACHE, ModelCache
+from .model_combo import CHOOSE_FILE, MODEL_LABELS, ModelCombo
 from .notify import alive, notify
 
 if TYPE_CHECKING:
     import napari
-
-CHOOSE_FILE = "__choose__"
-MODEL_LABELS = {
-    settings.BUNDLED: "bundled model",
-    settings.UNTRAINED: "untrained (random weights, for testing)",
-}
-
 
 @dataclass
 class _LastRun:
@@ -102,11 +96,9 @@ class SegmentWidget(QWidget):
         self._job: dict[str, Any] = {}
         self._last: _LastRun | None = None
         self._closing = False
-        self._previous_model_index = 0
         self.setObjectName("DeLightSAMSegmentWidget")
 
         self._build_ui()
-        self._populate_models()
         self.reset_choices()
         registry.register_segment_widget(self.viewer, self)
         # stop a running worker when the dock (or the whole window) goes away; the closure
@@ -144,9 +136,7 @@ class SegmentWidget(QWidget):
         self.device_combo.setToolTip("auto = CUDA, then Apple MPS, then CPU (only devices found here are listed)")
         form.addRow("Device", self.device_combo)
 
-        self.model_combo = QComboBox()
-        self.model_combo.setToolTip("Bundled model, a checkpoint file (.safetensors), or untrained weights")
-        self.model_combo.activated.connect(self._on_model_activated)
+        self.model_combo = ModelCombo()
         form.addRow("Model", self.model_combo)
 
         self.threshold_slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
@@ -236,79 +226,14 @@ class SegmentWidget(QWidget):
 
     # -- model combo ---------------------------------------------------------------------------
 
-    def _populate_models(self) -> None:
-        combo = self.model_combo
-        combo.blockSignals(True)
-        combo.clear()
-        bundled = _bundled_path()
-        if bundled is not None:
-            combo.addItem(f"{MODEL_LABELS[settings.BUNDLED]} ({Path(bundled).name})", settings.BUNDLED)
-        else:
-            combo.addItem(f"{MODEL_LABELS[settings.BUNDLED]} (not installed)", settings.BUNDLED)
-            item = combo.model().item(0)
-            if item is not None:
-                item.setEnabled(False)
-        combo.addItem(MODEL_LABELS[settings.UNTRAINED], settings.UNTRAINED)
-        for path in settings.recent_checkpoints():
-            combo.addItem(checkpoint_label(path), path)
-            combo.setItemData(combo.count() - 1, path, Qt.ItemDataRole.ToolTipRole)
-        combo.addItem("choose checkpoint file…", CHOOSE_FILE)
-        last = settings.last_model()
-        index = combo.findData(last) if last else -1
-        if index < 0 or (last == settings.BUNDLED and bundled is None):
-            index = 0 if bundled is not None else combo.findData(settings.UNTRAINED)
-        combo.setCurrentIndex(index)
-        self._previous_model_index = index
-        combo.blockSignals(False)
-
     def current_model(self) -> str:
         """``"bundled"``, ``"untrained"`` or a checkpoint path."""
-        return str(self.model_combo.currentData())
-
-    def _on_model_activated(self, index: int) -> None:
-        if self.model_combo.itemData(index) == CHOOSE_FILE:
-            path = self._ask_checkpoint_file()
-            if path:
-                self.use_checkpoint(path)
-            else:
-                self.model_combo.setCurrentIndex(self._previous_model_index)
-            return
-        self._previous_model_index = index
-        settings.remember_model(self.current_model())
-
-    def _ask_checkpoint_file(self) -> str | None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "Choose a De-LightSAM checkpoint", str(Path.home()), "Checkpoints (*.safetensors);;All files (*)"
-        )
-        return path or None
+        return self.model_combo.current_model()
 
     def use_checkpoint(self, path: str | Path, select: bool = True) -> bool:
         """Offer a checkpoint file in the model combo (and select it); False if it is not valid.
-
-        Earlier entries stay selectable. Called by the fine-tune widget with its best checkpoint.
-        """
-        path = str(Path(path).expanduser().resolve())
-        try:
-            from ..checkpoint import read_checkpoint_info
-
-            read_checkpoint_info(path)
-        except Exception as exc:  # noqa: BLE001 -- any unreadable file -> one message
-            notify("error", f"cannot use checkpoint {path}: {exc}")
-            if alive(self):
-                self.model_combo.setCurrentIndex(self._previous_model_index)
-            return False
-        if not alive(self):
-            return False
-        index = self.model_combo.findData(path)
-        if index < 0:
-            index = self.model_combo.count() - 1  # before "choose checkpoint file…"
-            self.model_combo.insertItem(index, checkpoint_label(path), path)
-            self.model_combo.setItemData(index, path, Qt.ItemDataRole.ToolTipRole)
-        if select:
-            self.model_combo.setCurrentIndex(index)
-            self._previous_model_index = index
-            settings.remember_model(path)
-        return True
+        Called by the fine-tune widget with its best checkpoint."""
+        return self.model_combo.use_checkpoint(path, select)
 
     # -- image layer combo -------------------------------------------------------------------
 
@@ -793,15 +718,6 @@ def _segment_job(cache: ModelCache, prepared: Any, spec: str, device: str, modal
         except StopIteration as stop:
             return stop.value, info
         yield ("progress", *item) if len(item) == 2 else ("tiles", *item)
-
-
-def _bundled_path() -> Path | None:
-    try:
-        from ..checkpoint import bundled_checkpoint_path
-
-        return bundled_checkpoint_path()
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _version() -> str:
