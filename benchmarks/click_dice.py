@@ -139,7 +139,7 @@ def summarise(rows: list[dict[str, Any]], n_clicks: int) -> dict[str, Any]:
         further = [s for o in objs for s in o["click_s"][1:]]
         out.setdefault(split, {})[modality] = {
             "objects": len(objs),
-            "images": len({o["key"] for o in objs}),
+            "images": len({(o["key"], o.get("id")) for o in objs}),
             "box": box,
             "clicks": after,
             "one_click_reaches_90pct_of_box": float(np.mean([o["clicks"][0] >= 0.9 * o["box"] for o in objs])),
@@ -215,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
             refiner.set_image(image)
             for target in object_masks(gt, args.min_object):
                 row = run_object(refiner, target, args.clicks, args.click_box)
-                rows.append({"split": split, "modality": rec.modality, "key": rec.key, **row})
+                rows.append({"split": split, "modality": rec.modality, "key": rec.key, "id": rec.sample_id, **row})
     summary = summarise(rows, args.clicks)
     command = "python benchmarks/click_dice.py " + " ".join(
         a if not os.path.isabs(a) else os.path.relpath(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    result = {"refiner": refiner.fast_path_description(), "weights": dict(getattr(refiner, "weights", {})),
+    weights = {k: (Path(str(v)).name if k in ("file", "decoder_file") and v else v)  # no machine paths
+               for k, v in getattr(refiner, "weights", {}).items()}
+    result = {"refiner": refiner.fast_path_description(), "weights": weights,
               "threads": args.threads, "clicks": args.clicks, "click_box": args.click_box,
               "box_sizes": list(refine.CLICK_BOX_SIZES), "summary": summary, "objects": rows,
               "command": command}
