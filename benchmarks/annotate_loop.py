@@ -24,7 +24,9 @@ Dice before and after correction, boxes and erase clicks, seconds (segmentation,
 model that segmented; per round: decision, held-out Dice, seconds. Timings are wall seconds on this
 host, with its load average.
 
-Output: ``OUT/annotate_loop.json`` and ``OUT/annotate_loop.md``.
+Output: ``OUT/annotate_loop.json``, ``OUT/annotate_loop.md`` and ``OUT/annotate_loop.png`` (corrections
+per image against images done, a running mean over ``--window`` images, one line per arm).
+``--from-json FILE`` writes the report and the plot again from an earlier run's JSON.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-every", type=int, default=4)
     p.add_argument("--iou", type=float, default=0.5)
     p.add_argument("--jitter", type=float, default=0.1)
+    p.add_argument("--window", type=int, default=5, help="running mean over this many images in the plot")
+    p.add_argument("--from-json", type=Path, default=None, help="only write OUT's report and plot from this JSON")
     return p
 
 
@@ -208,6 +212,24 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    return [float(np.mean(values[max(0, i + 1 - window): i + 1])) for i in range(len(values))]
+
+
+def plot(result: dict[str, Any], path: Path, window: int) -> Path:
+    from napari_delightsam.training.loop.plot import plot_lines
+
+    series = []
+    for arm, data in result["arms"].items():
+        rows = data["rows"]
+        per_image = [float(r["boxes"] + r["erase_clicks"]) for r in rows]
+        series.append((arm, [float(r["n"]) for r in rows], running_mean(per_image, window)))
+    top = max((y for _, _, ys in series for y in ys), default=1.0)
+    return plot_lines(series, path, title=f"{result['dataset']}: corrections per image (mean of the last {window})",
+                      xlabel="images done", y_range=(0.0, float(np.ceil(top))))
+
+
 def _command_args(argv: list[str]) -> str:
     """The arguments as typed, with the output folder as ``OUT`` and other absolute paths as file names."""
     out = []
@@ -221,6 +243,12 @@ def _command_args(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text(encoding="utf-8"))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "annotate_loop.md").write_text(markdown(result), encoding="utf-8")
+        plot(result, args.out / "annotate_loop.png", args.window)
+        return 0
     from napari_delightsam.refine import load_refiner
 
     fx = _effort()
@@ -239,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": load_start, "omp_threads": os.environ.get("OMP_NUM_THREADS"),
         "arms": arms,
     }
-    (args.out / "annotate_loop.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    text = json.dumps(result, indent=1, default=str).replace(str(args.out.resolve()), "OUT")  # no machine paths
+    (args.out / "annotate_loop.json").write_text(text, encoding="utf-8")
     (args.out / "annotate_loop.md").write_text(markdown(result), encoding="utf-8")
+    plot(result, args.out / "annotate_loop.png", args.window)
     print(markdown(result))
     return 0
 

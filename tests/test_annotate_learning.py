@@ -296,3 +296,22 @@ def test_annotate_loop_benchmark_runs_both_arms_through_the_session(tmp_path, ti
     assert all(0.0 <= row["dice_after"] <= 1.0 and row["boxes"] >= 0 for row in ft["rows"])
     assert (out / "finetune" / "masks" / "f4.png").is_file() and "| finetune | second_half |" in (
         out / "annotate_loop.md").read_text()
+    with Image.open(out / "annotate_loop.png") as png:  # corrections per image against images done
+        assert png.size[0] > 100 and png.getextrema() != ((255, 255),) * 3
+
+
+def test_annotate_loop_report_and_plot_from_an_earlier_json(tmp_path, load_script):
+    bench = load_script("benchmarks/annotate_loop.py")
+    assert bench.running_mean([4.0, 2.0, 0.0, 6.0], 2) == [4.0, 3.0, 1.0, 3.0]
+    rows = [{"n": i + 1, "boxes": 1, "erase_clicks": i % 2, "dice_before": 0.5, "dice_after": 0.9,
+             "segment_s": 0.5, "correct_s": 1.0} for i in range(6)]
+    result = {"command": "x", "dataset": "colonoscopy/Fake", "split": "unseen", "images": 6, "date": "d",
+              "load_average_start": 1.0, "omp_threads": "1",
+              "arms": {"none": {"rows": rows, "rounds": [], "summary": bench.summarise(rows)}}}
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(result))
+    assert bench.main(["--data", "unused", "--dataset", "colonoscopy/Fake", "--out", str(tmp_path / "again"),
+                       "--from-json", str(source)]) == 0
+    assert "| none | all | 6 | 50.0 | 90.0 | 1.00 | 0.50 | 1.50 |" in (tmp_path / "again" / "annotate_loop.md").read_text()
+    with Image.open(tmp_path / "again" / "annotate_loop.png") as png:
+        assert png.getextrema() != ((255, 255),) * 3

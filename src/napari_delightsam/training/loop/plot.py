@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ...atomic_files import atomic_write
 
-__all__ = ["plot_curves"]
+__all__ = ["plot_curves", "plot_lines"]
 
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 _W, _H = 520, 360
@@ -116,3 +116,17 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     canvas.paste(left, (0, 0))
     canvas.paste(right, (_W, 0))
     return atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def plot_lines(
+    series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    path: str | Path,
+    *,
+    title: str,
+    xlabel: str,
+    y_range: tuple[float, float] | None = None,
+) -> Path:
+    """One panel of named (x, y) series as a PNG at ``path`` (written atomically)."""
+    panel = _panel(title, xlabel, [(n, [float(x) for x in xs], [float(y) for y in ys]) for n, xs, ys in series],
+                   y_range)
+    return atomic_write(Path(path), lambda tmp: panel.save(tmp, format="PNG"))
