@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -60,6 +61,7 @@ def test_peak_memory_sees_a_large_allocation():
     with bm._peak_memory(torch.device("cpu"), interval_s=0.001) as mem:
         block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
         block.sum()
+        time.sleep(0.05)  # held long enough for the sampling thread to run (it needs the GIL)
         del block
     assert mem["working_mb"] > 32
     assert mem["peak_mb"] >= mem["working_mb"]
