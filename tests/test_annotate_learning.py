@@ -105,6 +105,24 @@ def test_holdout_positions_never_move_as_images_are_saved():
         assert set(held) <= set(later_held) and set(train) <= set(later_train)
     assert accepts(0.5, 0.51) and not accepts(0.5, 0.5) and not accepts(0.5, 0.52, margin=0.05)
     assert not accepts(0.5, float("nan"))
+    # a higher Dice with more stray regions per image is not adopted; as many or fewer is
+    assert not accepts(0.5, 0.6, stray_current=0.5, stray_candidate=1.0)
+    assert accepts(0.5, 0.6, stray_current=1.0, stray_candidate=1.0) and accepts(0.5, 0.6, 0.0, 1.0, 0.5)
+    assert not accepts(0.5, 0.4, stray_current=1.0, stray_candidate=0.0)
+
+
+def test_stray_regions_are_predicted_regions_the_saved_mask_has_nothing_of():
+    from napari_delightsam.annotate_learning import stray_regions
+
+    truth = np.zeros((40, 40), dtype=np.uint8)
+    truth[5:15, 5:15] = 1
+    pred = np.zeros_like(truth)
+    assert stray_regions(pred, truth) == 0
+    pred[10:20, 10:20] = 1  # overlaps the object: not stray
+    pred[30:35, 30:35] = 1  # a stray region
+    pred[30:32, 2:4] = 1  # another
+    assert stray_regions(pred, truth) == 2
+    assert stray_regions(pred, np.zeros_like(truth)) == 3
 
 
 def test_cli_segments_every_image_without_a_mask_and_resumes(tmp_path, tiny, capsys):
@@ -290,7 +308,9 @@ def test_annotate_loop_benchmark_runs_both_arms_through_the_session(tmp_path, ti
     assert {r["model"] for r in none["rows"]} == {str(tiny[0].resolve())}
     assert len(ft["rounds"]) == 1 and ft["rounds"][0]["after_image"] == 3
     r = ft["rounds"][0]
-    assert (r["status"] == "accepted") == accepts(r["dice_current"], r["dice_candidate"])
+    assert r["stray_current"] is not None and r["stray_candidate"] is not None
+    assert (r["status"] == "accepted") == accepts(r["dice_current"], r["dice_candidate"], 0.0,
+                                                  r["stray_current"], r["stray_candidate"])
     later = {row["model"] for row in ft["rows"][3:]}
     assert all(("fine-tuned round 1" in m) == (r["status"] == "accepted") for m in later)
     assert all(0.0 <= row["dice_after"] <= 1.0 and row["boxes"] >= 0 for row in ft["rows"])
