@@ -404,16 +404,18 @@ class Learner:
             return self._record(result, started)
         result.dice_current = float(np.mean(scores["dice"]["current"]))
         result.dice_candidate = float(np.mean(scores["dice"]["candidate"]))
-        if scores["stray"].get("current") and scores["stray"].get("candidate"):
-            result.stray_current = float(np.mean(scores["stray"]["current"]))
-            result.stray_candidate = float(np.mean(scores["stray"]["candidate"]))
+        strays = scores["stray"]
+        if strays.get("current") and strays.get("candidate"):  # a child that reports them
+            result.stray_current = float(np.mean(strays["current"]))
+            result.stray_candidate = float(np.mean(strays["candidate"]))
         n = len(holdout_pairs)
-        if accepts(result.dice_current, result.dice_candidate, self.config.margin,
-                   result.stray_current, result.stray_candidate):
+        dice_better = accepts(result.dice_current, result.dice_candidate, self.config.margin)
+        if dice_better and accepts(result.dice_current, result.dice_candidate, self.config.margin,
+                                   result.stray_current, result.stray_candidate):
             result.status = "accepted"
             self.current = result.candidate
             result.message = f"adopted: held-out Dice {result.dice_candidate:.3f} > {result.dice_current:.3f} on {n} images"
-        elif accepts(result.dice_current, result.dice_candidate, self.config.margin):
+        elif dice_better:
             result.status = "rejected"
             result.message = (f"kept the current model: the new one's held-out Dice is higher ({result.dice_candidate:.3f} "
                               f"> {result.dice_current:.3f}) but it leaves more stray regions "
