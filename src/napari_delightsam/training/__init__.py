@@ -15,6 +15,7 @@ stages/       the stages that run the loop, and the recipe that chains them
   appearance_head.py  the appearance head (recipe stage "appearance-head")
   distill.py      MDKD stages: common KD, ViT-Med teacher, domain KD
   box_decoder_tuning.py  the box refiner's decoder (`delightsam tune-refiner`)
+  click_tuning.py  its click steps and click validation (`tune-refiner --click-fraction`)
   recipe.py       a recipe (recipes/*.json) run as one resumable command
 caches/       inputs computed once and trained on many times
   embedding_cache.py  frozen-encoder embeddings for the heads stage

@@ -38,9 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...click_simulation import CLICK_MODALITIES
 from ...refine import LESION_MODALITIES
 from ..loop.run import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
 from ..loop.runfolder import RunLog
+from .click_tuning import click_batch, click_validation_dice
 
 __all__ = [
     "BoxSample",
@@ -56,6 +58,11 @@ __all__ = [
 
 #: at most this many objects (largest first) are kept per image
 MAX_OBJECTS = 16
+
+#: one step's batch: embeddings, (B,4) boxes, (B,256,256) targets, (B,) stray flags or None,
+#: and the clicks ((B,N,2) pixel edges, (B,N) labels) of a click step or None
+Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, "torch.Tensor | None",
+              "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
 @dataclass(frozen=True)
@@ -241,11 +248,17 @@ def decoder_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Ten
 
 
 def _decode(net: nn.Module, embeddings: torch.Tensor, boxes: torch.Tensor, dense_pe: torch.Tensor,
-            dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+            dtype: torch.dtype | None, points: tuple[torch.Tensor, torch.Tensor] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,256,256) logits and (B,) scores of B box prompts, each with its clicks when ``points``
+    ((B,N,2) pixel-edge coordinates in the 256² frame, (B,N) labels 1/0) is given -- shifted by
+    -0.5 as ``BoxRefiner`` sends them (SAM's prompt encoder takes pixel indices)."""
     from ...devices import autocast_context
 
+    device = embeddings.device
     with torch.no_grad():
-        sparse, dense = net.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
+        prompt_points = None if points is None else (points[0].to(device) - 0.5, points[1].to(device))
+        sparse, dense = net.prompt_encoder(points=prompt_points, boxes=boxes[:, None, :].to(device), masks=None)
     with autocast_context(embeddings.device, dtype):
         low, iou = net.mask_decoder(
             image_embeddings=embeddings,
@@ -320,6 +333,9 @@ def tune_decoder(
     dtype: torch.dtype | None = None,
     prompt_free_fraction: float = 0.0,
     prompt_free_jitter: float = 0.05,
+    click_fraction: float = 0.0,
+    click_rounds: int = 4,
+    click_modalities: Sequence[str] = CLICK_MODALITIES,
     log: RunLog | None = None,
     stop: StopFlag | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -330,7 +346,13 @@ def tune_decoder(
     images drawn at random, one random object each, its box jittered by up to ``jitter``; with
     probability ``prompt_free_fraction`` an item is instead one random prompt-free component box
     (:attr:`BoxSample.pf_boxes`, jittered by up to ``prompt_free_jitter``) of an image that has
-    one. The steps run in the project's one training loop (:func:`loop.run_loop`), an "epoch" of
+    one. With ``click_fraction`` > 0, that share of the steps are click steps instead
+    (:func:`click_tuning.click_batch`: objects of ``click_modalities`` prompted as the refine widget
+    sends clicks, 1 + U{0..``click_rounds``} clicks, the same number for the whole step); the
+    validation then also measures Dice after 1..3 simulated clicks
+    (:func:`click_tuning.click_validation_dice`) and the state kept is the best mean of the box
+    Dice and the click Dice (``val_select``: half the box mean, half the mean over click modalities
+    of Dice after 1 and after 3 clicks). The steps run in the project's one training loop (:func:`loop.run_loop`), an "epoch" of
     ``eval_every`` steps between validations (so ``steps`` must be a multiple of it); validation
     also at step 0. ``log`` (a :class:`RunLog`) gets the ``initial`` row, a ``step`` row per step
     and an ``epoch`` row per validation (``global_step``, ``val_mean``, ``val_dice`` per modality),
@@ -347,6 +369,11 @@ def tune_decoder(
     with_pf = [i for i, s in enumerate(train) if len(s.pf_boxes)]
     if prompt_free_fraction > 0 and not with_pf:
         raise ValueError("prompt_free_fraction > 0 needs training samples with prompt-free boxes (cache_records(segmenter=...))")
+    if not 0.0 <= click_fraction <= 1.0 or click_rounds < 0:
+        raise ValueError(f"click_fraction must be in [0, 1] and click_rounds >= 0, got {click_fraction}, {click_rounds}")
+    click_pool = [i for i, s in enumerate(train) if s.modality in click_modalities]
+    if click_fraction > 0 and not click_pool:
+        raise ValueError(f"click_fraction > 0 needs training images of {', '.join(click_modalities)}")
     log = log if log is not None else RunLog(Path("metrics.jsonl"), is_main=False)  # records nothing
     rng = np.random.default_rng(seed)
     net.requires_grad_(False)
@@ -360,23 +387,31 @@ def tune_decoder(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
 
-    def batches(epoch: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def decode(embs: torch.Tensor, boxes: torch.Tensor, points: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return _decode(net, embs.float().to(device), boxes.to(device), dense_pe, dtype, points)
+
+    def batches(epoch: int) -> Iterator[Batch]:
         while True:  # one draw per step, from the one generator: the draws of a single straight run
-            if prompt_free_fraction > 0:
-                yield _mixed_batch(train, with_pf, batch_size, jitter, prompt_free_fraction, prompt_free_jitter, rng)
+            if click_fraction > 0 and rng.random() < click_fraction:
+                rounds = int(rng.integers(0, click_rounds + 1))
+                embs, box, points, target = click_batch(train, click_pool, batch_size, rounds, rng, decode)
+                yield embs, box, target, None, points
+            elif prompt_free_fraction > 0:
+                yield (*_mixed_batch(train, with_pf, batch_size, jitter, prompt_free_fraction, prompt_free_jitter, rng),
+                       None)
             else:  # ground-truth boxes only: the draws of the bundled decoder's run
                 picks = [int(i) for i in rng.integers(0, len(train), batch_size)]
                 ks = [int(rng.integers(0, len(train[i].boxes))) for i in picks]
                 box = jitter_boxes(torch.stack([train[i].boxes[k] for i, k in zip(picks, ks, strict=True)]), jitter, rng)
                 target = torch.stack([train[i].masks[k] for i, k in zip(picks, ks, strict=True)])
-                yield [train[i].embedding for i in picks], box, target, None
+                yield [train[i].embedding for i in picks], box, target, None, None
 
     done = {"steps": 0}  # optimizer steps taken (one micro-batch each)
 
-    def loss_fn(batch: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]) -> Loss:
+    def loss_fn(batch: Batch) -> Loss:
         done["steps"] += 1
-        embs, box, target, stray = batch
-        low, iou = _decode(net, torch.stack(embs).float().to(device), box.to(device), dense_pe, dtype)
+        embs, box, target, stray, points = batch
+        low, iou = decode(torch.stack(embs), box, points)
         loss, parts = decoder_loss(low, iou, target.to(device), stray)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss: {parts}")
@@ -384,7 +419,15 @@ def tune_decoder(
 
     def validate() -> dict[str, Any]:
         per = validation_dice(net, val, dtype=dtype)
-        return {"val_mean": float(np.mean(list(per.values()))), "val_dice": per}
+        out: dict[str, Any] = {"val_mean": float(np.mean(list(per.values()))), "val_dice": per}
+        if click_fraction > 0:
+            was_training = decoder.training
+            decoder.eval()
+            clicks = click_validation_dice(val, decode, clicks=3, modalities=click_modalities)
+            decoder.train(was_training)
+            click_mean = float(np.mean([(d[0] + d[-1]) / 2 for d in clicks.values()])) if clicks else 0.0
+            out.update(val_clicks=clicks, val_click_mean=click_mean, val_select=(out["val_mean"] + click_mean) / 2)
+        return out
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
@@ -397,7 +440,8 @@ def tune_decoder(
     def keep(summary: dict[str, Any], epoch: int) -> None:  # also after a stop, mid-"epoch"
         kept.update(state=snapshot(), summary=summary, step=done["steps"])
 
-    best = BestKeeper("val_mean", keep, value=start["val_mean"], epoch=-1)
+    metric = "val_select" if click_fraction > 0 else "val_mean"
+    best = BestKeeper(metric, keep, value=start[metric], epoch=-1)
     t0 = time.perf_counter()
     with isolated_rng(device):
         outcome = run_loop(
@@ -417,4 +461,7 @@ def tune_decoder(
     summary = {"start": start["val_dice"], "start_mean": start["val_mean"], "best": kept["summary"]["val_dice"],
                "best_mean": kept["summary"]["val_mean"], "best_step": kept["step"], "steps": outcome.global_step,
                "stopped": outcome.stopped, "seconds": time.perf_counter() - t0}
+    if click_fraction > 0:
+        summary.update(start_clicks=start["val_clicks"], best_clicks=kept["summary"]["val_clicks"],
+                       start_select=start["val_select"], best_select=kept["summary"]["val_select"])
     return kept["state"], summary

