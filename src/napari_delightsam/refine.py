@@ -737,8 +737,9 @@ class BoxRefiner:
 
         ``points`` (N, 2) are (x, y) in the box's pixel-edge coordinates -- a click on the pixel
         at row r, column c is ``(c + 0.5, r + 0.5)``; ``labels`` (N,) 1 for a positive click (in
-        the object), 0 for a negative one. LiteMedSAM's decoders were trained with boxes only: clicks
-        *alone* give poor masks here (a few pixels); :meth:`segment_clicks` is what the widget uses.
+        the object), 0 for a negative one. LiteMedSAM's decoder was trained with boxes, and the bundled
+        one tuned for clicks *with* boxes: clicks alone give poor masks here (a few pixels);
+        :meth:`segment_clicks` is what the widget uses.
         ``ValueError`` (one line) for clicks outside the image, labels other than 0/1, or no prompt.
         """
         pts, lab = self._check_clicks(points, labels)
@@ -758,8 +759,9 @@ class BoxRefiner:
         negative clicks exclude, optionally inside ``box``: one batched decoder call on the cached
         embedding.
 
-        LiteMedSAM's decoders were trained with box prompts, so clicks go with boxes (the decoder is
-        not retrained for clicks): without ``box``, each prompt of the batch is the clicks plus one
+        LiteMedSAM's decoder was trained with box prompts, so clicks go with boxes (the bundled
+        decoder is tuned on exactly these prompts: ``delightsam tune-refiner --click-fraction``,
+        ``training/stages/click_tuning.py``): without ``box``, each prompt of the batch is the clicks plus one
         of :data:`CLICK_BOX_SIZES` square boxes around the positive clicks (side: their extent plus
         that fraction of the image's longer side); the mask kept is the one holding every positive
         click and no negative click with the decoder's highest score (else the one that gets the
