@@ -73,6 +73,7 @@ __all__ = [
     "RefinedObjects",
     "box_pixels",
     "check_box",
+    "click_candidate_boxes",
     "component_boxes",
     "default_decoder",
     "default_min_score",
@@ -231,6 +232,22 @@ def next_click_box(chosen: Any, points: Any, labels: Any) -> np.ndarray | None:
                 x0, y0, x1, y1 = pulled
                 break
     return np.array([x0, y0, x1, y1], dtype=np.float64)
+
+
+def click_candidate_boxes(positive: Any, size: tuple[int, int]) -> np.ndarray:
+    """(len(CLICK_BOX_SIZES), 4) square boxes around positive clicks ((N, 2) x, y pixel edges) in
+    an image of ``size`` (H, W): centred on the clicks, side their extent plus each size times the
+    image's longer side, clipped -- the boxes a first click is decoded with
+    (``BoxRefiner.segment_clicks``; the click tuning trains on them)."""
+    pos = np.asarray(positive, dtype=np.float64).reshape(-1, 2)
+    h, w = int(size[0]), int(size[1])
+    lo, hi = pos.min(axis=0), pos.max(axis=0)
+    centre, extent = (lo + hi) / 2, float((hi - lo).max())
+    side = [extent + f * max(h, w) for f in CLICK_BOX_SIZES]
+    return np.stack([
+        check_box((centre[0] - s / 2, centre[1] - s / 2, centre[0] + s / 2, centre[1] + s / 2), size)
+        for s in side
+    ])
 
 
 def box_pixels(box: Any, size: tuple[int, int]) -> tuple[slice, slice]:
@@ -782,13 +799,7 @@ class BoxRefiner:
         else:
             if not len(pos):
                 raise ValueError("no positive click and no box: a negative click alone does not describe an object")
-            lo, hi = pos.min(axis=0), pos.max(axis=0)
-            centre, extent = (lo + hi) / 2, float((hi - lo).max())
-            side = [extent + f * max(h, w) for f in CLICK_BOX_SIZES]
-            boxes = np.stack([
-                check_box((centre[0] - s / 2, centre[1] - s / 2, centre[0] + s / 2, centre[1] + s / 2), size)
-                for s in side
-            ])
+            boxes = click_candidate_boxes(pos, size)
         nh = self._valid[0]
         # the low-res rows the clicks' bilinear taps read (with a row of margin each side)
         tap_rows = [math.floor((min(int(y), h - 1) + 0.5) * nh / h - 0.5) for _, y in pts]

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..devices import choose_precision, resolve_device
     from ..inference import load_model, set_threads
     from ..model.litemedsam import save_box_decoder
-    from ..refine import LESION_MODALITIES, load_refiner
+    from ..refine import DECODER_CHOICES, LESION_MODALITIES, load_refiner
     from ..training.loop.runfolder import RunLog
     from ..training.stages.box_decoder_tuning import cache_records, load_cached, tune_decoder
 
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         set_threads(args.threads)
     device = resolve_device(args.device)
     try:  # LiteMedSAM's own decoder (default), the bundled tuned one, or a decoder file
-        refiner = load_refiner(device, decoder=args.init if args.init in ("litemedsam", "tuned") else Path(args.init))
+        refiner = load_refiner(device, decoder=args.init if args.init in DECODER_CHOICES else Path(args.init))
     except ValueError as exc:
         raise CommandError(f"--init: {exc}") from None
     if args.init == "tuned" and refiner.weights["decoder"] != "tuned":

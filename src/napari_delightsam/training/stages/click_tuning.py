@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ...click_simulation import interior_point, next_click, random_interior_point
-from ...refine import CLICK_BOX_SIZES, next_click_box
+from ...refine import click_candidate_boxes, next_click_box
+from ..evaluation.metrics import dice_score
 
 __all__ = ["ClickBatch", "candidate_boxes", "click_batch", "click_validation_dice", "points_tensor"]
 
@@ -39,12 +40,9 @@ ClickBatch = tuple[list[torch.Tensor], torch.Tensor, tuple[torch.Tensor, torch.T
 
 
 def candidate_boxes(point: tuple[float, float], size: int = FRAME) -> np.ndarray:
-    """(len(CLICK_BOX_SIZES), 4) square boxes centred on one click, side ``f × size`` for each
-    size ``f`` (the longer side of the image is ``size`` in LiteMedSAM's frame), clipped."""
-    x, y = point
-    sides = np.asarray(CLICK_BOX_SIZES, dtype=np.float64) * size
-    boxes = np.stack([x - sides / 2, y - sides / 2, x + sides / 2, y + sides / 2], axis=1)
-    return np.clip(boxes, 0, size)
+    """The first click's candidate boxes (:func:`refine.click_candidate_boxes`) in LiteMedSAM's
+    ``size``² frame, where the image's longer side is ``size``."""
+    return click_candidate_boxes([point], (size, size))
 
 
 def _box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -108,11 +106,6 @@ def click_batch(samples: Sequence[Any], pool: Sequence[int], batch_size: int, ro
             torch.stack(targets))
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
 @torch.no_grad()
 def click_validation_dice(samples: Sequence[Any], decode: Decode, *, clicks: int = 3,
                           modalities: Sequence[str], objects_per_image: int = 1,
@@ -142,7 +135,7 @@ def click_validation_dice(samples: Sequence[Any], decode: Decode, *, clicks: int
             right = (low[:, r, c] > 0).cpu().numpy()
             best = max(range(n), key=lambda j: (bool(right[j]), float(score[j])))
             mask, box = (low[best] > 0).cpu().numpy(), cands[best]
-            points, labels, dices = [first], [1], [_dice(mask, target)]
+            points, labels, dices = [first], [1], [dice_score(mask, target)]
             for _ in range(clicks - 1):
                 click = next_click(mask, target)
                 if click is None:
@@ -156,6 +149,6 @@ def click_validation_dice(samples: Sequence[Any], decode: Decode, *, clicks: int
                 low, _ = decode(s.embedding[None], torch.tensor(box[None], dtype=torch.float32),
                                 points_tensor([points], [labels]))
                 mask = (low[0] > 0).cpu().numpy()
-                dices.append(_dice(mask, target))
+                dices.append(dice_score(mask, target))
             per.setdefault(s.modality, []).append(dices)
     return {m: [float(v) for v in np.mean(np.asarray(rows), axis=0)] for m, rows in sorted(per.items())}
