@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -131,6 +132,44 @@ def test_run_adds_mask_heatmap_probability_with_input_shape_and_scale(make_napar
     widget.heatmap_check.setChecked(False)
     assert not heat.visible
     assert not _messages("error")
+
+
+def test_output_layers_arrive_one_per_event_loop_turn_mask_first_and_on_top(make_napari_viewer, qtbot,
+                                                                             tiny_checkpoint, monkeypatch):
+    """A new napari layer costs 100-250 ms of GUI thread on a small CPU: the result handler adds
+    the mask only; the heatmap and the probability map follow in later turns, under the mask."""
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample_rgb(), name="lesion", rgb=True)
+    widget = _open(viewer, tiny_checkpoint)
+    names = core.output_names("lesion")
+    seen_in_handler: list[list[str]] = []
+    handler = widget._on_returned
+
+    def spying(payload):
+        handler(payload)
+        seen_in_handler.append([layer.name for layer in viewer.layers] + [f"busy={widget.busy}"])
+
+    monkeypatch.setattr(widget, "_on_returned", spying)
+    _run_and_wait(qtbot, widget)
+    assert seen_in_handler == [["lesion", names["mask"], "busy=True"]]  # a new run waits for the layers
+    order = [layer.name for layer in viewer.layers]
+    assert order == ["lesion", names["probability"], names["heatmap"], names["mask"]]
+    assert widget._last.heatmap_layer() is viewer.layers[names["heatmap"]]
+    assert widget._last.probability_layer() is viewer.layers[names["probability"]]
+    # a second run updates the three layers in place: same objects, same order
+    before = [id(layer) for layer in viewer.layers]
+    _run_and_wait(qtbot, widget)
+    assert [id(layer) for layer in viewer.layers] == before
+
+
+def test_layer_warmup_imports_naparis_first_labels_modules_once():
+    from napari_delightsam.widgets import layer_warmup
+
+    warmed = layer_warmup.warm_layer_machinery()
+    assert "pandas" in warmed and "skimage.color.colorconv" in warmed
+    assert all(name in sys.modules for name in warmed)
+    assert layer_warmup.warm_layer_machinery() == warmed
+    assert layer_warmup.start_layer_warmup() is None  # already done: no thread
 
 
 @pytest.mark.data

@@ -69,6 +69,7 @@ from .core import (
     utc_now,
     was_edited,
 )
+from .layer_warmup import start_layer_warmup
 from .model_cache import MODEL_CACHE, ModelCache
 from .model_combo import ModelCombo
 from .notify import alive, notify
@@ -876,6 +877,7 @@ class AnnotateWidget(QWidget):
 def _open_job(cache: ModelCache, path: Path, existing: Path | None, draft: Path | None, spec: str, device: str,
               modality: str, draft_provenance: dict[str, Any] | None = None):
     """Worker body: read the image; its saved mask, else its draft, else segment it."""
+    start_layer_warmup()  # napari's first-layer imports, off the GUI thread
     from ..image_files import ImageReadError, read_image
     from .export import read_labels
 

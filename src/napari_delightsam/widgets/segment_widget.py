@@ -19,12 +19,13 @@ carrying its scale/translate: ``<name>_delightsam_mask`` (Labels), ``<name>_deli
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -61,12 +62,18 @@ from .core import (
     utc_now,
     was_edited,
 )
+from .layer_warmup import start_layer_warmup
 from .model_cache import MODEL_CACHE, ModelCache
 from .model_combo import CHOOSE_FILE, MODEL_LABELS, ModelCombo
 from .notify import alive, notify
 
 if TYPE_CHECKING:
     import napari
+
+def _no_layer() -> None:
+    """The reference of an output layer not added yet."""
+    return None
+
 
 @dataclass
 class _LastRun:
@@ -75,9 +82,9 @@ class _LastRun:
     input_name: str
     run: SegmentationRun
     provenance: dict[str, Any]
-    mask_layer: weakref.ref
-    heatmap_layer: weakref.ref
-    probability_layer: weakref.ref
+    mask_layer: Callable[[], Any]  # weak references to the layers (``_no_layer`` until added)
+    heatmap_layer: Callable[[], Any]
+    probability_layer: Callable[[], Any]
 
 
 class SegmentWidget(QWidget):
@@ -95,6 +102,7 @@ class SegmentWidget(QWidget):
         self._pbar: Any = None
         self._job: dict[str, Any] = {}
         self._last: _LastRun | None = None
+        self._pending_layers: list[Callable[[], None]] = []
         self._closing = False
         self.setObjectName("DeLightSAMSegmentWidget")
 
@@ -329,7 +337,8 @@ class SegmentWidget(QWidget):
 
     @property
     def busy(self) -> bool:
-        return self._worker is not None
+        """A run is in progress: its worker, or its output layers still being added."""
+        return self._worker is not None or bool(self._pending_layers)
 
     def run(self, device: str | None = None) -> Any:
         """Start segmenting the chosen image layer; returns the worker (None when nothing started)."""
@@ -529,17 +538,46 @@ class SegmentWidget(QWidget):
 
     def _write_layers(self, job: dict[str, Any], run: SegmentationRun, mask: np.ndarray,
                       provenance: dict[str, Any]) -> None:
+        """The mask now; the heatmap, then the probability map, each in a later turn of the event
+        loop and placed under the mask. A new napari layer costs 100-250 ms of GUI thread on a
+        two-core CPU: three in one turn froze the window for most of a second."""
         names = output_names(job["input_name"])
         geom = {"scale": job["scale"], "translate": job["translate"]}
-        prob_layer = self._upsert_image(names["probability"], run.probability, "probability", geom,
-                                        colormap="viridis", opacity=1.0, visible=False)
-        heat_layer = self._upsert_image(names["heatmap"], run.heatmap, "heatmap", geom,
-                                        colormap="inferno", opacity=0.5, visible=self.heatmap_check.isChecked())
         mask_layer = self._upsert_mask(names["mask"], mask, provenance, geom, job["input_name"])
-        self._last = _LastRun(job["input_name"], run, provenance, weakref.ref(mask_layer),
-                              weakref.ref(heat_layer), weakref.ref(prob_layer))
+        last = _LastRun(job["input_name"], run, provenance, weakref.ref(mask_layer), _no_layer, _no_layer)
+        self._last = last
 
-    def _upsert_image(self, name: str, data: np.ndarray, kind: str, geom: dict[str, Any], **style: Any) -> Any:
+        def heatmap() -> None:
+            layer = self._upsert_image(names["heatmap"], run.heatmap, "heatmap", geom, below=mask_layer,
+                                       colormap="inferno", opacity=0.5, visible=self.heatmap_check.isChecked())
+            last.heatmap_layer = weakref.ref(layer)
+
+        def probability() -> None:
+            heat = last.heatmap_layer()
+            below = heat if heat is not None else mask_layer
+            layer = self._upsert_image(names["probability"], run.probability, "probability", geom, below=below,
+                                       colormap="viridis", opacity=1.0, visible=False)
+            last.probability_layer = weakref.ref(layer)
+
+        self._pending_layers += [heatmap, probability]
+        QTimer.singleShot(0, self._add_pending_layer)
+
+    def _add_pending_layer(self) -> None:
+        """Add the next queued output layer; the rest wait for the next turn of the event loop."""
+        if not self._pending_layers:
+            return
+        step = self._pending_layers.pop(0)
+        if alive(self) and not self._closing:
+            step()
+        else:
+            self._pending_layers.clear()
+        if self._pending_layers:
+            QTimer.singleShot(0, self._add_pending_layer)
+
+    def _upsert_image(self, name: str, data: np.ndarray, kind: str, geom: dict[str, Any], below: Any = None,
+                      **style: Any) -> Any:
+        """Update this widget's ``kind`` layer named ``name`` in place, or add a new one (under
+        ``below`` when that layer is in the viewer)."""
         from napari.layers import Image
 
         layer = self._layer_by_name(name)
@@ -550,8 +588,14 @@ class SegmentWidget(QWidget):
             layer.contrast_limits = (0.0, 1.0)
             return layer
         name = unique_name(name, [lay.name for lay in self.viewer.layers])
-        return self.viewer.add_image(data, name=name, contrast_limits=(0.0, 1.0), metadata=meta,
-                                     blending="translucent", **geom, **style)
+        layer = Image(data, name=name, contrast_limits=(0.0, 1.0), metadata=meta, blending="translucent",
+                      **geom, **style)
+        index = self.viewer.layers.index(below) if below is not None and below in self.viewer.layers else None
+        if index is None:
+            self.viewer.layers.append(layer)
+        else:
+            self.viewer.layers.insert(index, layer)
+        return layer
 
     def _mask_metadata(self, mask: np.ndarray, provenance: dict[str, Any]) -> dict[str, Any]:
         return {METADATA_KEY: {**provenance, "kind": "mask", "fingerprint": fingerprint(mask)}}
@@ -704,6 +748,7 @@ def _segment_job(cache: ModelCache, prepared: Any, spec: str, device: str, modal
                  tiling: str = "auto"):
     """Worker body (runs off the GUI thread): load/reuse the model, segment every slice (a large
     one tile by tile: progress and Cancel between batches of tiles)."""
+    start_layer_warmup()  # napari's first-layer imports, beside the network, not in the result handler
     segmenter = cache.get(spec, device)
     info = {
         "checkpoint_path": str(segmenter.checkpoint_path) if getattr(segmenter, "checkpoint_path", None) else None,
