@@ -48,6 +48,47 @@ def test_write_dataset_layout_and_values(tmp_path):
     np.testing.assert_array_equal(tifffile.imread(tif), pairs[2].image)
 
 
+def test_a_large_microscopy_layer_trains_on_its_inference_tiles(tmp_path):
+    """With the training size given, a 1024² H&E layer is written as the 256² tiles a 256-input
+    model will segment it in (scale 1.25: 1280² working, 7 x 7 tiles overlapping by >= 64 px), not
+    resized whole; a
+    polyp frame of the same size stays one image."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    labels = (image[..., 0] > 128).astype(np.uint16)
+    pairs = [fj.TrainingPair(image, labels, "microscopy", "field", rgb=True),
+             fj.TrainingPair(image, labels, "colonoscopy", "frame", rgb=True)]
+    counts = fj.write_dataset(pairs, tmp_path, tile_size=256)
+    assert counts == {"microscopy": 49, "colonoscopy": 1}
+    tiles = sorted((tmp_path / "microscopy" / "user" / "images").iterdir())
+    assert tiles[0].name == "p00_field_t000.png" and tiles[-1].name == "p00_field_t048.png"
+    for path in tiles[:3]:
+        img = np.asarray(Image.open(path))
+        mask = np.asarray(Image.open(tmp_path / "microscopy" / "user" / "masks" / path.name)) > 0
+        assert img.shape == (256, 256, 3) and mask.shape == (256, 256)
+        red = img[..., 0].astype(int)
+        assert mask[red > 160].mean() > 0.95 and mask[red < 96].mean() < 0.05
+    assert np.asarray(Image.open(tmp_path / "colonoscopy" / "user" / "images" / "p01_frame.png")).shape == image.shape
+    # without a training size (the trainer decides), every layer is written whole, as before
+    assert fj.write_dataset(pairs, tmp_path / "whole") == {"microscopy": 1, "colonoscopy": 1}
+
+
+def test_annotate_rounds_hold_out_every_tile_of_a_held_out_image(tmp_path):
+    from napari_delightsam.annotate_learning import _write_round_data
+    from napari_delightsam.data.splits import load_splits
+
+    rng = np.random.default_rng(2)
+
+    def field(name):
+        image = rng.integers(0, 255, (600, 600, 3), dtype=np.uint8)
+        return fj.TrainingPair(image, (image[..., 1] > 128).astype(np.uint8), "microscopy", name, rgb=True)
+
+    path = _write_round_data([field("a"), field("b")], [field("c")], tmp_path / "data", tmp_path / "splits.json", 256)
+    parts = load_splits(path).assignments["microscopy/user"]
+    assert len(parts["train"]) == 2 * len(parts["val"]) == 2 * 16  # 750² working: 4 x 4 tiles each
+    assert all(name.startswith("p02_c_t") for name in parts["val"])
+
+
 def test_the_trainers_loader_reads_what_the_widget_writes(tmp_path):
     from napari_delightsam.data import discover
 

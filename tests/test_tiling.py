@@ -329,3 +329,56 @@ def test_the_whole_image_appearance_pass_and_the_headless_forward(seg):
     assert headless.modality_logits is None and full.modality_logits is not None
     torch.testing.assert_close(headless.mask_logits, full.mask_logits)
     torch.testing.assert_close(headless.patch_logits, full.patch_logits)
+
+
+# -- training on tiles -------------------------------------------------------------------------------
+
+
+def test_training_tiles_are_the_tiles_inference_feeds_the_network(seg, monkeypatch):
+    """A large annotated microscopy image trains on exactly what tiled inference will show the
+    network (same prepared intensities, scale, positions), each tile with its own mask."""
+    from napari_delightsam.config import PIXEL_MEAN, PIXEL_STD
+    from napari_delightsam.tiling import training_tiles
+
+    size = seg.config.img_size
+    image = _image(2 * size + 40, 3 * size, seed=3)
+    mask = image[..., 1] > 128
+    seen: list[torch.Tensor] = []
+    real_run = seg._run
+
+    def spy(batch, modality, **kwargs):
+        seen.extend(p.tensor for p in batch)
+        return real_run(batch, modality, **kwargs)
+
+    monkeypatch.setattr(seg, "_run", spy)
+    res = seg.segment(image, "microscopy", tiling="auto")
+    tiles = training_tiles(image, mask, "microscopy", size, stride=size // seg.config.mask_size)
+    assert tiles is not None and len(tiles) == res.tiling["tiles"] == len(seen) > 4
+    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+    fed = torch.cat(seen) * std + mean  # back to [0, 255]
+    for tile, x in zip(tiles, fed, strict=True):
+        assert tile.image.shape == (size, size, 3) and tile.image.dtype == np.uint8
+        np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), tile.image, atol=0.01)
+        # the mask moved with the image: where the (resized) green channel is clearly above or
+        # below 128, the mask says so
+        green = tile.image[..., 1].astype(int)
+        assert tile.mask[green > 160].mean() > 0.95 and tile.mask[green < 96].mean() < 0.05
+    # at the modality's scale (1.25 for microscopy): the working image is 1.25 x the input
+    assert res.tiling["scale"] == pytest.approx(1.25, rel=0.02)
+
+
+def test_training_tiles_leave_what_auto_segments_whole_alone():
+    from napari_delightsam.tiling import training_tiles
+
+    image = _image(512, 512)
+    mask = np.zeros((512, 512), bool)
+    assert training_tiles(image, mask, "microscopy", 512) is None  # the training size: whole
+    assert training_tiles(_image(2048, 2048), np.zeros((2048, 2048), bool), "colonoscopy", 512) is None
+    # fundus is field-relative: a 3000 x 2000 photograph becomes 640 x 428, two tiles of 512
+    grey = np.random.default_rng(0).integers(0, 4000, (3000, 2000)).astype(np.uint16)
+    tiles = training_tiles(grey, grey > 2000, "fundus", 512)
+    assert tiles is not None and len(tiles) == 2
+    assert all(t.image.shape == (512, 512) and t.image.dtype == np.uint8 for t in tiles)
+    with pytest.raises(ValueError, match="differ in size"):
+        training_tiles(_image(1000, 1000), np.zeros((999, 1000), bool), "microscopy", 512)

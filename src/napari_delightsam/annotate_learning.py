@@ -363,7 +363,8 @@ class Learner:
         settings = FinetuneSettings(**{**asdict(self.config.finetune), "init": self._init_for(current)})
         settings.device = self.config.device if settings.device == "auto" else settings.device
         settings.img_size = _img_size(settings)
-        splits = _write_round_data(train_pairs, holdout_pairs, data, root / "splits.json")
+        splits = _write_round_data(train_pairs, holdout_pairs, data, root / "splits.json",
+                                   settings.img_size if settings.tiles else None)
         run_dir = root / "train"
         builder = command_builder or _train_command
         job: TrainingProcess | None = None
@@ -480,15 +481,16 @@ def _train_command(settings: FinetuneSettings, data: Path, run_dir: Path, splits
 
 
 def _write_round_data(train: Sequence[TrainingPair], holdout: Sequence[TrainingPair], root: Path,
-                      splits_path: Path) -> Path:
-    """The pairs in the dataset layout, and a splits file: the training pairs train, the held-out
-    ones validate (the trainer keeps its best checkpoint on them)."""
+                      splits_path: Path, tile_size: int | None = None) -> Path:
+    """The pairs in the dataset layout (large microscopy and fundus images as the tiles the model
+    will segment: ``finetune_job.pair_samples``), and a splits file: the training pairs train,
+    the held-out ones validate (the trainer keeps its best checkpoint on them)."""
     from .data.splits import Splits, save_splits
     from .widgets.finetune_job import write_dataset
 
     shutil.rmtree(root, ignore_errors=True)
     pairs = [*train, *holdout]
-    write_dataset(pairs, root)
+    write_dataset(pairs, root, tile_size=tile_size)
     assignments: dict[str, dict[str, list[str]]] = {}
     for image in sorted(root.glob(f"*/{USER_DATASET}/images/*")):
         modality = image.parent.parent.parent.name

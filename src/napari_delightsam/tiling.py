@@ -72,6 +72,7 @@ __all__ = [
     "TILING_MODES",
     "TilePlan",
     "TilePolicy",
+    "TrainingTile",
     "auto_tiles",
     "blend_window",
     "iter_segment",
@@ -79,6 +80,7 @@ __all__ = [
     "plan_tiles",
     "policy_for",
     "tile_starts",
+    "training_tiles",
 ]
 
 Tiling = Literal["auto", "on", "off"]
@@ -304,6 +306,55 @@ def _working_image(arr: np.ndarray, plan: TilePlan) -> np.ndarray:
     if (hp, wp) != (hw, ww):
         arr = np.pad(arr, ((0, hp - hw), (0, wp - ww), (0, 0)), mode="reflect" if min(hw, ww) > 1 else "edge")
     return arr
+
+
+@dataclass(frozen=True)
+class TrainingTile:
+    """One tile of a large annotated image, as tiled inference shows it to the network."""
+
+    #: top-left corner in working pixels (the image resized by the plan's scale)
+    y: int
+    x: int
+    #: (t, t) grey or (t, t, 3) RGB uint8: the prepared image ([0, 255], as inference maps it)
+    image: np.ndarray
+    #: (t, t) bool
+    mask: np.ndarray
+
+
+def training_tiles(image: Any, mask: np.ndarray, modality: str, input_size: int,
+                   stride: int = 2) -> list[TrainingTile] | None:
+    """The tiles ``tiling="auto"`` would cut from ``image`` at inference, with their masks: for
+    training on a large annotated image at the scale the model will segment it at (a fine-tune
+    on a 2048² H&E field resized whole to 512² would learn nuclei four times smaller than the
+    tiles then show). None when the auto rule segments this image whole: train on it whole.
+
+    The image is prepared as inference prepares it (``prepare_array``: one intensity mapping for
+    the whole image), resized by the modality's tile scale (``policy_for``), reflect-padded up to
+    one tile where it is smaller, and cut into ``input_size``² tiles overlapping as inference's.
+    The mask follows the same resize and padding (bilinear, then > 0.5). ``stride`` aligns the
+    working size and the tile starts as inference does for a model of that output stride
+    (``input_size // mask_size``: 2 for the bundled model)."""
+    mask = np.asarray(mask)
+    size = (int(mask.shape[0]), int(mask.shape[1]))
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2D, got shape {mask.shape}")
+    if not auto_tiles(modality, size, input_size):
+        return None
+    arr, _ = prepare_array(image)
+    if arr.shape[:2] != size:
+        raise ValueError(f"image {arr.shape[:2]} and mask {size} differ in size")
+    policy = policy_for(modality)
+    plan = plan_tiles(size, input_size, scale=policy.scale_for(size, input_size), overlap=policy.overlap,
+                      stride=stride)
+    work = _to_uint8(_working_image(arr, plan)) if arr.dtype != np.uint8 else _working_image(arr, plan)
+    soft = _working_image(np.where(mask > 0, 255, 0).astype(np.uint8)[:, :, None], plan)[:, :, 0]
+    t = plan.tile
+    tiles = []
+    for y, x in plan.positions():
+        img = work[y : y + t, x : x + t]
+        tiles.append(TrainingTile(y, x, np.ascontiguousarray(img[:, :, 0] if img.shape[2] == 1 else img),
+                                  soft[y : y + t, x : x + t] > 127))
+    return tiles
 
 
 def _whole_image_appearance(seg: Segmenter, arr: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -72,6 +72,9 @@ class FinetuneSettings:
     #: ultrasound of an unseen source 67.2 -> 53.0 (53.2): never worse, so it is the default
     freeze_decoder: bool = True
     num_workers: int = 0
+    #: large microscopy and fundus layers train on the tiles tiled inference will cut from them,
+    #: at its scale (``pair_samples``); False: every layer resized whole to ``img_size``
+    tiles: bool = True
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -80,11 +83,14 @@ def _safe(name: str) -> str:
     return (cleaned or "layer")[:40]
 
 
-def pair_samples(pair: TrainingPair) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def pair_samples(pair: TrainingPair, tile_size: int | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(sample id, image plane, mask plane bool) for a pair; ``ValueError`` naming the mismatch.
 
     A stack contributes its slices that have any label (unlabelled slices are usually
-    "not annotated yet", not "nothing here"); a 2D pair is always used.
+    "not annotated yet", not "nothing here"); a 2D pair is always used. With ``tile_size`` (the
+    training image size, which becomes the model's input size), a plane that tiled inference
+    would cut into tiles (``tiling.training_tiles``: large microscopy and fundus images) gives
+    those tiles, at the scale the model will see them, instead of itself resized whole.
     """
     image = np.asarray(pair.image)
     labels = np.asarray(pair.labels)
@@ -99,16 +105,27 @@ def pair_samples(pair: TrainingPair) -> list[tuple[str, np.ndarray, np.ndarray]]
         raise ValueError(f"pair '{pair.name}': image dtype {image.dtype} cannot be used for training")
     base = _safe(pair.name)
     if len(spatial) == 2:
-        return [(base, image, labels > 0)]
+        return _tiled(base, image, labels > 0, pair.modality, tile_size)
     if len(spatial) != 3:
         raise ValueError(f"pair '{pair.name}': images with shape {image.shape} are not supported (2D or a stack)")
     out = []
     for z in range(labels.shape[0]):
         if np.any(labels[z]):
-            out.append((f"{base}_z{z:04d}", image[z], labels[z] > 0))
+            out += _tiled(f"{base}_z{z:04d}", image[z], labels[z] > 0, pair.modality, tile_size)
     if not out:
         raise ValueError(f"pair '{pair.name}': no slice of the labels layer has any label")
     return out
+
+
+def _tiled(sample_id: str, plane: np.ndarray, mask: np.ndarray, modality: str,
+           tile_size: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The plane as one sample, or its inference tiles (``_t000``, ``_t001``, ... in row order)."""
+    from ..tiling import training_tiles
+
+    tiles = training_tiles(plane, mask, modality, int(tile_size)) if tile_size else None
+    if tiles is None:
+        return [(sample_id, plane, mask)]
+    return [(f"{sample_id}_t{k:03d}", tile.image, tile.mask) for k, tile in enumerate(tiles)]
 
 
 def _image_for_file(plane: np.ndarray) -> tuple[np.ndarray, str]:
@@ -120,8 +137,11 @@ def _image_for_file(plane: np.ndarray) -> tuple[np.ndarray, str]:
     return plane, ".tif"
 
 
-def write_dataset(pairs: Sequence[TrainingPair], root: str | os.PathLike[str]) -> dict[str, int]:
-    """Write every pair into ``root`` in the dataset layout; returns samples per modality."""
+def write_dataset(pairs: Sequence[TrainingPair], root: str | os.PathLike[str],
+                  tile_size: int | None = None) -> dict[str, int]:
+    """Write every pair into ``root`` in the dataset layout (large microscopy and fundus planes
+    as their inference tiles when ``tile_size`` is given: ``pair_samples``); returns samples per
+    modality."""
     import tifffile
     from PIL import Image
 
@@ -131,7 +151,7 @@ def write_dataset(pairs: Sequence[TrainingPair], root: str | os.PathLike[str]) -
     counts: dict[str, int] = {}
     used: set[str] = set()
     for index, pair in enumerate(pairs):
-        for sample_id, plane, mask in pair_samples(pair):
+        for sample_id, plane, mask in pair_samples(pair, tile_size):
             sid = f"p{index:02d}_{sample_id}"
             while sid in used:
                 sid += "x"
@@ -178,6 +198,13 @@ def link_folder_dataset(folder: str | os.PathLike[str], root: str | os.PathLike[
             f"(modality one of {', '.join(MODALITIES)})"
         )
     return counts
+
+
+def _tile_size(settings: FinetuneSettings) -> int | None:
+    """The training image size, which becomes the fine-tuned model's input size, and so its tile
+    size (``pair_samples``); None when layers train whole (``tiles`` off, or the trainer picks
+    the size: 0, the starting model's own)."""
+    return int(settings.img_size) if settings.tiles and settings.img_size and settings.img_size > 0 else None
 
 
 def _trains_on_cpu(device: str) -> bool:
@@ -417,7 +444,7 @@ def run_finetune(
         yield {"event": "status", "message": "writing the training pairs to a temporary dataset folder…"}
         counts: dict[str, int] = {}
         if pairs:
-            counts = write_dataset(pairs, tmp)
+            counts = write_dataset(pairs, tmp, tile_size=_tile_size(settings))
         if folder:
             for mod, n in link_folder_dataset(folder, tmp).items():
                 counts[mod] = counts.get(mod, 0) + n
