@@ -183,7 +183,8 @@ def _max_rss_bytes() -> int:
 def _peak_memory(device: torch.device, interval_s: float = 0.002) -> Iterator[dict[str, float]]:
     """Working memory of the enclosed code: peak minus what was held before (MB).
 
-    CPU: RSS sampled by a thread every ``interval_s``; CUDA: ``max_memory_allocated``.
+    CPU: RSS sampled by a thread every ``interval_s`` (``out["samples"]`` counts the samples
+    taken so far, live); CUDA: ``max_memory_allocated``.
     """
     out: dict[str, float] = {}
     if device.type == "cuda":
@@ -201,9 +202,12 @@ def _peak_memory(device: torch.device, interval_s: float = 0.002) -> Iterator[di
     peak = [before]
     stop = threading.Event()
 
+    out["samples"] = 0
+
     def sample() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], _rss_bytes())
+            out["samples"] += 1
             stop.wait(interval_s)
 
     thread = threading.Thread(target=sample, daemon=True)
