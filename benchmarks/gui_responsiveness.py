@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -200,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(50):  # let the window appear before measuring
         app.processEvents()
 
-    results: dict[str, dict] = {"machine": {"cpus": os.cpu_count(), "platform": sys.platform}}
+    import platform
+
+    results: dict[str, Any] = {
+        "command": "python benchmarks/gui_responsiveness.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform, "cpu": platform.processor() or platform.machine()},
+        "load_average": {"start": [round(x, 2) for x in os.getloadavg()]},
+    }
     probe = Probe()
     probe.start()
     t0 = time.monotonic()
@@ -232,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.skip_finetune:
         viewer.close()
+        results["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
         print(json.dumps(results, indent=2))
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -276,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     viewer.close()
 
+    results["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -70,6 +70,11 @@ from .notify import alive, notify
 if TYPE_CHECKING:
     import napari
 
+#: delay between adding two output layers: a real timer (a zero delay is a posted event, which
+#: Qt may run right after the previous step), so input, paint and other timers run in between
+LAYER_STEP_MS = 15
+
+
 def _no_layer() -> None:
     """The reference of an output layer not added yet."""
     return None
@@ -560,7 +565,7 @@ class SegmentWidget(QWidget):
             last.probability_layer = weakref.ref(layer)
 
         self._pending_layers += [heatmap, probability]
-        QTimer.singleShot(0, self._add_pending_layer)
+        QTimer.singleShot(LAYER_STEP_MS, self._add_pending_layer)
 
     def _add_pending_layer(self) -> None:
         """Add the next queued output layer; the rest wait for the next turn of the event loop."""
@@ -572,7 +577,7 @@ class SegmentWidget(QWidget):
         else:
             self._pending_layers.clear()
         if self._pending_layers:
-            QTimer.singleShot(0, self._add_pending_layer)
+            QTimer.singleShot(LAYER_STEP_MS, self._add_pending_layer)
 
     def _upsert_image(self, name: str, data: np.ndarray, kind: str, geom: dict[str, Any], below: Any = None,
                       **style: Any) -> Any:
