@@ -572,12 +572,14 @@ class SegmentWidget(QWidget):
         if not self._pending_layers:
             return
         step = self._pending_layers.pop(0)
-        if alive(self) and not self._closing:
-            step()
-        else:
-            self._pending_layers.clear()
-        if self._pending_layers:
-            QTimer.singleShot(LAYER_STEP_MS, self._add_pending_layer)
+        try:
+            if alive(self) and not self._closing:
+                step()
+            else:
+                self._pending_layers.clear()
+        finally:  # a step that fails (napari shows the error) must not leave the widget busy
+            if self._pending_layers:
+                QTimer.singleShot(LAYER_STEP_MS, self._add_pending_layer)
 
     def _upsert_image(self, name: str, data: np.ndarray, kind: str, geom: dict[str, Any], below: Any = None,
                       **style: Any) -> Any:
