@@ -162,6 +162,28 @@ def test_output_layers_arrive_one_per_event_loop_turn_mask_first_and_on_top(make
     assert [id(layer) for layer in viewer.layers] == before
 
 
+def test_a_failing_output_layer_does_not_leave_the_widget_busy(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                                 monkeypatch):
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample_rgb(), name="lesion", rgb=True)
+    widget = _open(viewer, tiny_checkpoint)
+    names = core.output_names("lesion")
+    real = widget._upsert_image
+
+    def failing(name, data, kind, *args, **kwargs):
+        if kind == "heatmap":
+            raise RuntimeError("napari refused the layer")
+        return real(name, data, kind, *args, **kwargs)
+
+    monkeypatch.setattr(widget, "_upsert_image", failing)
+    with qtbot.capture_exceptions() as exceptions:
+        _run_and_wait(qtbot, widget)
+        assert names["mask"] in viewer.layers and names["probability"] in viewer.layers
+        assert names["heatmap"] not in viewer.layers and not widget.busy
+        _run_and_wait(qtbot, widget)  # the next run starts and ends
+    assert [str(exc) for _, exc, _ in exceptions] == ["napari refused the layer"] * 2
+
+
 def test_layer_warmup_imports_naparis_first_labels_modules_once():
     from napari_delightsam.widgets import layer_warmup
 
