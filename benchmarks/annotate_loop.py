@@ -251,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from napari_delightsam.refine import load_refiner
 
+    done = [arm for arm in args.arms if any((args.out / arm / "masks").glob("*"))]
+    if done:  # the annotator skips images that have a mask: a reused --out would measure nothing
+        print(f"error: {args.out} already holds masks of an earlier run ({', '.join(done)}); "
+              "choose a new --out (or --from-json to redraw its report)", file=sys.stderr)
+        return 2
     fx = _effort()
     records = _records(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -335,3 +335,14 @@ def test_annotate_loop_report_and_plot_from_an_earlier_json(tmp_path, load_scrip
     assert "| none | all | 6 | 50.0 | 90.0 | 1.00 | 0.50 | 1.50 |" in (tmp_path / "again" / "annotate_loop.md").read_text()
     with Image.open(tmp_path / "again" / "annotate_loop.png") as png:
         assert png.getextrema() != ((255, 255),) * 3
+
+
+def test_annotate_loop_benchmark_refuses_an_out_folder_with_earlier_masks(tmp_path, load_script, capsys):
+    """The annotator skips images that have a mask: a reused --out would silently measure nothing."""
+    bench = load_script("benchmarks/annotate_loop.py")
+    masks = tmp_path / "out" / "finetune" / "masks"
+    masks.mkdir(parents=True)
+    (masks / "f0.png").write_bytes(b"")
+    assert bench.main(["--data", str(tmp_path / "data"), "--dataset", "colonoscopy/Fake",
+                       "--out", str(tmp_path / "out")]) == 2
+    assert "already holds masks" in capsys.readouterr().err
