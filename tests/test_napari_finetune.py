@@ -320,3 +320,14 @@ def test_what_trains_defaults_to_a_fixed_backbone_and_mask_decoder(make_napari_v
     assert settings.freeze_backbone and not settings.freeze_decoder
     ft.trains_combo.setCurrentText(TRAINS_ALL)
     assert not ft.current_settings().freeze_backbone
+
+
+def test_the_log_says_which_layers_train_as_tiles(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, ft = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM fine-tune")
+    ft._on_event({"event": "data", "counts": {"microscopy": 49, "dermoscopy": 1}, "tiled": ["field"]})
+    ft._on_event({"event": "data", "counts": {"dermoscopy": 1}, "tiled": []})
+    lines = ft.log.toPlainText().splitlines()
+    assert lines[-2] == ("training images: 1 dermoscopy, 49 microscopy "
+                         "('field' as the tiles the new model will segment it in)")
+    assert lines[-1] == "training images: 1 dermoscopy"

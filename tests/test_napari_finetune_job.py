@@ -304,3 +304,16 @@ def test_run_finetune_without_data_is_an_error(tmp_path):
     assert next(gen)["event"] == "status"
     with pytest.raises(ValueError, match="no training data"):
         next(gen)
+
+
+def test_run_finetune_names_the_layers_it_trains_as_tiles(tmp_path, monkeypatch):
+    script = tmp_path / "end.py"
+    script.write_text("import json\nprint(json.dumps({'event': 'end', 'status': 'finished', 'best_checkpoint': None}))\n")
+    monkeypatch.setattr(fj, "build_train_command", lambda s, d, o: [sys.executable, str(script)])
+    rng = np.random.default_rng(3)
+    field = rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    pairs = [_pair("frame"), fj.TrainingPair(field, (field[..., 0] > 128).astype(np.uint8), "microscopy", "field", rgb=True)]
+    events = [e for e in fj.run_finetune(pairs, None, fj.FinetuneSettings(img_size=256), tmp_path / "out", {}) if e]
+    data = next(e for e in events if e["event"] == "data")
+    assert data["tiled"] == ["field"] and data["counts"] == {"dermoscopy": 1, "microscopy": 49}
+    assert fj.tiled_layers(pairs, None) == [] and fj.tiled_layers(pairs, 1024) == []  # whole at 1024: no tiles

@@ -128,6 +128,20 @@ def _tiled(sample_id: str, plane: np.ndarray, mask: np.ndarray, modality: str,
     return [(f"{sample_id}_t{k:03d}", tile.image, tile.mask) for k, tile in enumerate(tiles)]
 
 
+def tiled_layers(pairs: Sequence[TrainingPair], tile_size: int | None) -> list[str]:
+    """Names of the pairs whose planes ``pair_samples`` writes as inference tiles (by shape alone)."""
+    if not tile_size:
+        return []
+    from ..tiling import auto_tiles
+
+    out = []
+    for pair in pairs:
+        shape = np.shape(pair.labels)
+        if len(shape) >= 2 and auto_tiles(pair.modality, (int(shape[-2]), int(shape[-1])), int(tile_size)):
+            out.append(pair.name)
+    return out
+
+
 def _image_for_file(plane: np.ndarray) -> tuple[np.ndarray, str]:
     """uint8 -> PNG as is; bool -> 0/255 PNG; other dtypes -> TIFF keeping their values."""
     if plane.dtype == bool:
@@ -450,7 +464,8 @@ def run_finetune(
                 counts[mod] = counts.get(mod, 0) + n
         if not counts:
             raise ValueError("no training data: add (image, labels) pairs or choose a folder")
-        yield {"event": "data", "counts": counts, "root": str(tmp)}
+        yield {"event": "data", "counts": counts, "root": str(tmp),
+               "tiled": tiled_layers(pairs, _tile_size(settings))}
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = build_train_command(settings, tmp, out)

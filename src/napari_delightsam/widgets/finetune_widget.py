@@ -528,6 +528,10 @@ class FinetuneWidget(QWidget):
             self._set_status(str(event.get("message", "")))
         elif kind == "data":
             counts = ", ".join(f"{n} {m}" for m, n in sorted(event["counts"].items()))
+            tiled = event.get("tiled") or []
+            if tiled:  # large microscopy / fundus layers: their tiles, at the scale of tiled inference
+                it = "it" if len(tiled) == 1 else "them"
+                counts += f" ({', '.join(repr(name) for name in tiled)} as the tiles the new model will segment {it} in)"
             self._log(f"training images: {counts}")
         elif kind == "start":
             steps = int(event.get("steps_per_epoch") or 0)
