@@ -154,6 +154,7 @@ def test_output_layers_arrive_one_per_event_loop_turn_mask_first_and_on_top(make
     assert seen_in_handler == [["lesion", names["mask"], "busy=True"]]  # a new run waits for the layers
     order = [layer.name for layer in viewer.layers]
     assert order == ["lesion", names["probability"], names["heatmap"], names["mask"]]
+    assert viewer.layers.selection.active is viewer.layers[names["mask"]]  # ready to paint on
     assert widget._last.heatmap_layer() is viewer.layers[names["heatmap"]]
     assert widget._last.probability_layer() is viewer.layers[names["probability"]]
     # a second run updates the three layers in place: same objects, same order

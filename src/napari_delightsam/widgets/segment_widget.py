@@ -598,10 +598,13 @@ class SegmentWidget(QWidget):
         layer = Image(data, name=name, contrast_limits=(0.0, 1.0), metadata=meta, blending="translucent",
                       **geom, **style)
         index = self.viewer.layers.index(below) if below is not None and below in self.viewer.layers else None
+        active = self.viewer.layers.selection.active  # napari selects what it inserts: keep the user's (the mask)
         if index is None:
             self.viewer.layers.append(layer)
         else:
             self.viewer.layers.insert(index, layer)
+        if active is not None and active in self.viewer.layers:
+            self.viewer.layers.selection.active = active
         return layer
 
     def _mask_metadata(self, mask: np.ndarray, provenance: dict[str, Any]) -> dict[str, Any]:
