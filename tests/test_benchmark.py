@@ -58,15 +58,19 @@ def test_synthetic_image_is_uint8_rgb_of_the_requested_size():
 
 
 def test_peak_memory_sees_a_large_allocation():
+    import mmap
+
     with bm._peak_memory(torch.device("cpu"), interval_s=0.001) as mem:
-        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
-        block.sum()
+        # 64 MiB of fresh anonymous pages, every page written: malloc could hand back memory that
+        # is already resident (freed by earlier tests), which no RSS sampler can see
+        block = mmap.mmap(-1, 64 * 2**20)
+        np.frombuffer(block, dtype=np.uint8)[:] = 1
         seen = mem["samples"]
         deadline = time.monotonic() + 30
         while mem["samples"] < seen + 2 and time.monotonic() < deadline:  # a busy host may starve the sampler
             time.sleep(0.01)
         assert mem["samples"] >= seen + 2
-        del block
+        block.close()
     assert mem["working_mb"] > 32
     assert mem["peak_mb"] >= mem["working_mb"]
 
