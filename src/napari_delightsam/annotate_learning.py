@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import MODALITIES
-from .widgets.finetune_job import USER_DATASET, FinetuneSettings, TrainingPair, TrainingProcess
+from .widgets.finetune_job import USER_DATASET, FinetuneSettings, TrainingPair, TrainingProcess, tile_size_for
 
 if TYPE_CHECKING:
     from .annotate import AnnotationSession
@@ -363,8 +363,7 @@ class Learner:
         settings = FinetuneSettings(**{**asdict(self.config.finetune), "init": self._init_for(current)})
         settings.device = self.config.device if settings.device == "auto" else settings.device
         settings.img_size = _img_size(settings)
-        splits = _write_round_data(train_pairs, holdout_pairs, data, root / "splits.json",
-                                   settings.img_size if settings.tiles else None)
+        splits = _write_round_data(train_pairs, holdout_pairs, data, root / "splits.json", tile_size_for(settings))
         run_dir = root / "train"
         builder = command_builder or _train_command
         job: TrainingProcess | None = None

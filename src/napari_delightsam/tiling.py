@@ -335,9 +335,9 @@ def training_tiles(image: Any, mask: np.ndarray, modality: str, input_size: int,
     working size and the tile starts as inference does for a model of that output stride
     (``input_size // mask_size``: 2 for the bundled model)."""
     mask = np.asarray(mask)
-    size = (int(mask.shape[0]), int(mask.shape[1]))
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2D, got shape {mask.shape}")
+    size = (int(mask.shape[0]), int(mask.shape[1]))
     if not auto_tiles(modality, size, input_size):
         return None
     arr, _ = prepare_array(image)

@@ -214,7 +214,7 @@ def link_folder_dataset(folder: str | os.PathLike[str], root: str | os.PathLike[
     return counts
 
 
-def _tile_size(settings: FinetuneSettings) -> int | None:
+def tile_size_for(settings: FinetuneSettings) -> int | None:
     """The training image size, which becomes the fine-tuned model's input size, and so its tile
     size (``pair_samples``); None when layers train whole (``tiles`` off, or the trainer picks
     the size: 0, the starting model's own)."""
@@ -458,14 +458,14 @@ def run_finetune(
         yield {"event": "status", "message": "writing the training pairs to a temporary dataset folder…"}
         counts: dict[str, int] = {}
         if pairs:
-            counts = write_dataset(pairs, tmp, tile_size=_tile_size(settings))
+            counts = write_dataset(pairs, tmp, tile_size=tile_size_for(settings))
         if folder:
             for mod, n in link_folder_dataset(folder, tmp).items():
                 counts[mod] = counts.get(mod, 0) + n
         if not counts:
             raise ValueError("no training data: add (image, labels) pairs or choose a folder")
         yield {"event": "data", "counts": counts, "root": str(tmp),
-               "tiled": tiled_layers(pairs, _tile_size(settings))}
+               "tiled": tiled_layers(pairs, tile_size_for(settings))}
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = build_train_command(settings, tmp, out)
