@@ -3,7 +3,7 @@
 The network sees the image in three places: the encoder (stem, stage 0, the ViT stages and their
 controllers), the decoder's stride-2 stage (its image skip) and, for fundus and microscopy, the
 modality's refiner (a small U-Net over the image). For each image of a split this feeds the
-shifted image (channels in BGR order, or greyscale) to
+shifted image (channels in BGR order, greyscale, or JPEG quality 25) to
 
 * ``none``: no part (the image as stored), ``all``: every part (what a user gets);
 * ``encoder``: the encoder only (the decoder's branches see the image as stored);
@@ -32,16 +32,26 @@ from typing import Any
 import numpy as np
 
 PARTS = ("none", "all", "encoder", "decoder", "stride2", "refiner")
+SHIFT_NAMES = ("bgr", "grey", "jpeg")
 
 
 def shifted(images: Any, shift: str) -> Any:
-    """(B,3,S,S) float [0,255] -> the same images with ``shift`` applied ("bgr" or "grey")."""
+    """(B,3,S,S) float [0,255] -> the same images with ``shift`` applied ("bgr", "grey" or "jpeg":
+    quality 25)."""
     if shift == "bgr":
         return images[:, [2, 1, 0]]
     if shift == "grey":
         y = (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).round()
         return y[:, None].repeat(1, 3, 1, 1)
-    raise ValueError(f"shift must be 'bgr' or 'grey', got {shift!r}")
+    if shift == "jpeg":  # JPEG quality 25 at the network's input size
+        import torch
+
+        from napari_delightsam.data.augment import _jpeg
+
+        arrays = images.permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8).numpy()
+        out = [torch.from_numpy(_jpeg(np.ascontiguousarray(a), 25)) for a in arrays]
+        return torch.stack(out).permute(0, 3, 1, 2).to(images.dtype)
+    raise ValueError(f"shift must be one of {', '.join(SHIFT_NAMES)}, got {shift!r}")
 
 
 def logits_with_shift_in(model: Any, stored: Any, shift_img: Any, modality: int, part: str) -> Any:
@@ -75,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", type=Path, required=True)
     p.add_argument("--split", default="val")
     p.add_argument("--modality", required=True)
-    p.add_argument("--shift", choices=("bgr", "grey"), default="bgr")
+    p.add_argument("--shift", choices=SHIFT_NAMES, default="bgr")
     p.add_argument("--max-per-dataset", type=int, default=30)
     p.add_argument("--checkpoint", default=None, help="default: the bundled model")
     p.add_argument("--threads", type=int, default=1)

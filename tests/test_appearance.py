@@ -49,6 +49,16 @@ def test_geometric_shifts_move_the_mask_with_the_image():
     assert m_wide.sum() == pytest.approx(mask.sum() * 1.4, rel=0.1)
 
 
+def test_resolution_loss_keeps_size_and_mask_and_removes_fine_detail():
+    board = np.stack([(np.indices((60, 80)).sum(axis=0) % 2 * 200 + 20).astype(np.uint8)] * 3, axis=-1)
+    mask = np.zeros((60, 80), bool)
+    mask[10:30, 20:50] = True
+    out, m = SHIFTS["resolution loss 2×"].apply(board, mask, 0)
+    assert out.shape == board.shape and out.dtype == np.uint8 and m is mask
+    assert board.std() > 90 and out.std() < 10  # the 1-pixel checkerboard is gone
+    assert not SHIFTS["resolution loss 2×"].geometric
+
+
 def test_frames_black_out_the_corners_and_the_mask_under_them():
     img, _ = _image()
     full = np.ones(img.shape[:2], bool)

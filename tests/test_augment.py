@@ -196,6 +196,31 @@ def test_a_policy_without_channel_order_keeps_every_draw_of_a_seed():
         assert torch.equal(augment(image, mask, seed, base)[0], augment(image, mask, seed, off)[0])
 
 
+def test_resolution_loss_blurs_fine_detail_and_leaves_the_mask():
+    """A 1-pixel checkerboard survives without the loss and is averaged away with it; the mask
+    (and the coarse content) stay in place."""
+    board = (np.indices((64, 64)).sum(axis=0) % 2 * 200 + 20).astype(np.float32)
+    image = torch.from_numpy(np.stack([board] * 3))
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1
+    policy = _plain(policy_for("fundus"), lowres_p=1.0, lowres_factor=(2.0, 2.0))
+    img, m = augment(image, mask, 3, policy, geometry=False, intensity=False)
+    assert torch.equal(m, mask)
+    assert float(img.float().std()) < 10 and abs(float(img.float().mean()) - 120) < 5
+    kept, _ = augment(image, mask, 3, _plain(policy_for("fundus")), geometry=False, intensity=False)
+    assert float(kept.float().std()) > 90
+
+
+def test_a_policy_without_resolution_loss_keeps_every_draw_of_a_seed():
+    import dataclasses
+
+    image, mask = pattern()
+    base = policy_for("fundus")
+    off = dataclasses.replace(base, lowres_p=0.0, lowres_factor=(2.0, 4.0))
+    for seed in range(10):
+        assert torch.equal(augment(image, mask, seed, base)[0], augment(image, mask, seed, off)[0])
+
+
 def test_policies_with_replaces_named_fields_and_refuses_typos():
     from napari_delightsam.data.augment import policies_with
 
@@ -209,6 +234,8 @@ def test_policies_with_replaces_named_fields_and_refuses_typos():
         ({"microscopy": {"channel_order_p": 1.5}}, "probability"),
         ({"microscopy": {"hflip": 1}}, "true or false"),
         ({"microscopy": {"hue": "x"}}, "a number"),
+        ({"fundus": {"lowres_factor": [0.5, 2.0]}}, "1 <= low <= high"),
+        ({"fundus": {"lowres_p": 2}}, "probability"),
     ]:
         with pytest.raises(ValueError, match=match):
             policies_with(bad)

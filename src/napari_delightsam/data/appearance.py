@@ -158,6 +158,14 @@ def _half(image: np.ndarray, mask: np.ndarray | None, seed: int) -> Pair:
     return _resize_pair(image, mask, (max(8, h // 2), max(8, w // 2)))
 
 
+def _resolution_loss(image: np.ndarray, mask: np.ndarray | None, seed: int) -> Pair:
+    """The image brought to half size and back (what a half-resolution camera or export shows once
+    displayed at the stored size); the mask untouched: scored against the stored labels, which
+    "half resolution" cannot do for thin structures (its labels are resampled too)."""
+    h, w = image.shape[:2]
+    return _resize(_resize(image, (max(8, h // 2), max(8, w // 2)), nearest=False), (h, w), nearest=False), mask
+
+
 def _stretch(image: np.ndarray, mask: np.ndarray | None, seed: int) -> Pair:
     h, w = image.shape[:2]
     return _resize_pair(image, mask, (h, int(round(w * 1.4))))
@@ -176,6 +184,7 @@ SHIFTS: dict[str, Shift] = {
         Shift("gamma 1.6", _colour(lambda im: _gamma(im, 1.6))),
         Shift("JPEG quality 25", _colour(lambda im: _jpeg(np.ascontiguousarray(im), 25))),
         Shift("half resolution", _half, geometric=True),
+        Shift("resolution loss 2×", _resolution_loss),
         Shift("aspect stretch 1.4", _stretch, geometric=True),
         Shift("octagonal frame", lambda image, mask, seed: _frame(image, mask, "octagon"), geometric=True),
         Shift("circular frame", lambda image, mask, seed: _frame(image, mask, "circle"), geometric=True),

@@ -14,8 +14,8 @@ Appearance changes (``appearance=True``, on by default) imitate what differs bet
 scanners and stains rather than between images of one source, as domain-generalisation work
 does: hue and saturation (one 3×3 colour matrix in YIQ space), H&E stain jitter in HED space
 (microscopy), random greyscale, Gaussian blur or unsharp-mask sharpening, Gaussian or speckle
-noise, and JPEG re-compression, and (where a policy asks: ``channel_order_p``) the colour channels in
-another order, last. They are drawn after the geometry and intensity parameters, so
+noise, and JPEG re-compression, and (where a policy asks) a resolution loss (``lowres_p``) and the
+colour channels in another order (``channel_order_p``, last). They are drawn after the geometry and intensity parameters, so
 a seed's geometry and intensity do not depend on them. A grey image (equal channels) stays grey.
 
 Per-modality policy (``POLICIES``): dermoscopy, fundus, colonoscopy and microscopy have no
@@ -80,6 +80,11 @@ class AugmentPolicy:
     #: share of those reorderings that are BGR (the common one); the rest is one of the other
     #: four non-identity orders
     bgr_share: float = 0.5
+    #: probability of a resolution loss: the image (not the mask) downsampled by a factor drawn
+    #: from ``lowres_factor`` and upsampled back (a low-resolution camera, a half-size export),
+    #: before blur, noise and JPEG; 0 keeps a seed's draws identical to a policy without the field
+    lowres_p: float = 0.0
+    lowres_factor: tuple[float, float] = (1.5, 3.0)
 
 
 _FULL = AugmentPolicy()
@@ -148,10 +153,13 @@ def policies_with(overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Augme
             else:
                 value = type(current)(value)
             values[name] = value
-        for name in ("channel_order_p", "bgr_share", "greyscale_p", "stain_p", "scale_p", "intensity_p"):
+        for name in ("channel_order_p", "bgr_share", "greyscale_p", "stain_p", "scale_p", "intensity_p", "lowres_p"):
             v = values.get(name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise ValueError(f"{modality}.{name} must be a probability in [0, 1], got {v!r}")
+        lo = values.get("lowres_factor")
+        if lo is not None and not 1.0 <= lo[0] <= lo[1]:
+            raise ValueError(f"{modality}.lowres_factor must be two factors 1 <= low <= high, got {list(lo)!r}")
         out[modality] = dataclasses.replace(base, **values)
     return out
 
@@ -235,6 +243,16 @@ def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     return out.reshape(img.shape)
 
 
+def _resolution_loss(img: np.ndarray, factor: float) -> np.ndarray:
+    """(H,W,C) float32 downsampled by ``factor`` (antialiased) and upsampled back (bilinear)."""
+    h, w = img.shape[:2]
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]
+    small = F.interpolate(t, size=(max(2, round(h / factor)), max(2, round(w / factor))), mode="bilinear",
+                          align_corners=False, antialias=True)
+    back = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return back[0].permute(1, 2, 0).numpy()
+
+
 def _appearance(rgb: np.ndarray, rng: np.random.Generator, p: AugmentPolicy) -> np.ndarray:
     """(S,S,3) uint8 -> (S,S,3) uint8 with the policy's appearance changes (all drawn here)."""
     hue = rng.uniform(-p.hue, p.hue) if p.hue else 0.0
@@ -248,6 +266,8 @@ def _appearance(rgb: np.ndarray, rng: np.random.Generator, p: AugmentPolicy) -> 
     do_jpeg = rng.random() < p.jpeg_p
     quality = int(rng.integers(p.jpeg_quality[0], p.jpeg_quality[1] + 1))
     noise_seed = int(rng.integers(0, 2**31 - 1))
+    # drawn only when enabled: policies without it keep every draw of a seed
+    lowres = rng.uniform(*p.lowres_factor) if p.lowres_p > 0 and rng.random() < p.lowres_p else 1.0
 
     grey_in = bool(np.array_equal(rgb[::7, ::7, 0], rgb[::7, ::7, 1])) and bool(
         np.array_equal(rgb[::7, ::7, 1], rgb[::7, ::7, 2])
@@ -261,6 +281,8 @@ def _appearance(rgb: np.ndarray, rng: np.random.Generator, p: AugmentPolicy) -> 
         if do_grey:
             x = x @ _RGB2YIQ[0].astype(np.float32)[:, None]
             x = np.repeat(x, 3, axis=-1)
+    if lowres > 1.0:
+        x = _resolution_loss(x, lowres)
     if u_filter < p.blur_p:
         x = _gaussian_blur(x, sigma)
     elif u_filter < p.blur_p + p.sharpen_p:  # unsharp mask
