@@ -110,3 +110,25 @@ def test_modalities_keeps_only_the_named_ones(run, tmp_path):
     rows = json.loads((out / "appearance-shift.json").read_text())["rows"]
     assert rows and {r["modality"] for r in rows} == {keep}
     assert {r["key"] for r in rows} == {r["key"] for r in data["rows"] if r["modality"] == keep}
+
+
+def test_shift_label_bound_is_near_one_for_blobs_and_low_for_thin_lines(load_script, tiny_appearance_setup, tmp_path):
+    bound = load_script("benchmarks/shift_label_bound.py")
+    from napari_delightsam.data.appearance import SHIFTS
+
+    blob = np.zeros((120, 160), bool)
+    blob[30:90, 40:120] = True
+    lines = np.zeros((120, 160), bool)
+    lines[:, ::7] = True  # 1-pixel vessels: the resampled labels keep about half, a smooth resize none
+    image = np.zeros((120, 160, 3), np.uint8)
+    half = SHIFTS["half resolution"]
+    assert bound.perfect_dice(blob, half.apply(image, blob, 0)[1]) > 0.97
+    assert bound.perfect_dice(lines, half.apply(image, lines, 0)[1]) < 0.5
+    data, splits = tiny_appearance_setup["data"], tiny_appearance_setup["splits"]
+    out = tmp_path / "bound.json"
+    assert bound.main(["--data", str(data), "--splits", str(splits), "--split", "test", "--max-per-dataset", "2",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {r["shift"] for r in result["rows"]} == set(bound.RESAMPLING_SHIFTS)
+    assert all(0.0 <= r["dice"] <= 1.0 for r in result["rows"])
+    assert result["means"]["test"]
