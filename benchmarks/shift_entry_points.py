@@ -11,8 +11,8 @@ shifted image (channels in BGR order, greyscale, or JPEG quality 25) to
 * ``stride2`` / ``refiner``: one of those two only,
 
 with the modality given, at the network's input size (512² resized, the training pipeline's
-resize), and reports the mean Dice of each. Colour images only (a grey image has no channel order
-and no colour to lose). The appearance head's colour correction is not applied: this measures the
+resize), and reports the mean Dice of each. For the colour shifts (BGR, greyscale) colour images
+only (a grey image has no channel order and no colour to lose). The appearance head's colour correction is not applied: this measures the
 segmentation network. A part that alone loses most of ``all``'s drop is where training under the
 shift pays.
 
@@ -32,17 +32,21 @@ from typing import Any
 import numpy as np
 
 PARTS = ("none", "all", "encoder", "decoder", "stride2", "refiner")
-SHIFT_NAMES = ("bgr", "grey", "jpeg")
+SHIFT_NAMES = ("bgr", "grey", "jpeg", "gamma1.6", "gamma0.6")
+#: shifts that change nothing on a grey image (those images are left out for them)
+COLOUR_SHIFTS = ("bgr", "grey")
 
 
 def shifted(images: Any, shift: str) -> Any:
-    """(B,3,S,S) float [0,255] -> the same images with ``shift`` applied ("bgr", "grey" or "jpeg":
-    quality 25)."""
+    """(B,3,S,S) float [0,255] -> the same images with ``shift`` applied ("bgr", "grey", "jpeg":
+    quality 25, "gamma1.6" / "gamma0.6")."""
     if shift == "bgr":
         return images[:, [2, 1, 0]]
     if shift == "grey":
         y = (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).round()
         return y[:, None].repeat(1, 3, 1, 1)
+    if shift.startswith("gamma"):
+        return 255.0 * (images / 255.0) ** float(shift[len("gamma"):])
     if shift == "jpeg":  # JPEG quality 25 at the network's input size
         import torch
 
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for rec in choose_records(args.data, args.splits, args.split, args.max_per_dataset, [args.modality]):
         image, mask = _load_resized(rec, size)
-        if np.abs(image[..., 0].astype(np.int16) - image[..., 2]).mean() < 10:
+        if args.shift in COLOUR_SHIFTS and np.abs(image[..., 0].astype(np.int16) - image[..., 2]).mean() < 10:
             continue  # grey or nearly so: the shift changes little
         raw = torch.from_numpy(image).permute(2, 0, 1)[None].float()
         stored, shift_img = normalise(raw), normalise(shifted(raw, args.shift))
@@ -127,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(row["key"], " ".join(f"{k} {row[k]:.2f}" for k in PARTS), flush=True)
     if not rows:
-        p.error("no colour images of that modality in the split")
+        p.error("no images of that modality in the split that the shift changes")
     means = {k: float(np.mean([r[k] for r in rows])) for k in PARTS}
-    print(f"mean over {len(rows)} colour images, shift {args.shift}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in means.items()))
+    print(f"mean over {len(rows)} images, shift {args.shift}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in means.items()))
     if args.json:
         import hashlib
 

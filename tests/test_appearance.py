@@ -111,6 +111,32 @@ def test_appearance_mix_sets_bgr_share_and_canvas():
         AppearanceMix(canvas_p=1.5)
 
 
+def test_wide_field_cuts_the_round_field_of_view_at_top_and_bottom_on_a_wider_canvas():
+    from napari_delightsam.data.appearance import AppearanceMix, wide_field
+
+    disc = np.zeros((100, 100, 3), np.uint8)
+    yy, xx = np.mgrid[:100, :100]
+    disc[(yy - 49.5) ** 2 + (xx - 49.5) ** 2 <= 50**2] = (200, 90, 40)  # a fundus-like round field
+    widths = []
+    for seed in range(10):
+        out = wide_field(disc, np.random.default_rng(seed))
+        h, w = out.shape[:2]
+        assert 60 <= h <= 90 and w >= 1.3 * h - 1 and w >= 100
+        assert (out[h // 2, w // 2] == (200, 90, 40)).all()
+        if w >= 106:  # wider than the image: black margins left and right
+            assert (out[h // 2, :3] == 0).all() and (out[h // 2, -3:] == 0).all()
+        assert (out[0, w // 2] != 0).any()  # the disc is cut at the top: its top row is not black
+        widths.append(w)
+    assert max(widths) >= 106
+    with pytest.raises(ValueError, match="wide_field_p"):
+        AppearanceMix(wide_field_p=-0.1)
+    # a mix without it keeps every draw of a seed
+    img, _ = _image(64, 48)
+    a = random_appearance(img, np.random.default_rng(3), mix=AppearanceMix())
+    b = random_appearance(img, np.random.default_rng(3), mix=AppearanceMix(wide_field_p=0.0))
+    assert np.array_equal(a[0], b[0]) and a[1:] == b[1:]
+
+
 def test_mix_by_modality_narrows_hue_where_asked():
     from napari_delightsam.data.appearance import AppearanceMix, MixByModality
 

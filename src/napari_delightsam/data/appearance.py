@@ -208,13 +208,17 @@ class AppearanceMix:
     #: probability that the image is placed on a wider or taller black canvas (a fundus camera's
     #: or video processor's frame around the field of view)
     canvas_p: float = 0.0
+    #: probability of a wide-field camera's layout: the image's central rows kept (the round field
+    #: of view cut at top and bottom) on a black canvas 1.3-1.7x wider than tall (fundus cameras
+    #: that write 3:2 frames); drawn only when above 0, so mixes without it keep their draws
+    wide_field_p: float = 0.0
     #: the largest hue rotation drawn, degrees (real H&E varies far less in hue than photographs)
     hue_max: float = 45.0
     #: the largest H&E stain jitter drawn (HED scale/shift sigma)
     stain_sigma_max: float = 0.3
 
     def __post_init__(self) -> None:
-        for name in ("reorder_p", "canvas_p"):
+        for name in ("reorder_p", "canvas_p", "wide_field_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.bgr_share is not None and not 0.0 <= self.bgr_share <= 1.0:
@@ -264,6 +268,20 @@ def black_canvas(image: np.ndarray, rng: np.random.Generator, widen: tuple[float
     return out
 
 
+def wide_field(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``image``'s central rows (60-90 % of its height, cut evenly at top and bottom) centred on
+    a black canvas 1.3-1.7x as wide as the kept height (at least the image's width)."""
+    h, w = image.shape[:2]
+    keep = max(8, int(round(h * rng.uniform(0.6, 0.9))))
+    top = (h - keep) // 2
+    rows = image[top : top + keep]
+    width = max(w, int(round(keep * rng.uniform(1.3, 1.7))))
+    out = np.zeros((keep, width, image.shape[2]), dtype=image.dtype)
+    left = (width - w) // 2
+    out[:, left : left + w] = rows
+    return out
+
+
 def _draw_order(rng: np.random.Generator, mix: AppearanceMix) -> int:
     if mix.bgr_share is not None and rng.random() < mix.bgr_share:
         return BGR_INDEX
@@ -277,7 +295,7 @@ def random_appearance(
     """A random mix of the scoreboard's kinds of change, drawn from ``rng``, for training the
     modality head. Returns (image, channel order applied (index into ``CHANNEL_ORDERS``, 0 for
     none), hue rotation applied in degrees). Geometry here is only what keeps the image's
-    meaning: crops, rescaling, aspect, frames, a black canvas. ``colour=False`` (grey
+    meaning: crops, rescaling, aspect, frames, a black canvas, a wide-field layout. ``colour=False`` (grey
     modalities) skips colour. ``mix`` sets the tunable probabilities (``AppearanceMix``)."""
     mix = mix if mix is not None else AppearanceMix()
     h, w = image.shape[:2]
@@ -318,6 +336,8 @@ def random_appearance(
             order = _draw_order(rng, mix)
             out = out[..., list(CHANNEL_ORDERS[order])]
     # frames, canvas, compression
+    if mix.wide_field_p and rng.random() < mix.wide_field_p:
+        out = wide_field(np.ascontiguousarray(out), rng)
     if mix.canvas_p and rng.random() < mix.canvas_p:
         out = black_canvas(np.ascontiguousarray(out), rng)
     if rng.random() < 0.3:
