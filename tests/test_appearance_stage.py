@@ -101,6 +101,37 @@ def test_recipe_v2_runs_its_last_stage_from_a_model_file(setup, tmp_path):
         run_recipe(recipe, setup["data"], tmp_path / "run2", start_at="appearance-head")
 
 
+def test_recipe_v2_3_retrains_the_head_alone_with_wide_field_fundus(setup, tmp_path):
+    """v2.3's stage continues the head of the model it starts from: every other tensor is that
+    model's, bit for bit, and the export carries a new calibration and the v2.3 recipe."""
+    from safetensors.torch import load_file
+
+    from napari_delightsam.checkpoint import read_checkpoint_info
+    from napari_delightsam.training.stages.recipe import Recipe, load_recipe, run_recipe
+
+    v23 = load_recipe("v2.3")
+    stage = v23.stages[-1]
+    assert stage.name == "appearance-head-wide-field" and stage.kind == "appearance-head"
+    assert stage.config["mix_by_modality"] == {"fundus": {"wide_field_p": 0.4}}
+    tiny = {"steps": 2, "eval_every": 2, "batch_size": 4}
+    # the model it starts from has an appearance head already (v2's first head stage, tiny)
+    v2 = load_recipe("v2").to_dict()
+    v2["stages"] = [{**s, "config": {**s["config"], **tiny}} for s in v2["stages"] if s["name"] == "appearance-head"]
+    first = run_recipe(Recipe.from_dict(v2), setup["data"], tmp_path / "v2", splits_file=setup["splits"],
+                       device="cpu", start_at="appearance-head", init=setup["init"], show_progress=False)
+    data = v23.to_dict()
+    data["stages"][-1]["config"] = {**stage.config, **tiny}
+    exported = run_recipe(Recipe.from_dict(data), setup["data"], tmp_path / "run", splits_file=setup["splits"],
+                          device="cpu", start_at="appearance-head-wide-field", init=first, show_progress=False)
+    before, after = load_file(str(first)), load_file(str(exported))
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("modality_head.") for k in changed)
+    _, meta = read_checkpoint_info(exported)
+    assert json.loads(meta["recipe"])["name"] == "v2.3" and "auto_confidence_threshold" in meta
+    assert json.loads(meta["appearance_head"])["calibration"]["n_views"] > 0
+
+
 def test_recipe_refuses_bad_appearance_head_settings():
     from napari_delightsam.training.stages.recipe import Recipe, load_recipe
 

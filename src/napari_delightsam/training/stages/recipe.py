@@ -40,7 +40,7 @@ from ..errors import TrainingError
 __all__ = ["RECIPES", "Recipe", "RecipeStage", "cache_folder_name", "export_model", "load_recipe", "run_recipe"]
 
 #: the recipes shipped with the package (``training/stages/recipes/<name>.json``)
-RECIPES = ("v1", "v2", "v2.1", "v2.2")
+RECIPES = ("v1", "v2", "v2.1", "v2.2", "v2.3")
 #: what a stage may be
 STAGE_KINDS = ("heads", "train", "refiner", "appearance-head")
 DONE = "stage.done"
