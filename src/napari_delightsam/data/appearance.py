@@ -73,7 +73,7 @@ def _apply_matrix(image: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 def _resize(array: np.ndarray, size: tuple[int, int], *, nearest: bool) -> np.ndarray:
     contiguous = np.ascontiguousarray(array)
-    # torch warns about a read-only array (a decoded file's buffer); the copy is read only, never written
+    # torch.from_numpy warns on a read-only array (a decoded file's buffer): copy those
     t = torch.from_numpy(contiguous if contiguous.flags.writeable else contiguous.copy())
     t = t[None, None].float() if t.ndim == 2 else t.permute(2, 0, 1)[None].float()
     if nearest:
