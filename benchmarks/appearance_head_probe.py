@@ -2,7 +2,7 @@
 order: the channel-order probabilities (RGB ... BGR), the predicted hue rotation, the two most
 likely modalities after the correction, and the correction applied.
 
-    python benchmarks/appearance_head_probe.py [--checkpoint FILE] IMAGE [IMAGE ...] [--json OUT]
+    python benchmarks/appearance_head_probe.py [--checkpoint FILE] [--wide-field] IMAGE [IMAGE ...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -39,12 +39,27 @@ def probe(seg: Any, image: np.ndarray) -> dict[str, Any]:
     }
 
 
+def wide_field_layout(image: np.ndarray, keep: float = 0.72, aspect: float = 1.5) -> np.ndarray:
+    """``image``'s central ``keep`` of rows centred on a black canvas ``aspect`` times as wide as
+    tall (at least the image's width): how a 3:2 fundus camera frames the round field of view."""
+    h, w = image.shape[:2]
+    rows = max(8, int(h * keep))
+    top = (h - rows) // 2
+    width = max(w, int(rows * aspect))
+    out = np.zeros((rows, width, image.shape[2]), dtype=image.dtype)
+    left = (width - w) // 2
+    out[:, left : left + w] = image[top : top + rows]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--checkpoint", default=None, help="model file (default: the bundled model)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--wide-field", action="store_true",
+                   help="also a wide-field camera's layout of each image: its central 72 %% of rows on a 1.5x wider black canvas")
     args = p.parse_args(argv)
 
     from napari_delightsam.image_files import read_image
@@ -59,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.images:
         image = read_image(path)
         image = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
-        for view, img in (("as stored", image), ("BGR", np.ascontiguousarray(image[..., ::-1]))):
+        views = [("as stored", image), ("BGR", np.ascontiguousarray(image[..., ::-1]))]
+        if args.wide_field:
+            views.append(("wide field", wide_field_layout(image)))
+        for view, img in views:
             row = {"image": path.name, "view": view, **probe(seg, img)}
             rows.append(row)
             top = max(row["order_p"], key=row["order_p"].get)

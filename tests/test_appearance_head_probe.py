@@ -29,3 +29,15 @@ def test_probe_reports_both_views(tmp_path, capsys, load_script, tiny_appearance
     result = seg.segment(img, modality="auto")
     assert rows[0]["modality"] == result.modality
     assert "a.png [BGR]" in capsys.readouterr().out
+
+
+def test_probe_adds_a_wide_field_view_on_request(tmp_path, load_script, tiny_appearance_setup):
+    bench = load_script("benchmarks/appearance_head_probe.py")
+    img = np.full((100, 100, 3), 150, np.uint8)
+    wide = bench.wide_field_layout(img)
+    assert wide.shape == (72, 108, 3) and (wide[:, :4] == 0).all() and (wide[:, 4:104] == 150).all()
+    Image.fromarray(img).save(tmp_path / "a.png")
+    out = tmp_path / "probe.json"
+    assert bench.main([str(tmp_path / "a.png"), "--checkpoint", str(tiny_appearance_setup["ckpt"]), "--threads", "1",
+                       "--wide-field", "--json", str(out)]) == 0
+    assert [r["view"] for r in json.loads(out.read_text())["rows"]] == ["as stored", "BGR", "wide field"]
