@@ -2,7 +2,7 @@
 
 Every image of the chosen splits is segmented as stored and under each shift of
 ``napari_delightsam.data.appearance.SHIFTS`` (channel order, hue ±25°, H&E stain jitter, gamma
-0.6 / 1.6, JPEG quality 25, half resolution, 1.4× aspect stretch, octagonal and circular
+0.6 / 1.6, JPEG quality 25, half resolution, resolution loss 2×, 1.4× aspect stretch, octagonal and circular
 endoscope frames, greyscale for the colour modalities); masks follow the geometric shifts.
 For each (image, shift) it records the Dice with the modality given and what ``auto`` does:
 the modality it picks, its calibrated confidence, whether it would ask (below the model's
