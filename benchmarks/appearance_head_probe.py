@@ -39,17 +39,8 @@ def probe(seg: Any, image: np.ndarray) -> dict[str, Any]:
     }
 
 
-def wide_field_layout(image: np.ndarray, keep: float = 0.72, aspect: float = 1.5) -> np.ndarray:
-    """``image``'s central ``keep`` of rows centred on a black canvas ``aspect`` times as wide as
-    tall (at least the image's width): how a 3:2 fundus camera frames the round field of view."""
-    h, w = image.shape[:2]
-    rows = max(8, int(h * keep))
-    top = (h - rows) // 2
-    width = max(w, int(rows * aspect))
-    out = np.zeros((rows, width, image.shape[2]), dtype=image.dtype)
-    left = (width - w) // 2
-    out[:, left : left + w] = image[top : top + rows]
-    return out
+#: the ``--wide-field`` view: the central 72 % of the rows on a 1.5x wider black canvas (IDRiD's frame)
+WIDE_FIELD_KEEP, WIDE_FIELD_ASPECT = 0.72, 1.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also a wide-field camera's layout of each image: its central 72 %% of rows on a 1.5x wider black canvas")
     args = p.parse_args(argv)
 
+    from napari_delightsam.data.appearance import wide_field_layout
     from napari_delightsam.image_files import read_image
     from napari_delightsam.inference import load_model, set_threads
     from napari_delightsam.model.appearance_head import AppearanceHead
@@ -76,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         image = np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image[..., :3]
         views = [("as stored", image), ("BGR", np.ascontiguousarray(image[..., ::-1]))]
         if args.wide_field:
-            views.append(("wide field", wide_field_layout(image)))
+            views.append(("wide field", wide_field_layout(image, keep=WIDE_FIELD_KEEP, aspect=WIDE_FIELD_ASPECT)))
         for view, img in views:
             row = {"image": path.name, "view": view, **probe(seg, img)}
             rows.append(row)

@@ -34,7 +34,9 @@ def test_probe_reports_both_views(tmp_path, capsys, load_script, tiny_appearance
 def test_probe_adds_a_wide_field_view_on_request(tmp_path, load_script, tiny_appearance_setup):
     bench = load_script("benchmarks/appearance_head_probe.py")
     img = np.full((100, 100, 3), 150, np.uint8)
-    wide = bench.wide_field_layout(img)
+    from napari_delightsam.data.appearance import wide_field_layout
+
+    wide = wide_field_layout(img, keep=bench.WIDE_FIELD_KEEP, aspect=bench.WIDE_FIELD_ASPECT)
     assert wide.shape == (72, 108, 3) and (wide[:, :4] == 0).all() and (wide[:, 4:104] == 150).all()
     Image.fromarray(img).save(tmp_path / "a.png")
     out = tmp_path / "probe.json"

@@ -270,18 +270,24 @@ def black_canvas(image: np.ndarray, rng: np.random.Generator, widen: tuple[float
     return out
 
 
-def wide_field(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``image``'s central rows (60-90 % of its height, cut evenly at top and bottom) centred on
-    a black canvas 1.3-1.7x as wide as the kept height (at least the image's width)."""
+def wide_field_layout(image: np.ndarray, keep: float, aspect: float) -> np.ndarray:
+    """``image``'s central ``keep`` of its rows (cut evenly at top and bottom) centred on a black
+    canvas ``aspect`` times as wide as the kept height (at least the image's width): how a 3:2
+    fundus camera frames the round field of view."""
     h, w = image.shape[:2]
-    keep = max(8, int(round(h * rng.uniform(0.6, 0.9))))
-    top = (h - keep) // 2
-    rows = image[top : top + keep]
-    width = max(w, int(round(keep * rng.uniform(1.3, 1.7))))
-    out = np.zeros((keep, width, image.shape[2]), dtype=image.dtype)
+    rows = max(8, int(round(h * keep)))
+    top = (h - rows) // 2
+    width = max(w, int(round(rows * aspect)))
+    out = np.zeros((rows, width, image.shape[2]), dtype=image.dtype)
     left = (width - w) // 2
-    out[:, left : left + w] = rows
+    out[:, left : left + w] = image[top : top + rows]
     return out
+
+
+def wide_field(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """:func:`wide_field_layout` with 60-90 % of the rows kept on a canvas 1.3-1.7x as wide."""
+    keep = rng.uniform(0.6, 0.9)
+    return wide_field_layout(image, keep, rng.uniform(1.3, 1.7))
 
 
 def _draw_order(rng: np.random.Generator, mix: AppearanceMix) -> int:
