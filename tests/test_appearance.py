@@ -137,6 +137,23 @@ def test_wide_field_cuts_the_round_field_of_view_at_top_and_bottom_on_a_wider_ca
     assert np.array_equal(a[0], b[0]) and a[1:] == b[1:]
 
 
+def test_greyscale_p_sets_how_often_a_colour_image_turns_grey():
+    from napari_delightsam.data.appearance import AppearanceMix, greyscale, is_grey
+
+    img, _ = _image(64, 48)
+    assert not is_grey(img) and is_grey(greyscale(img))
+    always, never = AppearanceMix(greyscale_p=1.0, reorder_p=0.0), AppearanceMix(greyscale_p=0.0, reorder_p=0.0)
+    rng = np.random.default_rng(5)
+    assert all(is_grey(random_appearance(img, rng, mix=always)[0]) for _ in range(20))
+    assert not any(is_grey(random_appearance(img, rng, mix=never)[0]) for _ in range(20))
+    # a grey modality's images (colour=False) are never asked to change colour
+    assert not is_grey(random_appearance(img, rng, colour=False, mix=always)[0])
+    with pytest.raises(ValueError, match="greyscale_p"):
+        AppearanceMix(greyscale_p=1.5)
+    # the default (0.1) is the probability of the mixes before the field existed
+    assert AppearanceMix().greyscale_p == 0.1
+
+
 def test_mix_by_modality_narrows_hue_where_asked():
     from napari_delightsam.data.appearance import AppearanceMix, MixByModality
 

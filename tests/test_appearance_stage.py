@@ -58,7 +58,7 @@ def test_command_trains_calibrates_and_writes_a_model_with_auto(setup, tmp_path,
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["--steps", "5", "--eval-every", "2"], "multiple"), (["--lr", "0"], "positive"),
-     (["--bgr-share", "2"], "bgr-share"), (["--order-weight", "-1"], "order-weight"), (["--select", "hue"], "select"),
+     (["--bgr-share", "2"], "bgr-share"), (["--greyscale-p", "1.5"], "greyscale-p"), (["--order-weight", "-1"], "order-weight"), (["--select", "hue"], "select"),
      (["--mix-by-modality", "{not json"], "not JSON"), (["--mix-by-modality", '{"xray": {"hue": 1}}'], "unknown")],
 )
 def test_command_refuses_bad_settings(setup, tmp_path, capsys, extra, message):
@@ -130,6 +130,35 @@ def test_recipe_v2_3_retrains_the_head_alone_with_wide_field_fundus(setup, tmp_p
     _, meta = read_checkpoint_info(exported)
     assert json.loads(meta["recipe"])["name"] == "v2.3" and "auto_confidence_threshold" in meta
     assert json.loads(meta["appearance_head"])["calibration"]["n_views"] > 0
+
+
+def test_validation_sees_greyscale_views_only_when_asked(setup):
+    from napari_delightsam.checkpoint import load_checkpoint
+    from napari_delightsam.data import discover, load_splits, select
+    from napari_delightsam.training.stages.appearance_head import (
+        HeadStageConfig,
+        load_head_images,
+        validation_views,
+        with_appearance_head,
+    )
+
+    model = with_appearance_head(load_checkpoint(setup["init"]))
+    records = select(discover(setup["data"]), load_splits(setup["splits"]), "val", None)
+    images = load_head_images(records, list(model.config.modalities))
+    plain = validation_views(model, images, model.config.img_size)
+    grey = validation_views(model, images, model.config.img_size, grey_view=True)
+    colour = sum(1 for im in images if im.colour and im.dataset.startswith("dermoscopy"))
+    assert colour > 0 and "greyscale" not in plain.view
+    assert grey.view.count("greyscale") == colour and len(grey.view) == len(plain.view) + colour
+    idx = [i for i, v in enumerate(grey.view) if v == "greyscale"]
+    assert not grey.colour[idx].any() and (grey.order[idx] == 0).all()
+    # the other views are the same images, drawn with the same seed
+    same = [i for i, v in enumerate(grey.view) if v != "greyscale"]
+    assert torch.equal(grey.feats[same], plain.feats)
+    cfg = HeadStageConfig.from_dict({"greyscale_p": 0.4, "val_greyscale": True, "mix_by_modality": {"fundus": {"canvas_p": 0.1}}})
+    assert cfg.mix.default.greyscale_p == 0.4 and cfg.mix.for_modality("fundus").greyscale_p == 0.4
+    with pytest.raises(ValueError, match="greyscale_p"):
+        HeadStageConfig.from_dict({"greyscale_p": 2.0})
 
 
 def test_recipe_refuses_bad_appearance_head_settings():

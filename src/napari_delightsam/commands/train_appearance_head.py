@@ -59,6 +59,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="share of those reorderings that are BGR (default: all five orders equally likely)")
     p.add_argument("--canvas-p", type=float, default=0.0,
                    help="probability of a wider or taller black canvas around a training image (default 0)")
+    p.add_argument("--greyscale-p", type=float, default=0.1,
+                   help="probability that a colour training image becomes greyscale (default 0.1)")
+    p.add_argument("--val-greyscale", action="store_true",
+                   help="validation and calibration also see each colour validation image in greyscale")
     p.add_argument("--select", default="modality", metavar="{modality,modality+order}",
                    help="validation score that picks the state kept: modality NLL (default) or modality "
                         "+ order-weight x channel-order NLL")
@@ -84,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed, "extra_train": args.extra_train, "train_max_per_dataset": args.train_max_per_dataset,
             "val_max_per_dataset": args.val_max_per_dataset, "target_precision": args.target_precision,
             "order_weight": args.order_weight, "reorder_p": args.reorder_p, "bgr_share": args.bgr_share,
-            "canvas_p": args.canvas_p, "select": args.select, "mix_by_modality": by_modality,
+            "canvas_p": args.canvas_p, "greyscale_p": args.greyscale_p, "val_greyscale": args.val_greyscale,
+            "select": args.select, "mix_by_modality": by_modality,
         })
     except ValueError as exc:
         raise CommandError(str(exc).replace("_", "-")) from None

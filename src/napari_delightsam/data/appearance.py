@@ -31,6 +31,7 @@ __all__ = [
     "Shift",
     "channel_order_matrix",
     "endoscope_frame",
+    "greyscale",
     "hue_matrix",
     "is_grey",
     "random_appearance",
@@ -117,7 +118,8 @@ def _frame(image: np.ndarray, mask: np.ndarray | None, shape: str, cut: float = 
     return img, m
 
 
-def _greyscale(image: np.ndarray) -> np.ndarray:
+def greyscale(image: np.ndarray) -> np.ndarray:
+    """``image`` as luma (Y of YIQ) in all three channels."""
     y = image[..., :3].astype(np.float32) @ _RGB2YIQ[0].astype(np.float32)
     return np.repeat(np.clip(np.rint(y), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
@@ -190,7 +192,7 @@ SHIFTS: dict[str, Shift] = {
         Shift("aspect stretch 1.4", _stretch, geometric=True),
         Shift("octagonal frame", lambda image, mask, seed: _frame(image, mask, "octagon"), geometric=True),
         Shift("circular frame", lambda image, mask, seed: _frame(image, mask, "circle"), geometric=True),
-        Shift("greyscale", _colour(_greyscale), colour_only=True),
+        Shift("greyscale", _colour(greyscale), colour_only=True),
     )
 }
 
@@ -214,13 +216,16 @@ class AppearanceMix:
     #: of view cut at top and bottom) on a black canvas 1.3-1.7x wider than tall (fundus cameras
     #: that write 3:2 frames); drawn only when above 0, so mixes without it keep their draws
     wide_field_p: float = 0.0
+    #: probability that a colour image becomes greyscale (grey X-ray-like copies of dermoscopy,
+    #: fundus and endoscopy images: scanned prints, monochrome exports)
+    greyscale_p: float = 0.1
     #: the largest hue rotation drawn, degrees (real H&E varies far less in hue than photographs)
     hue_max: float = 45.0
     #: the largest H&E stain jitter drawn (HED scale/shift sigma)
     stain_sigma_max: float = 0.3
 
     def __post_init__(self) -> None:
-        for name in ("reorder_p", "canvas_p", "wide_field_p"):
+        for name in ("reorder_p", "canvas_p", "wide_field_p", "greyscale_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.bgr_share is not None and not 0.0 <= self.bgr_share <= 1.0:
@@ -338,8 +343,8 @@ def random_appearance(
         if rng.random() < 0.6:
             hue = float(rng.uniform(-mix.hue_max, mix.hue_max))
             out = _apply_matrix(out, _colour_matrix(hue / 360.0, float(rng.uniform(0.6, 1.4))))
-        if rng.random() < 0.1:
-            out, hue = _greyscale(out), 0.0
+        if rng.random() < mix.greyscale_p:
+            out, hue = greyscale(out), 0.0
         elif rng.random() < mix.reorder_p:
             order = _draw_order(rng, mix)
             out = out[..., list(CHANNEL_ORDERS[order])]

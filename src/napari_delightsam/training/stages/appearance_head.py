@@ -10,8 +10,9 @@ label smoothing 0.05), channel order (cross-entropy, colour images only) and hue
 (smooth L1, colour images only). The steps run in the one training loop (``loop.run_loop``),
 an "epoch" of ``eval_every`` steps between validations; the best state on validation is kept.
 
-Validation views of each validation image: as stored, BGR, hue +25°, and one random appearance
-(fixed seeds). After training, ``calibrate`` fits the softmax temperature on those views (lowest
+Validation views of each validation image: as stored, BGR, hue +25°, greyscale (colour images,
+when ``HeadStageConfig.val_greyscale``) and one random appearance (fixed seeds). After training,
+``calibrate`` fits the softmax temperature on those views (lowest
 NLL on a grid), picks ``auto``'s confidence threshold (the lowest at which the confident
 predictions are at least ``target_precision`` right), the order head's minimum probability (no
 as-stored validation image reordered) and the hue correction's minimum angle.
@@ -35,6 +36,7 @@ from ...data.appearance import (
     COLOUR_MODALITIES,
     AppearanceMix,
     MixByModality,
+    greyscale,
     hue_matrix,
     is_grey,
     random_appearance,
@@ -129,10 +131,12 @@ class ValViews:
 
 
 def validation_views(
-    model: Any, images: Sequence[HeadImage], size: int, seed: int = 1234, mix: MixByModality | None = None
+    model: Any, images: Sequence[HeadImage], size: int, seed: int = 1234, mix: MixByModality | None = None,
+    *, grey_view: bool = False,
 ) -> ValViews:
-    """Stage-0 features of each image as stored, BGR, hue +25° (colour images) and one random
-    appearance drawn with ``mix`` (default: v2's mix), with what each should be predicted as."""
+    """Stage-0 features of each image as stored, BGR, hue +25° (colour images), greyscale (colour
+    images of a colour modality, when ``grey_view``) and one random appearance drawn with ``mix``
+    (default: v2's mix), with what each should be predicted as."""
     mix = mix if mix is not None else MixByModality()
     feats, mods, orders, hues, colours, views = [], [], [], [], [], []
     rng = np.random.default_rng(seed)
@@ -144,6 +148,8 @@ def validation_views(
                 cands.append(("BGR", item.image[..., ::-1].copy(), BGR_INDEX, 0.0))
                 cands.append(("hue +25", _apply(item.image, hue_matrix(25.0)), 0, 25.0))
             colour_ok = item.colour and any(item.dataset.startswith(m) for m in COLOUR_MODALITIES)
+            if grey_view and colour_ok:
+                cands.append(("greyscale", greyscale(item.image), 0, 0.0))
             img, order, hue = random_appearance(item.image, rng, colour=colour_ok,
                                                 mix=mix.for_modality(item.dataset.split("/")[0]))
             cands.append(("random", img, order, hue))
@@ -378,6 +384,10 @@ class HeadStageConfig:
     reorder_p: float = 0.4
     bgr_share: float | None = None
     canvas_p: float = 0.0
+    #: probability that a colour training image becomes greyscale
+    greyscale_p: float = 0.1
+    #: validation (and so calibration) also sees each colour image in greyscale
+    val_greyscale: bool = False
     #: which validation score picks the state kept: "modality" (modality NLL) or "modality+order"
     select: str = "modality"
     #: per-modality changes of the mix, e.g. {"microscopy": {"hue_max": 12, "stain_sigma_max": 0.1}}
@@ -386,7 +396,8 @@ class HeadStageConfig:
 
     @property
     def mix(self) -> MixByModality:
-        base = AppearanceMix(reorder_p=self.reorder_p, bgr_share=self.bgr_share, canvas_p=self.canvas_p)
+        base = AppearanceMix(reorder_p=self.reorder_p, bgr_share=self.bgr_share, canvas_p=self.canvas_p,
+                             greyscale_p=self.greyscale_p)
         return MixByModality.from_settings(base, self.mix_by_modality)
 
     @classmethod
@@ -449,7 +460,8 @@ def train_head_stage(
         raise ValueError(f"no training or validation images under {data_root} for this split")
     say({"event": "appearance-head", "status": f"loading {len(train_records)} training and {len(val_records)} validation images"})
     train = load_head_images(train_records, modalities)
-    val = validation_views(model, load_head_images(val_records, modalities), model.config.img_size, mix=cfg.mix)
+    val = validation_views(model, load_head_images(val_records, modalities), model.config.img_size, mix=cfg.mix,
+                           grey_view=cfg.val_greyscale)
     say({"event": "appearance-head", "status": f"{len(val.view)} validation views; {cfg.steps} steps of {cfg.batch_size}"})
     log = RunLog(Path(metrics), progress) if metrics is not None else None
     _, summary = train_appearance_head(
