@@ -74,6 +74,20 @@ def test_a_negative_click_removes_a_region(refiner):
     assert clicked[disc].mean() > 0.8
 
 
+def test_negative_regions_are_the_components_under_negative_clicks_only():
+    from napari_delightsam.refine import negative_regions
+
+    fg = np.zeros((20, 30), dtype=bool)
+    fg[2:6, 2:6] = True  # a: a negative click
+    fg[10:15, 10:15] = True  # b: a negative and a positive click
+    fg[2:6, 20:25] = True  # c: no click
+    a, b, c = (slice(2, 6), slice(2, 6)), (slice(10, 15), slice(10, 15)), (slice(2, 6), slice(20, 25))
+    out = negative_regions(fg, [[3.5, 3.5], [11.5, 11.5], [13.5, 13.5], [28.5, 18.5]], [0, 0, 1, 0])
+    assert out[a].all() and not out[b].any() and not out[c].any() and out.sum() == 16
+    assert not negative_regions(fg, [[3.5, 3.5]], [1]).any()
+    assert not negative_regions(np.zeros_like(fg), [[3.5, 3.5]], [0]).any()
+
+
 def test_sams_raw_point_path_and_one_line_errors(refiner):
     mask, score = refiner.segment_points([_at(*DISC_CENTRE)], [1], (25, 15, 80, 65))
     _, disc = _scene()
@@ -143,6 +157,9 @@ def test_widget_clicks_add_an_object_and_a_negative_click_removes_a_region(make_
     wait()
     assert lab.data[SQUARE].mean() < 0.1  # a corner of it may stay (5 % with the click-tuned decoder)
     assert lab.data[disc].mean() > 0.8
+    # the negative click pulled the drawn box's right edge in past it; the record keeps the drawn box
+    record = lab.metadata["delightsam"]["boxes"][-1]
+    assert record["box"] == [25.5, 15.5, 130.5, 85.5] and record["box_used"][2] < 112.5
     assert list(points.features["positive"]) == [True, False]
     # undo restores the square (one undo step per click)
     lab.undo()

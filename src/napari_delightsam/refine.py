@@ -234,6 +234,32 @@ def next_click_box(chosen: Any, points: Any, labels: Any) -> np.ndarray | None:
     return np.array([x0, y0, x1, y1], dtype=np.float64)
 
 
+def negative_regions(foreground: np.ndarray, points: Any, signs: Any) -> np.ndarray:
+    """The pixels of ``foreground`` ((H, W) bool) in its connected components (8-connectivity)
+    that hold a negative click and no positive click (``points`` (N, 2) x, y pixel edges,
+    ``signs`` 1 positive / 0 negative): what a negative click takes away."""
+    fg = np.asarray(foreground, dtype=bool)
+    out = np.zeros(fg.shape, dtype=bool)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    sign = np.asarray(signs).reshape(-1)
+    if not (sign == 0).any() or not fg.any():
+        return out
+    from skimage.measure import label as connected
+
+    comps = connected(fg, connectivity=2)
+    h, w = fg.shape
+
+    def at(x: float, y: float) -> int:
+        return int(comps[min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)])
+
+    keep = {at(x, y) for (x, y), s in zip(pts, sign, strict=True) if s == 1} - {0}
+    for (x, y), s in zip(pts, sign, strict=True):
+        comp = at(x, y) if s == 0 else 0
+        if comp and comp not in keep:
+            out |= comps == comp
+    return out
+
+
 def click_candidate_boxes(positive: Any, size: tuple[int, int]) -> np.ndarray:
     """(len(CLICK_BOX_SIZES), 4) square boxes around positive clicks ((N, 2) x, y pixel edges) in
     an image of ``size`` (H, W): centred on the clicks, side their extent plus each size times the
@@ -822,15 +848,8 @@ class BoxRefiner:
         if low_res.shape[0] > 1:
             low_res = low_res[best : best + 1]
         mask = self._full_mask(low_res[0])
-        if len(neg) and mask.any():
-            from skimage.measure import label as connected
-
-            comps = connected(mask, connectivity=2)
-            keep = {int(comps[min(int(y), h - 1), min(int(x), w - 1)]) for x, y in pos} - {0}
-            for x, y in neg:
-                comp = int(comps[min(int(y), h - 1), min(int(x), w - 1)])
-                if comp and comp not in keep:
-                    mask &= comps != comp
+        if len(neg):
+            mask &= ~negative_regions(mask, pts, lab)
         self.timings = {"decode": time.perf_counter() - t0, "clicks": float(len(pts)), "prompts": float(len(boxes))}
         return mask, float(scores[best]), boxes[best]
 

@@ -57,6 +57,7 @@ from ..refine import (
     default_decoder,
     default_min_score,
     merge_object,
+    negative_regions,
     next_click_box,
     refine_all_suits,
 )
@@ -528,9 +529,8 @@ class RefineWidget(Container):
         if state["box"] is None and not click_labels.any():
             self._erase_under(labels, state, col + 0.5, row + 0.5)
             return
-        box = state["box"]
-        if box is None:
-            box = next_click_box(state["chosen"], clicks, click_labels)
+        # the clicks move the box they go with: the box drawn before them, else the one the first click chose
+        box = next_click_box(state["box"] if state["box"] is not None else state["chosen"], clicks, click_labels)
         drawn = {"clicks": [[round(float(x), 2), round(float(y), 2), int(s)] for (x, y), s in zip(clicks, click_labels,
                                                                                                strict=True)],
                  "slice": z, "box": None if state["box"] is None else [round(float(v), 2) for v in state["box"]]}
@@ -604,9 +604,19 @@ class RefineWidget(Container):
         if tuple(labels.data.shape[len(lead):]) != snapshot.shape or tuple(obj.shape) != snapshot.shape:
             notify("error", f"'{labels.name}' no longer matches the image; the click was not applied")
             return 0
-        rows, cols = box_pixels(used, snapshot.shape)
+        # the object's region: the box the clicks used and, when they follow a drawn box, that box
+        # (what the box wrote may lie outside the box the clicks moved)
+        region = np.asarray(used, dtype=np.float64)
+        if state["box"] is not None:
+            drawn = np.asarray(state["box"], dtype=np.float64)
+            region = np.concatenate([np.minimum(region[:2], drawn[:2]), np.maximum(region[2:], drawn[2:])])
+        rows, cols = box_pixels(region, snapshot.shape)
         target = snapshot.copy()
         target[rows, cols] = merge_object(snapshot[rows, cols], obj[rows, cols], mode=job.mode, value=state["value"])
+        # a negative click takes away the region of the mask under it (that holds no positive click)
+        inside = np.zeros(snapshot.shape, dtype=bool)
+        inside[rows, cols] = (target[rows, cols] != 0) if job.mode == "binary" else (target[rows, cols] == state["value"])
+        target[negative_regions(inside, job.clicks, job.click_labels)] = 0
         current = np.asarray(labels.data[lead] if lead else labels.data)
         ours = current == state["last"]  # pixels the user did not change since the last click
         changed = (target != current) & ours
