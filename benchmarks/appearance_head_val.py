@@ -60,7 +60,7 @@ def score(path: Path, records: list[Any], config: dict[str, Any]) -> dict[str, A
     wrong = [{"view": val.view[i], "truth": modalities[int(val.modality[i])], "picked": modalities[int(pred[i])],
               "confidence": round(float(conf[i]), 4), "asks": bool(asks[i])}
              for i in torch.nonzero(~right).flatten().tolist()]
-    return {"checkpoint": path.name, "threshold": threshold, "n_views": len(val.view),
+    return {"checkpoint": str(path), "threshold": threshold, "n_views": len(val.view),
             "nll": float(F.cross_entropy(logits, val.modality)), "right": float(right.float().mean()),
             "asks": float(asks.float().mean()), "wrong_unasked": int((~right & ~asks).sum()),
             "by_view": by_view, "wrong": wrong}
