@@ -169,3 +169,14 @@ def test_explicit_list_duplicate_stems_and_refused_output_folder(tmp_path):
         AnnotationSession(src, src)
     with pytest.raises(FileNotFoundError):
         AnnotationSession(tmp_path / "missing", tmp_path / "out2")
+
+
+def test_folders_given_relative_stay_readable_after_a_change_of_directory(tmp_path, monkeypatch):
+    _folder(tmp_path, 2)
+    monkeypatch.chdir(tmp_path)
+    s = AnnotationSession("images", "masks")
+    assert all(e.path.is_absolute() for e in s.entries)
+    monkeypatch.chdir(tmp_path.parent)  # napari's console, another plugin or a script moved on
+    assert s.load_image(0) is not None and not s.unreadable
+    written = s.save(0, _mask())
+    assert written[0] == tmp_path / "masks" / "img0.png" and read_labels(written[0]).sum() == 50

@@ -118,7 +118,7 @@ class AnnotationSession:
         self.mask_format = mask_format
         if isinstance(images, (str, os.PathLike)):
             self.input: str | list[str] = str(Path(images).expanduser().resolve())
-            paths = list_images(images)
+            paths = list_images(self.input)  # absolute: a later change of directory loses nothing
             input_dirs = {Path(self.input)}
         else:
             paths = [Path(p).expanduser().resolve() for p in images]
