@@ -5,7 +5,9 @@
 Writes ``docs/screenshots/segment_widget.png`` (an image, the segment widget, the mask and the
 patch-prompt heatmap), ``docs/screenshots/refine_widget.png`` (the refine widget after Refine all
 and one box drawn) and ``docs/screenshots/finetune_widget.png`` (the fine-tune widget after a
-short fine-tune of the same model on the image and its mask); ``--only`` picks some of them. The image is the package's
+short fine-tune of the same model on the image and its mask) and ``docs/screenshots/annotate_widget.png``
+(the annotate widget on a folder of three synthetic dermoscopy images, the first saved);
+``--only`` picks some of them. The image is the package's
 synthetic dermoscopy sample: committed screenshots must not carry images of the training
 data (``../shared/data``'s licenses forbid copies in this repository). ``--image FILE`` (with a
 mask beside it) or ``--from-data`` (the first image of ``--modality`` in the data) show a real
@@ -58,6 +60,62 @@ def _wait(app, predicate, timeout: float) -> bool:
     return True
 
 
+def _annotate_screenshot(args: argparse.Namespace, spec: str, size: tuple[int, int]) -> int:
+    """The annotate widget on a folder of three synthetic dermoscopy images (written to a temporary
+    folder, masks beside them), after the first image was saved and the second opened."""
+    import tempfile
+
+    import napari
+    from PIL import Image
+    from qtpy.QtWidgets import QApplication
+
+    from napari_delightsam.sample_data import make_dermoscopy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "lesions", Path(tmp) / "lesions-masks"
+        src.mkdir()
+        for i, seed in enumerate((7, 11, 23)):
+            Image.fromarray(make_dermoscopy(seed)[0]).save(src / f"lesion_{i + 1:03d}.png")
+        viewer = napari.Viewer(title="napari — De-LightSAM")
+        viewer.window._qt_window.resize(*size)
+        app = QApplication.instance()
+        _, widget = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM annotate")
+        if spec not in ("bundled", "untrained"):
+            widget.use_checkpoint(spec)
+        else:
+            widget.model_combo.setCurrentIndex(widget.model_combo.findData(spec))
+        widget.modality_combo.setCurrentText("dermoscopy")
+        widget.device_combo.setCurrentText("cpu")
+
+        def on_screen(name: str) -> bool:
+            labels = widget._labels()
+            return not widget.busy and labels is not None and labels.name == f"{name}_delightsam_mask"
+
+        cwd = Path.cwd()
+        os.chdir(tmp)  # the widget shows the folders as typed: relative, not a temporary path
+        try:
+            widget.start(src.name, out.name)
+        finally:
+            os.chdir(cwd)
+        if not _wait(app, lambda: on_screen("lesion_001"), 600):
+            print("the annotate widget did not open the first image in time", file=sys.stderr)
+            return 1
+        widget.save_and_next()
+        if not _wait(app, lambda: on_screen("lesion_002"), 600):
+            print("the annotate widget did not open the next image in time", file=sys.stderr)
+            return 1
+        viewer.reset_view()
+        _wait(app, lambda: True, 1)
+        path = args.out / "annotate_widget.png"
+        Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(path)
+        print(f"wrote {path}")
+        from napari.qt.threading import WorkerBase
+
+        WorkerBase.await_workers(600_000)  # the next image's prefetch (napari's own quit does this)
+        viewer.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", type=Path, help="image file (default: the synthetic dermoscopy sample)")
@@ -69,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-steps", type=int, default=3)
     parser.add_argument("--finetune-size", type=int, default=512)
     parser.add_argument("--size", default="1600x1000", help="window size WxH")
-    parser.add_argument("--only", nargs="+", choices=("segment", "refine", "finetune"),
-                        default=["segment", "refine", "finetune"], help="which screenshots to write")
+    parser.add_argument("--only", nargs="+", choices=("segment", "refine", "finetune", "annotate"),
+                        default=["segment", "refine", "finetune", "annotate"], help="which screenshots to write")
     args = parser.parse_args(argv)
 
     import napari
@@ -90,13 +148,18 @@ def main(argv: list[str] | None = None) -> int:
         image, mask = load_sample("synthetic_dermoscopy")
         mask, name = (mask > 0).astype(np.uint8), "synthetic_dermoscopy"
 
-    viewer = napari.Viewer(title="napari — De-LightSAM")
     width, height = (int(v) for v in args.size.split("x"))
+    spec = args.checkpoint or ("bundled" if bundled_checkpoint_path() else "untrained")
+    if "annotate" in args.only:
+        code = _annotate_screenshot(args, spec, (width, height))
+        if code or args.only == ["annotate"]:
+            return code
+
+    viewer = napari.Viewer(title="napari — De-LightSAM")
     viewer.window._qt_window.resize(width, height)
     app = QApplication.instance()
     viewer.add_image(image, name=name, rgb=image.ndim == 3)
     dock, seg = viewer.window.add_plugin_dock_widget("napari-delightsam", "De-LightSAM segment")
-    spec = args.checkpoint or ("bundled" if bundled_checkpoint_path() else "untrained")
     if spec not in ("bundled", "untrained"):
         seg.use_checkpoint(spec)
     else:
