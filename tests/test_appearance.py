@@ -280,6 +280,31 @@ def test_auto_decision_asks_below_the_models_threshold():
     assert never.auto_decision(given).modality == "xray"
 
 
+def test_auto_asks_before_calling_a_greyscale_image_a_colour_only_modality():
+    import dataclasses
+
+    from napari_delightsam.inference import COLOUR_ONLY_MODALITIES
+
+    seg = _segmenter("0.0")  # never asks for confidence
+    colour = np.random.default_rng(7).integers(0, 256, (64, 80, 3)).astype(np.uint8)
+    grey = np.repeat(colour[..., :1], 3, axis=-1)
+    rc, rg = seg.segment(colour, modality="dermoscopy"), seg.segment(grey, modality="dermoscopy")
+    assert not rc.info.greyscale and rg.info.greyscale and rg.info.to_dict()["greyscale"] is True
+    assert seg.segment(colour[..., 0], modality="xray").info.greyscale  # one channel
+    for modality in COLOUR_ONLY_MODALITIES:
+        result = dataclasses.replace(rg, modality=modality)
+        d = seg.auto_decision(result)
+        assert d.asks and d.modality == modality and "greyscale" in d.reason and d.reason in d.describe()
+        assert not seg.auto_decision(dataclasses.replace(rc, modality=modality)).asks
+    for modality in ("xray", "ultrasound", "microscopy"):  # grey as stored: no reason to ask
+        d = seg.auto_decision(dataclasses.replace(rg, modality=modality))
+        assert not d.asks and d.reason == ""
+    # a stack of grey slices is grey; one colour slice makes it colour
+    stack = seg.decide_modality([grey, grey])
+    assert stack.asks == (stack.modality in COLOUR_ONLY_MODALITIES)
+    assert not seg.decide_modality([grey, colour]).reason
+
+
 def test_a_batch_or_stack_gets_one_modality_unless_told_otherwise():
     seg = _segmenter("0.5")
     rng = np.random.default_rng(6)

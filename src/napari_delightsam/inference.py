@@ -69,6 +69,10 @@ ModalitySpec = str | int
 MODALITY_HEAD_TRAINED_KEY = "modality_head_trained"
 #: checkpoint metadata key: the calibrated confidence below which ``auto`` asks (a float)
 AUTO_CONFIDENCE_KEY = "auto_confidence_threshold"
+#: modalities whose images are colour (none of the 1,345 dermoscopy, fundus and colonoscopy images
+#: of the project's data is grey): ``auto`` asks before calling a greyscale image one of them,
+#: however confident (a greyscale copy of a colour image loses the head's strongest cue)
+COLOUR_ONLY_MODALITIES = ("dermoscopy", "fundus", "colonoscopy")
 #: the confidence threshold of models whose file names none (uncalibrated heads)
 DEFAULT_AUTO_CONFIDENCE = 0.9
 
@@ -87,11 +91,12 @@ class AutoDecision:
     runner_up_confidence: float
     threshold: float
     asks: bool
+    #: why it asks when its confidence is not the reason ("" otherwise)
+    reason: str = ""
 
     def describe(self) -> str:
-        return (
-            f"{self.modality} (p={self.confidence:.2f}) or {self.runner_up} (p={self.runner_up_confidence:.2f})"
-        )
+        text = f"{self.modality} (p={self.confidence:.2f}) or {self.runner_up} (p={self.runner_up_confidence:.2f})"
+        return f"{text}; {self.reason}" if self.reason else text
 
 _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
@@ -304,17 +309,21 @@ class Segmenter:
         probs = result.modality_probabilities
         if not probs:
             raise ValueError("this result has no modality probabilities: the model's modality head is not trained")
-        return self._decision(probs, result.modality)
+        return self._decision(probs, result.modality, greyscale=result.info is not None and result.info.greyscale)
 
-    def _decision(self, probs: dict[str, float], chosen: str | None = None) -> AutoDecision:
+    def _decision(self, probs: dict[str, float], chosen: str | None = None, *, greyscale: bool = False) -> AutoDecision:
         """The decision for modality probabilities: ``chosen`` (default: the most likely), the
-        runner-up, and whether ``chosen``'s probability is below the model's threshold."""
+        runner-up, and whether it asks: ``chosen``'s probability is below the model's threshold,
+        or the image is ``greyscale`` and ``chosen`` is a modality whose images are colour
+        (``COLOUR_ONLY_MODALITIES``)."""
         ranked = sorted(probs.items(), key=lambda kv: kv[1], reverse=True)
         first = chosen if chosen in probs else ranked[0][0]
         runner = next((kv for kv in ranked if kv[0] != first), (first, 0.0))
         threshold = self.auto_confidence_threshold
         conf = float(probs[first])
-        return AutoDecision(first, conf, runner[0], float(runner[1]), threshold, conf < threshold)
+        unlikely = greyscale and first in COLOUR_ONLY_MODALITIES and conf >= threshold
+        reason = f"a greyscale image is rarely {first}" if unlikely else ""
+        return AutoDecision(first, conf, runner[0], float(runner[1]), threshold, conf < threshold or unlikely, reason)
 
     def decide_modality(self, images: Sequence[Any], *, nan_policy: NanPolicy = "raise") -> AutoDecision:
         """One ``auto`` decision for several images (a stack's slices): the modality head's
@@ -323,12 +332,15 @@ class Segmenter:
         if not len(images):
             raise ValueError("decide_modality needs at least one image")
         total = torch.zeros(len(self.modalities), dtype=torch.float64)
+        greyscale = True
         with torch.inference_mode(), self._autocast():
             for image in images:
-                x = self.prepare(image, nan_policy=nan_policy).tensor.contiguous(memory_format=self.memory_format)
-                _, _, logits, _ = self.model.stage0(x)
+                prepared = self.prepare(image, nan_policy=nan_policy)
+                greyscale &= prepared.info.greyscale
+                _, _, logits, _ = self.model.stage0(prepared.tensor.contiguous(memory_format=self.memory_format))
                 total += torch.softmax(logits.float()[0], 0).double().cpu()
-        return self._decision(dict(zip(self.modalities, (total / len(images)).tolist(), strict=True)))
+        return self._decision(dict(zip(self.modalities, (total / len(images)).tolist(), strict=True)),
+                              greyscale=greyscale)
 
     def resolve_modality(self, modality: ModalitySpec | None) -> int | None:
         """Index for a name/alias/index; None for "auto" (refused when the head is untrained)."""

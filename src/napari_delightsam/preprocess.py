@@ -34,6 +34,7 @@ antialiasing, done by torch on the target device (GPU preprocessing when there i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ class PrepInfo:
     window: tuple[float, float]
     #: NaN/inf values set to 0 (nan_policy="zero")
     nonfinite: int = 0
+    #: the image carries no colour: one channel, or three (nearly) equal ones (``is_grey``)
+    greyscale: bool = False
 
     @property
     def size(self) -> tuple[int, int]:
@@ -91,6 +94,7 @@ class PrepInfo:
             "intensity": self.intensity,
             "window": [float(self.window[0]), float(self.window[1])],
             "nonfinite": self.nonfinite,
+            "greyscale": self.greyscale,
         }
 
 
@@ -142,6 +146,16 @@ def _window_for(sample: np.ndarray, lo_all: float, hi_all: float, percentiles: t
     return lo, hi
 
 
+def is_grey(image: np.ndarray, tol: float = 2.0, step: int = 7) -> bool:
+    """True when ``image`` ((H, W), (H, W, 1) or (H, W, 3+), values on a 0-255 scale) carries no
+    colour: one channel, or three whose mean absolute differences (every ``step``-th pixel) are at
+    most ``tol``."""
+    if image.ndim == 2 or image.shape[-1] == 1:
+        return True
+    sub = image[::step, ::step, :3].astype(np.float64)
+    return bool(np.abs(sub[..., 0] - sub[..., 1]).mean() <= tol and np.abs(sub[..., 1] - sub[..., 2]).mean() <= tol)
+
+
 def prepare_array(
     image: Any,
     *,
@@ -154,8 +168,22 @@ def prepare_array(
 
     Returns ``(H,W,C)`` with C = 1 (grey, not yet repeated) or 3, values in [0,255]: uint8
     when the mapping is exact in 8 bit and ``keep_uint8``, else float32. Avoids copies of
-    big inputs where it can.
+    big inputs where it can. ``PrepInfo.greyscale`` says whether the result carries colour.
     """
+    out, info = _prepare_array(image, max_pixels=max_pixels, nan_policy=nan_policy, percentiles=percentiles,
+                               keep_uint8=keep_uint8)
+    step = max(7, math.ceil(math.sqrt(out.shape[0] * out.shape[1] / 2**20)))  # at most ~1 Mpx read
+    return out, dataclasses.replace(info, greyscale=is_grey(out, step=step))
+
+
+def _prepare_array(
+    image: Any,
+    *,
+    max_pixels: int,
+    nan_policy: NanPolicy,
+    percentiles: tuple[float, float],
+    keep_uint8: bool,
+) -> tuple[np.ndarray, PrepInfo]:
     if nan_policy not in ("raise", "zero"):
         raise ValueError(f"nan_policy must be 'raise' or 'zero', got {nan_policy!r}")
     shape = getattr(image, "shape", None)

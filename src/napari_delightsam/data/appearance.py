@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..preprocess import is_grey
 from .augment import _RGB2YIQ, _colour_matrix, _jpeg, _stain_jitter
 
 __all__ = [
@@ -44,14 +45,6 @@ BGR_INDEX = CHANNEL_ORDERS.index((2, 1, 0))
 COLOUR_MODALITIES = ("dermoscopy", "fundus", "colonoscopy", "microscopy")
 
 Pair = tuple[np.ndarray, "np.ndarray | None"]
-
-
-def is_grey(image: np.ndarray, tol: float = 2.0) -> bool:
-    """True when the three channels are (nearly) equal: a grey image stored as RGB."""
-    if image.ndim == 2 or image.shape[-1] == 1:
-        return True
-    sub = image[::7, ::7, :3].astype(np.int16)
-    return bool(np.abs(sub[..., 0] - sub[..., 1]).mean() <= tol and np.abs(sub[..., 1] - sub[..., 2]).mean() <= tol)
 
 
 def channel_order_matrix(order: int) -> np.ndarray:
