@@ -273,6 +273,7 @@ def test_auto_decision_asks_below_the_models_threshold():
     assert d.confidence == pytest.approx(result.modality_probabilities[d.modality])
     assert d.confidence >= d.runner_up_confidence
     assert d.modality in d.describe() and d.runner_up in d.describe()
+    assert d.reason == "" and d.why() == f"p={d.confidence:.2f} is below this model's 1.00"
     never = _segmenter("0.0")
     assert not never.auto_decision(never.segment(img, modality="auto")).asks
     assert _segmenter().auto_confidence_threshold == pytest.approx(0.9)  # no calibration in the file
@@ -294,7 +295,7 @@ def test_auto_asks_before_calling_a_greyscale_image_a_colour_only_modality():
     for modality in COLOUR_ONLY_MODALITIES:
         result = dataclasses.replace(rg, modality=modality)
         d = seg.auto_decision(result)
-        assert d.asks and d.modality == modality and "greyscale" in d.reason and d.reason in d.describe()
+        assert d.asks and d.modality == modality and "greyscale" in d.reason and d.why() == d.reason
         assert not seg.auto_decision(dataclasses.replace(rc, modality=modality)).asks
     for modality in ("xray", "ultrasound", "microscopy"):  # grey as stored: no reason to ask
         d = seg.auto_decision(dataclasses.replace(rg, modality=modality))

@@ -72,6 +72,7 @@ def test_unsure_auto_asks_and_a_click_segments_with_the_runner_up(ckpt, make_nap
     assert widget.ask_box.isVisibleTo(widget)
     first, second = (b.property("modality") for b in widget.ask_buttons)
     assert first != second and "unsure" in widget.status_label.text()
+    assert "is below this model's 1.00" in widget.ask_label.text()  # why it asks
     mask = viewer.layers["img_delightsam_mask"]
     assert mask.metadata["delightsam"]["modality_used"] == first
     assert mask.metadata["delightsam"]["modality_unsure"] is True
@@ -100,7 +101,14 @@ def test_a_stack_gets_one_modality(ckpt, make_napari_viewer, qtbot):
     viewer.add_image(stack, name="stack")
     _wait(qtbot, widget, widget.run())
     assert len(set(widget._last.run.modalities)) == 1
-    assert widget._last.run.auto_decision is not None
+    decision = widget._last.run.auto_decision
+    assert decision is not None
+    # a grey stack taken for a colour-only modality is asked about, however confident
+    from napari_delightsam.inference import COLOUR_ONLY_MODALITIES
+
+    assert decision.asks == (decision.modality in COLOUR_ONLY_MODALITIES) == widget.ask_box.isVisibleTo(widget)
+    if decision.asks:
+        assert "greyscale" in widget.ask_label.text()
 
 
 def test_the_modality_is_remembered_for_the_source_folder(ckpt, make_napari_viewer, qtbot, tmp_path):

@@ -95,8 +95,11 @@ class AutoDecision:
     reason: str = ""
 
     def describe(self) -> str:
-        text = f"{self.modality} (p={self.confidence:.2f}) or {self.runner_up} (p={self.runner_up_confidence:.2f})"
-        return f"{text}; {self.reason}" if self.reason else text
+        return f"{self.modality} (p={self.confidence:.2f}) or {self.runner_up} (p={self.runner_up_confidence:.2f})"
+
+    def why(self) -> str:
+        """Why it asks, in words: ``reason``, or its confidence against the threshold."""
+        return self.reason or f"p={self.confidence:.2f} is below this model's {self.threshold:.2f}"
 
 _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}

@@ -384,13 +384,13 @@ def run(args: argparse.Namespace) -> int:
         if auto:
             decision = segmenter.auto_decision(result)
             if decision.asks and args.strict_auto:
-                report.error(f"{job.source}: --strict-auto: the modality is unclear ({decision.describe()}, below "
-                             f"p={decision.threshold:.2f}); pass --modality")
+                report.error(f"{job.source}: --strict-auto: the modality is unclear ({decision.describe()}; "
+                             f"{decision.why()}); pass --modality")
                 bar.update(1)
                 return
             if decision.asks:
-                report.note(f"{job.source}: auto is unsure: segmented as {decision.describe()}; check the mask or "
-                            "pass --modality")
+                report.note(f"{job.source}: auto is unsure ({decision.why()}): segmented as {decision.describe()}; "
+                            "check the mask or pass --modality")
         if result.colour_correction:
             report.note(f"{job.source}: {result.colour_correction} before segmenting (the appearance head)")
         refine = refiner is not None and refine_all_suits(result.modality)

@@ -657,7 +657,7 @@ class AnnotateWidget(QWidget):
                 text += f" (auto, p={decision.confidence:.2f})"
                 if decision.asks:
                     self._ask(decision)
-                    notify("warning", f"{s.name(index)}: the model is unsure of the modality ({decision.describe()}); "
+                    notify("warning", f"{s.name(index)}: the model is unsure of the modality ({decision.describe()}; {decision.why()}); "
                                       "choose it in the De-LightSAM annotate panel")
         self._set_status(text + ". Correct it, then Save & next (Shift+S).")
         self._start_prefetch()
@@ -756,9 +756,8 @@ class AnnotateWidget(QWidget):
 
     def _ask(self, decision: Any) -> None:
         self.ask_label.setText(
-            f"Not sure which modality these images are (p={decision.confidence:.2f} is below this model's "
-            f"{decision.threshold:.2f}). The mask shown is for {decision.modality}. Which is it? (Kept for the "
-            "whole folder.)"
+            f"Not sure which modality these images are ({decision.why()}). The mask shown is for "
+            f"{decision.modality}. Which is it? (Kept for the whole folder.)"
         )
         for button, (name, p) in zip(
             self.ask_buttons,

@@ -306,8 +306,8 @@ class SegmentWidget(QWidget):
     def _ask(self, decision: Any) -> None:
         """Show the two most likely modalities as buttons (``decision``: an ``AutoDecision``)."""
         self.ask_label.setText(
-            f"Not sure which modality this is (p={decision.confidence:.2f} is below this model's "
-            f"{decision.threshold:.2f}). The mask shown is for {decision.modality}. Which is it?"
+            f"Not sure which modality this is ({decision.why()}). The mask shown is for "
+            f"{decision.modality}. Which is it?"
         )
         for button, (name, p) in zip(
             self.ask_buttons,
@@ -527,7 +527,7 @@ class SegmentWidget(QWidget):
             self._remember_modality(job["modality"])
         if decision is not None and decision.asks:
             self._ask(decision)
-            notify("warning", f"'{job['input_name']}': the model is unsure of the modality ({decision.describe()}); "
+            notify("warning", f"'{job['input_name']}': the model is unsure of the modality ({decision.describe()}; {decision.why()}); "
                               "choose it in the De-LightSAM segment panel")
         else:
             self.ask_box.setVisible(False)
