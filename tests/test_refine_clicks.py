@@ -88,6 +88,41 @@ def test_negative_regions_are_the_components_under_negative_clicks_only():
     assert not negative_regions(np.zeros_like(fg), [[3.5, 3.5]], [0]).any()
 
 
+def test_a_first_click_passes_over_candidates_that_swallow_the_existing_mask(refiner, monkeypatch):
+    """With ``existing``, a first click's candidate covering CLICK_SWALLOW_MIN or more of the mask's
+    regions loses to one that holds the click alone, whatever their scores (decoder faked: the
+    smallest candidate is the disc, every other the whole image, scored higher)."""
+    from napari_delightsam.refine import CLICK_SWALLOW_MIN
+
+    _, disc = _scene()
+    nh, nw = refiner._valid
+    rows = np.minimum(((np.arange(nh) + 0.5) * H / nh).astype(int), H - 1)
+    cols = np.minimum(((np.arange(nw) + 0.5) * W / nw).astype(int), W - 1)
+    small = torch.where(torch.from_numpy(disc[np.ix_(rows, cols)]), 10.0, -10.0)
+
+    def fake(pts, lab, boxes, n, select=None):
+        low = torch.stack([small] + [torch.full((nh, nw), 10.0)] * (n - 1))
+        iou = torch.tensor([0.5] + [0.9] * (n - 1))
+        return low, iou, (None if select is None else select(iou, lambda rows: low))
+
+    monkeypatch.setattr(refiner, "_decode_prompts", fake)
+    existing = np.zeros((H, W), dtype=bool)
+    for k in range(CLICK_SWALLOW_MIN):  # small regions away from the disc
+        existing[5:10, 80 + 15 * k : 85 + 15 * k] = True
+    plain, _, _ = refiner.segment_clicks([_at(*DISC_CENTRE)], [1])
+    assert plain.all()  # the best score wins
+    kept, score, _ = refiner.segment_clicks([_at(*DISC_CENTRE)], [1], existing=existing)
+    assert _dice(kept, disc) > 0.9 and score == pytest.approx(0.5)
+    fewer = existing.copy()
+    fewer[:, 80 + 15 * (CLICK_SWALLOW_MIN - 1) :] = False  # one region fewer: not a swallow
+    assert refiner.segment_clicks([_at(*DISC_CENTRE)], [1], existing=fewer)[0].all()
+    # a region that holds the positive click does not count (the object being extended)
+    with_disc = existing.copy()
+    with_disc[disc] = True
+    with_disc[:, 80 + 15 * (CLICK_SWALLOW_MIN - 1) :] = False
+    assert refiner.segment_clicks([_at(*DISC_CENTRE)], [1], existing=with_disc)[0].all()
+
+
 def test_sams_raw_point_path_and_one_line_errors(refiner):
     mask, score = refiner.segment_points([_at(*DISC_CENTRE)], [1], (25, 15, 80, 65))
     _, disc = _scene()

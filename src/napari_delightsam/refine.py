@@ -260,6 +260,36 @@ def negative_regions(foreground: np.ndarray, points: Any, signs: Any) -> np.ndar
     return out
 
 
+#: a first click's candidate that covers at least half of this many regions of the mask already
+#: drawn (none holding a positive click) is passed over (``BoxRefiner.segment_clicks(existing=...)``)
+CLICK_SWALLOW_MIN = 3
+
+
+def _regions_on_grid(existing: np.ndarray, positive: np.ndarray, size: tuple[int, int],
+                     grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The connected regions (8-connectivity) of ``existing`` ((H, W) bool) that hold no positive
+    click, sampled at the centres of the decoder's low-res ``grid`` (nh, nw) over the image of
+    ``size``: (labels (nh, nw), pixels per label), or None when there are none."""
+    from skimage.measure import label as connected
+
+    fg = np.asarray(existing, dtype=bool)
+    if fg.shape != tuple(size) or not fg.any():
+        return None
+    comps = connected(fg, connectivity=2)
+    h, w = size
+    hit = {int(comps[min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)]) for x, y in positive} - {0}
+    if hit:
+        comps[np.isin(comps, list(hit))] = 0
+    nh, nw = grid
+    rows = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
+    on_grid = comps[np.ix_(rows, cols)]
+    sizes = np.bincount(on_grid.ravel(), minlength=int(comps.max()) + 1)
+    if not sizes[1:].any():
+        return None
+    return on_grid, sizes
+
+
 def click_candidate_boxes(positive: Any, size: tuple[int, int]) -> np.ndarray:
     """(len(CLICK_BOX_SIZES), 4) square boxes around positive clicks ((N, 2) x, y pixel edges) in
     an image of ``size`` (H, W): centred on the clicks, side their extent plus each size times the
@@ -797,7 +827,7 @@ class BoxRefiner:
         return mask, float(iou[0])
 
     def segment_clicks(
-        self, points: Any, labels: Any, box: Box | None = None
+        self, points: Any, labels: Any, box: Box | None = None, *, existing: np.ndarray | None = None
     ) -> tuple[np.ndarray, float, np.ndarray]:
         """((H, W) bool mask, score, the box used) of the object that positive clicks point at and
         negative clicks exclude, optionally inside ``box``: one batched decoder call on the cached
@@ -811,7 +841,11 @@ class BoxRefiner:
         click and no negative click with the decoder's highest score (else the one that gets the
         most clicks right). With ``box``: the box plus the clicks, one prompt (a caller passes the box
         a first click chose back with the next clicks while they stay inside it: one prompt per further
-        click instead of ``len(CLICK_BOX_SIZES)``). Last, a connected region of the
+        click instead of ``len(CLICK_BOX_SIZES)``). ``existing`` ((H, W) bool, optional: the
+        mask already drawn) makes a first click pass over candidates that would swallow
+        :data:`CLICK_SWALLOW_MIN` or more of its regions that hold no positive click (at least half
+        of each): a click on a missed nucleus should give that nucleus, not a region over its
+        neighbours (two fragments of one polyp may still be joined). Last, a connected region of the
         mask that holds a negative click and no positive click is removed. Coordinates and
         ``ValueError`` as :meth:`segment_points`; at least one positive click or a box.
         """
@@ -831,9 +865,13 @@ class BoxRefiner:
         tap_rows = [math.floor((min(int(y), h - 1) + 0.5) * nh / h - 0.5) for _, y in pts]
         needed = (max(0, min(tap_rows) - 1), min(nh, max(tap_rows) + 3)) if tap_rows else (0, 1)
 
+        others = None
+        if existing is not None and box is None and len(boxes) > 1:
+            others = _regions_on_grid(existing, pos, (h, w), self._valid)
+
         def choose(iou: torch.Tensor, rows_logits: Any) -> tuple[int, np.ndarray]:
             # which clicks each candidate gets right, from its logits at the clicks (no full-size masks)
-            low = rows_logits(needed) if len(boxes) > 1 else None
+            low = rows_logits(needed if others is None else (0, nh)) if len(boxes) > 1 else None
             right = np.zeros((len(boxes), len(pts)), dtype=bool)
             for j, (x, y) in enumerate(pts):
                 r, c = min(int(y), h - 1), min(int(x), w - 1)
@@ -841,8 +879,14 @@ class BoxRefiner:
                 for k in range(len(boxes) if low is not None else 0):
                     inside = bool(_bilinear_crop(low[k], (h, w), rows, cols)[0, 0] > self._logit_threshold)
                     right[k, j] = inside == bool(lab[j])
+            swallows = np.zeros(len(boxes), dtype=bool)
+            if others is not None and low is not None:
+                lab_grid, sizes = others
+                for k in range(len(boxes)):
+                    covered = np.bincount(lab_grid[low[k].cpu().numpy() > self._logit_threshold], minlength=len(sizes))
+                    swallows[k] = int(np.count_nonzero((sizes[1:] > 0) & (covered[1:] * 2 >= sizes[1:]))) >= CLICK_SWALLOW_MIN
             scores = iou.cpu().numpy()
-            return max(range(len(boxes)), key=lambda k: (int(right[k].sum()), float(scores[k]))), scores
+            return max(range(len(boxes)), key=lambda k: (int(right[k].sum()), not swallows[k], float(scores[k]))), scores
 
         low_res, _, (best, scores) = self._decode_prompts(pts, lab, boxes, len(boxes), select=choose)
         if low_res.shape[0] > 1:

@@ -120,6 +120,8 @@ class RefineJob:
     clicks: np.ndarray | None = None
     click_labels: np.ndarray | None = None
     click_box: np.ndarray | None = None
+    #: a first click: the mask before it (bool), which its candidates must not swallow
+    click_existing: np.ndarray | None = None
 
     @property
     def refine_all(self) -> bool:
@@ -536,7 +538,8 @@ class RefineWidget(Container):
                  "slice": z, "box": None if state["box"] is None else [round(float(v), 2) for v in state["box"]]}
         self._submit(RefineJob(weakref.ref(image), weakref.ref(labels), prepared, z, None, self.device_combo.value,
                                mode=self.mode_combo.value, image_name=image.name, drawn=drawn, clicks=clicks,
-                               click_labels=click_labels, click_box=None if box is None else np.asarray(box)))
+                               click_labels=click_labels, click_box=None if box is None else np.asarray(box),
+                               click_existing=state["snapshot"] != 0 if box is None else None))
 
     def _click_state(self, points: Any, labels: Any, z: int | None) -> dict[str, Any]:
         """The object the clicks of ``points`` describe: its clicks, the mask slice before its first
@@ -659,7 +662,7 @@ class RefineWidget(Container):
         # errors are ours to report (notifications), not tracebacks re-raised in the GUI thread
         worker = create_worker(_guarded_job, self.refiner_cache, job.prepared, job.z, job.box, job.device,
                                job.snapshot, job.mode, job.protected, job.min_score, job.clicks,
-                               job.click_labels, job.click_box, _start_thread=False,
+                               job.click_labels, job.click_box, job.click_existing, _start_thread=False,
                                _ignore_errors=True)
         worker.yielded.connect(self._on_yielded)
         worker.returned.connect(lambda result, job=job: self._on_returned(job, result))
@@ -918,6 +921,7 @@ def _refine_job(
     clicks: np.ndarray | None = None,
     click_labels: np.ndarray | None = None,
     click_box: np.ndarray | None = None,
+    click_existing: np.ndarray | None = None,
 ):
     """Worker body (off the GUI thread): load/reuse LiteMedSAM, embed the slice if it is new,
     segment the box, or every object of ``snapshot`` (Refine all). Returns {"mask", "refined",
@@ -940,7 +944,8 @@ def _refine_job(
         if box is None and clicks is None and snapshot is None and hasattr(refiner, "prepare_prompts"):
             refiner.prepare_prompts()  # an embedding job: the decoder's per-image tensors too (cached)
         mask = refiner.segment_box(box) if box is not None else None
-        clicked = refiner.segment_clicks(clicks, click_labels, click_box) if clicks is not None else None
+        clicked = (refiner.segment_clicks(clicks, click_labels, click_box, existing=click_existing)
+                   if clicks is not None else None)
         refined = (
             refine_objects(refiner, snapshot, mode=mode, protected=protected, min_score=min_score)
             if snapshot is not None
