@@ -15,11 +15,12 @@ the mask inside the box its click used (``correction_effort.correct``, the widge
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import runpy
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -28,11 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _effort() -> Any:
-    spec = importlib.util.spec_from_file_location("correction_effort", REPO / "benchmarks" / "correction_effort.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/correction_effort.py's functions (its object and merge rules) as a namespace."""
+    return SimpleNamespace(**runpy.run_path(str(REPO / "benchmarks" / "correction_effort.py")))
 
 
 def run_image(fx: Any, seg: Any, refiner: Any, image: np.ndarray, gt: np.ndarray, modality: str) -> dict[str, Any]:
