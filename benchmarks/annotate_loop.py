@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
 import json
 import os
+import runpy
 import sys
 import time
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -48,12 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _effort() -> Any:
-    """benchmarks/correction_effort.py (its correction rules), loaded as a module."""
-    spec = importlib.util.spec_from_file_location("correction_effort", REPO / "benchmarks" / "correction_effort.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/correction_effort.py's functions (its correction rules) as a namespace."""
+    return SimpleNamespace(**runpy.run_path(str(REPO / "benchmarks" / "correction_effort.py")))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -234,6 +234,11 @@ def next_click_box(chosen: Any, points: Any, labels: Any) -> np.ndarray | None:
     return np.array([x0, y0, x1, y1], dtype=np.float64)
 
 
+def _clicked_pixel(x: float, y: float, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(row, col) of the pixel a click at (x, y) pixel edges falls on, clamped to ``shape``."""
+    return min(max(int(y), 0), int(shape[0]) - 1), min(max(int(x), 0), int(shape[1]) - 1)
+
+
 def negative_regions(foreground: np.ndarray, points: Any, signs: Any) -> np.ndarray:
     """The pixels of ``foreground`` ((H, W) bool) in its connected components (8-connectivity)
     that hold a negative click and no positive click (``points`` (N, 2) x, y pixel edges,
@@ -247,10 +252,9 @@ def negative_regions(foreground: np.ndarray, points: Any, signs: Any) -> np.ndar
     from skimage.measure import label as connected
 
     comps = connected(fg, connectivity=2)
-    h, w = fg.shape
 
     def at(x: float, y: float) -> int:
-        return int(comps[min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)])
+        return int(comps[_clicked_pixel(x, y, fg.shape)])
 
     keep = {at(x, y) for (x, y), s in zip(pts, sign, strict=True) if s == 1} - {0}
     for (x, y), s in zip(pts, sign, strict=True):
@@ -277,7 +281,7 @@ def _regions_on_grid(existing: np.ndarray, positive: np.ndarray, size: tuple[int
         return None
     comps = connected(fg, connectivity=2)
     h, w = size
-    hit = {int(comps[min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)]) for x, y in positive} - {0}
+    hit = {int(comps[_clicked_pixel(x, y, fg.shape)]) for x, y in positive} - {0}
     if hit:
         comps[np.isin(comps, list(hit))] = 0
     nh, nw = grid
@@ -874,7 +878,7 @@ class BoxRefiner:
             low = rows_logits(needed if others is None else (0, nh)) if len(boxes) > 1 else None
             right = np.zeros((len(boxes), len(pts)), dtype=bool)
             for j, (x, y) in enumerate(pts):
-                r, c = min(int(y), h - 1), min(int(x), w - 1)
+                r, c = _clicked_pixel(x, y, (h, w))
                 rows, cols = slice(r, r + 1), slice(c, c + 1)
                 for k in range(len(boxes) if low is not None else 0):
                     inside = bool(_bilinear_crop(low[k], (h, w), rows, cols)[0, 0] > self._logit_threshold)
