@@ -3,7 +3,7 @@ refiner (LiteMedSAM, the tuned decoder, its fast path) on real images.
 
     python benchmarks/click_dice.py --data ../shared/data --splits benchmarks/protocol/splits-unseen-v1.json \\
         [--split test unseen] [--modalities colonoscopy dermoscopy ultrasound xray] [--max-per-dataset 8] \\
-        [--clicks 5] [--click-box moved|kept] [--box-sizes F ...] [--threads 2] [--json OUT.json] [--md OUT.md]
+        [--clicks 5] [--click-box moved-or-mask|moved|kept] [--box-sizes F ...] [--threads 2] [--json OUT.json] [--md OUT.md]
 
 Each object is a connected component of the ground truth (at least ``--min-object`` of the image;
 lungs are two objects). For each one, after the image's embedding:
@@ -14,8 +14,9 @@ lungs are two objects). For each one, after the image's embedding:
   the interior point (farthest from its border) of the largest error region of the current mask
   -- positive if the region is missed object, negative if it is false background. The clicks go
   through ``BoxRefiner.segment_clicks`` exactly as the widget sends them: the first without a
-  box (the candidate boxes around it), the next ones with the box the previous click used, moved
-  by the clicks (``refine.next_click_box``).
+  box (the candidate boxes around it), the next ones with two candidates, the box the previous
+  click used moved by the clicks and the extent of the previous mask (``refine.next_click_boxes``;
+  ``--click-box moved``: the moved box alone, the rule before).
 
 Dice is the object's own (its mask against its component). Reported per modality and split:
 mean Dice of one box and after 1..N clicks, the share of objects where one click reaches 90 % of
@@ -66,10 +67,8 @@ def kept_box(chosen: Any, points: Any, signs: Any) -> np.ndarray | None:
     return np.asarray(chosen) if bool(inside.all()) else None
 
 
-def run_object(refiner: Any, target: np.ndarray, n_clicks: int, rule: str = "moved") -> dict[str, Any]:
-    from napari_delightsam.refine import next_click_box
-
-    box_rule = next_click_box if rule == "moved" else kept_box
+def run_object(refiner: Any, target: np.ndarray, n_clicks: int, rule: str = "moved-or-mask") -> dict[str, Any]:
+    from napari_delightsam.refine import next_click_box, next_click_boxes
 
     rows, cols = np.nonzero(target)
     box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64)
@@ -89,7 +88,12 @@ def run_object(refiner: Any, target: np.ndarray, n_clicks: int, rule: str = "mov
         signs.append(click[1])
         if not any(signs):  # a negative click before any positive one: the simulator never does this
             raise AssertionError("first simulated click must be positive")
-        prompt_box = box_rule(chosen, points, signs)
+        if rule == "kept":
+            prompt_box = kept_box(chosen, points, signs)
+        elif rule == "moved":
+            prompt_box = next_click_box(chosen, points, signs)
+        else:  # the widget's: the moved box and the last mask's extent, the decoder keeps one
+            prompt_box = next_click_boxes(chosen, mask if chosen is not None else None, points, signs)
         t0 = time.perf_counter()
         mask, _, used = refiner.segment_clicks(np.asarray(points), np.asarray(signs), prompt_box)
         seconds.append(time.perf_counter() - t0)
@@ -154,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-per-dataset", type=int, default=8)
     p.add_argument("--min-object", type=float, default=0.002, help="smallest object, fraction of the image")
     p.add_argument("--clicks", type=int, default=5)
-    p.add_argument("--click-box", choices=("moved", "kept"), default="moved",
-                   help="moved: the clicks move the box (refine.next_click_box, the widget's rule); kept: the "
-                        "first click's box is kept while the positive clicks lie inside it, else the candidates again")
+    p.add_argument("--click-box", choices=("moved-or-mask", "moved", "kept"), default="moved-or-mask",
+                   help="moved-or-mask: the widget's rule, the box the last click used moved by the clicks and the "
+                        "last mask's extent, the decoder keeps one (refine.next_click_boxes); moved: the moved box "
+                        "alone (refine.next_click_box, the rule before); kept: the first click's box is kept while "
+                        "the positive clicks lie inside it, else the candidates again")
     p.add_argument("--box-sizes", type=float, nargs="+",
                    help="a first click's candidate box sizes instead of refine.CLICK_BOX_SIZES (an ablation)")
     p.add_argument("--decoder", default="tuned", help="the refiner's decoder: tuned | litemedsam | a decoder file")

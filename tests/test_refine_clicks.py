@@ -175,6 +175,19 @@ def test_widget_clicks_add_an_object_and_a_negative_click_removes_a_region(make_
     record = lab.metadata["delightsam"]["boxes"][-1]
     assert record["clicks"] == [[50.5, 40.5, 1]] and record["box"] is None
     assert len(widget.click_seconds) == 1
+    # a further click sends two candidates: the box the first click used, moved, and the mask's extent
+    jobs: list = []
+    submit = widget._submit
+    widget._submit = lambda job: (jobs.append(job), submit(job))[1]
+    points.add(np.array([[DISC_CENTRE[0] + 8, DISC_CENTRE[1] + 8]], dtype=float))
+    wait()
+    widget._submit = submit
+    sent = jobs[-1].click_box
+    rows, cols = np.nonzero(disc)
+    assert sent.shape == (2, 4) and np.abs(sent[1] - [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]).max() < 6
+    record = lab.metadata["delightsam"]["boxes"][-1]
+    assert any(np.allclose(record["box_used"], b, atol=0.01) for b in sent)
+    assert _dice(lab.data > 0, disc) > 0.9 and not lab.data[SQUARE].any()
 
     # a box around the disc and the square, then clicks added to it: + in the disc, - in the square
     widget.new_object()
@@ -223,7 +236,7 @@ def test_the_cached_image_side_gives_the_published_decoders_masks_bit_for_bit(re
     assert refiner.image_side_computed >= 0 and not refiner._image_side_cache
     built = refiner.image_side_computed
     refiner.prepare_prompts()
-    assert refiner.image_side_computed == built + 2  # batch sizes 1 and len(CLICK_BOX_SIZES)
+    assert refiner.image_side_computed == built + 3  # batch sizes 1, 2 and len(CLICK_BOX_SIZES)
     disc, far = _at(*DISC_CENTRE), _at(70, 110)
     _, _, chosen = refiner.segment_clicks([disc], [1])
     calls = {
@@ -231,6 +244,8 @@ def test_the_cached_image_side_gives_the_published_decoders_masks_bit_for_bit(re
         "two first clicks far apart": lambda: refiner.segment_clicks([disc, far], [1, 1]),
         "negative": lambda: refiner.segment_clicks([disc, far], [1, 0]),
         "further click": lambda: refiner.segment_clicks([disc, _at(45, 55)], [1, 1], chosen),
+        "further click, two candidate boxes": lambda: refiner.segment_clicks(
+            [disc, _at(45, 55)], [1, 1], np.stack([chosen, (25.0, 15.0, 75.0, 65.0)])),
         "box": lambda: refiner.segment_box((25.0, 15.0, 75.0, 65.0)),
         "boxes": lambda: refiner.segment_boxes_scored([(25.0, 15.0, 75.0, 65.0), (95.0, 55.0, 130.0, 85.0)]),
         "points": lambda: refiner.segment_points([disc], [1]),
@@ -243,7 +258,7 @@ def test_the_cached_image_side_gives_the_published_decoders_masks_bit_for_bit(re
         finally:
             refiner.cache_image_side = True
         assert _same(cached, published), name
-    assert refiner.image_side_computed == built + 2  # every call above reused them
+    assert refiner.image_side_computed == built + 3  # every call above reused them
     refiner.set_image(_scene()[0][::-1].copy())  # a new image forgets them
     assert not refiner._image_side_cache
 
@@ -263,6 +278,32 @@ def test_decode_threads_runs_the_decoder_on_that_many_threads_and_restores_torch
     assert seen == [1] and torch.get_num_threads() == before
     with pytest.raises(ValueError, match="decode_threads"):
         type(refiner)(refiner.net, "cpu", decode_threads=0)
+
+
+def test_a_further_click_also_tries_the_extent_of_the_objects_last_mask():
+    from napari_delightsam.refine import CLICK_MASK_MARGIN, next_click_box, next_click_boxes
+
+    chosen = np.array([20.0, 20.0, 180.0, 180.0])  # the square a first click chose, much larger than the object
+    last = np.zeros((200, 200), dtype=bool)
+    last[80:120, 60:100] = True  # the object's mask: 40 x 40 at x 60-100, y 80-120
+    last[5:10, 5:10] = True  # a region without a click is not part of the extent
+    clicks, signs = [(80.5, 100.5), (150.5, 150.5)], [1, 0]
+    boxes = next_click_boxes(chosen, last, clicks, signs)
+    assert boxes.shape == (2, 4)
+    np.testing.assert_array_equal(boxes[0], next_click_box(chosen, clicks, signs))
+    m = CLICK_MASK_MARGIN * 40
+    np.testing.assert_allclose(boxes[1], [60 - m, 80 - m, 100 + m, 120 + m])  # the far negative click moves nothing
+    # a positive click outside the mask pushes the extent's edge out to it, as it pushes the box
+    pushed = next_click_boxes(chosen, last, [(80.5, 100.5), (130.5, 100.5)], [1, 1])
+    assert pushed[1][2] > 130.5 and pushed[1][0] == boxes[1][0]
+    # no mask yet, or no region under a positive click: the moved box alone; no first click: None
+    assert next_click_boxes(chosen, None, clicks, signs).shape == (1, 4)
+    assert next_click_boxes(chosen, np.zeros_like(last), clicks, signs).shape == (1, 4)
+    assert next_click_boxes(None, last, clicks, signs) is None
+    # the extent is clipped to the image
+    edge = np.zeros((200, 200), dtype=bool)
+    edge[0:30, 170:200] = True
+    assert next_click_boxes(chosen, edge, [(185.5, 15.5)], [1])[1].tolist() == [168.0, 0.0, 200.0, 32.0]  # margin: 2 px
 
 
 def test_clicks_move_the_box_they_are_sent_with():

@@ -59,6 +59,7 @@ from ..refine import (
     merge_object,
     negative_regions,
     next_click_box,
+    next_click_boxes,
     refine_all_suits,
 )
 from ._llvm import avoid_triton_llvm_clash
@@ -531,8 +532,10 @@ class RefineWidget(Container):
         if state["box"] is None and not click_labels.any():
             self._erase_under(labels, state, col + 0.5, row + 0.5)
             return
-        # the clicks move the box they go with: the box drawn before them, else the one the first click chose
-        box = next_click_box(state["box"] if state["box"] is not None else state["chosen"], clicks, click_labels)
+        # the clicks move the box they go with: the box drawn before them, else the one the last click
+        # used, tried beside the extent of the object's last mask (refine.next_click_boxes)
+        box = (next_click_box(state["box"], clicks, click_labels) if state["box"] is not None
+               else next_click_boxes(state["chosen"], state["object"], clicks, click_labels))
         drawn = {"clicks": [[round(float(x), 2), round(float(y), 2), int(s)] for (x, y), s in zip(clicks, click_labels,
                                                                                                strict=True)],
                  "slice": z, "box": None if state["box"] is None else [round(float(v), 2) for v in state["box"]]}
@@ -544,7 +547,8 @@ class RefineWidget(Container):
     def _click_state(self, points: Any, labels: Any, z: int | None) -> dict[str, Any]:
         """The object the clicks of ``points`` describe: its clicks, the mask slice before its first
         click (``snapshot``), what the clicks last wrote (``last``), its box (the last box drawn on
-        this image and slice, else None) and the box a first click chose (``chosen``)."""
+        this image and slice, else None), the box its last click used (``chosen``) and the object's
+        mask from its last click (``object``)."""
         state = self._click_objects.get(id(points))
         if (state is not None and state["labels_layer"]() is labels and state["z"] == z
                 and state["data"]() is labels.data):
@@ -559,7 +563,7 @@ class RefineWidget(Container):
                 box = np.asarray(last, dtype=np.float64)
         value = int(np.asarray(labels.data).max()) + 1 if self.mode_combo.value == "instances" else 1
         state = {"labels_layer": weakref.ref(labels), "data": _weak_data(labels.data), "z": z, "snapshot": plane, "last": plane.copy(), "box": box,
-                 "chosen": None, "clicks": [], "labels": [], "value": value}
+                 "chosen": None, "object": None, "clicks": [], "labels": [], "value": value}
         self._click_objects[id(points)] = state
         return state
 
@@ -602,6 +606,7 @@ class RefineWidget(Container):
             return 0
         if state["box"] is None:
             state["chosen"] = np.asarray(used, dtype=np.float64)
+            state["object"] = np.asarray(obj, dtype=bool)
         lead: tuple[int, ...] = () if job.z is None else (int(job.z),)
         snapshot = state["snapshot"]
         if tuple(labels.data.shape[len(lead):]) != snapshot.shape or tuple(obj.shape) != snapshot.shape:
