@@ -4,13 +4,15 @@
 
 One image (``--image``, else the bundled synthetic dermoscopy sample), resized to ``--size`` ×
 ``--size``, embedded once by ``load_refiner()`` (the widget's refiner, its fast path on this
-machine); then median wall seconds over ``--rounds`` rounds (the four take turns in each) of
+machine); then median wall seconds over ``--rounds`` rounds (the cases take turns in each) of
 
 * ``box``: ``segment_box`` (one box: the reference, what a Box costs);
 * ``first click``: ``segment_clicks`` with one positive click and no box: one batched decoder
   call over ``len(CLICK_BOX_SIZES)`` candidate boxes;
-* ``further click``: ``segment_clicks`` with two clicks and the box the first click chose
-  (what the widget sends for each click after the first of an object): one prompt;
+* ``further click``: ``segment_clicks`` with two clicks and what the widget sends for each
+  click after the first of an object (``refine.next_click_boxes``: the box the first click chose,
+  and the first mask's extent when it differs): two prompts in one call;
+* ``further click, one box``: the same with the first click's box alone (the rule before);
 * ``SAM point prompt``: ``segment_points`` with one click alone (SAM's raw point path).
 
 Each case runs twice per round: as the refiner runs it (the decoder's image side cached per
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_delightsam import load_refiner
     from napari_delightsam.image_files import read_image
-    from napari_delightsam.refine import CLICK_BOX_SIZES
+    from napari_delightsam.refine import CLICK_BOX_SIZES, next_click_boxes
     from napari_delightsam.sample_data import load_sample
 
     torch.set_num_threads(args.threads)
@@ -90,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     refiner.prepare_prompts()
     image_side = time.perf_counter() - t0
-    _, _, chosen = refiner.segment_clicks([centre], [1])
+    first_mask, _, chosen = refiner.segment_clicks([centre], [1])
+    further = next_click_boxes(chosen, first_mask, [centre, second], [1, 1])  # the widget's candidates
     base = {
         "box": lambda: refiner.segment_box(box),
         "first click": lambda: refiner.segment_clicks([centre], [1]),
-        "further click": lambda: refiner.segment_clicks([centre, second], [1, 1], chosen),
+        "further click": lambda: refiner.segment_clicks([centre, second], [1, 1], further),
+        "further click, one box": lambda: refiner.segment_clicks([centre, second], [1, 1], chosen),
         "SAM point prompt": lambda: refiner.segment_points([centre], [1]),
     }
 
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "rounds": args.rounds,
         "candidate_boxes": len(CLICK_BOX_SIZES),
+        "further_click_candidate_boxes": len(further),
         "refiner": refiner.fast_path_description(),
         "embedding_s": round(embed, 4),
         "image_side_s": round(image_side, 4),
