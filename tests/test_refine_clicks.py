@@ -137,6 +137,10 @@ def test_sams_raw_point_path_and_one_line_errors(refiner):
             refiner.segment_points(points, labels, box)
     with pytest.raises(ValueError, match="negative click alone"):
         refiner.segment_clicks([_at(70, 112)], [0])
+    with pytest.raises(ValueError, match="no candidate box"):
+        refiner.segment_clicks([_at(*DISC_CENTRE)], [1], np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="a box is 4 numbers"):
+        refiner.segment_clicks([_at(*DISC_CENTRE)], [1], [(25.0, 15.0, 75.0, 65.0), (1.0, 2.0)])
 
 
 # -- the refine widget's Clicks ----------------------------------------------------------------------
