@@ -20,6 +20,13 @@ a gap much longer than 50 ms. Measured in a real (shown) napari window:
 Prints max / 99th percentile / mean gap in ms for each. The model is the default architecture
 with random weights unless ``--checkpoint`` is given (the work per step, not the weights, is
 what loads the machine).
+
+Python's full (generation 2) garbage collections are timed too (``gc_full_passes``: when,
+how long, in which case): in a napari process with torch loaded one walks every object the
+process holds and stalls the GUI thread wherever an allocation triggers it. The experiment
+``--gc-freeze-after-load`` calls ``gc.freeze()`` after each model load (the objects alive then
+are skipped by later passes); the package itself does not, since a napari layer deleted later
+would then never be collected (its reference cycles included).
 """
 
 from __future__ import annotations
@@ -88,7 +95,8 @@ def _spin(app, until, timeout_s: float) -> bool:
     return True
 
 
-def _tiled_case(app, viewer, seg, probe: Probe, tile: np.ndarray, side: int) -> dict | None:
+def _tiled_case(app, viewer, seg, probe: Probe, tile: np.ndarray, side: int,
+                gc_passes: list[dict[str, Any]] = ()) -> dict | None:
     """Segment a ``side``² RGB image (``tile`` repeated) as microscopy, tiling "auto", in the segment
     widget; the probe's gaps, the five longest with their stage, and the GUI-thread time of the
     widget's result handler (mask threshold, fingerprint, three full-size layers)."""
@@ -145,7 +153,8 @@ def _tiled_case(app, viewer, seg, probe: Probe, tile: np.ndarray, side: int) -> 
         "seconds": round(time.monotonic() - t0, 2),
         "result_handler_ms": round((layers_at[1] - layers_at[0]) * 1000, 1) if spans else None,
         "worst_gaps": [
-            {"gap_ms": round(g, 1), "at_s": round(t - start_t, 2), "stage": _stage(t - g / 1000, t, layers_at)}
+            {"gap_ms": round(g, 1), "at_s": round(t - start_t, 2), "stage": _stage(t - g / 1000, t, layers_at),
+             "full_gc_ms": round(sum(p["ms"] for p in gc_passes if t - g / 1000 <= p["_end"] <= t), 1)}
             for g, t in worst
         ],
         "result_handler_profile": profile_lines[:25],
@@ -159,6 +168,57 @@ def _short_path(line: str) -> str:
         if sep:
             return head.rsplit(" ", 1)[0] + " " + tail
     return line
+
+
+_CASE = ["startup"]  # the case running now, for the garbage-collection log
+
+
+def _watch_full_gc() -> list[dict[str, Any]]:
+    """Log every full (generation 2) garbage collection: its start (s since this call), length
+    in ms, the case it fell in and the objects it freed."""
+    import gc
+
+    passes: list[dict[str, Any]] = []
+    t0, started = time.perf_counter(), [0.0]
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        end = time.perf_counter()
+        passes.append({"at_s": round(started[0] - t0, 2), "ms": round((end - started[0]) * 1000, 1),
+                       "case": _CASE[0], "collected": info.get("collected"), "_end": end})
+
+    gc.callbacks.append(callback)
+    return passes
+
+
+def _freeze_after_model_loads() -> None:
+    import gc
+
+    from napari_delightsam.widgets import model_cache
+
+    load = model_cache.ModelCache.get
+
+    def get(self: Any, spec: str, device: str) -> Any:
+        fresh = not self.is_loaded(spec, device)
+        model = load(self, spec, device)
+        if fresh:
+            gc.freeze()
+        return model
+
+    model_cache.ModelCache.get = get
+
+
+def _write(results: dict[str, Any], path: Path | None) -> None:
+    for entry in results.get("gc_full_passes", []):
+        entry.pop("_end", None)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if path:
+        path.write_text(text + "\n")
 
 
 def _stage(start: float, end: float, handler: tuple[float, float]) -> str:
@@ -181,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="side of the large image segmented tiled (0: leave the case out)")
     parser.add_argument("--skip-finetune", action="store_true", help="leave the fine-tune case out")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--gc-freeze-after-load", action="store_true",
+                        help="experiment: gc.freeze() after each model load (not what the package does)")
     args = parser.parse_args(argv)
+    gc_passes = _watch_full_gc()
+    if args.gc_freeze_after_load:
+        _freeze_after_model_loads()
 
     import napari
     from qtpy.QtWidgets import QApplication
@@ -207,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": {"start": [round(x, 2) for x in os.getloadavg()]},
     }
     probe = Probe()
+    _CASE[0] = "idle"
     probe.start()
     t0 = time.monotonic()
     _spin(app, lambda: time.monotonic() - t0 > 3.0, 10)
@@ -222,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     seg.image_combo.value = viewer.layers["image"]
     # first run loads the model (in the worker); measure a second, warm run too
     for label in ("segment_first_run", "segment_warm_run"):
+        _CASE[0] = label
         probe.start()
         t0 = time.monotonic()
         seg.run()
@@ -231,16 +298,17 @@ def main(argv: list[str] | None = None) -> int:
         results[label] = {**probe.stop(), "seconds": round(time.monotonic() - t0, 2)}
 
     if args.tiled_size:
-        results["segment_tiled"] = _tiled_case(app, viewer, seg, probe, big, args.tiled_size)
+        _CASE[0] = "segment_tiled"
+        results["segment_tiled"] = _tiled_case(app, viewer, seg, probe, big, args.tiled_size, gc_passes)
         if results["segment_tiled"] is None:
             print("tiled segmentation did not finish", file=sys.stderr)
             return 1
+    results["gc_freeze_after_load"] = args.gc_freeze_after_load
+    results["gc_full_passes"] = gc_passes  # "_end" is dropped when written
     if args.skip_finetune:
         viewer.close()
         results["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
-        print(json.dumps(results, indent=2))
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        _write(results, args.json)
         return 0
 
     viewer.add_image(image, name="lesion", rgb=True)
@@ -259,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     ft.out_edit.setText(str(out))
     t0 = time.monotonic()
     timeline: list[tuple[float, str]] = []
+    _CASE[0] = "finetune"
     probe.start()
     worker = ft.start()
     worker.yielded.connect(lambda e: e and timeline.append((time.perf_counter(), e.get("event", "-"))))
@@ -287,9 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer.close()
 
     results["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    _write(results, args.json)
     return 0 if summary.get("returncode") == 0 else 1
 
 
