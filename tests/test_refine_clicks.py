@@ -123,6 +123,44 @@ def test_a_first_click_passes_over_candidates_that_swallow_the_existing_mask(ref
     assert refiner.segment_clicks([_at(*DISC_CENTRE)], [1], existing=with_disc)[0].all()
 
 
+def test_a_first_click_next_to_a_field_of_objects_prefers_an_object_of_their_size(refiner, monkeypatch):
+    """With ``existing`` holding CLICK_FIELD_MIN or more regions (none under the click), a first
+    click's candidates larger than CLICK_FIELD_SIZE x their median region come after the others,
+    whatever their scores; with fewer regions the score decides (decoder faked: the first candidate
+    a nucleus-sized square at the click, every other a large block away from the regions)."""
+    from napari_delightsam.refine import CLICK_FIELD_MIN
+
+    nh, nw = refiner._valid
+    rows = np.minimum(((np.arange(nh) + 0.5) * H / nh).astype(int), H - 1)
+    cols = np.minimum(((np.arange(nw) + 0.5) * W / nw).astype(int), W - 1)
+    click = (45, 50)
+    nucleus = np.zeros((H, W), dtype=bool)
+    nucleus[43:48, 48:53] = True
+    block = np.zeros((H, W), dtype=bool)
+    block[30:75, 30:75] = True
+    on_grid = {name: torch.where(torch.from_numpy(m[np.ix_(rows, cols)]), 10.0, -10.0)
+               for name, m in (("nucleus", nucleus), ("block", block))}
+
+    def fake(pts, lab, boxes, n, select=None):
+        low = torch.stack([on_grid["nucleus"]] + [on_grid["block"]] * (n - 1))
+        iou = torch.tensor([0.4] + [0.9] * (n - 1))
+        return low, iou, (None if select is None else select(iou, lambda rows: low))
+
+    monkeypatch.setattr(refiner, "_decode_prompts", fake)
+    field = np.zeros((H, W), dtype=bool)
+    spots = [(5 + 12 * (k // 10), 2 + 13 * (k % 10)) for k in range(CLICK_FIELD_MIN)]  # 5x5 regions, top rows
+    for r, c in spots:
+        field[r : r + 5, c : c + 5] = True
+    assert not (field & block).any()
+    kept, score, _ = refiner.segment_clicks([_at(*click)], [1], existing=field)
+    assert _dice(kept, nucleus) > 0.9 and score == pytest.approx(0.4)
+    assert refiner.segment_clicks([_at(*click)], [1])[0].sum() == block.sum()  # no mask: the score decides
+    fewer = field.copy()
+    r, c = spots[-1]
+    fewer[r : r + 5, c : c + 5] = False  # one region fewer: not a field
+    assert refiner.segment_clicks([_at(*click)], [1], existing=fewer)[0].sum() == block.sum()
+
+
 def test_sams_raw_point_path_and_one_line_errors(refiner):
     mask, score = refiner.segment_points([_at(*DISC_CENTRE)], [1], (25, 15, 80, 65))
     _, disc = _scene()

@@ -68,6 +68,9 @@ __all__ = [
     "REFINE_ALL_LOWERS",
     "BoxRefiner",
     "CLICK_BOX_SIZES",
+    "CLICK_FIELD_MIN",
+    "CLICK_FIELD_SIZE",
+    "CLICK_SWALLOW_MIN",
     "ComponentBoxes",
     "MaskObjects",
     "RefinedObjects",
@@ -313,6 +316,13 @@ def negative_regions(foreground: np.ndarray, points: Any, signs: Any) -> np.ndar
 #: a first click's candidate that covers at least half of this many regions of the mask already
 #: drawn (none holding a positive click) is passed over (``BoxRefiner.segment_clicks(existing=...)``)
 CLICK_SWALLOW_MIN = 3
+#: a first click next to a field of objects -- a mask already drawn with at least
+#: ``CLICK_FIELD_MIN`` regions that hold no positive click -- prefers candidates at most
+#: ``CLICK_FIELD_SIZE`` times the median region's area (``BoxRefiner.segment_clicks(existing=...)``):
+#: a click on a nucleus the mask missed should give a nucleus, not the largest region the decoder
+#: scores well (val DSB2018: clicks on missed nuclei 87.9 -> 79.0 Dice without this, 87.7 with it)
+CLICK_FIELD_MIN = 8
+CLICK_FIELD_SIZE = 4.0
 
 
 def _regions_on_grid(existing: np.ndarray, positive: np.ndarray, size: tuple[int, int],
@@ -896,7 +906,10 @@ class BoxRefiner:
         mask already drawn) makes a first click pass over candidates that would swallow
         :data:`CLICK_SWALLOW_MIN` or more of its regions that hold no positive click (at least half
         of each): a click on a missed nucleus should give that nucleus, not a region over its
-        neighbours (two fragments of one polyp may still be joined). Last, a connected region of the
+        neighbours (two fragments of one polyp may still be joined); and when that mask is a field
+        of objects (:data:`CLICK_FIELD_MIN` or more such regions), candidates larger than
+        :data:`CLICK_FIELD_SIZE` times its median region come after those that are not (the
+        smallest first). Last, a connected region of the
         mask that holds a negative click and no positive click is removed. Coordinates and
         ``ValueError`` as :meth:`segment_points`; at least one positive click or a box.
         """
@@ -938,13 +951,22 @@ class BoxRefiner:
                     inside = bool(_bilinear_crop(low[k], (h, w), rows, cols)[0, 0] > self._logit_threshold)
                     right[k, j] = inside == bool(lab[j])
             swallows = np.zeros(len(boxes), dtype=bool)
+            oversize = np.zeros(len(boxes))  # how far past CLICK_FIELD_SIZE x a field's median region
             if others is not None and low is not None:
                 lab_grid, sizes = others
+                present = sizes[1:][sizes[1:] > 0]
+                typical = float(np.median(present)) if len(present) >= CLICK_FIELD_MIN else None
                 for k in range(len(boxes)):
-                    covered = np.bincount(lab_grid[low[k].cpu().numpy() > self._logit_threshold], minlength=len(sizes))
+                    inside = low[k].cpu().numpy() > self._logit_threshold
+                    covered = np.bincount(lab_grid[inside], minlength=len(sizes))
                     swallows[k] = int(np.count_nonzero((sizes[1:] > 0) & (covered[1:] * 2 >= sizes[1:]))) >= CLICK_SWALLOW_MIN
+                    if typical is not None:
+                        oversize[k] = max(0.0, int(inside.sum()) / typical - CLICK_FIELD_SIZE)
             scores = iou.cpu().numpy()
-            return max(range(len(boxes)), key=lambda k: (int(right[k].sum()), not swallows[k], float(scores[k]))), scores
+            # most clicks right; then not swallowing the mask's regions; then, next to a field of
+            # objects, no larger than its objects (else the smallest); then the decoder's score
+            return max(range(len(boxes)), key=lambda k: (int(right[k].sum()), not swallows[k], -float(oversize[k]),
+                                                         float(scores[k]))), scores
 
         low_res, _, (best, scores) = self._decode_prompts(pts, lab, boxes, len(boxes), select=choose)
         if low_res.shape[0] > 1:
