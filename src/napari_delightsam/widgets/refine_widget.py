@@ -121,7 +121,7 @@ class RefineJob:
     clicks: np.ndarray | None = None
     click_labels: np.ndarray | None = None
     click_box: np.ndarray | None = None
-    #: a first click: the mask before it (bool), which its candidates must not swallow
+    #: a first click: the mask before it (bool), which its candidates must not swallow (nor, in a field of objects, outgrow)
     click_existing: np.ndarray | None = None
 
     @property
