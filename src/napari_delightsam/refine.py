@@ -77,6 +77,7 @@ __all__ = [
     "box_pixels",
     "check_box",
     "click_candidate_boxes",
+    "click_object_region",
     "component_boxes",
     "default_decoder",
     "default_min_score",
@@ -364,6 +365,21 @@ def click_candidate_boxes(positive: Any, size: tuple[int, int]) -> np.ndarray:
         check_box((centre[0] - s / 2, centre[1] - s / 2, centre[0] + s / 2, centre[1] + s / 2), size)
         for s in side
     ])
+
+
+def click_object_region(used: Any, mask: Any) -> np.ndarray:
+    """The box (x0, y0, x1, y1) inside which an object drawn from clicks alone is written: the box
+    its last click used (``used``) grown to hold all of ``mask`` ((H, W) bool, the decoder's mask).
+    The decoder's mask reaches beyond a first click's candidate square more often than beyond a
+    box a user drew (clipped to the box, one click lost 3.5 Dice on val: 88.3 -> 84.8); no box was
+    drawn, so nothing promised to keep the object inside one."""
+    region = np.asarray(used, dtype=np.float64).reshape(4).copy()
+    rows = np.flatnonzero(np.asarray(mask, dtype=bool).any(axis=1))
+    if rows.size:
+        cols = np.flatnonzero(np.asarray(mask, dtype=bool).any(axis=0))
+        region[:2] = np.minimum(region[:2], [cols[0], rows[0]])
+        region[2:] = np.maximum(region[2:], [cols[-1] + 1, rows[-1] + 1])
+    return region
 
 
 def box_pixels(box: Any, size: tuple[int, int]) -> tuple[slice, slice]:

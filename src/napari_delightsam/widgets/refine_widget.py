@@ -54,6 +54,7 @@ from ..refine import (
     MIN_SCORE_BY_DECODER,
     box_pixels,
     check_box,
+    click_object_region,
     default_decoder,
     default_min_score,
     merge_object,
@@ -613,9 +614,12 @@ class RefineWidget(Container):
             notify("error", f"'{labels.name}' no longer matches the image; the click was not applied")
             return 0
         # the object's region: the box the clicks used and, when they follow a drawn box, that box
-        # (what the box wrote may lie outside the box the clicks moved)
+        # (what the box wrote may lie outside the box the clicks moved); with no box drawn, all of
+        # the decoder's mask (it reaches beyond the candidate square the clicks used)
         region = np.asarray(used, dtype=np.float64)
-        if state["box"] is not None:
+        if state["box"] is None:
+            region = click_object_region(used, obj)
+        else:
             drawn = np.asarray(state["box"], dtype=np.float64)
             region = np.concatenate([np.minimum(region[:2], drawn[:2]), np.maximum(region[2:], drawn[2:])])
         rows, cols = box_pixels(region, snapshot.shape)
