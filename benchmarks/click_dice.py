@@ -67,8 +67,9 @@ def kept_box(chosen: Any, points: Any, signs: Any) -> np.ndarray | None:
     return np.asarray(chosen) if bool(inside.all()) else None
 
 
-def run_object(refiner: Any, target: np.ndarray, n_clicks: int, rule: str = "moved-or-mask") -> dict[str, Any]:
-    from napari_delightsam.refine import next_click_box, next_click_boxes
+def run_object(refiner: Any, target: np.ndarray, n_clicks: int, rule: str = "moved-or-mask",
+               clip_to_box: bool = False) -> dict[str, Any]:
+    from napari_delightsam.refine import box_pixels, next_click_box, next_click_boxes
 
     rows, cols = np.nonzero(target)
     box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64)
@@ -98,6 +99,11 @@ def run_object(refiner: Any, target: np.ndarray, n_clicks: int, rule: str = "mov
         mask, _, used = refiner.segment_clicks(np.asarray(points), np.asarray(signs), prompt_box)
         seconds.append(time.perf_counter() - t0)
         mask = np.asarray(mask, dtype=bool)
+        if clip_to_box:  # as the widget wrote a click-only object before: inside the box its click used
+            rows, cols = box_pixels(used, mask.shape)
+            clipped = np.zeros_like(mask)
+            clipped[rows, cols] = mask[rows, cols]
+            mask = clipped
         chosen = used  # as the widget keeps it: the box this click used
         dices.append(dice(mask, target))
     return {"box": dice(np.asarray(box_mask, dtype=bool), target), "clicks": dices, "click_s": seconds,
@@ -163,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                         "last mask's extent, the decoder keeps one (refine.next_click_boxes); moved: the moved box "
                         "alone (refine.next_click_box, the rule before); kept: the first click's box is kept while "
                         "the positive clicks lie inside it, else the candidates again")
+    p.add_argument("--clip-to-box", action="store_true",
+                   help="clip each click's mask to the box it used (how the widget wrote click-only objects "
+                        "before refine.click_object_region; the simulated user sees the clipped mask)")
     p.add_argument("--box-sizes", type=float, nargs="+",
                    help="a first click's candidate box sizes instead of refine.CLICK_BOX_SIZES (an ablation)")
     p.add_argument("--decoder", default="tuned", help="the refiner's decoder: tuned | litemedsam | a decoder file")
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             image, gt = load_pair(rec)
             refiner.set_image(image)
             for target in object_masks(gt, args.min_object):
-                row = run_object(refiner, target, args.clicks, args.click_box)
+                row = run_object(refiner, target, args.clicks, args.click_box, args.clip_to_box)
                 rows.append({"split": split, "modality": rec.modality, "key": rec.key, "id": rec.sample_id, **row})
     summary = summarise(rows, args.clicks)
     command = "python benchmarks/click_dice.py " + " ".join(
@@ -203,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                for k, v in getattr(refiner, "weights", {}).items()}
     result = {"refiner": refiner.fast_path_description(), "weights": weights,
               "threads": args.threads, "clicks": args.clicks, "click_box": args.click_box,
+              "clip_to_box": args.clip_to_box,
               "box_sizes": list(refine.CLICK_BOX_SIZES), "summary": summary, "objects": rows,
               "command": command}
     text = markdown(summary, args.clicks, command)

@@ -31,7 +31,8 @@ call), written over the mask as it was before the object's first click (pixels t
 since are kept); N / **New object** starts another. A negative click alone (no positive click,
 no box) removes the mask region under it.
 
-Only pixels whose centres lie inside a box change. Each refinement (one box, or one Refine all)
+Only pixels whose centres lie inside a box change (an object drawn from clicks alone is written
+whole: ``refine.click_object_region``). Each refinement (one box, or one Refine all)
 is one ``Labels.data_setitem`` inside ``Labels.block_history()``: one step of napari's Labels undo.
 The boxes used are appended to the mask layer's provenance (``metadata['delightsam']['boxes']``,
 written to the export sidecar). Jobs run one at a time in drawing order; the GUI thread never
