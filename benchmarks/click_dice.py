@@ -69,11 +69,9 @@ def kept_box(chosen: Any, points: Any, signs: Any) -> np.ndarray | None:
 
 def run_object(refiner: Any, target: np.ndarray, n_clicks: int, rule: str = "moved-or-mask",
                clip_to_box: bool = False) -> dict[str, Any]:
-    from napari_delightsam.refine import box_pixels, next_click_box, next_click_boxes
+    from napari_delightsam.refine import box_pixels, mask_extent, next_click_box, next_click_boxes
 
-    rows, cols = np.nonzero(target)
-    box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64)
-    box_mask = refiner.segment_box(box)
+    box_mask = refiner.segment_box(mask_extent(target))
     points: list[tuple[float, float]] = []
     signs: list[int] = []
     chosen = None

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ...click_simulation import interior_point, next_click, random_interior_point
-from ...refine import click_candidate_boxes, next_click_box
+from ...refine import click_candidate_boxes, mask_extent, next_click_box
 from ..evaluation.metrics import dice_score
 
 __all__ = ["ClickBatch", "candidate_boxes", "click_batch", "click_validation_dice", "points_tensor"]
@@ -53,11 +53,6 @@ def _box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area, 1e-9)
 
 
-def _bounding_box(target: np.ndarray) -> np.ndarray:
-    rows, cols = np.nonzero(target)
-    return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64)
-
-
 def points_tensor(points: Sequence[Sequence[tuple[float, float]]], labels: Sequence[Sequence[int]],
                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """((B,N,2) float32 pixel-edge coordinates, (B,N) int64 labels) of B prompts of N clicks each."""
@@ -83,7 +78,7 @@ def click_batch(samples: Sequence[Any], pool: Sequence[int], batch_size: int, ro
         target = s.masks[k].numpy().astype(bool)
         first = random_interior_point(target, rng)
         cands = candidate_boxes(first)
-        pick = int(rng.integers(0, len(cands))) if rounds == 0 else int(np.argmax(_box_iou(cands, _bounding_box(target))))
+        pick = int(rng.integers(0, len(cands))) if rounds == 0 else int(np.argmax(_box_iou(cands, mask_extent(target))))
         embs.append(s.embedding)
         targets.append(s.masks[k])
         points.append([first])
