@@ -81,9 +81,11 @@ __all__ = [
     "component_boxes",
     "default_decoder",
     "default_min_score",
+    "largest_region",
     "load_refiner",
     "mask_extent",
     "merge_object",
+    "negative_regions",
     "next_click_box",
     "next_click_boxes",
     "object_boxes",
@@ -247,11 +249,14 @@ def next_click_box(chosen: Any, points: Any, labels: Any) -> np.ndarray | None:
     return np.array([x0, y0, x1, y1], dtype=np.float64)
 
 
-def next_click_boxes(chosen: Any, last_mask: Any, points: Any, labels: Any) -> np.ndarray | None:
+def next_click_boxes(chosen: Any, last_mask: Any, points: Any, labels: Any, *,
+                     whole_mask_without_positive: bool = False) -> np.ndarray | None:
     """The candidate boxes (k, 4) for an object's next clicks when no box was drawn: the box its
     clicks last used moved by the clicks (:func:`next_click_box`), and the bounding box of its last
     mask's connected regions (8-connectivity) that hold a positive click, widened by
-    ``CLICK_MASK_MARGIN`` and moved by the clicks the same way -- once a click has found the
+    ``CLICK_MASK_MARGIN`` and moved by the clicks the same way (``whole_mask_without_positive``:
+    all of the last mask when no positive click lies on it, e.g. a negative click after a drawn
+    box) -- once a click has found the
     object, its mask's extent is a tighter box than the square a first click chose, and LiteMedSAM
     reads the box more than the clicks. ``BoxRefiner.segment_clicks`` keeps one of them by the
     first click's rule (most clicks right, then the decoder's score). ``last_mask`` ((H, W) bool,
@@ -272,8 +277,9 @@ def next_click_boxes(chosen: Any, last_mask: Any, points: Any, labels: Any) -> n
         pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         signs = np.asarray(labels).reshape(-1)
         hit = _regions_clicked(comps, pts[signs == 1])
-        if hit:
-            x0, y0, x1, y1 = (float(v) for v in mask_extent(np.isin(comps, sorted(hit))))
+        region = np.isin(comps, sorted(hit)) if hit else (fg if whole_mask_without_positive and fg.any() else None)
+        if region is not None:
+            x0, y0, x1, y1 = (float(v) for v in mask_extent(region))
             mx = max(CLICK_MARGIN_MIN / 2, CLICK_MASK_MARGIN * (x1 - x0))
             my = max(CLICK_MARGIN_MIN / 2, CLICK_MASK_MARGIN * (y1 - y0))
             h, w = fg.shape
@@ -304,10 +310,13 @@ def mask_extent(mask: Any) -> np.ndarray | None:
     return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float64)
 
 
-def negative_regions(foreground: np.ndarray, points: Any, signs: Any) -> np.ndarray:
+def negative_regions(foreground: np.ndarray, points: Any, signs: Any, keep: np.ndarray | None = None) -> np.ndarray:
     """The pixels of ``foreground`` ((H, W) bool) in its connected components (8-connectivity)
     that hold a negative click and no positive click (``points`` (N, 2) x, y pixel edges,
-    ``signs`` 1 positive / 0 negative): what a negative click takes away."""
+    ``signs`` 1 positive / 0 negative): what a negative click takes away. Components that touch
+    ``keep`` ((H, W) bool, optional) stay: after a drawn box the box, not a positive click,
+    says which region is the object (:func:`largest_region` of the box's mask), and a negative
+    click on a part of it that the decoder kept must not take the whole object away."""
     fg = np.asarray(foreground, dtype=bool)
     out = np.zeros(fg.shape, dtype=bool)
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
@@ -318,9 +327,22 @@ def negative_regions(foreground: np.ndarray, points: Any, signs: Any) -> np.ndar
 
     comps = connected(fg, connectivity=2)
     remove = _regions_clicked(comps, pts[sign == 0]) - _regions_clicked(comps, pts[sign == 1])
+    if keep is not None:
+        remove -= set(np.unique(comps[np.asarray(keep, dtype=bool)]).tolist())
     if remove:
         out |= np.isin(comps, sorted(remove))
     return out
+
+
+def largest_region(mask: Any) -> np.ndarray:
+    """(H, W) bool: the largest connected region (8-connectivity) of ``mask``; all False when empty."""
+    fg = np.asarray(mask, dtype=bool)
+    if not fg.any():
+        return np.zeros(fg.shape, dtype=bool)
+    from skimage.measure import label as connected
+
+    comps = connected(fg, connectivity=2)
+    return comps == int(np.argmax(np.bincount(comps.ravel())[1:])) + 1
 
 
 #: a first click's candidate that covers at least half of this many regions of the mask already
@@ -997,7 +1019,9 @@ class BoxRefiner:
             low_res = low_res[best : best + 1]
         mask = self._full_mask(low_res[0])
         if len(neg):
-            mask &= ~negative_regions(mask, pts, lab)
+            # with a box and no positive click, the box says which region is the object: its largest
+            keep = largest_region(mask) if box is not None and not len(pos) else None
+            mask &= ~negative_regions(mask, pts, lab, keep)
         self.timings = {"decode": time.perf_counter() - t0, "clicks": float(len(pts)), "prompts": float(len(boxes))}
         return mask, float(scores[best]), boxes[best]
 

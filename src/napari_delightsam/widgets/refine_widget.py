@@ -58,6 +58,7 @@ from ..refine import (
     click_object_region,
     default_decoder,
     default_min_score,
+    largest_region,
     merge_object,
     negative_regions,
     next_click_box,
@@ -629,7 +630,11 @@ class RefineWidget(Container):
         # a negative click takes away the region of the mask under it (that holds no positive click)
         inside = np.zeros(snapshot.shape, dtype=bool)
         inside[rows, cols] = (target[rows, cols] != 0) if job.mode == "binary" else (target[rows, cols] == state["value"])
-        target[negative_regions(inside, job.clicks, job.click_labels)] = 0
+        keep = None  # after a drawn box with no positive click, the box's object (its largest region) stays
+        if state["box"] is not None and not np.any(np.asarray(job.click_labels) == 1):
+            keep = np.zeros(snapshot.shape, dtype=bool)
+            keep[rows, cols] = largest_region(obj[rows, cols])
+        target[negative_regions(inside, job.clicks, job.click_labels, keep)] = 0
         current = np.asarray(labels.data[lead] if lead else labels.data)
         ours = current == state["last"]  # pixels the user did not change since the last click
         changed = (target != current) & ours
