@@ -3,7 +3,8 @@ refiner (LiteMedSAM, the tuned decoder, its fast path) on real images.
 
     python benchmarks/click_dice.py --data ../shared/data --splits benchmarks/protocol/splits-unseen-v1.json \\
         [--split test unseen] [--modalities colonoscopy dermoscopy ultrasound xray] [--max-per-dataset 8] \\
-        [--clicks 5] [--click-box moved-or-mask|moved|kept] [--box-sizes F ...] [--threads 2] [--json OUT.json] [--md OUT.md]
+        [--clicks 5] [--click-box moved-or-mask|moved|kept] [--box-sizes F ...] [--after-box 0.1] \\
+        [--threads 2] [--json OUT.json] [--md OUT.md]
 
 Each object is a connected component of the ground truth (at least ``--min-object`` of the image;
 lungs are two objects). For each one, after the image's embedding:
@@ -18,6 +19,12 @@ lungs are two objects). For each one, after the image's embedding:
   click used moved by the clicks and the extent of the previous mask (``refine.next_click_boxes``;
   ``--click-box moved``: the moved box alone, the rule before).
 
+``--after-box JITTER``: a user who drags a box first (the object's tight box, each side moved by
+up to JITTER of its length, seeded per object) and then clicks the same way; the clicks go with
+the drawn box as the widget sends them (the box moved by the clicks and the extent of the mask
+the box or the last click wrote; ``--after-box-rule moved``: the moved box alone), and each mask
+is written inside the drawn box and the box the clicks used. "one box" is then that rough box.
+
 Dice is the object's own (its mask against its component). Reported per modality and split:
 mean Dice of one box and after 1..N clicks, the share of objects where one click reaches 90 % of
 the box's Dice, and the median seconds of a first and of a further click. A negative click whose
@@ -31,6 +38,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -69,7 +77,7 @@ def kept_box(chosen: Any, points: Any, signs: Any) -> np.ndarray | None:
 
 def run_object(refiner: Any, target: np.ndarray, n_clicks: int, rule: str = "moved-or-mask",
                clip_to_box: bool = False) -> dict[str, Any]:
-    from napari_delightsam.refine import box_pixels, mask_extent, next_click_box, next_click_boxes
+    from napari_delightsam.refine import mask_extent, mask_inside_box, next_click_box, next_click_boxes
 
     box_mask = refiner.segment_box(mask_extent(target))
     points: list[tuple[float, float]] = []
@@ -98,14 +106,67 @@ def run_object(refiner: Any, target: np.ndarray, n_clicks: int, rule: str = "mov
         seconds.append(time.perf_counter() - t0)
         mask = np.asarray(mask, dtype=bool)
         if clip_to_box:  # as the widget wrote a click-only object before: inside the box its click used
-            rows, cols = box_pixels(used, mask.shape)
-            clipped = np.zeros_like(mask)
-            clipped[rows, cols] = mask[rows, cols]
-            mask = clipped
+            mask = mask_inside_box(mask, used)
         chosen = used  # as the widget keeps it: the box this click used
         dices.append(dice(mask, target))
     return {"box": dice(np.asarray(box_mask, dtype=bool), target), "clicks": dices, "click_s": seconds,
             "pixels": int(target.sum())}
+
+
+def jittered_box(target: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """The object's tight box with each coordinate moved by U(-f, f) × its side, clipped (the rough
+    box a user drags; ``correction_effort.py`` jitters its boxes the same way)."""
+    from napari_delightsam.refine import mask_extent
+
+    box = mask_extent(target)
+    assert box is not None
+    w, h = box[2] - box[0], box[3] - box[1]
+    box = box + rng.uniform(-fraction, fraction, 4) * np.array([w, h, w, h])
+    box[[0, 2]] = box[[0, 2]].clip(0, target.shape[1])
+    box[[1, 3]] = box[[1, 3]].clip(0, target.shape[0])
+    if box[2] - box[0] < 1 or box[3] - box[1] < 1:  # a jitter that folded the box: the tight one
+        box = mask_extent(target)
+    return np.asarray(box, dtype=np.float64)
+
+
+def run_after_box(refiner: Any, target: np.ndarray, n_clicks: int, jitter: float, rng: np.random.Generator,
+                  rule: str = "moved-or-mask") -> dict[str, Any]:
+    """A user who drags a box first (the tight box jittered by up to ``jitter`` of its sides), then
+    clicks the largest error region ``n_clicks`` times, the clicks sent as the widget sends clicks
+    that follow a drawn box. ``rule`` ``moved``: the drawn box moved by the clicks, one prompt;
+    ``moved-or-mask``: that box and the extent of the object's last mask moved the same way
+    (``refine.next_click_boxes``; the regions holding a positive click, else the whole last mask),
+    the decoder keeps one. Each mask is written as the widget writes it: inside the drawn box and
+    the box the clicks used."""
+    from napari_delightsam.refine import mask_inside_box as inside
+    from napari_delightsam.refine import next_click_box, next_click_boxes
+
+    drawn = jittered_box(target, jitter, rng)
+    mask = inside(np.asarray(refiner.segment_box(drawn), dtype=bool), drawn)
+    box_dice = dice(mask, target)
+    points: list[tuple[float, float]] = []
+    signs: list[int] = []
+    dices: list[float] = []
+    seconds: list[float] = []
+    for _ in range(n_clicks):
+        click = next_click(mask, target)
+        if click is None:
+            dices.append(dices[-1] if dices else box_dice)
+            continue
+        points.append(click[0])
+        signs.append(click[1])
+        if rule == "moved":
+            prompt = next_click_box(drawn, points, signs)
+        else:
+            prompt = next_click_boxes(drawn, mask, points, signs, whole_mask_without_positive=True)
+        t0 = time.perf_counter()
+        obj, _, used = refiner.segment_clicks(np.asarray(points), np.asarray(signs), prompt)
+        seconds.append(time.perf_counter() - t0)
+        region = np.concatenate([np.minimum(used[:2], drawn[:2]), np.maximum(used[2:], drawn[2:])])
+        mask = inside(np.asarray(obj, dtype=bool), region)
+        dices.append(dice(mask, target))
+    return {"box": box_dice, "clicks": dices, "click_s": seconds, "pixels": int(target.sum()),
+            "drawn_box": [round(float(v), 2) for v in drawn]}
 
 
 def summarise(rows: list[dict[str, Any]], n_clicks: int) -> dict[str, Any]:
@@ -130,10 +191,15 @@ def summarise(rows: list[dict[str, Any]], n_clicks: int) -> dict[str, Any]:
     return out
 
 
-def markdown(summary: dict[str, Any], n_clicks: int, command: str) -> str:
+def markdown(summary: dict[str, Any], n_clicks: int, command: str, after_box: float | None = None,
+             after_box_rule: str = "moved-or-mask") -> str:
     shown = [k for k in (1, 3, 5) if k <= n_clicks]
     lines = ["# Clicks against one box (refine widget's refiner)", "",
              "Dice % per object (a connected component of the ground truth), mean over the objects.", ""]
+    if after_box is not None:
+        lines += [f"Box, then clicks: 'one box' is a box dragged around the object (its tight box, each side "
+                  f"moved by up to {100 * after_box:.0f} % of its length), the clicks follow it "
+                  f"(rule: {after_box_rule}).", ""]
     for split, mods in summary.items():
         lines += [f"## {split}", "",
                   "| modality | images / objects | one box | " + " | ".join(f"{k} click{'s' if k > 1 else ''}"
@@ -172,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                         "before refine.click_object_region; the simulated user sees the clipped mask)")
     p.add_argument("--box-sizes", type=float, nargs="+",
                    help="a first click's candidate box sizes instead of refine.CLICK_BOX_SIZES (an ablation)")
+    p.add_argument("--after-box", type=float, metavar="JITTER",
+                   help="a user who drags a box first (the tight box, each side moved by up to JITTER of its "
+                        "length, seeded per object), then clicks: 'box' is that box's Dice, the clicks follow it")
+    p.add_argument("--after-box-rule", choices=("moved-or-mask", "moved"), default="moved-or-mask",
+                   help="with --after-box: the clicks go with the drawn box moved by them and the last mask's "
+                        "extent, the decoder keeps one (moved-or-mask, the widget's rule), or with the moved box "
+                        "alone (moved, the rule before)")
     p.add_argument("--decoder", default="tuned", help="the refiner's decoder: tuned | litemedsam | a decoder file")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
@@ -199,8 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         for rec in chosen:
             image, gt = load_pair(rec)
             refiner.set_image(image)
-            for target in object_masks(gt, args.min_object):
-                row = run_object(refiner, target, args.clicks, args.click_box, args.clip_to_box)
+            for k, target in enumerate(object_masks(gt, args.min_object)):
+                if args.after_box is not None:
+                    seed = zlib.crc32(f"{rec.key}/{rec.sample_id}/{k}".encode())
+                    row = run_after_box(refiner, target, args.clicks, args.after_box, np.random.default_rng(seed),
+                                        args.after_box_rule)
+                else:
+                    row = run_object(refiner, target, args.clicks, args.click_box, args.clip_to_box)
                 rows.append({"split": split, "modality": rec.modality, "key": rec.key, "id": rec.sample_id, **row})
     summary = summarise(rows, args.clicks)
     command = "python benchmarks/click_dice.py " + " ".join(
@@ -210,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                for k, v in getattr(refiner, "weights", {}).items()}
     result = {"refiner": refiner.fast_path_description(), "weights": weights,
               "threads": args.threads, "clicks": args.clicks, "click_box": args.click_box,
-              "clip_to_box": args.clip_to_box,
+              "clip_to_box": args.clip_to_box, "after_box": args.after_box, "after_box_rule": args.after_box_rule,
               "box_sizes": list(refine.CLICK_BOX_SIZES), "summary": summary, "objects": rows,
               "command": command}
-    text = markdown(summary, args.clicks, command)
+    text = markdown(summary, args.clicks, command, args.after_box, args.after_box_rule)
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,9 @@ Each case runs twice per round: as the refiner runs it (the decoder's image side
 image, ``BoxRefiner.prepare_prompts``, timed apart as ``image_side_s``; a first click's
 candidates decoded only in the rows its clicks read) and with every prompt through
 ``MaskDecoder.forward`` as published (``cache_image_side = False``, "published decoder", the
-code before); the two give identical masks (checked here on every case). ``--decode-threads 1``
+code before); the two give the same masks up to rounding (the cache holds the image tokens in
+memory order, so the same sums run in another order): the pixels that differ and the largest
+score difference are recorded for every case. ``--decode-threads 1``
 adds the cases again with the decoder on one intra-op thread (``BoxRefiner.decode_threads``;
 not bit-identical: the logits of 1 and 2 threads differ in the last bits).
 
@@ -117,11 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         cases[f"{key} (published decoder)"] = variant(fn, False, None)
         if args.decode_threads is not None:
             cases[f"{key} ({args.decode_threads} decode thread(s))"] = variant(fn, True, args.decode_threads)
-    identical = {}
+    agreement = {}
     for key in base:
         a, b = cases[key](), cases[f"{key} (published decoder)"]()
         a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
-        identical[key] = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+        pixels = sum(int(np.count_nonzero(np.asarray(x) != np.asarray(y)))
+                     for x, y in zip(a, b, strict=True) if np.asarray(x).dtype == bool)
+        scores = [float(np.max(np.abs(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64))))
+                  for x, y in zip(a, b, strict=True) if np.asarray(x).dtype != bool]
+        agreement[key] = {"pixels_differing": pixels, "max_abs_difference": max(scores, default=0.0)}
     results = _interleaved_medians(cases, args.rounds)
     record = {
         "image": name,
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "refiner": refiner.fast_path_description(),
         "embedding_s": round(embed, 4),
         "image_side_s": round(image_side, 4),
-        "identical_to_published_decoder": identical,
+        "agreement_with_published_decoder": agreement,
         "decode_threads": args.decode_threads,
         "median_s": {k: round(v, 4) for k, v in results.items()},
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name} at {s}x{s}, {args.threads} threads, {refiner.fast_path_description()}")
     print(f"embedding {embed:.3f} s + decoder image side {image_side:.3f} s (once per image); "
           f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
-    print(f"identical masks, scores, boxes to the published decoder: {identical}")
+    print(f"against the published decoder (pixels differing, largest score/box difference): {agreement}")
     for key, value in results.items():
         print(f"  {key:40s} {value:.3f} s")
     if args.json is not None:

@@ -197,6 +197,7 @@ def test_tuning_on_stray_boxes_lowers_their_score(tmp_path):
         samples.append(T.BoxSample(t["embedding"], t["masks"].bool(), t["boxes"], "dermoscopy",
                                    pf_boxes=stray, pf_targets=torch.zeros(1, 256, 256, dtype=torch.bool)))
     net = refiner.net
+    net.mask_decoder.float()  # as tune_decoder trains it (the refiner may hold it in bf16)
     dense_pe = net.prompt_encoder.get_dense_pe()
 
     def stray_scores() -> torch.Tensor:

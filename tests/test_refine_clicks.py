@@ -88,27 +88,31 @@ def test_negative_regions_are_the_components_under_negative_clicks_only():
     assert not negative_regions(np.zeros_like(fg), [[3.5, 3.5]], [0]).any()
 
 
-def test_negative_regions_keep_the_regions_that_touch_keep():
-    from napari_delightsam.refine import largest_region, negative_regions
+def test_negative_regions_keep_the_object_no_positive_click_claims():
+    from napari_delightsam.refine import negative_regions, unclaimed_object
 
     fg = np.zeros((20, 30), dtype=bool)
     fg[2:12, 2:12] = True  # the object, 100 px
     fg[15:18, 20:23] = True  # a stray region, 9 px
     clicks, signs = [[5.5, 5.5], [21.5, 16.5]], [0, 0]  # a negative click on each
     assert negative_regions(fg, clicks, signs).sum() == 109
-    keep = largest_region(fg)
-    assert keep.sum() == 100 and keep[5, 5] and not keep[16, 21]
+    keep = unclaimed_object(fg, clicks, signs)  # no positive click: the largest region is the object
+    assert keep is not None and keep.sum() == 100 and keep[5, 5] and not keep[16, 21]
     out = negative_regions(fg, clicks, signs, keep)
     assert out.sum() == 9 and out[16, 21] and not out[5, 5]
-    assert not largest_region(np.zeros_like(fg)).any()
+    # a positive click off the mask claims nothing either
+    assert unclaimed_object(fg, [*clicks, [28.5, 1.5]], [*signs, 1]).sum() == 100
+    # a positive click on the mask: the regions holding one are the object, nothing else is kept
+    assert unclaimed_object(fg, [*clicks, [8.5, 8.5]], [*signs, 1]) is None
+    assert unclaimed_object(np.zeros_like(fg), clicks, signs) is None
 
 
 def test_a_negative_click_after_a_box_does_not_take_the_boxed_object_away(refiner, monkeypatch):
     """A box and a negative click on a part of the object that the decoder kept (no positive
-    click): the box says which region is the object, so only other regions under negative clicks
-    go. Before, the object went whole (a first click after a box gave Dice 0 for 15 of 109 val
-    objects in ``benchmarks/click_dice.py --after-box 0.1``). Decoder mask faked: the disc and a
-    separate stray blob."""
+    click on the mask): its largest region is the object, so only other regions under negative
+    clicks go. Before, the object went whole (a first click after a rough box gave Dice 0 for 16
+    of 109 val objects in ``benchmarks/click_dice.py --after-box 0.1``). Decoder mask faked: the
+    disc and a separate stray blob."""
     from napari_delightsam.refine import BoxRefiner
 
     _, disc = _scene()
@@ -121,9 +125,9 @@ def test_a_negative_click_after_a_box_does_not_take_the_boxed_object_away(refine
     # with a positive click the positive click says it, as before: the disc holds one, so it stays
     mask, _, _ = refiner.segment_clicks([_at(*DISC_CENTRE), _at(40, 66), _at(12, 85)], [1, 0, 0], box)
     np.testing.assert_array_equal(mask, disc)
-    # with no box (clicks alone) a region holding only negative clicks goes: here both
-    mask, _, _ = refiner.segment_clicks([_at(30, 40), _at(40, 66), _at(12, 85)], [1, 0, 0])
-    assert not mask[stray].any()
+    # a positive click the decoder's mask left out claims nothing: the object still stays
+    mask, _, _ = refiner.segment_clicks([_at(70, 112), _at(40, 66), _at(12, 85)], [1, 0, 0], box)
+    np.testing.assert_array_equal(mask, disc)
 
 
 def test_a_first_click_passes_over_candidates_that_swallow_the_existing_mask(refiner, monkeypatch):
@@ -277,8 +281,15 @@ def test_widget_clicks_add_an_object_and_a_negative_click_removes_a_region(make_
     wait()
     assert lab.data[SQUARE].mean() > 0.5  # the box took both
     viewer.layers.selection.active = points
+    widget._submit = lambda job: (jobs.append(job), submit(job))[1]
     points.add(np.array([DISC_CENTRE], dtype=float))
     wait()
+    widget._submit = submit
+    # a click after a drawn box also sends two candidates: the drawn box (moved by the clicks: not
+    # here, the click is inside it) and the extent of the disc, the region of the box's mask it hit
+    sent = jobs[-1].click_box
+    assert sent.shape == (2, 4) and np.allclose(sent[0], [25.5, 15.5, 130.5, 85.5])
+    assert np.abs(sent[1] - [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]).max() < 6
     widget.toggle_sign()
     assert widget.negative_check.value and points.feature_defaults["positive"][0] == np.False_
     points.add(np.array([[70, 112]], dtype=float))
@@ -352,7 +363,8 @@ def test_widget_negative_click_after_a_box_keeps_the_boxed_object(make_napari_vi
     stray[16:20, 27:31] = True  # inside the box, apart from the disc
     lab.data_setitem(np.nonzero(stray), 1)
     monkeypatch.setattr(BoxRefiner, "segment_clicks",
-                        lambda self, pts, labels, box=None, *, existing=None: (disc | stray, 0.9, np.asarray(box)))
+                        lambda self, pts, labels, box=None, *, existing=None: (
+                            disc | stray, 0.9, np.asarray(box, dtype=float).reshape(-1, 4)[0]))
     points = widget.start_clicks()
     widget.toggle_sign()
     points.add(np.array([[40, 66]], dtype=float))  # on the disc's rim
@@ -364,15 +376,29 @@ def test_widget_negative_click_after_a_box_keeps_the_boxed_object(make_napari_vi
     rw.REFINER_CACHE.clear()
 
 
-def _same(a, b) -> bool:
+def _close(a, b) -> str | None:
+    """None when two refiner results are the same up to rounding: bool masks differing in at most
+    0.5 % of their pixels, numbers (scores, boxes) within 0.01; else what differs."""
     a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
-    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+    for x, y in zip(a, b, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.shape != y.shape:
+            return f"shapes {x.shape} vs {y.shape}"
+        if x.dtype == bool:
+            if np.count_nonzero(x != y) > 0.005 * x.size:
+                return f"{np.count_nonzero(x != y)} of {x.size} pixels differ"
+        elif not np.allclose(x.astype(np.float64), y.astype(np.float64), atol=0.01, rtol=0):
+            return f"{x} vs {y}"
+    return None
 
 
-def test_the_cached_image_side_gives_the_published_decoders_masks_bit_for_bit(refiner):
+def test_the_cached_image_side_gives_the_published_decoders_masks(refiner):
     """Boxes and clicks with the decoder's image side cached per image (and a first click's
-    candidates decoded in the clicked rows only) give exactly the masks, scores and boxes of
-    ``MaskDecoder.forward`` as published, and the image side is built once per batch size."""
+    candidates decoded in the clicked rows only) give the masks, scores and boxes of
+    ``MaskDecoder.forward`` as published, up to rounding (the cache holds the image tokens in
+    memory order, so the same sums run in another order: a few edge pixels differ in bf16), and
+    the image side is built once per batch size. A cache of the wrong image, batch row or layer
+    would differ everywhere."""
     refiner.set_image(_scene()[0])
     assert refiner.image_side_computed >= 0 and not refiner._image_side_cache
     built = refiner.image_side_computed
@@ -398,7 +424,7 @@ def test_the_cached_image_side_gives_the_published_decoders_masks_bit_for_bit(re
             published = call()
         finally:
             refiner.cache_image_side = True
-        assert _same(cached, published), name
+        assert _close(cached, published) is None, (name, _close(cached, published))
     assert refiner.image_side_computed == built + 3  # every call above reused them
     refiner.set_image(_scene()[0][::-1].copy())  # a new image forgets them
     assert not refiner._image_side_cache

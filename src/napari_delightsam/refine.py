@@ -81,9 +81,9 @@ __all__ = [
     "component_boxes",
     "default_decoder",
     "default_min_score",
-    "largest_region",
     "load_refiner",
     "mask_extent",
+    "mask_inside_box",
     "merge_object",
     "negative_regions",
     "next_click_box",
@@ -92,6 +92,7 @@ __all__ = [
     "objects_of_mask",
     "refine_all_suits",
     "refine_objects",
+    "unclaimed_object",
 ]
 
 #: components below this fraction of the image get no box (except the largest)
@@ -314,9 +315,7 @@ def negative_regions(foreground: np.ndarray, points: Any, signs: Any, keep: np.n
     """The pixels of ``foreground`` ((H, W) bool) in its connected components (8-connectivity)
     that hold a negative click and no positive click (``points`` (N, 2) x, y pixel edges,
     ``signs`` 1 positive / 0 negative): what a negative click takes away. Components that touch
-    ``keep`` ((H, W) bool, optional) stay: after a drawn box the box, not a positive click,
-    says which region is the object (:func:`largest_region` of the box's mask), and a negative
-    click on a part of it that the decoder kept must not take the whole object away."""
+    ``keep`` ((H, W) bool, optional; :func:`unclaimed_object`) stay."""
     fg = np.asarray(foreground, dtype=bool)
     out = np.zeros(fg.shape, dtype=bool)
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
@@ -334,11 +333,18 @@ def negative_regions(foreground: np.ndarray, points: Any, signs: Any, keep: np.n
     return out
 
 
-def largest_region(mask: Any) -> np.ndarray:
-    """(H, W) bool: the largest connected region (8-connectivity) of ``mask``; all False when empty."""
+def unclaimed_object(mask: Any, points: Any, signs: Any) -> np.ndarray | None:
+    """The region of a clicked object's mask ((H, W) bool) that a negative click must not take
+    away: None when a positive click lies on the mask (the regions holding one are the object),
+    else the mask's largest connected region (8-connectivity) -- after a drawn box (no positive
+    click) or when the decoder's mask left the positive clicks out, a negative click on a part of
+    the object the decoder kept would otherwise take all of it away (it did: one click after a
+    rough box gave 16 of 109 val objects Dice 0, ``benchmarks/click_dice.py --after-box 0.1``)."""
     fg = np.asarray(mask, dtype=bool)
-    if not fg.any():
-        return np.zeros(fg.shape, dtype=bool)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    positive = pts[np.asarray(signs).reshape(-1) == 1]
+    if not fg.any() or any(fg[_clicked_pixel(x, y, fg.shape)] for x, y in positive):
+        return None
     from skimage.measure import label as connected
 
     comps = connected(fg, connectivity=2)
@@ -422,6 +428,16 @@ def box_pixels(box: Any, size: tuple[int, int]) -> tuple[slice, slice]:
     r0, r1 = math.ceil(y0 - 0.5), math.ceil(y1 - 0.5)
     c0, c1 = math.ceil(x0 - 0.5), math.ceil(x1 - 0.5)
     return slice(max(0, r0), min(int(size[0]), r1)), slice(max(0, c0), min(int(size[1]), c1))
+
+
+def mask_inside_box(mask: Any, box: Any) -> np.ndarray:
+    """(H, W) bool: ``mask`` with only the pixels whose centres lie inside ``box`` (:func:`box_pixels`)
+    kept -- what a box writes, and what clicks after a drawn box write."""
+    m = np.asarray(mask, dtype=bool)
+    rows, cols = box_pixels(box, m.shape)
+    out = np.zeros(m.shape, dtype=bool)
+    out[rows, cols] = m[rows, cols]
+    return out
 
 
 def merge_object(
@@ -553,10 +569,13 @@ class BoxRefiner:
             self.net.image_encoder.to(memory_format=torch.channels_last)
         self.precision = choose_precision(self.device, precision, self.fast, honour_bf16=True)
         if self.precision == "bf16" and self.device.type == "cpu":
-            # the encoder's weights in bf16 rather than autocast around fp32 ones: no casts of weights
-            # and activations between ops (about a fifth faster on 2 Zen 4 cores, the same error
-            # against fp32; benchmarks/box_agreement.py)
+            # the encoder's and the mask decoder's weights in bf16 rather than autocast around fp32
+            # ones: no casts of weights and activations between ops (the encoder about a fifth
+            # faster on 2 Zen 4 cores, the same error against fp32, benchmarks/box_agreement.py; a
+            # first click's seven prompts about a third faster, benchmarks/click_speed.py). The
+            # prompt encoder stays fp32: click and box coordinates are encoded at full precision.
             self.net.image_encoder.to(torch.bfloat16)
+            self.net.mask_decoder.to(torch.bfloat16)
         self.threshold = t
         # probability > t  <=>  logit > log(t / (1 - t)); no sigmoid over H×W per box
         self._logit_threshold = -math.inf if t == 0 else math.inf if t == 1 else math.log(t / (1 - t))
@@ -579,8 +598,7 @@ class BoxRefiner:
         #: ``benchmarks/click_speed.py`` measures both)
         self.cache_image_side = True
         self.image_side_computed = 0  # how many times _image_side built them (tests)
-        with torch.inference_mode():
-            self._dense_pe = self.net.prompt_encoder.get_dense_pe()  # (1,256,64,64), image-independent
+        self._dense_pe = self._image_pe()
 
     def __repr__(self) -> str:
         size = "no image" if self.image_size is None else f"image {self.image_size[0]}x{self.image_size[1]}"
@@ -598,21 +616,35 @@ class BoxRefiner:
         parts = ["inference_mode", "bf16 autocast" if self.precision == "bf16" else "fp32"]
         if next(self.net.image_encoder.parameters()).dtype == torch.bfloat16:
             parts.append("bf16 encoder weights")
+        if self._decoder_dtype == torch.bfloat16:
+            parts.append("bf16 decoder weights")
         if self.weights.get("conv_bn_fused"):
             parts.append("conv-BN fused")
         if self.channels_last:
             parts.append("channels_last encoder")
         return f"{' + '.join(parts)} on {self.device}"
 
+    def _image_pe(self) -> torch.Tensor:
+        """The prompt encoder's (1,256,64,64) positional encoding of the embedding grid (image-
+        independent), in the mask decoder's dtype."""
+        with torch.inference_mode():
+            return self.net.prompt_encoder.get_dense_pe().to(self._decoder_dtype)
+
+    @property
+    def _decoder_dtype(self) -> torch.dtype:
+        return next(self.net.mask_decoder.parameters()).dtype
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _guarded(self, fn: Any) -> Any:
-        """``fn()`` under the chosen precision; a failing bf16 forward falls back to fp32."""
+    def _guarded(self, fn: Any, *, autocast: bool = True) -> Any:
+        """``fn()`` under the chosen precision (``autocast`` False: without autocast, for the mask
+        decoder, whose weights are already in that precision); a failing bf16 forward falls back
+        to fp32."""
         try:
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), self._autocast() if autocast else contextlib.nullcontext():
                 return fn()
         except RuntimeError as exc:
             if self.precision != "bf16" or "out of memory" in str(exc).lower():
@@ -620,6 +652,9 @@ class BoxRefiner:
             warnings.warn(f"bf16 LiteMedSAM forward failed ({exc}); using fp32", stacklevel=3)
             self.precision = "fp32"
             self.net.image_encoder.float()
+            self.net.mask_decoder.float()
+            self._dense_pe = self._image_pe()
+            self._image_side_cache.clear()
             with torch.inference_mode():
                 return fn()
 
@@ -657,19 +692,22 @@ class BoxRefiner:
         image tokens (token-to-image keys and values, image-to-token queries). They are exactly
         what ``MaskDecoder.forward`` computes for every batch (the same ops on the same ``n``-fold
         repeated inputs), so the logits are bit-identical; a click then costs the rest only.
-        Call inside ``_guarded`` (the precision's autocast)."""
+        Call inside ``_guarded`` (``autocast=False``)."""
         key = (int(n), self.precision)
         cached = self._image_side_cache.get(key)
         if cached is not None:
             return cached
         net, md = self.net, self.net.mask_decoder
-        emb = self._embedding if self.precision == "bf16" else self._embedding.float()
+        emb = self._embedding.to(self._decoder_dtype)
         nh, nw = emb.shape[-2:]
-        dense = net.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, nh, nw)
+        dense = net.prompt_encoder.no_mask_embed.weight.to(emb.dtype).reshape(1, -1, 1, 1).expand(n, -1, nh, nw)
         src = (emb if emb.shape[0] == n else torch.repeat_interleave(emb, n, dim=0)) + dense
         pos_src = torch.repeat_interleave(self._dense_pe, n, dim=0)
-        keys = src.flatten(2).permute(0, 2, 1)
-        pe = pos_src.flatten(2).permute(0, 2, 1)
+        # (n, HW, C) in memory order, not permuted views of (n, C, HW): the same values, and the
+        # transformer's adds and norms over them run on dense rows (a first click's seven prompts:
+        # about twice as fast on a 2-core CPU; benchmarks/click_speed.py)
+        keys = src.flatten(2).permute(0, 2, 1).contiguous()
+        pe = pos_src.flatten(2).permute(0, 2, 1).contiguous()
         first = md.transformer.layers[0]
         t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
         cached = {
@@ -693,7 +731,7 @@ class BoxRefiner:
             return
         with self._decoder_threads():
             for n in sizes or self._cached_sizes():
-                self._guarded(lambda n=n: self._image_side(int(n)))
+                self._guarded(lambda n=n: self._image_side(int(n)), autocast=False)
 
     def _transformer(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``MaskDecoder.predict_masks`` up to the transformer's outputs (tokens (n,T,C), image
@@ -875,9 +913,11 @@ class BoxRefiner:
             sparse, dense = net.prompt_encoder(
                 points=(coords, point_labels) if len(pts) else None, boxes=box256, masks=None
             )
+            dtype = self._decoder_dtype  # the prompts encoded in fp32, decoded in the decoder's precision
+            sparse, dense = sparse.to(dtype), dense.to(dtype)
             if not cached:
                 low, iou = net.mask_decoder(
-                    image_embeddings=emb if self.precision == "bf16" else emb.float(),
+                    image_embeddings=emb.to(dtype),
                     image_pe=self._dense_pe,
                     sparse_prompt_embeddings=sparse,
                     dense_prompt_embeddings=dense,
@@ -905,7 +945,7 @@ class BoxRefiner:
             return low, iou, chosen
 
         with self._decoder_threads():
-            return self._guarded(run)
+            return self._guarded(run, autocast=False)
 
     def _full_mask(self, low_res: torch.Tensor) -> np.ndarray:
         h, w = self._require_image()
@@ -1019,9 +1059,7 @@ class BoxRefiner:
             low_res = low_res[best : best + 1]
         mask = self._full_mask(low_res[0])
         if len(neg):
-            # with a box and no positive click, the box says which region is the object: its largest
-            keep = largest_region(mask) if box is not None and not len(pos) else None
-            mask &= ~negative_regions(mask, pts, lab, keep)
+            mask &= ~negative_regions(mask, pts, lab, unclaimed_object(mask, pts, lab))
         self.timings = {"decode": time.perf_counter() - t0, "clicks": float(len(pts)), "prompts": float(len(boxes))}
         return mask, float(scores[best]), boxes[best]
 

@@ -150,7 +150,6 @@ def run(args: argparse.Namespace) -> int:
             say(f"  after 1/3 clicks: {per}; selection score {100 * event['val_select']:.2f}")
 
     net = refiner.net
-    net.mask_decoder.float()
     train = load_cached(train_files)
     fraction = args.prompt_free_fraction
     if fraction > 0 and not any(len(s.pf_boxes) for s in train):

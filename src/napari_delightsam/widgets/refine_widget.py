@@ -58,12 +58,12 @@ from ..refine import (
     click_object_region,
     default_decoder,
     default_min_score,
-    largest_region,
+    mask_inside_box,
     merge_object,
     negative_regions,
-    next_click_box,
     next_click_boxes,
     refine_all_suits,
+    unclaimed_object,
 )
 from ._llvm import avoid_triton_llvm_clash
 from .core import (
@@ -535,10 +535,14 @@ class RefineWidget(Container):
         if state["box"] is None and not click_labels.any():
             self._erase_under(labels, state, col + 0.5, row + 0.5)
             return
-        # the clicks move the box they go with: the box drawn before them, else the one the last click
-        # used, tried beside the extent of the object's last mask (refine.next_click_boxes)
-        box = (next_click_box(state["box"], clicks, click_labels) if state["box"] is not None
-               else next_click_boxes(state["chosen"], state["object"], clicks, click_labels))
+        # the clicks move the box they go with -- the box drawn before them, else the one the last
+        # click used -- tried beside the extent of the object's last mask (refine.next_click_boxes;
+        # after a drawn box, before its first click, the mask the box wrote inside it)
+        if state["box"] is not None:
+            last = state["object"] if state["object"] is not None else mask_inside_box(state["snapshot"] != 0, state["box"])
+            box = next_click_boxes(state["box"], last, clicks, click_labels, whole_mask_without_positive=True)
+        else:
+            box = next_click_boxes(state["chosen"], state["object"], clicks, click_labels)
         drawn = {"clicks": [[round(float(x), 2), round(float(y), 2), int(s)] for (x, y), s in zip(clicks, click_labels,
                                                                                                strict=True)],
                  "slice": z, "box": None if state["box"] is None else [round(float(v), 2) for v in state["box"]]}
@@ -625,15 +629,18 @@ class RefineWidget(Container):
             drawn = np.asarray(state["box"], dtype=np.float64)
             region = np.concatenate([np.minimum(region[:2], drawn[:2]), np.maximum(region[2:], drawn[2:])])
         rows, cols = box_pixels(region, snapshot.shape)
+        if state["box"] is not None:  # what the clicks wrote: the next click's mask extent
+            state["object"] = np.zeros(snapshot.shape, dtype=bool)
+            state["object"][rows, cols] = obj[rows, cols]
         target = snapshot.copy()
         target[rows, cols] = merge_object(snapshot[rows, cols], obj[rows, cols], mode=job.mode, value=state["value"])
         # a negative click takes away the region of the mask under it (that holds no positive click)
         inside = np.zeros(snapshot.shape, dtype=bool)
         inside[rows, cols] = (target[rows, cols] != 0) if job.mode == "binary" else (target[rows, cols] == state["value"])
-        keep = None  # after a drawn box with no positive click, the box's object (its largest region) stays
-        if state["box"] is not None and not np.any(np.asarray(job.click_labels) == 1):
-            keep = np.zeros(snapshot.shape, dtype=bool)
-            keep[rows, cols] = largest_region(obj[rows, cols])
+        keep = np.zeros(snapshot.shape, dtype=bool)  # the object, when no positive click lies on it
+        kept = unclaimed_object(np.where(inside, obj, False), job.clicks, job.click_labels)
+        if kept is not None:
+            keep |= kept
         target[negative_regions(inside, job.clicks, job.click_labels, keep)] = 0
         current = np.asarray(labels.data[lead] if lead else labels.data)
         ours = current == state["last"]  # pixels the user did not change since the last click
@@ -1013,3 +1020,4 @@ def _device_choices() -> list[str]:
 
 
 __all__ = ["REFINER_CACHE", "RefineJob", "RefineWidget", "rectangle_to_box"]
+

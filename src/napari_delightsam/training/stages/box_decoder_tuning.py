@@ -378,7 +378,7 @@ def tune_decoder(
     rng = np.random.default_rng(seed)
     net.requires_grad_(False)
     net.eval()
-    decoder = net.mask_decoder
+    decoder = net.mask_decoder.float()  # fp32 weights to train (a BoxRefiner may hold them in bf16)
     decoder.requires_grad_(True)
     device = next(decoder.parameters()).device
     dense_pe = net.prompt_encoder.get_dense_pe().detach().to(device)
