@@ -1,6 +1,7 @@
 """Time per click of the refine widget's point prompts, after the image embedding (CPU).
 
-    python benchmarks/click_speed.py [--image FILE] [--size 1024] [--rounds 15] [--threads 2] [--decode-threads 1] [--json OUT.json]
+    python benchmarks/click_speed.py [--image FILE] [--size 1024] [--rounds 15] [--threads 2] [--precision fp32] \\
+        [--decode-threads 1] [--json OUT.json]
 
 One image (``--image``, else the bundled synthetic dermoscopy sample), resized to ``--size`` ×
 ``--size``, embedded once by ``load_refiner()`` (the widget's refiner, its fast path on this
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="the refiner's precision (auto: bf16 where the CPU computes it natively, else fp32)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--decode-threads", type=int, default=None,
                         help="also time the cached path with the decoder on this many intra-op threads")
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         name = "synthetic_dermoscopy (bundled sample)"
     image = np.asarray(Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((args.size, args.size)))
     load_before = os.getloadavg()[0]
-    refiner = load_refiner("cpu")
+    refiner = load_refiner("cpu", precision=args.precision)
     t0 = time.perf_counter()
     refiner.set_image(image)
     embed = time.perf_counter() - t0

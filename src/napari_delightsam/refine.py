@@ -538,8 +538,10 @@ class BoxRefiner:
     Per image, after the embedding, the mask decoder's prompt-independent work (the image tokens
     and the first layer's projections of them) is computed once per batch size and reused by
     every box and click (:meth:`_image_side`, :meth:`prepare_prompts`); a first click decodes its
-    candidate boxes' masks only in the rows its clicks read and the chosen one in full. Both are
-    bit-identical to ``MaskDecoder.forward``.
+    candidate boxes' masks only in the rows its clicks read and the chosen one in full. The
+    transformer runs op for op as ``MaskDecoder.forward`` on the image tokens in memory order,
+    with the image-to-token attention normalised keys-first (:func:`_attention_core`): the same
+    masks up to rounding, about twice as fast for a first click on a CPU.
     """
 
     def __init__(
@@ -689,9 +691,10 @@ class BoxRefiner:
         """The mask decoder's prompt-independent tensors for a batch of ``n`` prompts without a
         mask prompt, computed once per image and batch size: the image tokens (embedding + the
         no-mask embedding), their positional encoding, and the first layer's projections of the
-        image tokens (token-to-image keys and values, image-to-token queries). They are exactly
-        what ``MaskDecoder.forward`` computes for every batch (the same ops on the same ``n``-fold
-        repeated inputs), so the logits are bit-identical; a click then costs the rest only.
+        image tokens (token-to-image keys and values, image-to-token queries). They are what
+        ``MaskDecoder.forward`` computes for every batch (the same ops on the same ``n``-fold
+        repeated inputs; the tokens kept in memory order), so the logits agree up to rounding;
+        a click then costs the rest only.
         Call inside ``_guarded`` (``autocast=False``)."""
         key = (int(n), self.precision)
         cached = self._image_side_cache.get(key)
@@ -758,7 +761,7 @@ class BoxRefiner:
         keys = first.norm4(side["keys"] + attn_out)
         pe = side["pe"]
         for layer in tr.layers[1:]:
-            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=pe)
+            queries, keys = _two_way_block(layer, queries, keys, tokens, pe)
         q = queries + tokens
         k = keys + pe
         attn_out = tr.final_attn_token_to_image(q=q, k=k, v=keys)
@@ -1241,16 +1244,44 @@ def refine_objects(
 
 def _attention_core(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """SAM's ``Attention.forward`` after its three input projections (``q``, ``k``, ``v`` already
-    projected): the same ops in the same order."""
+    projected): the same ops. When the keys are fewer than the queries (the image tokens
+    attending to a prompt's ~8 tokens) the weights are made keys-first, (.., keys, queries), and
+    the softmax runs over the keys' axis there: the same numbers up to rounding, and about ten
+    times faster on a CPU than a softmax over a last axis of 8 (``torch.softmax``'s kernel
+    vectorises along the last axis)."""
     q = attn._separate_heads(q, attn.num_heads)
     k = attn._separate_heads(k, attn.num_heads)
     v = attn._separate_heads(v, attn.num_heads)
     _, _, _, c_per_head = q.shape
-    weights = q @ k.permute(0, 1, 3, 2)
-    weights = weights / math.sqrt(c_per_head)
-    weights = torch.softmax(weights, dim=-1)
-    out = weights @ v
+    if k.shape[-2] < q.shape[-2]:
+        weights = (k @ q.transpose(-1, -2)) / math.sqrt(c_per_head)
+        out = torch.softmax(weights, dim=-2).transpose(-1, -2) @ v
+    else:
+        weights = q @ k.permute(0, 1, 3, 2)
+        weights = weights / math.sqrt(c_per_head)
+        weights = torch.softmax(weights, dim=-1)
+        out = weights @ v
     return attn.out_proj(attn._recombine_heads(out))
+
+
+def _attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM's ``Attention.forward`` (the input projections, then :func:`_attention_core`)."""
+    return _attention_core(attn, attn.q_proj(q), attn.k_proj(k), attn.v_proj(v))
+
+
+def _two_way_block(layer: torch.nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+                   key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's ``TwoWayAttentionBlock.forward`` (a layer without ``skip_first_layer_pe``) with
+    :func:`_attention` and the image tokens' ``keys + key_pe`` made once (the published block
+    adds it twice)."""
+    q = queries + query_pe
+    queries = layer.norm1(queries + _attention(layer.self_attn, q, q, queries))
+    k = keys + key_pe
+    queries = layer.norm2(queries + _attention(layer.cross_attn_token_to_image, queries + query_pe, k, keys))
+    queries = layer.norm3(queries + layer.mlp(queries))
+    q = queries + query_pe
+    keys = layer.norm4(keys + _attention(layer.cross_attn_image_to_token, k, q, queries))
+    return queries, keys
 
 
 def _bilinear_crop(logits: torch.Tensor, size: tuple[int, int], rows: slice, cols: slice) -> torch.Tensor:
