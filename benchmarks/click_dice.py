@@ -191,6 +191,10 @@ def summarise(rows: list[dict[str, Any]], n_clicks: int) -> dict[str, Any]:
     return out
 
 
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def markdown(summary: dict[str, Any], n_clicks: int, command: str, after_box: float | None = None,
              after_box_rule: str = "moved-or-mask") -> str:
     shown = [k for k in (1, 3, 5) if k <= n_clicks]
@@ -212,7 +216,7 @@ def markdown(summary: dict[str, Any], n_clicks: int, command: str, after_box: fl
             lines.append(
                 f"| {mod} | {s['images']} / {s['objects']} | {100 * s['box']:.1f} | {clicks} | {100 * ratio:.0f} % "
                 f"| {100 * s['one_click_reaches_90pct_of_box']:.0f} % "
-                f"| {s['first_click_median_s']:.3f} / {s['further_click_median_s']:.3f} |"
+                f"| {_seconds(s['first_click_median_s'])} / {_seconds(s['further_click_median_s'])} |"
             )
         lines.append("")
     lines += [f"Command: `{command}`", ""]
