@@ -12,7 +12,12 @@ import torch
 
 from napari_delightsam.click_simulation import interior_point, next_click, random_interior_point
 from napari_delightsam.model import litemedsam as L
-from napari_delightsam.refine import CLICK_BOX_SIZES
+from napari_delightsam.refine import (
+    CLICK_ASPECT_MIN_SIZE,
+    CLICK_BOX_ASPECTS,
+    CLICK_BOX_SIZES,
+    first_click_prompts,
+)
 from napari_delightsam.training.stages import box_decoder_tuning as T
 from napari_delightsam.training.stages import click_tuning as C
 
@@ -48,13 +53,22 @@ def test_random_interior_points_lie_deep_inside_and_vary():
         random_interior_point(np.zeros((5, 5), dtype=bool), rng)
 
 
-def test_candidate_boxes_are_the_widgets_squares_around_the_click():
+def test_candidate_boxes_are_the_widgets_squares_and_elongated_boxes_around_the_click():
     boxes = C.candidate_boxes((100.0, 120.0))
-    assert boxes.shape == (len(CLICK_BOX_SIZES), 4)
+    assert boxes.shape == (first_click_prompts(), 4)
+    assert first_click_prompts() == len(CLICK_BOX_SIZES) + len(CLICK_BOX_ASPECTS) * sum(
+        f >= CLICK_ASPECT_MIN_SIZE for f in CLICK_BOX_SIZES)
     sides = boxes[:, 2] - boxes[:, 0]
     assert np.allclose(sides[:3], np.asarray(CLICK_BOX_SIZES[:3]) * 256)  # small ones: whole squares
     assert np.allclose((boxes[:3, 0] + boxes[:3, 2]) / 2, 100.0) and np.allclose((boxes[:3, 1] + boxes[:3, 3]) / 2, 120.0)
     assert (boxes >= 0).all() and (boxes <= 256).all()  # large ones are clipped to the frame
+    # after the squares, boxes of the same area and each aspect (width / height), here unclipped
+    middle = C.candidate_boxes((2048.0, 2048.0), size=4096)
+    side = min(f for f in CLICK_BOX_SIZES if f >= CLICK_ASPECT_MIN_SIZE) * 4096
+    for k, aspect in enumerate(CLICK_BOX_ASPECTS):
+        x0, y0, x1, y1 = middle[len(CLICK_BOX_SIZES) + k]
+        assert np.isclose((x1 - x0) / (y1 - y0), aspect) and np.isclose((x1 - x0) * (y1 - y0), side * side)
+        assert np.isclose((x0 + x1) / 2, 2048.0) and np.isclose((y0 + y1) / 2, 2048.0)
 
 
 def test_a_click_batch_follows_the_simulated_user_and_moves_the_box():

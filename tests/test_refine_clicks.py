@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from napari_delightsam.model import litemedsam as L
-from napari_delightsam.refine import CLICK_BOX_SIZES
+from napari_delightsam.refine import CLICK_BOX_SIZES, cached_prompt_batches, first_click_prompts
 
 H, W = 90, 140
 DISC_CENTRE = (40, 50)  # row, column
@@ -54,13 +54,37 @@ def test_a_positive_click_gives_the_object_under_it(refiner):
     assert _dice(mask, disc) > 0.9
     assert not mask[SQUARE].any()
     assert 0.5 < score <= 1.2 and box.shape == (4,)
-    assert refiner.timings["prompts"] == len(CLICK_BOX_SIZES)
+    assert refiner.timings["prompts"] == first_click_prompts()
     # a click on the square gives the square
     other, _, _ = refiner.segment_clicks([_at(70, 112)], [1])
     assert other[70, 112] and other[SQUARE].mean() > 0.9 and not other[disc].any()
     # passing the box the first click chose back: one prompt, the same object
     again, _, _ = refiner.segment_clicks([_at(*DISC_CENTRE), _at(35, 45)], [1, 1], box)
     assert refiner.timings["prompts"] == 1 and _dice(again, disc) > 0.9
+
+
+def test_a_first_click_on_an_elongated_object_can_keep_an_elongated_box(refiner, monkeypatch):
+    """A first click is decoded with the squares and, from CLICK_ASPECT_MIN_SIZE on, boxes of the
+    same area elongated both ways (one decoder call); a candidate that gets the click right with
+    the best score wins whatever its shape (decoder scores faked: a tall box scores highest)."""
+    from napari_delightsam.refine import BoxRefiner, click_candidate_boxes, first_click_prompts
+
+    candidates = click_candidate_boxes([_at(45, 70)], (H, W))
+    assert len(candidates) == first_click_prompts() > len(CLICK_BOX_SIZES)
+    tall = next(k for k, b in enumerate(candidates) if (b[2] - b[0]) < (b[3] - b[1]) - 1)
+    decode = BoxRefiner._decode_prompts
+
+    def faked(self, pts, lab, boxes, n, select=None):
+        def pick(iou, rows_logits):
+            scores = torch.full_like(iou, 0.5)
+            scores[tall] = 0.99
+            return select(scores, lambda rows: torch.full((n, *self._valid), 5.0))  # every click right
+        return decode(self, pts, lab, boxes, n, pick)
+
+    monkeypatch.setattr(BoxRefiner, "_decode_prompts", faked)
+    _, score, used = refiner.segment_clicks([_at(45, 70)], [1])
+    np.testing.assert_allclose(used, candidates[tall])
+    assert score == pytest.approx(0.99) and refiner.timings["prompts"] == first_click_prompts()
 
 
 def test_a_negative_click_removes_a_region(refiner):
@@ -405,7 +429,7 @@ def test_the_cached_image_side_gives_the_published_decoders_masks(refiner):
     assert refiner.image_side_computed >= 0 and not refiner._image_side_cache
     built = refiner.image_side_computed
     refiner.prepare_prompts()
-    assert refiner.image_side_computed == built + 3  # batch sizes 1, 2 and len(CLICK_BOX_SIZES)
+    assert refiner.image_side_computed == built + len(cached_prompt_batches())  # 1, 2 and a first click's candidates
     disc, far = _at(*DISC_CENTRE), _at(70, 110)
     _, _, chosen = refiner.segment_clicks([disc], [1])
     calls = {
@@ -427,17 +451,16 @@ def test_the_cached_image_side_gives_the_published_decoders_masks(refiner):
         finally:
             refiner.cache_image_side = True
         assert _close(cached, published) is None, (name, _close(cached, published))
-    assert refiner.image_side_computed == built + 3  # every call above reused them
+    assert refiner.image_side_computed == built + len(cached_prompt_batches())  # every call above reused them
     refiner.set_image(_scene()[0][::-1].copy())  # a new image forgets them
     assert not refiner._image_side_cache
 
 
 def test_decode_threads_runs_the_decoder_on_that_many_threads_and_restores_torchs(refiner, monkeypatch):
     seen: list[int] = []
-    decoder = refiner.net.mask_decoder.transformer.layers[1]
-    original = type(decoder).forward
-    monkeypatch.setattr(type(decoder), "forward",
-                        lambda self, *a, **k: seen.append(torch.get_num_threads()) or original(self, *a, **k))
+    mlp = refiner.net.mask_decoder.transformer.layers[1].mlp  # called once per decoder call
+    original = mlp.forward
+    monkeypatch.setattr(mlp, "forward", lambda *a, **k: seen.append(torch.get_num_threads()) or original(*a, **k))
     before = torch.get_num_threads()
     refiner.decode_threads = 1
     try:

@@ -1,9 +1,12 @@
 """Clicks for the box refiner's decoder: simulated click prompts for training, and click validation.
 
 The refine widget sends clicks the way ``refine.BoxRefiner.segment_clicks`` does: a first
-positive click with one of the square candidate boxes around it (``refine.CLICK_BOX_SIZES``,
-the one kept is the one whose mask gets the click right with the highest IoU score), further
-clicks with the box the last click used, moved by the clicks (``refine.next_click_box``). A
+positive click with one of the candidate boxes around it (``refine.click_candidate_boxes``:
+squares of ``refine.CLICK_BOX_SIZES``, then elongated boxes where a square cuts the object; the
+one kept is the one whose mask gets the click right with the highest IoU score), further
+clicks with the box the last click used, moved by the clicks (``refine.next_click_box``; the
+widget also tries the last mask's extent). The bundled decoder was tuned with the squares and
+the moved box alone; here every candidate is drawn from and validated at once. A
 click step of :func:`box_decoder_tuning.tune_decoder` trains on exactly those prompts, in
 LiteMedSAM's 256² frame: each item a random object of a random image, its first click a random
 point deep inside it (:func:`click_simulation.random_interior_point`); with ``rounds`` = 0 its box
