@@ -249,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --after-box: the clicks go with the drawn box moved by them and the last mask's "
                         "extent, the decoder keeps one (moved-or-mask, the widget's rule), or with the moved box "
                         "alone (moved, the rule before)")
+    p.add_argument("--box-aspects", type=float, nargs="*",
+                   help="a first click's elongated candidates (width / height) instead of refine.CLICK_BOX_ASPECTS; "
+                        "none: squares only (an ablation)")
+    p.add_argument("--aspect-min-size", type=float,
+                   help="the smallest candidate size that also gets elongated boxes, instead of "
+                        "refine.CLICK_ASPECT_MIN_SIZE (an ablation)")
     p.add_argument("--decoder", default="tuned", help="the refiner's decoder: tuned | litemedsam | a decoder file")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
@@ -265,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.box_sizes:
         refine.CLICK_BOX_SIZES = tuple(args.box_sizes)
+    if args.box_aspects is not None:
+        refine.CLICK_BOX_ASPECTS = tuple(args.box_aspects)
+    if args.aspect_min_size is not None:
+        refine.CLICK_ASPECT_MIN_SIZE = args.aspect_min_size
 
     records = [r for r in discover(args.data) if r.modality in args.modalities]
     splits = load_splits(args.splits)
@@ -293,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"refiner": refiner.fast_path_description(), "weights": weights,
               "threads": args.threads, "clicks": args.clicks, "click_box": args.click_box,
               "clip_to_box": args.clip_to_box, "after_box": args.after_box, "after_box_rule": args.after_box_rule,
-              "box_sizes": list(refine.CLICK_BOX_SIZES), "summary": summary, "objects": rows,
+              "box_sizes": list(refine.CLICK_BOX_SIZES), "box_aspects": list(refine.CLICK_BOX_ASPECTS),
+              "aspect_min_size": refine.CLICK_ASPECT_MIN_SIZE, "first_click_prompts": refine.first_click_prompts(),
+              "summary": summary, "objects": rows,
               "command": command}
     text = markdown(summary, args.clicks, command, args.after_box, args.after_box_rule)
     print(text)

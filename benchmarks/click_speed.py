@@ -1,6 +1,6 @@
 """Time per click of the refine widget's point prompts, after the image embedding (CPU).
 
-    python benchmarks/click_speed.py [--image FILE] [--size 1024] [--rounds 15] [--threads 2] [--precision fp32] \\
+    python benchmarks/click_speed.py [--image FILE] [--size 1024] [--rounds 15] [--threads 2] [--precision fp32] [--box-aspects] \\
         [--decode-threads 1] [--json OUT.json]
 
 One image (``--image``, else the bundled synthetic dermoscopy sample), resized to ``--size`` ×
@@ -9,7 +9,7 @@ machine); then median wall seconds over ``--rounds`` rounds (the cases take turn
 
 * ``box``: ``segment_box`` (one box: the reference, what a Box costs);
 * ``first click``: ``segment_clicks`` with one positive click and no box: one batched decoder
-  call over ``len(CLICK_BOX_SIZES)`` candidate boxes;
+  call over ``refine.first_click_prompts()`` candidate boxes;
 * ``further click``: ``segment_clicks`` with two clicks and what the widget sends for each
   click after the first of an object (``refine.next_click_boxes``: the box the first click chose,
   and the first mask's extent when it differs): two prompts in one call;
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--box-aspects", type=float, nargs="*",
+                        help="a first click's elongated candidates instead of refine.CLICK_BOX_ASPECTS (none: squares only)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="the refiner's precision (auto: bf16 where the CPU computes it natively, else fp32)")
     parser.add_argument("--json", type=Path, default=None)
@@ -72,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from napari_delightsam import load_refiner
+    from napari_delightsam import load_refiner, refine
     from napari_delightsam.image_files import read_image
-    from napari_delightsam.refine import CLICK_BOX_SIZES, next_click_boxes
+    from napari_delightsam.refine import first_click_prompts, next_click_boxes
     from napari_delightsam.sample_data import load_sample
 
     torch.set_num_threads(args.threads)
+    if args.box_aspects is not None:
+        refine.CLICK_BOX_ASPECTS = tuple(args.box_aspects)
     if args.image is not None:
         image = read_image(args.image)
         name = args.image.name
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": [s, s],
         "threads": args.threads,
         "rounds": args.rounds,
-        "candidate_boxes": len(CLICK_BOX_SIZES),
+        "candidate_boxes": first_click_prompts(),
         "further_click_candidate_boxes": len(further),
         "refiner": refiner.fast_path_description(),
         "embedding_s": round(embed, 4),

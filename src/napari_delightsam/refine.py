@@ -154,9 +154,7 @@ CLICK_BOX_SIZES = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
 #: than tall (width / height): lungs, breast lesions and other elongated objects fit no square. On
 #: the val split (109 objects) one click 88.5 -> 90.3 Dice, three 92.0 -> 92.6 (lungs 83.5 -> 90.4
 #: and 90.5 -> 93.2) for 13 prompts instead of 7 (a first click 0.10 -> 0.20 s on 2 Zen 4 cores);
-#: from size 0.2 on (17 prompts) the same Dice; trying the elongated boxes only where the kept
-#: square cut the object on two opposite sides kept 0.3 of the 1.8 points
-#: (``benchmarks/click_dice.py --box-aspects``)
+#: from size 0.2 on (17 prompts) the same Dice (``benchmarks/click_dice.py --box-aspects``)
 CLICK_BOX_ASPECTS = (2.0, 0.5)
 CLICK_ASPECT_MIN_SIZE = 0.45
 
