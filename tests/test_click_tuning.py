@@ -14,7 +14,6 @@ from napari_delightsam.click_simulation import interior_point, next_click, rando
 from napari_delightsam.model import litemedsam as L
 from napari_delightsam.refine import (
     CLICK_ASPECT_MIN_SIZE,
-    CLICK_BOX_ASPECTS,
     CLICK_BOX_SIZES,
     first_click_prompts,
 )
@@ -53,11 +52,14 @@ def test_random_interior_points_lie_deep_inside_and_vary():
         random_interior_point(np.zeros((5, 5), dtype=bool), rng)
 
 
-def test_candidate_boxes_are_the_widgets_squares_and_elongated_boxes_around_the_click():
+def test_candidate_boxes_are_the_widgets_squares_and_elongated_boxes_around_the_click(monkeypatch):
+    from napari_delightsam import refine
+
+    assert first_click_prompts() == len(CLICK_BOX_SIZES)  # the default: squares only
+    monkeypatch.setattr(refine, "CLICK_BOX_ASPECTS", (2.0, 0.5))  # an ablation's elongated boxes
     boxes = C.candidate_boxes((100.0, 120.0))
     assert boxes.shape == (first_click_prompts(), 4)
-    assert first_click_prompts() == len(CLICK_BOX_SIZES) + len(CLICK_BOX_ASPECTS) * sum(
-        f >= CLICK_ASPECT_MIN_SIZE for f in CLICK_BOX_SIZES)
+    assert first_click_prompts() == len(CLICK_BOX_SIZES) + 2 * sum(f >= CLICK_ASPECT_MIN_SIZE for f in CLICK_BOX_SIZES)
     sides = boxes[:, 2] - boxes[:, 0]
     assert np.allclose(sides[:3], np.asarray(CLICK_BOX_SIZES[:3]) * 256)  # small ones: whole squares
     assert np.allclose((boxes[:3, 0] + boxes[:3, 2]) / 2, 100.0) and np.allclose((boxes[:3, 1] + boxes[:3, 3]) / 2, 120.0)
@@ -65,7 +67,7 @@ def test_candidate_boxes_are_the_widgets_squares_and_elongated_boxes_around_the_
     # after the squares, boxes of the same area and each aspect (width / height), here unclipped
     middle = C.candidate_boxes((2048.0, 2048.0), size=4096)
     side = min(f for f in CLICK_BOX_SIZES if f >= CLICK_ASPECT_MIN_SIZE) * 4096
-    for k, aspect in enumerate(CLICK_BOX_ASPECTS):
+    for k, aspect in enumerate((2.0, 0.5)):
         x0, y0, x1, y1 = middle[len(CLICK_BOX_SIZES) + k]
         assert np.isclose((x1 - x0) / (y1 - y0), aspect) and np.isclose((x1 - x0) * (y1 - y0), side * side)
         assert np.isclose((x0 + x1) / 2, 2048.0) and np.isclose((y0 + y1) / 2, 2048.0)

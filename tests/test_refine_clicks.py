@@ -63,12 +63,16 @@ def test_a_positive_click_gives_the_object_under_it(refiner):
     assert refiner.timings["prompts"] == 1 and _dice(again, disc) > 0.9
 
 
-def test_a_first_click_on_an_elongated_object_can_keep_an_elongated_box(refiner, monkeypatch):
-    """A first click is decoded with the squares and, from CLICK_ASPECT_MIN_SIZE on, boxes of the
-    same area elongated both ways (one decoder call); a candidate that gets the click right with
-    the best score wins whatever its shape (decoder scores faked: a tall box scores highest)."""
+def test_a_first_click_with_elongated_candidates_can_keep_an_elongated_box(refiner, monkeypatch):
+    """With ``CLICK_BOX_ASPECTS`` (an ablation; none by default) a first click is decoded with the
+    squares and, from CLICK_ASPECT_MIN_SIZE on, boxes of the same area elongated both ways (one
+    decoder call); a candidate that gets the click right with the best score wins whatever its
+    shape (decoder scores faked: a tall box scores highest)."""
+    from napari_delightsam import refine
     from napari_delightsam.refine import BoxRefiner, click_candidate_boxes, first_click_prompts
 
+    assert first_click_prompts() == len(CLICK_BOX_SIZES)  # the default: squares only
+    monkeypatch.setattr(refine, "CLICK_BOX_ASPECTS", (2.0, 0.5))
     candidates = click_candidate_boxes([_at(45, 70)], (H, W))
     assert len(candidates) == first_click_prompts() > len(CLICK_BOX_SIZES)
     tall = next(k for k, b in enumerate(candidates) if (b[2] - b[0]) < (b[3] - b[1]) - 1)

@@ -151,11 +151,11 @@ MERGE_MODES = ("binary", "instances")
 #: the val split (109 objects, ``benchmarks/click_dice.py --box-sizes``), so seven stay
 CLICK_BOX_SIZES = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
 #: and, for the sizes of at least ``CLICK_ASPECT_MIN_SIZE``, boxes of the same area this much wider
-#: than tall (width / height): lungs, breast lesions and other elongated objects fit no square. On
-#: the val split (109 objects) one click 88.5 -> 90.3 Dice, three 92.0 -> 92.6 (lungs 83.5 -> 90.4
-#: and 90.5 -> 93.2) for 13 prompts instead of 7 (a first click 0.10 -> 0.20 s on 2 Zen 4 cores);
-#: from size 0.2 on (17 prompts) the same Dice (``benchmarks/click_dice.py --box-aspects``)
-CLICK_BOX_ASPECTS = (2.0, 0.5)
+#: than tall (width / height), for elongated objects; none by default. (2.0, 0.5) from 0.45 (13
+#: prompts) gained on the val split (109 objects; after 1 / 3 clicks 88.5 / 92.0 -> 90.3 / 92.6,
+#: lungs 83.5 -> 90.4) but lost on test (93.0 -> 91.9 after 3; polyps 94.0 -> 88.5 after 1) and
+#: unseen (85.6 -> 82.6) and doubled a first click's time (``benchmarks/click_dice.py --box-aspects``)
+CLICK_BOX_ASPECTS: tuple[float, ...] = ()
 CLICK_ASPECT_MIN_SIZE = 0.45
 
 
