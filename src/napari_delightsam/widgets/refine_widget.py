@@ -637,10 +637,8 @@ class RefineWidget(Container):
         # a negative click takes away the region of the mask under it (that holds no positive click)
         inside = np.zeros(snapshot.shape, dtype=bool)
         inside[rows, cols] = (target[rows, cols] != 0) if job.mode == "binary" else (target[rows, cols] == state["value"])
-        keep = np.zeros(snapshot.shape, dtype=bool)  # the object, when no positive click lies on it
-        kept = unclaimed_object(np.where(inside, obj, False), job.clicks, job.click_labels)
-        if kept is not None:
-            keep |= kept
+        # ... but not the object itself when no positive click lies on it (refine.unclaimed_object)
+        keep = unclaimed_object(np.where(inside, obj, False), job.clicks, job.click_labels)
         target[negative_regions(inside, job.clicks, job.click_labels, keep)] = 0
         current = np.asarray(labels.data[lead] if lead else labels.data)
         ours = current == state["last"]  # pixels the user did not change since the last click
@@ -1020,4 +1018,3 @@ def _device_choices() -> list[str]:
 
 
 __all__ = ["REFINER_CACHE", "RefineJob", "RefineWidget", "rectangle_to_box"]
-
