@@ -34,8 +34,10 @@ candidate box moved away from the object can make a mask worse: that is what a u
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import runpy
 import sys
 import time
 import zlib
@@ -114,19 +116,17 @@ def run_object(refiner: Any, target: np.ndarray, n_clicks: int, rule: str = "mov
 
 
 def jittered_box(target: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """The object's tight box with each coordinate moved by U(-f, f) × its side, clipped (the rough
-    box a user drags; ``correction_effort.py`` jitters its boxes the same way)."""
-    from napari_delightsam.refine import mask_extent
+    """The object's tight box with each coordinate moved by U(-f, f) × its side, clipped: the rough
+    box a user drags, by ``correction_effort.py``'s own rule (``jittered_box``)."""
+    from skimage.measure import regionprops
 
-    box = mask_extent(target)
-    assert box is not None
-    w, h = box[2] - box[0], box[3] - box[1]
-    box = box + rng.uniform(-fraction, fraction, 4) * np.array([w, h, w, h])
-    box[[0, 2]] = box[[0, 2]].clip(0, target.shape[1])
-    box[[1, 3]] = box[[1, 3]].clip(0, target.shape[0])
-    if box[2] - box[0] < 1 or box[3] - box[1] < 1:  # a jitter that folded the box: the tight one
-        box = mask_extent(target)
-    return np.asarray(box, dtype=np.float64)
+    return _correction_effort()["jittered_box"](regionprops(target.astype(np.uint8))[0], target.shape, fraction, rng)
+
+
+@functools.cache
+def _correction_effort() -> dict[str, Any]:
+    """benchmarks/correction_effort.py's functions, loaded once."""
+    return runpy.run_path(str(Path(__file__).resolve().parent / "correction_effort.py"))
 
 
 def run_after_box(refiner: Any, target: np.ndarray, n_clicks: int, jitter: float, rng: np.random.Generator,
