@@ -2,8 +2,8 @@
 
 The refine widget sends clicks the way ``refine.BoxRefiner.segment_clicks`` does: a first
 positive click with one of the candidate boxes around it (``refine.click_candidate_boxes``:
-squares of ``refine.CLICK_BOX_SIZES``, then elongated boxes where a square cuts the object; the
-one kept is the one whose mask gets the click right with the highest IoU score), further
+squares of ``refine.CLICK_BOX_SIZES``, and elongated ones with ``refine.CLICK_BOX_ASPECTS``, an
+ablation, empty by default; the one kept is the one whose mask gets the click right with the highest IoU score), further
 clicks with the box the last click used, moved by the clicks (``refine.next_click_box``; the
 widget also tries the last mask's extent). The bundled decoder was tuned with the squares and
 the moved box alone; here every candidate is drawn from and validated at once. A
