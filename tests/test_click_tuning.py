@@ -95,6 +95,65 @@ def test_a_click_batch_follows_the_simulated_user_and_moves_the_box():
         C.click_batch(samples, [], 2, 0, rng, _box_only_decode)
 
 
+def test_the_widgets_rule_keeps_the_candidate_with_most_clicks_right_then_the_best_score():
+    sample = _square_sample()
+    scores = torch.tensor([0.9, 0.2, 0.5])
+
+    def scored(embeddings, boxes, points):
+        return _box_only_decode(embeddings, boxes, points)[0], scores[: len(boxes)].clone()
+
+    cands = np.array([[0, 0, 50, 50], [60, 60, 120, 120], [70, 70, 110, 110]], dtype=np.float64)
+    (box, mask), = C.keep_by_rule(scored, [sample.embedding], [cands], [[(100.0, 100.0)]], [[1]])
+    assert np.array_equal(box, cands[2]) and mask[100, 100] and not mask[65, 65]  # both right: the better score
+    (box, _), = C.keep_by_rule(scored, [sample.embedding], [cands], [[(100.0, 100.0), (65.0, 65.0)]], [[1, 0]])
+    assert np.array_equal(box, cands[2])  # the only one with both clicks right, whatever the scores
+    kept = C.keep_by_rule(scored, [sample.embedding] * 2, [cands[:1], cands[:2]], [[], []], [[], []])
+    # one call for both items (scores 0.9 | 0.2, 0.5 in its order); no clicks: the score decides
+    assert [b.tolist() for b, _ in kept] == [cands[0].tolist(), cands[1].tolist()]
+
+
+@pytest.mark.parametrize("style", C.CLICK_PROMPT_STYLES)
+def test_clicks_after_a_rough_box_follow_the_simulated_user(style):
+    samples = [_square_sample()]
+    target = samples[0].masks[0].numpy()
+    rng = np.random.default_rng(3)
+    embs, boxes, (points, labels), targets = C.click_batch(samples, [0], 6, 2, rng, _box_only_decode,
+                                                           style=style, after_box=True)
+    assert points.shape == (6, 2, 2) and labels.shape == (6, 2)  # two clicks, no first-click prompt
+    for box, pts, lab in zip(boxes.tolist(), points.tolist(), labels.tolist(), strict=True):
+        for (x, y), sign in zip(pts, lab, strict=True):
+            assert bool(target[int(y), int(x)]) == bool(sign)
+        assert 0 <= box[0] < box[2] <= 256 and 0 <= box[1] < box[3] <= 256
+        # the rough box started within 10 % of the object's sides; the clicks then moved it toward it
+        assert abs(box[0] - 80) <= 0.1 * 120 + 1e-6 + 0.1 * (box[2] - box[0]) + 4
+    with pytest.raises(ValueError, match="after a box"):
+        C.click_batch(samples, [0], 2, 0, rng, _box_only_decode, after_box=True)
+    with pytest.raises(ValueError, match="style"):
+        C.click_batch(samples, [0], 2, 1, rng, _box_only_decode, style="random")
+
+
+def test_the_widget_style_tries_the_last_masks_extent():
+    """Each further click is decoded with the widget's two candidates (refine.next_click_boxes:
+    the moved box and the last mask's extent) in the widget style, with the moved box alone in
+    the earlier style; the first click with every candidate in both."""
+    samples = [_square_sample(100, 140, 100, 180)]
+    calls: list[int] = []
+
+    def grown(embeddings, boxes, points):  # draws its box grown by 30 px: the extent differs from the box
+        calls.append(len(boxes))
+        return _box_only_decode(embeddings, torch.cat([boxes[:, :2] - 30, boxes[:, 2:] + 30], 1), points)
+
+    widget = C.click_validation_dice(samples, grown, clicks=3, modalities=("dermoscopy",), style="widget")
+    assert calls == [first_click_prompts(), 2, 2]
+    calls.clear()
+    moved = C.click_validation_dice(samples, grown, clicks=3, modalities=("dermoscopy",), style="moved-box")
+    assert calls == [first_click_prompts(), 1, 1]
+    assert widget["dermoscopy"][0] == moved["dermoscopy"][0]  # the first click: the same candidates
+    calls.clear()
+    after = C.click_validation_dice(samples, grown, clicks=2, modalities=("dermoscopy",), after_box=True)
+    assert len(after["dermoscopy"]) == 3 and calls == [1, 2, 2]  # the box alone, then two clicks
+
+
 def test_click_validation_moves_the_box_toward_the_object():
     """With a decoder that only draws its box, Dice grows with the clicks only because each
     click moves the box (refine.next_click_box) -- the widget's rule, measured in the frame."""
@@ -158,16 +217,20 @@ def test_tune_refiner_with_clicks_from_a_decoder_file(tmp_path, capsys):
     start = L.save_box_decoder(tmp_path / "start.safetensors", L.build_litemedsam().mask_decoder, {})
     out = tmp_path / "run"
     args = ["tune-refiner", "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "2",
-            "--click-fraction", "1", "--click-rounds", "1", "--init", str(start), "--eval-every", "1",
+            "--click-fraction", "1", "--click-rounds", "1", "--after-box-fraction", "0.5", "--init", str(start),
+            "--eval-every", "1",
             "--device", "cpu", "--threads", "1"]
     assert main(args) == 0
-    assert "after 1/3 clicks: dermoscopy" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "after 1/3 clicks: dermoscopy" in err and "box · after 1/3 clicks: dermoscopy" in err
     summary = json.loads((out / "summary.json").read_text())
     meta = summary["metadata"]
     assert meta["click_fraction"] == "1.0" and meta["click_modalities"].split() == ["colonoscopy", "dermoscopy",
                                                                                    "ultrasound", "xray"]
     assert meta["init"].startswith("decoder sha256 ") and "best_select" in summary
+    assert meta["click_style"] == "widget" and meta["after_box_fraction"] == "0.5"
     assert load_refiner("cpu", decoder=out / "box_refiner_decoder.safetensors").decoder == "tuned"
-    for bad in (["--click-fraction", "2"], ["--click-rounds", "-1"], ["--init", str(tmp_path / "absent")]):
+    for bad in (["--click-fraction", "2"], ["--click-rounds", "-1"], ["--init", str(tmp_path / "absent")],
+                ["--click-fraction", "1", "--click-style", "random"], ["--after-box-fraction", "1.5"]):
         assert main(["tune-refiner", "--data", str(data), "--out", str(tmp_path / "bad"), "--steps", "1",
                      "--eval-every", "1", "--device", "cpu", *bad]) == 2

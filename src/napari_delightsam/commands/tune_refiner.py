@@ -53,9 +53,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="prompt-free boxes are jittered by up to this fraction of their size (default 0.05)")
     p.add_argument("--click-fraction", type=float, default=0.0,
                    help="share of the steps trained with simulated clicks as the refine widget sends them (a first "
-                        "click with a candidate box, further clicks at the largest error region with the moved box; "
+                        "click with its candidate boxes, further clicks at the largest error region with theirs; "
                         "training/stages/click_tuning.py); the best step is then chosen on box and click Dice "
                         "(default 0: boxes only)")
+    p.add_argument("--click-style", default="widget",
+                   help="widget: every candidate box the widget tries is decoded and the one its rule keeps "
+                        "followed (default); moved-box: the first click's best-fitting candidate, then the box "
+                        "moved by the clicks alone (how the bundled decoder was tuned)")
+    p.add_argument("--after-box-fraction", type=float, default=0.0,
+                   help="share of the click steps that start from a rough box (jittered by 10 %%) and add 1..N "
+                        "clicks to it, as a user correcting a drawn box does (default 0)")
     p.add_argument("--click-rounds", type=int, default=4,
                    help="a click step has 1 + U{0..N} clicks (default 4: up to 5 clicks)")
     p.add_argument("--click-modalities", nargs="+", metavar="M", default=None,
@@ -148,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
         if "val_clicks" in event:
             per = ", ".join(f"{m} {100 * v[0]:.1f}/{100 * v[-1]:.1f}" for m, v in event["val_clicks"].items())
             say(f"  after 1/3 clicks: {per}; selection score {100 * event['val_select']:.2f}")
+        if "val_after_box" in event:
+            per = ", ".join(f"{m} {100 * v[0]:.1f}·{100 * v[1]:.1f}/{100 * v[-1]:.1f}"
+                            for m, v in event["val_after_box"].items())
+            say(f"  box · after 1/3 clicks: {per}")
 
     net = refiner.net
     train = load_cached(train_files)
@@ -163,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, jitter=args.jitter, eval_every=args.eval_every, seed=args.seed,
             dtype=dtype, prompt_free_fraction=fraction, prompt_free_jitter=args.prompt_free_jitter,
             click_fraction=args.click_fraction, click_rounds=args.click_rounds, click_modalities=click_modalities,
-            log=RunLog(metrics, progress),
+            click_style=args.click_style, after_box_fraction=args.after_box_fraction, log=RunLog(metrics, progress),
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
@@ -186,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         "prompt_free_fraction": str(fraction), "prompt_free_jitter": str(args.prompt_free_jitter),
         "click_fraction": str(args.click_fraction), "click_rounds": str(args.click_rounds),
         "click_modalities": " ".join(click_modalities),
+        "click_style": args.click_style, "after_box_fraction": str(args.after_box_fraction),
         "prompt_free_sha256": str(segmenter.checkpoint_sha256) if segmenter is not None else "none",
     }
     target = save_box_decoder(out / "box_refiner_decoder.safetensors", net.mask_decoder, meta)

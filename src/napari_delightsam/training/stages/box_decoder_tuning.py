@@ -42,7 +42,7 @@ from ...click_simulation import CLICK_MODALITIES
 from ...refine import LESION_MODALITIES
 from ..loop.run import BestKeeper, EpochHooks, Loss, Schedule, StopFlag, isolated_rng, run_loop
 from ..loop.runfolder import RunLog
-from .click_tuning import click_batch, click_validation_dice
+from .click_tuning import CLICK_PROMPT_STYLES, click_batch, click_validation_dice
 
 __all__ = [
     "BoxSample",
@@ -336,6 +336,8 @@ def tune_decoder(
     click_fraction: float = 0.0,
     click_rounds: int = 4,
     click_modalities: Sequence[str] = CLICK_MODALITIES,
+    click_style: str = "widget",
+    after_box_fraction: float = 0.0,
     log: RunLog | None = None,
     stop: StopFlag | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -348,11 +350,13 @@ def tune_decoder(
     (:attr:`BoxSample.pf_boxes`, jittered by up to ``prompt_free_jitter``) of an image that has
     one. With ``click_fraction`` > 0, that share of the steps are click steps instead
     (:func:`click_tuning.click_batch`: objects of ``click_modalities`` prompted as the refine widget
-    sends clicks, 1 + U{0..``click_rounds``} clicks, the same number for the whole step); the
-    validation then also measures Dice after 1..3 simulated clicks
-    (:func:`click_tuning.click_validation_dice`) and the state kept is the best mean of the box
+    sends clicks in ``click_style``, 1 + U{0..``click_rounds``} clicks, the same number for the
+    whole step; with probability ``after_box_fraction`` a click step is an after-box step instead: a
+    rough box, then U{1..``click_rounds``} clicks); the validation then also measures Dice after
+    1..3 simulated clicks (:func:`click_tuning.click_validation_dice`; with after-box steps also
+    after a rough box and 1..3 clicks, reported) and the state kept is the best mean of the box
     Dice and the click Dice (``val_select``: half the box mean, half the mean over click modalities
-    of Dice after 1 and after 3 clicks). The steps run in the project's one training loop (:func:`loop.run_loop`), an "epoch" of
+    of Dice after 1 and after 3 clicks from no box). The steps run in the project's one training loop (:func:`loop.run_loop`), an "epoch" of
     ``eval_every`` steps between validations (so ``steps`` must be a multiple of it); validation
     also at step 0. ``log`` (a :class:`RunLog`) gets the ``initial`` row, a ``step`` row per step
     and an ``epoch`` row per validation (``global_step``, ``val_mean``, ``val_dice`` per modality),
@@ -371,6 +375,10 @@ def tune_decoder(
         raise ValueError("prompt_free_fraction > 0 needs training samples with prompt-free boxes (cache_records(segmenter=...))")
     if not 0.0 <= click_fraction <= 1.0 or click_rounds < 0:
         raise ValueError(f"click_fraction must be in [0, 1] and click_rounds >= 0, got {click_fraction}, {click_rounds}")
+    if not 0.0 <= after_box_fraction <= 1.0 or (after_box_fraction > 0 and click_rounds < 1):
+        raise ValueError(f"after_box_fraction must be in [0, 1] (and click_rounds >= 1), got {after_box_fraction}")
+    if click_style not in CLICK_PROMPT_STYLES:
+        raise ValueError(f"click_style must be one of {', '.join(CLICK_PROMPT_STYLES)}, got {click_style!r}")
     click_pool = [i for i, s in enumerate(train) if s.modality in click_modalities]
     if click_fraction > 0 and not click_pool:
         raise ValueError(f"click_fraction > 0 needs training images of {', '.join(click_modalities)}")
@@ -393,8 +401,10 @@ def tune_decoder(
     def batches(epoch: int) -> Iterator[Batch]:
         while True:  # one draw per step, from the one generator: the draws of a single straight run
             if click_fraction > 0 and rng.random() < click_fraction:
-                rounds = int(rng.integers(0, click_rounds + 1))
-                embs, box, points, target = click_batch(train, click_pool, batch_size, rounds, rng, decode)
+                after_box = after_box_fraction > 0 and rng.random() < after_box_fraction
+                rounds = int(rng.integers(1 if after_box else 0, click_rounds + 1))
+                embs, box, points, target = click_batch(train, click_pool, batch_size, rounds, rng, decode,
+                                                        style=click_style, after_box=after_box)
                 yield embs, box, target, None, points
             elif prompt_free_fraction > 0:
                 yield (*_mixed_batch(train, with_pf, batch_size, jitter, prompt_free_fraction, prompt_free_jitter, rng),
@@ -423,7 +433,10 @@ def tune_decoder(
         if click_fraction > 0:
             was_training = decoder.training
             decoder.eval()
-            clicks = click_validation_dice(val, decode, clicks=3, modalities=click_modalities)
+            clicks = click_validation_dice(val, decode, clicks=3, modalities=click_modalities, style=click_style)
+            if after_box_fraction > 0:
+                out["val_after_box"] = click_validation_dice(val, decode, clicks=3, modalities=click_modalities,
+                                                             style=click_style, after_box=True)
             decoder.train(was_training)
             click_mean = float(np.mean([(d[0] + d[-1]) / 2 for d in clicks.values()])) if clicks else 0.0
             out.update(val_clicks=clicks, val_click_mean=click_mean, val_select=(out["val_mean"] + click_mean) / 2)
