@@ -135,7 +135,7 @@ def run_after_box(refiner: Any, target: np.ndarray, n_clicks: int, jitter: float
     clicks the largest error region ``n_clicks`` times, the clicks sent as the widget sends clicks
     that follow a drawn box. ``rule`` ``moved``: the drawn box moved by the clicks, one prompt;
     ``moved-or-mask``: that box and the extent of the object's last mask moved the same way
-    (``refine.next_click_boxes``; the regions holding a positive click, else the whole last mask),
+    (``refine.next_click_boxes``; the regions holding a positive click, else its largest region),
     the decoder keeps one. Each mask is written as the widget writes it: inside the drawn box and
     the box the clicks used."""
     from napari_delightsam.refine import mask_inside_box as inside
@@ -158,7 +158,7 @@ def run_after_box(refiner: Any, target: np.ndarray, n_clicks: int, jitter: float
         if rule == "moved":
             prompt = next_click_box(drawn, points, signs)
         else:
-            prompt = next_click_boxes(drawn, mask, points, signs, whole_mask_without_positive=True)
+            prompt = next_click_boxes(drawn, mask, points, signs, largest_region_without_positive=True)
         t0 = time.perf_counter()
         obj, _, used = refiner.segment_clicks(np.asarray(points), np.asarray(signs), prompt)
         seconds.append(time.perf_counter() - t0)

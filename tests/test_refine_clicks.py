@@ -502,6 +502,24 @@ def test_a_further_click_also_tries_the_extent_of_the_objects_last_mask():
     assert next_click_boxes(chosen, edge, [(185.5, 15.5)], [1])[1].tolist() == [168.0, 0.0, 200.0, 32.0]  # margin: 2 px
 
 
+def test_after_a_box_the_extent_candidate_is_the_object_the_negative_click_leaves():
+    """No positive click on the last mask (a negative click after a drawn box): the extent
+    candidate is its largest region (refine.unclaimed_object, the object a negative click keeps),
+    not the whole mask with a stray region far away, and not nothing."""
+    from napari_delightsam.refine import CLICK_MASK_MARGIN, next_click_boxes, unclaimed_object
+
+    drawn = np.array([0.0, 0.0, 200.0, 200.0])
+    last = np.zeros((200, 200), dtype=bool)
+    last[80:120, 60:100] = True  # the object the box found
+    last[170:180, 170:180] = True  # a stray region in a corner of the box
+    clicks, signs = [(175.5, 175.5)], [0]  # the negative click on the stray region
+    assert next_click_boxes(drawn, last, clicks, signs).shape == (1, 4)  # without the flag: the moved box alone
+    boxes = next_click_boxes(drawn, last, clicks, signs, largest_region_without_positive=True)
+    m = CLICK_MASK_MARGIN * 40
+    np.testing.assert_allclose(boxes[1], [60 - m, 80 - m, 100 + m, 120 + m])
+    assert np.array_equal(unclaimed_object(last, clicks, signs), last & (np.arange(200) < 150)[:, None])
+
+
 def test_clicks_move_the_box_they_are_sent_with():
     from napari_delightsam.refine import CLICK_PULL_BAND, next_click_box
 

@@ -268,13 +268,13 @@ def next_click_box(chosen: Any, points: Any, labels: Any) -> np.ndarray | None:
 
 
 def next_click_boxes(chosen: Any, last_mask: Any, points: Any, labels: Any, *,
-                     whole_mask_without_positive: bool = False) -> np.ndarray | None:
+                     largest_region_without_positive: bool = False) -> np.ndarray | None:
     """The candidate boxes (k, 4) for an object's next clicks when no box was drawn: the box its
     clicks last used moved by the clicks (:func:`next_click_box`), and the bounding box of its last
     mask's connected regions (8-connectivity) that hold a positive click, widened by
-    ``CLICK_MASK_MARGIN`` and moved by the clicks the same way (``whole_mask_without_positive``:
-    all of the last mask when no positive click lies on it, e.g. a negative click after a drawn
-    box) -- once a click has found the
+    ``CLICK_MASK_MARGIN`` and moved by the clicks the same way (``largest_region_without_positive``:
+    when no positive click lies on the last mask, e.g. a negative click after a drawn box, its
+    largest region -- the object :func:`unclaimed_object` keeps) -- once a click has found the
     object, its mask's extent is a tighter box than the square a first click chose, and LiteMedSAM
     reads the box more than the clicks. ``BoxRefiner.segment_clicks`` keeps one of them by the
     first click's rule (most clicks right, then the decoder's score). ``last_mask`` ((H, W) bool,
@@ -295,7 +295,8 @@ def next_click_boxes(chosen: Any, last_mask: Any, points: Any, labels: Any, *,
         pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         signs = np.asarray(labels).reshape(-1)
         hit = _regions_clicked(comps, pts[signs == 1])
-        region = np.isin(comps, sorted(hit)) if hit else (fg if whole_mask_without_positive and fg.any() else None)
+        region = (np.isin(comps, sorted(hit)) if hit
+                  else unclaimed_object(fg, pts, signs) if largest_region_without_positive else None)
         if region is not None:
             x0, y0, x1, y1 = (float(v) for v in mask_extent(region))
             mx = max(CLICK_MARGIN_MIN / 2, CLICK_MASK_MARGIN * (x1 - x0))

@@ -540,7 +540,7 @@ class RefineWidget(Container):
         # after a drawn box, before its first click, the mask the box wrote inside it)
         if state["box"] is not None:
             last = state["object"] if state["object"] is not None else mask_inside_box(state["snapshot"] != 0, state["box"])
-            box = next_click_boxes(state["box"], last, clicks, click_labels, whole_mask_without_positive=True)
+            box = next_click_boxes(state["box"], last, clicks, click_labels, largest_region_without_positive=True)
         else:
             box = next_click_boxes(state["chosen"], state["object"], clicks, click_labels)
         drawn = {"clicks": [[round(float(x), 2), round(float(y), 2), int(s)] for (x, y), s in zip(clicks, click_labels,

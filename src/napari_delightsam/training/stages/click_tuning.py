@@ -109,7 +109,7 @@ def _further_candidates(box: np.ndarray, mask: np.ndarray, points: Sequence[tupl
         moved = next_click_box(box, points, labels)
         assert moved is not None  # a box was given
         return np.clip(moved[None], 0, FRAME)
-    candidates = next_click_boxes(box, mask, points, labels, whole_mask_without_positive=after_box)
+    candidates = next_click_boxes(box, mask, points, labels, largest_region_without_positive=after_box)
     assert candidates is not None
     return np.clip(candidates, 0, FRAME)
 
