@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ...click_simulation import interior_point, next_click, random_interior_point
-from ...refine import click_candidate_boxes, mask_extent, next_click_box, next_click_boxes
+from ...refine import _clicked_pixel, click_candidate_boxes, mask_extent, next_click_box, next_click_boxes
 from ..evaluation.metrics import dice_score
 
 __all__ = [
@@ -75,7 +75,7 @@ def points_tensor(points: Sequence[Sequence[tuple[float, float]]], labels: Seque
 def _pixel_right(mask: np.ndarray, points: Sequence[tuple[float, float]], labels: Sequence[int]) -> int:
     """How many of the clicks ``mask`` ((256, 256) bool) gets right (a positive click inside it, a
     negative one outside)."""
-    return sum(bool(mask[min(int(y), FRAME - 1), min(int(x), FRAME - 1)]) == bool(sign)
+    return sum(bool(mask[_clicked_pixel(x, y, mask.shape)]) == bool(sign)
                for (x, y), sign in zip(points, labels, strict=True))
 
 
@@ -161,8 +161,10 @@ def click_batch(samples: Sequence[Any], pool: Sequence[int], batch_size: int, ro
         firsts.append(cands)
         if rounds == 0:
             boxes.append(cands[int(rng.integers(0, len(cands)))])
-        else:
+        elif style == "moved-box":
             boxes.append(cands[int(np.argmax(_box_iou(cands, mask_extent(target))))])
+        else:  # the widget's rule picks among ``firsts`` below
+            boxes.append(None)
     masks: list[np.ndarray] = []
     if rounds and style == "widget":
         with torch.no_grad():
@@ -183,6 +185,7 @@ def click_batch(samples: Sequence[Any], pool: Sequence[int], batch_size: int, ro
             labels[i] = [*labels[i], click[1]]
             candidates.append(_further_candidates(boxes[i], masks[i], points[i], labels[i], style, after_box))
         if style == "moved-box" or r == rounds - 1:
+            # (one candidate: no draw, so "moved-box" keeps the earlier runs' random stream)
             boxes = [c[int(rng.integers(0, len(c)))] if len(c) > 1 else c[0] for c in candidates]
         else:
             with torch.no_grad():
