@@ -23,10 +23,11 @@ what loads the machine).
 
 Python's full (generation 2) garbage collections are timed too (``gc_full_passes``: when,
 how long, in which case): in a napari process with torch loaded one walks every object the
-process holds and stalls the GUI thread wherever an allocation triggers it. The experiment
-``--gc-freeze-after-load`` calls ``gc.freeze()`` after each model load (the objects alive then
-are skipped by later passes); the package itself does not, since a napari layer deleted later
-would then never be collected (its reference cycles included).
+process holds and stalls the GUI thread wherever an allocation triggers it. The widgets freeze
+what is alive when they start work (``napari_delightsam.widgets.gc_policy``);
+``DELIGHTSAM_GC_FREEZE=0`` in the environment measures without. A last case removes the tiled
+case's layers (the policy's full collection then) and reports what the frozen generation held
+as garbage.
 """
 
 from __future__ import annotations
@@ -96,10 +97,11 @@ def _spin(app, until, timeout_s: float) -> bool:
 
 
 def _tiled_case(app, viewer, seg, probe: Probe, tile: np.ndarray, side: int,
-                gc_passes: list[dict[str, Any]] = ()) -> dict | None:
+                gc_passes: list[dict[str, Any]] = (), profile: bool = True) -> dict | None:
     """Segment a ``side``² RGB image (``tile`` repeated) as microscopy, tiling "auto", in the segment
     widget; the probe's gaps, the five longest with their stage, and the GUI-thread time of the
-    widget's result handler (mask threshold, fingerprint, three full-size layers)."""
+    widget's result handler (mask threshold, fingerprint, the mask layer), with its profile unless
+    ``profile`` is False (profiling slows it by about a third)."""
     reps = -(-side // tile.shape[0])
     large = np.tile(tile, (reps, reps, 1))[:side, :side].copy()
     viewer.add_image(large, name="large", rgb=True)
@@ -121,15 +123,19 @@ def _tiled_case(app, viewer, seg, probe: Probe, tile: np.ndarray, side: int,
         import io
         import pstats
 
-        prof = cProfile.Profile()
+        prof = cProfile.Profile() if profile else None
         start = time.perf_counter()
         try:
-            prof.runcall(handler, payload)
+            if prof is None:
+                handler(payload)
+            else:
+                prof.runcall(handler, payload)
         finally:
             spans.append((start, time.perf_counter()))
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
-            profile_lines.extend(_short_path(line.strip()) for line in out.getvalue().splitlines() if "/" in line)
+            if prof is not None:
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
+                profile_lines.extend(_short_path(line.strip()) for line in out.getvalue().splitlines() if "/" in line)
 
     seg._on_returned = timed  # looked up when the widget connects its worker's signals
     probe.start()
@@ -195,21 +201,33 @@ def _watch_full_gc() -> list[dict[str, Any]]:
     return passes
 
 
-def _freeze_after_model_loads() -> None:
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _remove_case(app, viewer, probe: Probe) -> dict[str, Any]:
+    """Remove the tiled case's layers (its input and the three outputs); the GUI-thread gaps
+    while napari removes them and the policy collects, the process's memory before and after,
+    then what a full collection of everything (frozen included) still finds as garbage."""
     import gc
 
-    from napari_delightsam.widgets import model_cache
-
-    load = model_cache.ModelCache.get
-
-    def get(self: Any, spec: str, device: str) -> Any:
-        fresh = not self.is_loaded(spec, device)
-        model = load(self, spec, device)
-        if fresh:
-            gc.freeze()
-        return model
-
-    model_cache.ModelCache.get = get
+    names = [layer.name for layer in viewer.layers if layer.name == "large" or layer.name.startswith("large ")]
+    rss_before = _rss_mb()
+    probe.start()
+    t0 = time.monotonic()
+    for name in names:
+        viewer.layers.remove(name)
+    _spin(app, lambda: time.monotonic() - t0 > 2.0, 10)
+    stats = probe.stop()
+    rss_after = _rss_mb()
+    frozen = gc.get_freeze_count()
+    gc.unfreeze()
+    start = time.perf_counter()
+    garbage = gc.collect()
+    return {**stats, "layers_removed": names, "rss_mb_before": round(rss_before), "rss_mb_after": round(rss_after),
+            "frozen_objects_after": frozen, "garbage_left_in_all_objects": garbage,
+            "full_collection_all_objects_ms": round((time.perf_counter() - start) * 1000, 1)}
 
 
 def _write(results: dict[str, Any], path: Path | None) -> None:
@@ -241,17 +259,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="side of the large image segmented tiled (0: leave the case out)")
     parser.add_argument("--skip-finetune", action="store_true", help="leave the fine-tune case out")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--gc-freeze-after-load", action="store_true",
-                        help="experiment: gc.freeze() after each model load (not what the package does)")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="time the tiled result handler without profiling it (profiling slows it)")
     args = parser.parse_args(argv)
     gc_passes = _watch_full_gc()
-    if args.gc_freeze_after_load:
-        _freeze_after_model_loads()
 
     import napari
     from qtpy.QtWidgets import QApplication
 
     from napari_delightsam.sample_data import load_sample
+    from napari_delightsam.widgets import gc_policy
 
     os.environ.setdefault("DELIGHTSAM_CONFIG_DIR", tempfile.mkdtemp(prefix="delightsam-bench-cfg-"))
     viewer = napari.Viewer(title="De-LightSAM responsiveness")
@@ -299,11 +316,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.tiled_size:
         _CASE[0] = "segment_tiled"
-        results["segment_tiled"] = _tiled_case(app, viewer, seg, probe, big, args.tiled_size, gc_passes)
+        results["segment_tiled"] = _tiled_case(app, viewer, seg, probe, big, args.tiled_size, gc_passes,
+                                                 profile=not args.no_profile)
         if results["segment_tiled"] is None:
             print("tiled segmentation did not finish", file=sys.stderr)
             return 1
-    results["gc_freeze_after_load"] = args.gc_freeze_after_load
+        _CASE[0] = "remove_layers"
+        results["remove_layers"] = _remove_case(app, viewer, probe)
+    results["gc_policy"] = gc_policy.enabled()
     results["gc_full_passes"] = gc_passes  # "_end" is dropped when written
     if args.skip_finetune:
         viewer.close()

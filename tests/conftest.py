@@ -9,6 +9,9 @@
   environment, so in-process CLI runs never try to join a process group.
 - ``load_script``: ``load_script("benchmarks/x.py")`` imports a repository script as a module
   (scripts are not part of the package).
+- ``_nothing_frozen`` (autouse): the widgets freeze the garbage collector's objects when they
+  start work (``widgets.gc_policy``); every test ends unfrozen, so no test keeps another's
+  objects alive.
 - ``shared_data_dir``: the real data folder (``$DELIGHTSAM_DATA`` or ``../shared/data`` beside the
   repository checkout); the test is skipped when it is absent.
 """
@@ -34,6 +37,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_frozen():
+    yield
+    import gc
+
+    gc.unfreeze()
 
 
 @pytest.fixture

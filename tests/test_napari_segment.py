@@ -362,6 +362,32 @@ def test_device_error_offers_retry_on_cpu(make_napari_viewer, qtbot, tiny_checkp
     assert widget.device_combo.currentText() == "cpu"
 
 
+def test_runs_freeze_the_collector_and_removed_layers_are_still_freed(make_napari_viewer, qtbot, tiny_checkpoint):
+    """gc_policy: a run freezes what is alive (full collections then skip it), a second run frees
+    the first one's result without a full collection of the frozen objects, and layers removed
+    from the viewer are freed although they were frozen."""
+    import gc
+    import weakref
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_sample_rgb(), name="lesion", rgb=True)
+    widget = _open(viewer, tiny_checkpoint)
+    widget.image_combo.value = viewer.layers["lesion"]
+    gc.unfreeze()
+    _run_and_wait(qtbot, widget)
+    assert gc.get_freeze_count() > 1000
+    first_run = weakref.ref(widget._last.run)
+    widget.threshold_slider.setValue(0.3)  # the same layers, updated in place
+    _run_and_wait(qtbot, widget)
+    gc.collect()
+    assert first_run() is None  # nothing frozen holds a finished run's result
+    layers = [weakref.ref(layer) for layer in viewer.layers]
+    assert len(layers) == 4
+    viewer.layers.clear()
+    assert gc.get_freeze_count() == 0  # unfrozen at the removal; collected a moment later
+    qtbot.waitUntil(lambda: all(ref() is None for ref in layers), timeout=5_000)
+
+
 def test_run_twice_and_delete_input_mid_run(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):
     holder = _install_spy(monkeypatch, delay=5.0)
     viewer = make_napari_viewer()

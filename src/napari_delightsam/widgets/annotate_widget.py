@@ -69,6 +69,7 @@ from .core import (
     utc_now,
     was_edited,
 )
+from .gc_policy import freeze_long_lived, release
 from .layer_warmup import start_layer_warmup
 from .model_cache import MODEL_CACHE, ModelCache
 from .model_combo import ModelCombo
@@ -324,6 +325,7 @@ class AnnotateWidget(QWidget):
         worker.finished.connect(lambda holder=holder, worker=worker: _release(holder, worker))
         self.finetune_button.setEnabled(False)
         self.learn_label.setText("Fine-tuning: preparing the saved images…")
+        freeze_long_lived(self.viewer)
         worker.start()
         return worker
 
@@ -527,6 +529,7 @@ class AnnotateWidget(QWidget):
         self._worker = worker
         self._worker_box["worker"] = worker
         self._set_status(f"Opening {entry.name}…")
+        freeze_long_lived(self.viewer)
         worker.start()
         return worker
 
@@ -565,6 +568,7 @@ class AnnotateWidget(QWidget):
         worker.returned.connect(lambda result, entry=entry: self._on_prefetched(entry, result))
         worker.errored.connect(lambda exc, entry=entry: self._on_prefetch_failed(entry))
         self._prefetch = entry
+        freeze_long_lived(self.viewer)
         worker.start()
 
     def _on_prefetched(self, entry: dict[str, Any], result: dict[str, Any]) -> None:
@@ -870,6 +874,7 @@ class AnnotateWidget(QWidget):
         self._draft_timer.stop()
         _quit(self._worker_box)
         self._unbind_keys()
+        release()
         super().closeEvent(event)
 
 

@@ -45,6 +45,7 @@ from ._llvm import avoid_triton_llvm_clash
 from .common import checkpoint_label, device_choices
 from .core import METADATA_KEY, check_output_dir, default_run_dir, guard_worker, output_names
 from .finetune_job import FinetuneSettings, TrainingPair, run_finetune
+from .gc_policy import freeze_long_lived, release
 from .notify import alive, notify
 
 if TYPE_CHECKING:
@@ -494,6 +495,7 @@ class FinetuneWidget(QWidget):
         self._last_tick = time.perf_counter()
         self._started_at = self._last_tick
         self._timer.start()
+        freeze_long_lived(self.viewer)
         worker.start()
         return worker
 
@@ -643,6 +645,7 @@ class FinetuneWidget(QWidget):
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802
         _stop_holder(self._holder)
+        release()
         super().closeEvent(event)
 
 

@@ -76,6 +76,7 @@ from .core import (
     prepare_layer,
     utc_now,
 )
+from .gc_policy import freeze_long_lived
 from .model_cache import ModelCache
 from .notify import alive, notify
 
@@ -695,6 +696,7 @@ class RefineWidget(Container):
             self._set_status(f"Refining the box {job.drawn.get('box')}…")
         elif job.refine_all:
             self._set_status(f"Refining every object of the mask of '{job.image_name}'…")
+        freeze_long_lived(self.viewer)
         worker.start()
 
     def _on_yielded(self, item: tuple) -> None:

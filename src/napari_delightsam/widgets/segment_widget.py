@@ -62,6 +62,7 @@ from .core import (
     utc_now,
     was_edited,
 )
+from .gc_policy import freeze_long_lived, release
 from .layer_warmup import start_layer_warmup
 from .model_cache import MODEL_CACHE, ModelCache
 from .model_combo import CHOOSE_FILE, MODEL_LABELS, ModelCombo
@@ -412,6 +413,7 @@ class SegmentWidget(QWidget):
         self._worker_box["worker"] = worker
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
+        freeze_long_lived(self.viewer)
         worker.start()
         return worker
 
@@ -742,6 +744,7 @@ class SegmentWidget(QWidget):
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
         self._closing = True
         _quit_worker(self._worker_box)
+        release()
         super().closeEvent(event)
 
 
