@@ -277,6 +277,14 @@ class _BrightRefiner:
         out[rows, cols] = grey[rows, cols] > 128
         return out
 
+    def segment_clicks(self, points, labels, box=None, existing=None):
+        """The bright pixels in the box, or in a 21-px square around the first click."""
+        if box is None or np.ndim(box) == 2 and not len(box):
+            x, y = points[0]
+            box = np.array([x - 10, y - 10, x + 10, y + 10])
+        box = np.asarray(box, dtype=float).reshape(-1, 4)[0]
+        return self.segment_box(box), 1.0, box
+
 
 def test_correct_with_a_box_of_the_refine_widget_then_save_and_next(make_napari_viewer, qtbot, tiny_checkpoint,
                                                                     tmp_path, monkeypatch):
@@ -306,5 +314,13 @@ def test_correct_with_a_box_of_the_refine_widget_then_save_and_next(make_napari_
         labels = _wait_for(qtbot, widget, "case1")
         assert "case0_delightsam_boxes" not in [layer.name for layer in viewer.layers]
         assert refine.image_picker.value is viewer.layers["case1"] and refine.labels_picker.value is labels
+        # a click on the next image is not added to the box drawn on the previous one (the panel
+        # shows it in the same image layer)
+        points = refine.start_clicks()
+        qtbot.waitUntil(lambda: refine.pending == 0, timeout=WAIT_MS)
+        points.add(np.array([[20.0, 25.0]]))
+        qtbot.waitUntil(lambda: refine.pending == 0 and len(refine.click_seconds) == 1, timeout=WAIT_MS)
+        click = labels.metadata["delightsam"]["boxes"][-1]
+        assert click["clicks"] == [[25.5, 20.5, 1]] and click["box"] is None
     finally:
         rw.REFINER_CACHE.clear()

@@ -201,8 +201,9 @@ class RefineWidget(Container):
         self.new_object_button.changed.connect(self.new_object)
         #: per clicks layer: the object being clicked (see _click_state)
         self._click_objects: dict[int, dict[str, Any]] = {}
-        #: the last box drawn (image layer weakref, box, slice): clicks that follow are added to it
-        self._last_box: tuple[weakref.ref, np.ndarray, int | None] | None = None
+        #: the last box drawn (image layer, its data then -- both weakly --, box, slice): clicks that
+        #: follow are added to it while the layer shows the same data
+        self._last_box: tuple[weakref.ref, Any, np.ndarray, int | None] | None = None
         self.click_seconds: list[float] = []  # worker time per click (for the benchmark line and tests)
         self.all_button.changed.connect(self.refine_all)
         self.image_picker.changed.connect(self._on_image_changed)
@@ -408,7 +409,9 @@ class RefineWidget(Container):
             notify("warning", f"box ignored: {exc}")
             return
         drawn = {"box": [round(float(v), 2) for v in box], "slice": z, "shape_index": index}
-        self._last_box = (weakref.ref(image), box, z)  # clicks from now on are added to this box
+        # clicks from now on are added to this box -- on this image: the layer and its data (the
+        # annotate panel shows the next image in the same layer)
+        self._last_box = (weakref.ref(image), _weak_data(image.data), box, z)
         self._reset_click_objects()
         self._submit(RefineJob(weakref.ref(image), weakref.ref(labels), prepared, z, box, self.device_combo.value,
                                mode=self.mode_combo.value, image_name=image.name, drawn=drawn))
@@ -565,9 +568,10 @@ class RefineWidget(Container):
         plane = np.array(labels.data[lead] if lead else labels.data)
         box = None
         if self._last_box is not None:
-            image_ref, last, last_z = self._last_box
+            image_ref, data_ref, last, last_z = self._last_box
             session = self._sessions.get(id(points))
-            if session is not None and image_ref() is session[1]() and last_z == z:
+            image = session[1]() if session is not None else None
+            if image is not None and image_ref() is image and data_ref() is image.data and last_z == z:
                 box = np.asarray(last, dtype=np.float64)
         value = int(np.asarray(labels.data).max()) + 1 if self.mode_combo.value == "instances" else 1
         state = {"labels_layer": weakref.ref(labels), "data": _weak_data(labels.data), "z": z, "snapshot": plane, "last": plane.copy(), "box": box,
