@@ -312,8 +312,18 @@ def test_correct_with_a_box_of_the_refine_widget_then_save_and_next(make_napari_
         assert saved[10:25, 15:35].all() and saved.sum() == 15 * 20
         assert json.loads((out / "case0.png.json").read_text())["boxes"][0]["box"] == [10.5, 5.5, 40.5, 30.5]
         labels = _wait_for(qtbot, widget, "case1")
+        # the boxes layer is the next image's now, emptied (removing a layer costs napari a full
+        # garbage collection), and a box drawn on it refines the next image
         assert "case0_delightsam_boxes" not in [layer.name for layer in viewer.layers]
+        assert shapes in viewer.layers and shapes.name == "case1_delightsam_boxes" and shapes.nshapes == 0
         assert refine.image_picker.value is viewer.layers["case1"] and refine.labels_picker.value is labels
+        _paint(labels, slice(0, 40), slice(0, 56), 0)
+        done = refine.refinements
+        shapes.add_rectangles([np.array([[5, 10], [5, 40], [30, 40], [30, 10]], dtype=float)])
+        qtbot.waitUntil(lambda: refine.pending == 0 and refine.refinements > done, timeout=WAIT_MS)
+        assert labels.data[10:25, 15:35].all() and labels.metadata["delightsam"]["boxes"][-1]["box"] == [
+            10.5, 5.5, 40.5, 30.5]
+        refine.new_object()  # the clicks below describe an object of their own, not added to this box
         # a click on the next image is not added to the box drawn on the previous one (the panel
         # shows it in the same image layer)
         points = refine.start_clicks()

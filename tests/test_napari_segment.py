@@ -362,7 +362,8 @@ def test_device_error_offers_retry_on_cpu(make_napari_viewer, qtbot, tiny_checkp
     assert widget.device_combo.currentText() == "cpu"
 
 
-def test_runs_freeze_the_collector_and_removed_layers_are_still_freed(make_napari_viewer, qtbot, tiny_checkpoint):
+def test_runs_freeze_the_collector_and_removed_layers_are_still_freed(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                                        monkeypatch):
     """gc_policy: a run freezes what is alive (full collections then skip it), a second run frees
     the first one's result without a full collection of the frozen objects, and layers removed
     from the viewer are freed although they were frozen."""
@@ -383,9 +384,15 @@ def test_runs_freeze_the_collector_and_removed_layers_are_still_freed(make_napar
     assert first_run() is None  # nothing frozen holds a finished run's result
     layers = [weakref.ref(layer) for layer in viewer.layers]
     assert len(layers) == 4
+    frozen_at_collections = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: (frozen_at_collections.append(gc.get_freeze_count()), real_collect(*a))[1])
+    viewer.layers.remove(viewer.layers[-1])  # one at a time: clear() collects once, at the end
     viewer.layers.clear()
-    assert gc.get_freeze_count() == 0  # unfrozen at the removal; collected a moment later
-    qtbot.waitUntil(lambda: all(ref() is None for ref in layers), timeout=5_000)
+    monkeypatch.setattr(gc, "collect", real_collect)
+    # napari collects on every removal (its canvas frees OpenGL objects so): nothing frozen by then
+    assert frozen_at_collections and set(frozen_at_collections) == {0}
+    qtbot.waitUntil(lambda: all(ref() is None for ref in layers), timeout=5_000)  # the policy's collection
 
 
 def test_run_twice_and_delete_input_mid_run(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):

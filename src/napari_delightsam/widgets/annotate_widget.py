@@ -74,6 +74,7 @@ from .layer_warmup import start_layer_warmup
 from .model_cache import MODEL_CACHE, ModelCache
 from .model_combo import ModelCombo
 from .notify import alive, notify
+from .refine_widget import reuse_prompt_layer
 
 if TYPE_CHECKING:
     import napari
@@ -692,19 +693,21 @@ class AnnotateWidget(QWidget):
     def _show(self, name: str, names: dict[str, str], image: np.ndarray, rgb: bool, heatmap: np.ndarray | None,
               mask: np.ndarray, record: dict[str, Any], tag: str) -> dict[str, Any]:
         """Put the image, its heatmap and its mask on screen. The previous image's layers are
-        reused (new data, new names): removing and adding layers costs napari far more (a garbage
-        collection per removed layer) than Save & next may take."""
+        reused (new data, new names), the refine widget's boxes and clicks layers too (emptied):
+        removing and adding layers costs napari far more (a full garbage collection per removed
+        layer) than Save & next may take."""
         old = {k: ref() for k, ref in (self._shown.get("layers") or {}).items()}
         old = {k: v for k, v in old.items() if v is not None and v in self.viewer.layers}
         previous_name = self._shown.get("name")
-        doomed = []
-        if previous_name:  # the refine widget's boxes/clicks layers of the previous image
-            doomed += [layer for layer in self.viewer.layers
+        prompts = []  # the refine widget's boxes/clicks layers of the previous image
+        if previous_name:
+            prompts = [layer for layer in self.viewer.layers
                        if (layer.metadata.get(METADATA_KEY, {}) or {}).get("image") == previous_name]
+        doomed = []
         reusable = old.get("image") is not None and bool(old["image"].rgb) == rgb and "labels" in old
         if not reusable:
-            doomed += list(old.values())
-            old = {}
+            doomed += list(old.values()) + prompts
+            old, prompts = {}, []
         kept = set(map(id, old.values()))
         for layer in list(self.viewer.layers):  # left by a closed annotate panel of this session
             if id(layer) not in kept and (layer.metadata.get(METADATA_KEY, {}) or {}).get("annotate") == tag:
@@ -723,6 +726,9 @@ class AnnotateWidget(QWidget):
             image_layer.reset_contrast_limits()
         else:
             image_layer = self.viewer.add_image(image, name=name, rgb=rgb, metadata=image_meta)
+        for layer in prompts:
+            if not reuse_prompt_layer(layer, image_layer):
+                self.viewer.layers.remove(layer)
         out: dict[str, Any] = {"image": image_layer}
         heat = old.get("heatmap")
         if heatmap is not None:

@@ -11,14 +11,16 @@ only what was made since.
 The policy (process-wide, as the collector is):
 
 * :func:`freeze_long_lived` runs when a widget starts work in a worker (a segmentation, an
-  image of the annotate panel, a box or click, a fine-tune): the young generations are collected
-  first (milliseconds), then everything alive is frozen -- modules, the model, the layers.
+  image of the annotate panel, a box or click, a fine-tune), and again once a segmentation's
+  model is loaded: the young generations are collected first (milliseconds), then everything
+  alive is frozen -- modules, the model, the layers.
 * A frozen object is never collected until it is unfrozen, and napari layers hold reference
-  cycles: when a layer is removed from a viewer whose widget froze, everything is unfrozen at
-  once (closing a viewer removes its layers first) and one full collection runs shortly after
-  (one pass for several removals); the next work a widget starts freezes again. Deleting a
-  layer therefore costs one full pass at the moment you delete it, instead of at a moment the
-  collector picks.
+  cycles: when a layer is about to be removed from a viewer whose widget froze, everything is
+  unfrozen (closing a viewer removes its layers first), so napari's own full collection on a
+  removal (its canvas frees the layer's OpenGL objects that way) runs as it would without the
+  policy; one more full collection follows 0.2 s later (once for several removals) and frees
+  the removed layers themselves, which the collector would otherwise keep until its next full
+  pass. The next work a widget starts freezes again.
 * Closing a widget unfreezes (:func:`release`): the collector is back to its defaults.
 * ``DELIGHTSAM_GC_FREEZE=0`` in the environment turns the policy off.
 """
@@ -53,13 +55,14 @@ def freeze_long_lived(viewer: Any = None) -> bool:
 
 
 def watch_viewer(viewer: Any) -> None:
-    """Unfreeze and collect once after any layer is removed from ``viewer`` (connected once)."""
-    viewer.layers.events.removed.connect(_on_layer_removed)  # napari ignores a second connect
+    """Unfreeze when a layer is about to be removed from ``viewer`` and collect once shortly
+    after (connected once)."""
+    viewer.layers.events.removing.connect(_on_layer_removing)  # napari ignores a second connect
 
 
-def _on_layer_removed(event: Any = None) -> None:
-    """Unfreeze at once (any collection from now on, napari's or the user's, can free the
-    layer) and collect a moment later, once for several removals."""
+def _on_layer_removing(event: Any = None) -> None:
+    """Unfreeze before napari removes the layer (and runs its own collection), and collect a
+    moment later, once for several removals."""
     global _collect_pending
     if _collect_pending or gc.get_freeze_count() == 0:
         return

@@ -986,6 +986,34 @@ def _refine_job(
             "model": model, "clicked": clicked}
 
 
+def reuse_prompt_layer(layer: Any, image: Any) -> bool:
+    """Empty a boxes or clicks layer of this widget and make it ``image``'s (renamed, its
+    metadata and geometry following ``image``): the annotate panel shows the next image in the same
+    image layer, and removing a layer costs napari a full garbage collection (0.4-0.7 s of frozen
+    window on a two-core CPU). False (and nothing changed) for any other layer."""
+    from napari.layers import Points, Shapes
+
+    record = (layer.metadata.get(METADATA_KEY, {}) or {})
+    kind = record.get("kind")
+    if not (kind == "boxes" and isinstance(layer, Shapes) or kind == "clicks" and isinstance(layer, Points)):
+        return False
+    plane = image.data.shape[-3:-1] if image.rgb else image.data.shape[-2:]
+    if kind == "boxes":
+        if layer.nshapes:  # the widget counts the rectangles by its "removed" events
+            layer.selected_data = set(range(layer.nshapes))
+            layer.remove_selected()
+        layer.current_edge_width = max(1.0, max(plane) / 300)
+        suffix = BOXES_SUFFIX
+    else:
+        layer.data = np.zeros((0, layer.ndim))
+        layer.current_size = max(3.0, max(plane) / 80)
+        suffix = CLICKS_SUFFIX
+    layer.scale, layer.translate = image.scale, image.translate
+    layer.metadata = {**layer.metadata, METADATA_KEY: {**record, "image": image.name}}
+    layer.name = f"{image.name}{suffix}"
+    return True
+
+
 def _weak_data(data: Any) -> Any:
     """A weak reference to a layer's data array (a strong one for types without weakrefs)."""
     try:

@@ -428,6 +428,7 @@ class SegmentWidget(QWidget):
             return
         kind = item[0]
         if kind == "loaded":
+            freeze_long_lived()  # the model just loaded is long-lived too: later passes skip it
             self._set_status(f"Segmenting with {item[1]}…")
         elif kind == "progress":
             done, total = item[1], item[2]
