@@ -15,7 +15,8 @@ bundled model (or ``--checkpoint``) on the CPU. Reported (medians):
 ``--box``: on every image the user first corrects with a box of the "De-LightSAM refine" widget
 (its LiteMedSAM, loaded and embedded in the background), so Save & next also clears the image's
 boxes layer. With every Save & next the longest gap of a 50 ms timer on the GUI thread is
-recorded from the key until a second after the mask is on screen (``--box`` or not).
+recorded from the key until a second after the mask is on screen (``--box`` or not). Last, the
+first image (saved: its mask, no heatmap) is opened again from the last one (segmented).
 
 The machine's load average is printed with them.
 """
@@ -128,6 +129,17 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.time()
             wait(lambda t1=t1: time.time() - t1 > 1.0)
             gaps[kind].append(probe.stop())
+        # back to the first image, saved (its mask, no heatmap), from the last one (segmented)
+        name = widget._labels().name
+        probe = _GapProbe()
+        t0 = time.perf_counter()
+        widget.jump(0)
+        wait(on_screen(name))
+        reopen = time.perf_counter() - t0
+        t1 = time.time()
+        wait(lambda: time.time() - t1 > 1.0)
+        reopen_gap = probe.stop()
+        wait(lambda: not widget.busy and widget._prefetch.get("worker") is None)  # no worker left running
         widget.close()
         app.processEvents()
         viewer.close()
@@ -139,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if values:
             print(f"  Save & next, {kind:15s} median {np.median(values):.3f} s over {len(values)}; longest GUI gap "
                   f"from the key to 1 s after: median {np.median(gaps[kind]):.0f} ms, max {max(gaps[kind]):.0f} ms")
+    print(f"  back to a saved image (its mask, no heatmap) {reopen:.3f} s; longest GUI gap {reopen_gap:.0f} ms")
     print(f"load average {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -169,6 +169,35 @@ def test_annotate_a_folder_save_next_close_reopen_resume(make_napari_viewer, qtb
     assert not _errors(), _errors()
 
 
+def test_an_image_without_a_heatmap_hides_the_heatmap_layer_instead_of_removing_it(make_napari_viewer, qtbot,
+                                                                                   tiny_checkpoint, tmp_path):
+    """A saved image has no heatmap: the layer stays (removing one costs napari a full garbage
+    collection), emptied and hidden, and the next segmented image shows it again as the user had it."""
+    import shutil
+
+    src, out = _folder(tmp_path), tmp_path / "masks"
+    shutil.copy(src / "case2.png", src / "case3.png")
+    viewer = make_napari_viewer()
+    _, widget = _open(viewer, tiny_checkpoint)
+    session = widget.start(src, out)
+    _wait_for(qtbot, widget, "case0")
+    heat = viewer.layers["case0_delightsam_heatmap"]
+    assert heat.visible and np.asarray(heat.data).any()
+    widget.save_and_next()
+    _wait_for(qtbot, widget, "case1")
+    for visible, segmented in ((True, "case2"), (False, "case3")):  # the user's choice survives
+        heat.visible = visible
+        widget.jump(session.index_of("case0.png"))  # saved: its mask, no heatmap
+        _wait_for(qtbot, widget, "case0")
+        assert heat in viewer.layers and heat.name == "case0_delightsam_heatmap (none)"
+        assert not heat.visible and not np.asarray(heat.data).any()
+        widget.jump(session.index_of(f"{segmented}.png"))  # not opened before: segmented
+        _wait_for(qtbot, widget, segmented)
+        assert heat in viewer.layers and heat.name == f"{segmented}_delightsam_heatmap" and heat.visible is visible
+        assert np.asarray(heat.data).any()
+    assert not _errors(), _errors()
+
+
 def test_a_mask_that_appears_meanwhile_is_not_replaced_without_asking(make_napari_viewer, qtbot, tiny_checkpoint,
                                                                       tmp_path, monkeypatch):
     src, out = _folder(tmp_path), tmp_path / "masks"

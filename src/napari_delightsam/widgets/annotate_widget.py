@@ -733,14 +733,25 @@ class AnnotateWidget(QWidget):
         heat = old.get("heatmap")
         if heatmap is not None:
             if heat is not None:
+                hidden = heat.metadata.get(METADATA_KEY, {}).get("hidden_while_empty")
                 heat.data = heatmap
                 heat.name = names["heatmap"]
+                heat.metadata = heat_meta
+                if hidden is not None:
+                    heat.visible = hidden  # as the user had it before an image without a heatmap
             else:
                 heat = self.viewer.add_image(heatmap, name=names["heatmap"], colormap="inferno", opacity=0.5,
                                              blending="translucent", contrast_limits=(0.0, 1.0), metadata=heat_meta)
             out["heatmap"] = heat
         elif heat is not None:
-            self.viewer.layers.remove(heat)
+            # this image has none (a saved mask, a draft): the layer is kept for the next image,
+            # emptied and hidden -- removing it would cost napari a full garbage collection
+            was = heat.metadata.get(METADATA_KEY, {}).get("hidden_while_empty", heat.visible)
+            heat.data = np.zeros(image.shape[:2], dtype=np.float32)
+            heat.name = f"{names['heatmap']} (none)"
+            heat.metadata = {METADATA_KEY: {**heat_meta[METADATA_KEY], "hidden_while_empty": was}}
+            heat.visible = False
+            out["heatmap"] = heat
         labels = old.get("labels")
         if labels is not None:
             labels.data = mask
