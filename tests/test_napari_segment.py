@@ -370,6 +370,8 @@ def test_runs_freeze_the_collector_and_removed_layers_are_still_freed(make_napar
     import gc
     import weakref
 
+    from napari_delightsam.widgets import gc_policy
+
     viewer = make_napari_viewer()
     viewer.add_image(_sample_rgb(), name="lesion", rgb=True)
     widget = _open(viewer, tiny_checkpoint)
@@ -388,11 +390,16 @@ def test_runs_freeze_the_collector_and_removed_layers_are_still_freed(make_napar
     real_collect = gc.collect
     monkeypatch.setattr(gc, "collect", lambda *a: (frozen_at_collections.append(gc.get_freeze_count()), real_collect(*a))[1])
     viewer.layers.remove(viewer.layers[-1])  # one at a time: clear() collects once, at the end
-    viewer.layers.clear()
     monkeypatch.setattr(gc, "collect", real_collect)
     # napari collects on every removal (its canvas frees OpenGL objects so): nothing frozen by then
     assert frozen_at_collections and set(frozen_at_collections) == {0}
-    qtbot.waitUntil(lambda: all(ref() is None for ref in layers), timeout=5_000)  # the policy's collection
+    qtbot.waitUntil(lambda: layers[-1]() is None, timeout=5_000)  # the policy's collection
+    # removed while nothing is frozen, then work starts at once: the layer is not frozen as garbage
+    viewer.layers.remove(viewer.layers[-1])
+    gc_policy.freeze_long_lived()
+    qtbot.waitUntil(lambda: layers[-2]() is None, timeout=5_000)
+    viewer.layers.clear()
+    qtbot.waitUntil(lambda: all(ref() is None for ref in layers), timeout=5_000)
 
 
 def test_run_twice_and_delete_input_mid_run(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):

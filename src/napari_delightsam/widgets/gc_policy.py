@@ -62,20 +62,21 @@ def watch_viewer(viewer: Any) -> None:
 
 def _on_layer_removing(event: Any = None) -> None:
     """Unfreeze before napari removes the layer (and runs its own collection), and collect a
-    moment later, once for several removals."""
+    moment later, once for several removals -- also when nothing is frozen right now: the removed
+    layer must not be frozen as garbage by the next work's freeze."""
     global _collect_pending
-    if _collect_pending or gc.get_freeze_count() == 0:
+    gc.unfreeze()
+    if _collect_pending:
         return
     from qtpy.QtCore import QTimer
 
-    gc.unfreeze()
     _collect_pending = True
     QTimer.singleShot(COLLECT_DELAY_MS, collect_after_removal)
 
 
 def collect_after_removal() -> int:
-    """Unfreeze (if a widget froze since) and run one full collection; the next work a widget
-    starts freezes again. Returns the number of objects collected."""
+    """Unfreeze (if a widget froze since the removal) and run one full collection; the next work
+    a widget starts freezes again. Returns the number of objects collected."""
     global _collect_pending
     _collect_pending = False
     gc.unfreeze()
