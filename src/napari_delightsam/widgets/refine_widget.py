@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -364,7 +365,7 @@ class RefineWidget(Container):
         else:
             layer = self.viewer.add_shapes(
                 ndim=image.ndim, name=name, scale=image.scale, translate=image.translate,
-                edge_color="yellow", face_color="transparent", edge_width=max(1.0, max(prepared.plane_shape) / 300),
+                edge_color="yellow", face_color="transparent", edge_width=_box_edge_width(prepared.plane_shape),
                 metadata={METADATA_KEY: {"kind": "boxes", "image": image.name}},
             )
         if id(layer) not in self._seen:
@@ -447,7 +448,7 @@ class RefineWidget(Container):
             layer = self.viewer.add_points(
                 np.zeros((0, image.ndim)), ndim=image.ndim, name=name, scale=image.scale, translate=image.translate,
                 features={"positive": np.zeros(0, dtype=bool)}, face_color=POSITIVE_COLOUR, border_color="black",
-                size=max(3.0, max(image.data.shape[-3:-1] if image.rgb else image.data.shape[-2:]) / 80),
+                size=_click_size(_plane_shape(image)),
                 metadata={METADATA_KEY: {"kind": "clicks", "image": image.name}},
             )
             ref = weakref.ref(self)
@@ -986,6 +987,21 @@ def _refine_job(
             "model": model, "clicked": clicked}
 
 
+def _plane_shape(image: Any) -> tuple[int, ...]:
+    """(H, W) of an image layer's planes (its last two axes, before the colour axis when RGB)."""
+    return tuple(image.data.shape[-3:-1] if image.rgb else image.data.shape[-2:])
+
+
+def _box_edge_width(plane: Sequence[int]) -> float:
+    """The boxes layer's line width for a plane of this size: visible, not hiding the object."""
+    return max(1.0, max(plane) / 300)
+
+
+def _click_size(plane: Sequence[int]) -> float:
+    """The clicks layer's point size for a plane of this size."""
+    return max(3.0, max(plane) / 80)
+
+
 def reuse_prompt_layer(layer: Any, image: Any) -> bool:
     """Empty a boxes or clicks layer of this widget and make it ``image``'s (renamed, its
     metadata and geometry following ``image``): the annotate panel shows the next image in the same
@@ -997,16 +1013,16 @@ def reuse_prompt_layer(layer: Any, image: Any) -> bool:
     kind = record.get("kind")
     if not (kind == "boxes" and isinstance(layer, Shapes) or kind == "clicks" and isinstance(layer, Points)):
         return False
-    plane = image.data.shape[-3:-1] if image.rgb else image.data.shape[-2:]
+    plane = _plane_shape(image)
     if kind == "boxes":
         if layer.nshapes:  # the widget counts the rectangles by its "removed" events
             layer.selected_data = set(range(layer.nshapes))
             layer.remove_selected()
-        layer.current_edge_width = max(1.0, max(plane) / 300)
+        layer.current_edge_width = _box_edge_width(plane)
         suffix = BOXES_SUFFIX
     else:
         layer.data = np.zeros((0, layer.ndim))
-        layer.current_size = max(3.0, max(plane) / 80)
+        layer.current_size = _click_size(plane)
         suffix = CLICKS_SUFFIX
     layer.scale, layer.translate = image.scale, image.translate
     layer.metadata = {**layer.metadata, METADATA_KEY: {**record, "image": image.name}}
