@@ -45,6 +45,7 @@ TINY_RECIPE = {
 
 def test_shipped_recipes_are_valid():
     from napari_delightsam.training.stages.appearance_head import HeadStageConfig
+    from napari_delightsam.training.stages.graft import GraftConfig
 
     for name in RECIPES:
         recipe = load_recipe(name)
@@ -52,6 +53,9 @@ def test_shipped_recipes_are_valid():
         for stage in recipe.stages:
             if stage.kind == "appearance-head":  # its own settings, not a TrainConfig
                 assert HeadStageConfig.from_dict(stage.config).steps > 0
+                continue
+            if stage.kind == "graft":  # copies an earlier stage's part: that stage is in the chain
+                assert GraftConfig.from_dict(stage.config).source_stage in [s.name for s in recipe.stages]
                 continue
             cfg = recipe.stage_config(stage)
             assert cfg.img_size == recipe.img_size

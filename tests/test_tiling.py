@@ -289,7 +289,7 @@ def test_tiles_skip_the_head_and_take_the_whole_images_colour_correction(seg, mo
 
     swap = np.eye(3)[::-1].copy()  # BGR -> RGB
     probs = np.full(len(seg.modalities), 1.0 / len(seg.modalities))
-    monkeypatch.setattr(tiling, "_whole_image_appearance", lambda s, a: (probs, swap))
+    monkeypatch.setattr(tiling, "_whole_image_appearance", lambda s, a: (probs, swap, False))
     seen: list[tuple[bool, torch.Tensor]] = []
     real_run = seg._run
 
@@ -316,8 +316,8 @@ def test_the_whole_image_appearance_pass_and_the_headless_forward(seg):
     from napari_delightsam import tiling
 
     grey = np.repeat(_image(200, 200)[..., :1], 3, axis=2)  # equal channels: never recoloured
-    probs, matrix = tiling._whole_image_appearance(seg, grey)
-    assert matrix is None and probs is not None
+    probs, matrix, darkfield = tiling._whole_image_appearance(seg, grey)
+    assert matrix is None and probs is not None and darkfield is (float(np.median(grey)) < 64)
     assert probs.shape == (len(seg.modalities),) and probs.sum() == pytest.approx(1.0, abs=1e-5)
     x = torch.randn(2, 3, seg.config.img_size, seg.config.img_size)
     mod = torch.tensor([seg.config.modality_index("microscopy")] * 2)

@@ -84,6 +84,10 @@ class ModelConfig:
     #: needs ``mask_stride`` 2): a small U-Net over the image, the stride-2 features and the logits
     #: that only these modalities run (e.g. ("fundus",) for retinal vessels)
     refiner_modalities: tuple[str, ...] = ()
+    #: modalities of ``refiner_modalities`` with a second refiner for their dark-field images
+    #: (grey with a dark median: fluorescence; ``model/image_rules.py``), named
+    #: ``<modality>_darkfield``; their other images keep the first
+    darkfield_refiners: tuple[str, ...] = ()
     #: the refiners' width at S/2 and number of levels (S/2, S/4, ...)
     refiner_width: int = 16
     refiner_levels: int = 3
@@ -121,6 +125,12 @@ class ModelConfig:
         if unknown or len(set(self.refiner_modalities)) != len(self.refiner_modalities):
             raise ValueError(
                 f"refiner_modalities must be distinct names from {', '.join(self.modalities)}; got {self.refiner_modalities!r}"
+            )
+        stray = [m for m in self.darkfield_refiners if m not in self.refiner_modalities]
+        if stray or len(set(self.darkfield_refiners)) != len(self.darkfield_refiners):
+            raise ValueError(
+                f"darkfield_refiners must be distinct names from refiner_modalities {list(self.refiner_modalities)}; "
+                f"got {self.darkfield_refiners!r}"
             )
         if self.refiner_modalities and self.mask_stride != 2:
             raise ValueError("refiner_modalities need mask_stride 2 (the refiners read the stride-2 stage)")
@@ -183,6 +193,11 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def darkfield_refiner_name(modality: str) -> str:
+    """The key of ``modality``'s dark-field refiner (``decoder.refiners.<key>.*``)."""
+    return f"{modality}_darkfield"
 
 
 def tiny_config(**changes: Any) -> ModelConfig:

@@ -382,8 +382,12 @@ class Segmenter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _forward_once(self, x: torch.Tensor, modality: torch.Tensor | None, run_head: bool = True) -> _BatchOutput:
-        kw = {} if run_head else {"run_head": False}  # the plain call unless the head is skipped
+    def _forward_once(
+        self, x: torch.Tensor, modality: torch.Tensor | None, run_head: bool = True, darkfield: torch.Tensor | None = None
+    ) -> _BatchOutput:
+        kw: dict[str, Any] = {} if run_head else {"run_head": False}  # the plain call unless the head is skipped
+        if darkfield is not None:
+            kw["darkfield"] = darkfield
         with torch.inference_mode():
             with self._autocast():
                 if self._compiled is not None:
@@ -406,10 +410,12 @@ class Segmenter:
         return _BatchOutput(out.mask_logits.float(), out.patch_logits.float(), out.modality, logits,
                             colour_matrix=None if colour is None else colour.float())
 
-    def _forward_guarded(self, x: torch.Tensor, modality: torch.Tensor | None, run_head: bool = True) -> _BatchOutput:
+    def _forward_guarded(
+        self, x: torch.Tensor, modality: torch.Tensor | None, run_head: bool = True, darkfield: torch.Tensor | None = None
+    ) -> _BatchOutput:
         """One forward with the fallbacks: bf16 -> fp32 on failure; CUDA OOM -> smaller batches."""
         try:
-            return self._forward_once(x, modality, run_head)
+            return self._forward_once(x, modality, run_head, darkfield)
         except _OOM_ERRORS:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -422,8 +428,10 @@ class Segmenter:
             half = n // 2
             log.warning("out of memory with a batch of %d on %s; retrying with %d", n, self.device, half)
             return _merge_outputs([
-                self._forward_guarded(x[:half], None if modality is None else modality[:half], run_head),
-                self._forward_guarded(x[half:], None if modality is None else modality[half:], run_head),
+                self._forward_guarded(x[:half], None if modality is None else modality[:half], run_head,
+                                      None if darkfield is None else darkfield[:half]),
+                self._forward_guarded(x[half:], None if modality is None else modality[half:], run_head,
+                                      None if darkfield is None else darkfield[half:]),
             ])
         except RuntimeError as exc:
             if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
@@ -434,18 +442,23 @@ class Segmenter:
                 raise
             warnings.warn(f"bf16 inference failed ({exc}); falling back to fp32", stacklevel=2)
             self.precision = "fp32"
-            return self._forward_once(x, modality, run_head)
+            return self._forward_once(x, modality, run_head, darkfield)
 
-    def _run(self, batch: list[PreparedImage], modality: list[int | None], *, run_head: bool = True) -> _BatchOutput:
+    def _run(
+        self, batch: list[PreparedImage], modality: list[int | None], *, run_head: bool = True, darkfield: bool | None = None
+    ) -> _BatchOutput:
         """One network call over ``batch``; ``run_head=False`` (every modality given) skips the
-        modality/appearance head (no modality logits, no colour correction)."""
+        modality/appearance head (no modality logits, no colour correction). ``darkfield`` (with
+        ``run_head=False``: the tiles of one image) sends the whole batch through a dark-field
+        refiner or not (None: each input's own pixels decide, ``model/image_rules.py``)."""
         x = torch.cat([p.tensor for p in batch]).contiguous(memory_format=self.memory_format)
         t0 = time.perf_counter()
         if not run_head:
             if any(m is None for m in modality):
                 raise ValueError("run_head=False needs every modality given")
             mod = torch.tensor(modality, dtype=torch.long, device=self.device)
-            out = self._forward_guarded(x, mod, run_head=False)
+            dark = None if darkfield is None else torch.full((len(batch),), bool(darkfield), device=self.device)
+            out = self._forward_guarded(x, mod, run_head=False, darkfield=dark)
         elif all(m is None for m in modality):
             out = self._forward_guarded(x, None)
         elif any(m is None for m in modality):

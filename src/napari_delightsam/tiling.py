@@ -47,6 +47,8 @@ The modality/appearance head runs once per image, on the whole image at S² (mod
 probabilities, and the colour correction of a colour image it finds shifted, applied to the
 working image); tiles run without it (``Segmenter._run(run_head=False)``): per tile it recoloured
 151 of 270 fundus mosaic tiles, a crop of a retina being unlike the whole retinas it learned.
+The whole image also decides whether a modality with a dark-field refiner uses it for every tile
+(``model/image_rules.py``): a tile crowded with fluorescent nuclei is not dark, its image is.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .model.image_rules import darkfield_rows
 from .preprocess import PrepInfo, prepare_array, to_model_tensor
 
 if TYPE_CHECKING:
@@ -357,12 +360,15 @@ def training_tiles(image: Any, mask: np.ndarray, modality: str, input_size: int,
     return tiles
 
 
-def _whole_image_appearance(seg: Segmenter, arr: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _whole_image_appearance(seg: Segmenter, arr: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, bool]:
     """The modality/appearance head once, on the whole image at S² (as whole-image inference sees
     it): (modality probabilities (K,) or None, the colour correction (3,3) or None when there is
-    none). The tiles then run without the head: a tile alone may look like another modality or
-    colour, and the head costs ~5-10 % of a tile's forward."""
+    none, whether the image is dark-field: ``model/image_rules.py``). The tiles then run without
+    the head and with the whole image's dark-field decision: a tile alone may look like another
+    modality or colour (a tile full of nuclei is not dark), and the head costs ~5-10 % of a
+    tile's forward."""
     x = to_model_tensor(arr, seg.config.img_size, seg.device).contiguous(memory_format=seg.memory_format)
+    darkfield = bool(darkfield_rows(x)[0])
     with torch.inference_mode(), seg._autocast():
         _, _, logits, mats = seg.model.stage0(x, correct_colour=None)
     probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy() if logits is not None else None
@@ -370,7 +376,7 @@ def _whole_image_appearance(seg: Segmenter, arr: np.ndarray) -> tuple[np.ndarray
     if mats is not None:
         m = mats[0].float().cpu().numpy()
         matrix = None if np.allclose(m, np.eye(3), atol=1e-6) else m
-    return probs, matrix
+    return probs, matrix, darkfield
 
 
 def _recolour(work: np.ndarray, matrix: np.ndarray, rows: int = 512) -> np.ndarray:
@@ -468,7 +474,7 @@ def _run_tiles(
     from .model.appearance_head import describe_correction
 
     t0 = time.perf_counter()
-    mod_probs, colour = _whole_image_appearance(seg, arr)
+    mod_probs, colour, darkfield = _whole_image_appearance(seg, arr)
     work = _working_image(arr, plan)
     if colour is not None and work.shape[2] == 3:
         work = _recolour(work if work is not arr else work.copy(), colour)
@@ -500,7 +506,7 @@ def _run_tiles(
             for y, x, _ in chunk
         ]
         prep_seconds += time.perf_counter() - t
-        out = seg._run(prepared, [index] * len(chunk), run_head=False)
+        out = seg._run(prepared, [index] * len(chunk), run_head=False, darkfield=darkfield)
         model_seconds += out.seconds
         with torch.inference_mode():
             mask_logits = out.mask_logits[:, 0]

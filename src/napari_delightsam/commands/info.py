@@ -161,6 +161,7 @@ def gather_info(checkpoint: str | None, img_size: int | None) -> dict[str, Any]:
         "img_size": cfg.img_size,
         "modalities": list(cfg.modalities),
         "refiner_modalities": list(cfg.refiner_modalities),
+        "darkfield_refiners": list(cfg.darkfield_refiners),
         "parameters": params,
         # at the model's own input size (or --img-size): what one call costs
         "flops": _flops_dict(flops),
@@ -182,6 +183,12 @@ def gather_info(checkpoint: str | None, img_size: int | None) -> dict[str, Any]:
     if note:
         info["note"] = note
     return info
+
+
+def _refined(info: dict[str, Any]) -> str:
+    """"fundus, microscopy (+ dark-field microscopy)": the modalities that run a refiner."""
+    dark = info.get("darkfield_refiners") or []
+    return ", ".join(info["refiner_modalities"]) + (f" (+ dark-field {', '.join(dark)})" if dark else "")
 
 
 def _m(n: float) -> str:
@@ -207,7 +214,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"    total          {_m(p['total']):>10}  ({p['total']:,})",
         f"    shared         {_m(p['shared']):>10}  ({p['shared']:,})",
         f"    per modality   {_m(p['per_modality']):>10}  ({p['per_modality']:,})",
-        *([f"    refiners       {_m(p['refiners']):>10}  ({p['refiners']:,}) for {', '.join(info['refiner_modalities'])}"] if "refiners" in p else []),
+        *([f"    refiners       {_m(p['refiners']):>10}  ({p['refiners']:,}) for {_refined(info)}"] if "refiners" in p else []),
         f"    active         {_m(p['active']):>10}  ({p['active']:,}) = shared + one modality"
         + (" (+ its refiner)" if "refiners" in p else "")
         + f"   paper {PAPER_PARAMS / 1e6:.2f} M ({_pct(paper['active_params_rel_diff'])})",

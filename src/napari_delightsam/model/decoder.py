@@ -22,9 +22,10 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, darkfield_refiner_name
 from .controller import single_modality
 from .detail import FineUpscale, ImageDetail, MaskRefiner, Stage0Detail
+from .image_rules import darkfield_rows
 
 
 class QMDecoder(nn.Module):
@@ -50,11 +51,13 @@ class QMDecoder(nn.Module):
         self.fine = FineUpscale(dim // 8, cfg.fine_hidden) if cfg.mask_stride == 2 else None
         n_hyper = cfg.num_modalities if cfg.per_modality_hypernetworks else 1
         self.hypernetworks = nn.ModuleList([MLP(dim, dim, dim // 8, 3) for _ in range(n_hyper)])
-        #: one refiner per listed modality, keyed by its name (``decoder.refiners.<modality>.*``)
-        self.refiners = nn.ModuleDict(
-            {m: MaskRefiner(dim // 8, cfg.refiner_width, cfg.refiner_levels) for m in cfg.refiner_modalities}
-        )
+        #: one refiner per listed modality, keyed by its name (``decoder.refiners.<modality>.*``),
+        #: and a second one for the dark-field images of a modality in ``cfg.darkfield_refiners``
+        #: (``decoder.refiners.<modality>_darkfield.*``, ``image_rules.darkfield_rows``)
+        names = [*cfg.refiner_modalities, *(darkfield_refiner_name(m) for m in cfg.darkfield_refiners)]
+        self.refiners = nn.ModuleDict({n: MaskRefiner(dim // 8, cfg.refiner_width, cfg.refiner_levels) for n in names})
         self._refiner_index = {cfg.modalities.index(m): m for m in cfg.refiner_modalities}
+        self._darkfield_index = {cfg.modalities.index(m): darkfield_refiner_name(m) for m in cfg.darkfield_refiners}
 
     def forward(
         self,
@@ -62,12 +65,14 @@ class QMDecoder(nn.Module):
         modality: torch.Tensor,
         stage0: torch.Tensor | None = None,
         image: torch.Tensor | None = None,
+        darkfield: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """h (B,C,g,g) already fused with the dense prompt; modality (B,) -> logits (B,1,4g,4g),
         or (B,1,8g,8g) with ``mask_stride = 2``.
 
         ``stage0`` (B,C0,2g,2g) and ``image`` (B,3,16g,16g, normalised) feed the detail skips
-        and the fine stage of a decoder built with them (and are ignored otherwise).
+        and the fine stage of a decoder built with them (and are ignored otherwise); ``darkfield``
+        (B,) bool picks the dark-field refiner where the modality has one (None: ``image`` decides).
         """
         b, c, g, _ = h.shape
         pe = self.pe_layer((g, g)).unsqueeze(0).to(h.dtype)
@@ -81,23 +86,38 @@ class QMDecoder(nn.Module):
         weights = self._hyper_weights(hs, modality)  # (B, c/8)
         logits = torch.bmm(weights.unsqueeze(1), up.flatten(2)).view(b, 1, up.shape[-2], up.shape[-1])
         if self.refiners:
-            logits = self._refine(logits, up, image, modality)
+            logits = self._refine(logits, up, image, modality, darkfield)
         return logits
 
     def _refine(
-        self, logits: torch.Tensor, up: torch.Tensor, image: torch.Tensor | None, modality: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        up: torch.Tensor,
+        image: torch.Tensor | None,
+        modality: torch.Tensor,
+        darkfield: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The rows of each refined modality through its refiner; the other rows unchanged."""
+        """The rows of each refined modality through its refiner (a dark-field row of a modality
+        with a dark-field refiner through that one); the other rows unchanged."""
         assert image is not None  # a refiner needs the stride-2 stage, which already required it
         single = single_modality(modality)
-        if single is not None:
+        if single is not None and single not in self._darkfield_index:
             name = self._refiner_index.get(single)
             return logits if name is None else self.refiners[name](image, up, logits)
         for k, name in self._refiner_index.items():
             rows = torch.nonzero(modality == k).flatten()
-            if rows.numel():
-                refined = self.refiners[name](image[rows], up[rows], logits[rows])
-                logits = logits.index_copy(0, rows, refined.to(logits.dtype))
+            if not rows.numel():
+                continue
+            groups = [(rows, name)]
+            if k in self._darkfield_index:
+                dark = darkfield_rows(image[rows]) if darkfield is None else darkfield.to(rows.device)[rows].bool()
+                groups = [(rows[~dark], name), (rows[dark], self._darkfield_index[k])]
+            for part, refiner in groups:
+                if part.numel() == logits.shape[0]:  # the whole batch: no gather / scatter
+                    return self.refiners[refiner](image, up, logits)
+                if part.numel():
+                    refined = self.refiners[refiner](image[part], up[part], logits[part])
+                    logits = logits.index_copy(0, part, refined.to(logits.dtype))
         return logits
 
     def _upscale(

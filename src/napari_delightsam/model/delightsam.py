@@ -15,6 +15,7 @@ from ..config import PIXEL_MEAN, PIXEL_STD, ModelConfig
 from .appearance_head import AppearanceHead
 from .decoder import QMDecoder
 from .encoder import DCEncoder
+from .image_rules import GREY_SPREAD, channel_spread, to_pixels
 from .prompt_generator import SPGenerator
 
 
@@ -74,6 +75,7 @@ class DeLightSAM(nn.Module):
         use_controller: bool = True,
         correct_colour: bool | None = None,
         run_head: bool = True,
+        darkfield: torch.Tensor | None = None,
     ) -> DeLightSAMOutput:
         """images (B,3,S,S) normalised; modality (B,) long, or None to use the modality head.
 
@@ -83,7 +85,11 @@ class DeLightSAM(nn.Module):
 
         ``run_head=False`` (a given ``modality`` only) skips the modality/appearance head: no
         modality logits, no colour correction (tiled inference decides both once for the whole
-        image and runs its tiles this way)."""
+        image and runs its tiles this way).
+
+        ``darkfield`` (B,) bool: which images a modality with a dark-field refiner
+        (``ModelConfig.darkfield_refiners``) sends through it; None: each image's own pixels
+        decide (``image_rules.darkfield_rows``; tiled inference decides once for the whole image)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B,3,S,S), got {tuple(images.shape)}")
         if run_head:
@@ -101,7 +107,7 @@ class DeLightSAM(nn.Module):
             raise ValueError(f"modality must have shape ({images.shape[0]},), got {tuple(modality.shape)}")
         h = self.encoder.forward_vit(feats, modality if use_controller else None)
         patch_logits, dense = self.prompt_generator(h)
-        mask_logits = self.decoder(h + dense, modality, stage0=feats, image=images)
+        mask_logits = self.decoder(h + dense, modality, stage0=feats, image=images, darkfield=darkfield)
         return DeLightSAMOutput(mask_logits, patch_logits, modality, modality_logits, h, colour_matrix)
 
     def stage0(
@@ -129,9 +135,8 @@ class DeLightSAM(nn.Module):
         assert isinstance(head, AppearanceHead)
         mean = torch.tensor(PIXEL_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(PIXEL_STD, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-        raw = images.float() * std + mean
-        spread = (raw[:, 0] - raw[:, 1]).abs().mean((1, 2)) + (raw[:, 1] - raw[:, 2]).abs().mean((1, 2))
-        colour = spread > 2.0  # grey images (equal channels) are never changed
+        raw = to_pixels(images)
+        colour = channel_spread(raw) > GREY_SPREAD  # grey images (equal channels) are never changed
         mats, changed = head.correction(app, colour)
         logits = app.modality_logits
         if bool(changed.any()):

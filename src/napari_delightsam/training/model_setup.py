@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ModelConfig, tiny_config
+from ..config import ModelConfig, darkfield_refiner_name, tiny_config
 from ..model import DeLightSAM
 from .config import TrainConfig
 from .errors import TrainingError
@@ -110,7 +110,8 @@ def _added_by_override(key: str, stored: ModelConfig, wanted: ModelConfig) -> bo
     if key.startswith("decoder.fine."):
         return stored.mask_stride != wanted.mask_stride
     if key.startswith("decoder.refiners."):
-        return key.split(".")[2] not in stored.refiner_modalities
+        stored_names = {*stored.refiner_modalities, *(darkfield_refiner_name(m) for m in stored.darkfield_refiners)}
+        return key.split(".")[2] not in stored_names
     return False
 
 

@@ -40,9 +40,9 @@ from ..errors import TrainingError
 __all__ = ["RECIPES", "Recipe", "RecipeStage", "cache_folder_name", "export_model", "load_recipe", "run_recipe"]
 
 #: the recipes shipped with the package (``training/stages/recipes/<name>.json``)
-RECIPES = ("v1", "v2", "v2.1", "v2.2", "v2.3")
+RECIPES = ("v1", "v2", "v2.1", "v2.2", "v2.3", "v2.4")
 #: what a stage may be
-STAGE_KINDS = ("heads", "train", "refiner", "appearance-head")
+STAGE_KINDS = ("heads", "train", "refiner", "appearance-head", "graft")
 DONE = "stage.done"
 SPLITS = "splits.json"
 CACHE = "cache"
@@ -61,7 +61,8 @@ class RecipeStage:
     #: "heads" (on the embedding cache), "train" (end to end), "refiner" (one modality's
     #: MaskRefiner on its cached inputs, ``refiner_stage``) or "appearance-head" (v2's modality,
     #: channel-order and hue head on the frozen stage 0, ``appearance_head``; its config holds
-    #: ``HeadStageConfig`` fields, not ``TrainConfig`` ones)
+    #: ``HeadStageConfig`` fields, not ``TrainConfig`` ones) or "graft" (a part of an earlier
+    #: stage's model copied into a new part of this one, ``graft``; ``GraftConfig`` fields)
     kind: str
     #: TrainConfig fields of the stage (``init: "previous"`` = the previous stage's best)
     config: dict[str, Any]
@@ -124,6 +125,14 @@ class Recipe:
 
                 try:
                     HeadStageConfig.from_dict(s.config)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"recipe stage {s.name!r}: {exc}") from None
+                continue
+            if s.kind == "graft":
+                from .graft import GraftConfig
+
+                try:
+                    GraftConfig.from_dict(s.config)
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"recipe stage {s.name!r}: {exc}") from None
                 continue
@@ -327,6 +336,11 @@ def run_recipe(
             last_best = folder / BEST
             init = str(last_best)
             continue
+        if stage.kind == "graft":
+            _run_graft_stage(stage, folder, out, init, emit)
+            last_best = folder / BEST
+            init = str(last_best)
+            continue
         cfg = recipe.stage_config(
             stage, init=init, device=device, splits_file=str(split_path.resolve()), select_on=select_on
         )
@@ -370,6 +384,31 @@ def run_recipe(
     exported = export_model(recipe, last_best, stages_meta, target, final=until is None)
     emit({"event": "recipe", "stage": "export", "status": "done", "path": str(exported)})
     return exported
+
+
+def _run_graft_stage(stage: RecipeStage, folder: Path, out: Path, init: str, emit: ProgressFn) -> None:
+    """A "graft" stage (``graft.graft``): ``init`` with a part copied from an earlier stage's best."""
+    from .graft import GraftConfig, graft
+    from .trainer import BEST
+
+    if (folder / DONE).is_file():
+        emit({"event": "recipe", "stage": stage.name, "status": "skipped (done)"})
+        return
+    cfg = GraftConfig.from_dict(stage.config)
+    source = out / cfg.source_stage / BEST
+    if not source.is_file():
+        raise TrainingError(
+            f"stage {stage.name} copies from stage {cfg.source_stage}, whose best checkpoint {source} is missing "
+            "(a run started with --start-at: put that stage's model file there first)"
+        )
+    emit({"event": "recipe", "stage": stage.name, "status": "start"})
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        graft(init, source, folder / BEST, cfg)
+    except ValueError as exc:
+        raise TrainingError(f"stage {stage.name}: {exc}") from None
+    (folder / DONE).write_text(json.dumps({"source": cfg.source_stage}), encoding="utf-8")
+    emit({"event": "recipe", "stage": stage.name, "status": "done"})
 
 
 def cache_folder_name(stage: str, heads_stages: list[str]) -> str:
