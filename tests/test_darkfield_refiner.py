@@ -195,3 +195,23 @@ def test_tiles_take_the_whole_images_darkfield_decision(monkeypatch):
     monkeypatch.setattr(seg, "_run", spy)
     res = seg.segment(img, "microscopy", tiling="on", tile_scale=1.0, tile_overlap=16)
     assert res.tiling["tiles"] > 1 and seen and all(d is True for d in seen)
+
+
+def test_a_refiner_stage_records_only_the_images_its_refiner_receives(tmp_path: Path):
+    from PIL import Image
+
+    from napari_delightsam.data import discover
+    from napari_delightsam.training.stages.refiner_stage import record_refiner_inputs
+
+    folder = tmp_path / "data" / "microscopy" / "m"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for name, img in (("bright", _brightfield()), ("dark", _fluorescence()), ("bright2", _brightfield(seed=4))):
+        Image.fromarray(img.astype(np.uint8)).save(folder / "images" / f"{name}.png")
+        Image.fromarray(((img.mean(2) > 128) * 255).astype(np.uint8)).save(folder / "masks" / f"{name}.png")
+    records = sorted(discover(tmp_path / "data"), key=lambda r: r.sample_id)
+    model = _model()
+    rows = record_refiner_inputs(model, "microscopy", records, torch.device("cpu"), train=True)
+    assert [r.sample_id for r in rows.records] == ["bright", "bright2"] and rows.image.shape[0] == 2
+    plain = record_refiner_inputs(_model(darkfield=()), "microscopy", records, torch.device("cpu"), train=True)
+    assert len(plain) == 3

@@ -134,6 +134,8 @@ def record_refiner_inputs(
 ) -> RefinerRows:
     """Run ``model`` over ``records`` (all of ``modality``) and keep what its refiner for it receives.
 
+    An image the refiner does not receive (a dark-field image of a modality with a dark-field
+    refiner, ``ModelConfig.darkfield_refiners``) is left out: this refiner never corrects it.
     ``train``: ground truth area-resized to the input size (else kept at the original size);
     ``progress(done, total)`` after each image."""
     from ...data import load_pair
@@ -148,14 +150,20 @@ def record_refiner_inputs(
     handle = refiner.register_forward_pre_hook(grab)
     index = torch.tensor([model.config.modalities.index(modality)], device=device)
     size = model.config.img_size
-    images, features, logits, truth = [], [], [], []
+    images, features, logits, truth, kept = [], [], [], [], []
     was_training = model.training
     model.eval()
     try:
-        for record in records:
+        for done, record in enumerate(records, 1):
             image, gt = load_pair(record)
             arr, _ = prepare_array(image)
+            seen.clear()
             model(to_model_tensor(arr, size, device), index)
+            if progress is not None:
+                progress(done, len(records))
+            if not seen:  # routed to another refiner
+                continue
+            kept.append(record)
             images.append(seen["image"][0].to("cpu", torch.float16))
             features.append(seen["features"][0].to("cpu", torch.float16))
             logits.append(seen["logits"][0].to("cpu", torch.float32))
@@ -163,17 +171,15 @@ def record_refiner_inputs(
             truth.append(
                 F.interpolate(mask[None, None].float(), size=(size, size), mode="area")[0] if train else mask
             )
-            if progress is not None:
-                progress(len(truth), len(records))
     finally:
         handle.remove()
         model.train(was_training)
-    if not records:
+    if not kept:
         empty = torch.zeros(0)
         return RefinerRows([], [], empty, empty, empty, [])
     return RefinerRows(
-        [r.key for r in records],
-        list(records),
+        [r.key for r in kept],
+        kept,
         torch.stack(images),
         torch.stack(features),
         torch.stack(logits),
