@@ -195,6 +195,17 @@ def test_tiles_take_the_whole_images_darkfield_decision(monkeypatch):
     monkeypatch.setattr(seg, "_run", spy)
     res = seg.segment(img, "microscopy", tiling="on", tile_scale=1.0, tile_overlap=16)
     assert res.tiling["tiles"] > 1 and seen and all(d is True for d in seen)
+    assert res.refiner == "microscopy_darkfield"
+
+
+def test_each_result_names_the_refiner_that_corrected_it():
+    seg = Segmenter(_model(), device="cpu", fast=False)
+    fluo, bright = _fluorescence().astype(np.uint8), _brightfield().astype(np.uint8)
+    results = seg.segment_batch([fluo, bright, fluo, bright], ["microscopy", "microscopy", "fundus", "dermoscopy"])
+    assert [r.refiner for r in results] == ["microscopy_darkfield", "microscopy", "fundus", None]
+    assert seg.segment(fluo[..., 0], "microscopy").refiner == "microscopy_darkfield"  # a 2D grey image
+    plain = Segmenter(_model(darkfield=()), device="cpu", fast=False)
+    assert plain.segment(fluo, "microscopy").refiner == "microscopy"
 
 
 def test_a_refiner_stage_records_only_the_images_its_refiner_receives(tmp_path: Path):

@@ -649,6 +649,7 @@ def test_large_microscopy_image_is_tiled_with_progress_and_provenance(make_napar
     assert mask.data.shape == (300, 260)
     record = mask.metadata[core.METADATA_KEY]
     assert record["tiling"] == "auto" and record["tiles"]["tiles"] == holder["spy"].batches > 1
+    assert record["refiner"] is None  # the tiny test model has no refiner (the bundled one names its own)
     assert widget.progress_bar.value() == widget.progress_bar.maximum() == 1  # the plane is done
 
     widget.tiling_combo.setCurrentText("off")

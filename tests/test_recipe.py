@@ -74,7 +74,7 @@ def test_shipped_recipes_are_valid():
 
 
 def test_a_recipe_that_extends_another_runs_the_parents_stages_then_its_own(tmp_path: Path):
-    parents = {"v2": "v1", "v2.1": "v2", "v2.2": "v2.1", "v2.3": "v2.2"}
+    parents = {"v2": "v1", "v2.1": "v2", "v2.2": "v2.1", "v2.3": "v2.2", "v2.4": "v2.3"}
     for name, parent_name in parents.items():
         recipe, parent = load_recipe(name), load_recipe(parent_name)
         assert recipe.stages[: len(parent.stages)] == parent.stages and len(recipe.stages) > len(parent.stages)

@@ -158,6 +158,13 @@ class ModelConfig:
         """Side of the SP-Generator patch map (32 at 1024² with 32-px patches)."""
         return self.img_size // self.patch_size
 
+    def refiner_for(self, modality: str, darkfield: bool) -> str | None:
+        """The refiner that corrects an image of ``modality`` (``darkfield``: the image is
+        dark-field, ``model/image_rules.py``), by its key; None when the modality has none."""
+        if modality not in self.refiner_modalities:
+            return None
+        return darkfield_refiner_name(modality) if darkfield and modality in self.darkfield_refiners else modality
+
     def modality_index(self, modality: str | int) -> int:
         if isinstance(modality, (int,)) and not isinstance(modality, bool):
             if not 0 <= modality < self.num_modalities:

@@ -43,6 +43,7 @@ import torch
 from .config import ModelConfig
 from .devices import autocast_context, choose_precision, resolve_device
 from .model.fusion import is_fused
+from .model.image_rules import darkfield_rows
 from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array, to_input_size, to_model_tensor
 
 #: checkpoint metadata key: "fp32" makes precision="auto" run this checkpoint in fp32 even where
@@ -155,6 +156,9 @@ class SegmentationResult:
     #: None for a whole-image run; for a tiled run (``tiling.py``) its layout: tiles, grid
     #: (rows, columns), tile, scale, overlap, working_size
     tiling: dict[str, Any] | None = None
+    #: the refiner that corrected the mask ("fundus", "microscopy", "microscopy_darkfield" for a
+    #: dark-field image: ``model/image_rules.py``), None when the modality has none
+    refiner: str | None = None
 
     def rethreshold(self, threshold: float) -> np.ndarray:
         """The mask at another threshold, without running the network again."""
@@ -180,6 +184,9 @@ class _BatchOutput:
     extra: dict[str, Any] = field(default_factory=dict)
     #: (B,3,3) colour corrections the appearance head applied (None without one)
     colour_matrix: torch.Tensor | None = None
+    #: (B,) bool: which inputs are dark-field (``model/image_rules.py``; None: the model has no
+    #: dark-field refiner)
+    darkfield: torch.Tensor | None = None
 
 
 def _merge_outputs(parts: Sequence[_BatchOutput], order: torch.Tensor | None = None) -> _BatchOutput:
@@ -197,6 +204,7 @@ def _merge_outputs(parts: Sequence[_BatchOutput], order: torch.Tensor | None = N
         cat([p.modality for p in parts]),  # type: ignore[arg-type]
         cat([p.modality_logits for p in parts]),
         colour_matrix=cat([p.colour_matrix for p in parts]),
+        darkfield=cat([p.darkfield for p in parts]),
     )
 
 
@@ -452,12 +460,12 @@ class Segmenter:
         ``run_head=False``: the tiles of one image) sends the whole batch through a dark-field
         refiner or not (None: each input's own pixels decide, ``model/image_rules.py``)."""
         x = torch.cat([p.tensor for p in batch]).contiguous(memory_format=self.memory_format)
+        dark = None if darkfield is None else torch.full((len(batch),), bool(darkfield), device=self.device)
         t0 = time.perf_counter()
         if not run_head:
             if any(m is None for m in modality):
                 raise ValueError("run_head=False needs every modality given")
             mod = torch.tensor(modality, dtype=torch.long, device=self.device)
-            dark = None if darkfield is None else torch.full((len(batch),), bool(darkfield), device=self.device)
             out = self._forward_guarded(x, mod, run_head=False, darkfield=dark)
         elif all(m is None for m in modality):
             out = self._forward_guarded(x, None)
@@ -472,6 +480,8 @@ class Segmenter:
         else:
             mod = torch.tensor(modality, dtype=torch.long, device=self.device)
             out = self._forward_guarded(x, mod)
+        if self.config.darkfield_refiners:  # what the decoder decided (a grey image is never recoloured)
+            out.darkfield = dark if not run_head and dark is not None else darkfield_rows(x)
         out.seconds = time.perf_counter() - t0
         return out
 
@@ -519,6 +529,9 @@ class Segmenter:
             threshold=threshold,
             info=prepared.info,
             colour_correction=correction,
+            refiner=self.config.refiner_for(
+                self.modalities[int(out.modality[i])], bool(out.darkfield[i]) if out.darkfield is not None else False
+            ),
         )
 
     # -- public entry points ---------------------------------------------------------------

@@ -553,7 +553,7 @@ def _run_tiles(
         timings["model"] += first.timings.get("model", 0.0)
         return replace(
             first, mask=mask, probability=probability, patch_heatmap=heatmap, timings=timings,
-            threshold=threshold, tiling=tiling,
+            threshold=threshold, tiling=tiling, refiner=seg.config.refiner_for(name, darkfield),
         )
     probs = None
     if mod_probs is not None and seg.auto_available:
@@ -569,4 +569,5 @@ def _run_tiles(
         info=info,
         tiling=tiling,
         colour_correction=None if colour is None else describe_correction(colour),
+        refiner=seg.config.refiner_for(name, darkfield),
     )

@@ -24,7 +24,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="run a training recipe end to end (e.g. v1, the bundled model's), resumable",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("name", help="a shipped recipe (v1, v2, v2.1, v2.2, v2.3) or a recipe JSON file (may extend one)")
+    p.add_argument("name", help="a shipped recipe (v1, v2, v2.1, v2.2, v2.3, v2.4) or a recipe JSON file (may extend one)")
     p.add_argument("--data", type=Path, help="data root: <modality>/<dataset>/images|masks")
     p.add_argument("--out", type=Path, help="run folder (new, or the same one to continue)")
     p.add_argument("--splits", type=Path, help="use this splits.json instead of the recipe's seeded split")

@@ -230,6 +230,8 @@ class SegmentationRun:
     auto_decision: Any = None
     #: per plane: what the appearance head changed before segmenting (None: nothing)
     colour_corrections: list[str | None] = field(default_factory=list)
+    #: per plane: the refiner that corrected the mask (``SegmentationResult.refiner``)
+    refiners: list[str | None] = field(default_factory=list)
 
     @property
     def modality_summary(self) -> str:
@@ -258,6 +260,7 @@ def iterate_segmentation(
     timings: list[dict[str, float]] = []
     tilings: list[dict[str, Any] | None] = []
     corrections: list[str | None] = []
+    refiners: list[str | None] = []
     steps = getattr(segmenter, "segment_steps", None)
     decision = None
     if modality == "auto" and n > 1 and getattr(segmenter, "auto_available", False):
@@ -284,13 +287,14 @@ def iterate_segmentation(
         timings.append(dict(result.timings))
         tilings.append(getattr(result, "tiling", None))
         corrections.append(getattr(result, "colour_correction", None))
+        refiners.append(getattr(result, "refiner", None))
         if modality == "auto" and n == 1 and result.modality_probabilities:
             decision = segmenter.auto_decision(result)
         yield i + 1, n
     if not prepared.stack:
         prob, heat = prob[0], heat[0]
     return SegmentationRun(prob, heat, modalities, mod_probs, timings, time.perf_counter() - start, tilings=tilings,
-                           auto_decision=decision, colour_corrections=corrections)
+                           auto_decision=decision, colour_corrections=corrections, refiners=refiners)
 
 
 # -- errors from workers and devices --------------------------------------------------------------

@@ -504,6 +504,7 @@ class SegmentWidget(QWidget):
             "modality_probabilities": run.modality_probabilities[0] if len(run.modalities) == 1 else None,
             "modality_unsure": bool(run.auto_decision.asks) if run.auto_decision is not None else None,
             "colour_correction": sorted({c for c in run.colour_corrections if c}) or None,
+            "refiner": sorted({r for r in run.refiners if r}) or None,
             "threshold": threshold,
             "instances": instances,
             "input_layer": job["input_name"],
