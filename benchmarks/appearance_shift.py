@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", type=Path)
     p.add_argument("--split", nargs="+", default=["test", "unseen"])
     p.add_argument("--max-per-dataset", type=int, default=8)
-    p.add_argument("--shifts", nargs="+", default=None, help="names from SHIFTS (default: all)")
+    p.add_argument("--shifts", nargs="+", default=None,
+                   help="names from SHIFTS or EXTRA_SHIFTS (default: all of SHIFTS, the scoreboard)")
     p.add_argument("--modalities", nargs="+", default=None, help="only these modalities (default: all)")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--threads", type=int, default=2)
@@ -258,15 +259,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--out {args.out} is not empty: choose a new folder")
 
     from napari_delightsam.data import load_pair
-    from napari_delightsam.data.appearance import SHIFTS
+    from napari_delightsam.data.appearance import EXTRA_SHIFTS, SHIFTS
     from napari_delightsam.inference import load_model, set_threads
 
     shifts = SHIFTS
     if args.shifts:
-        unknown = [s for s in args.shifts if s not in SHIFTS]
+        known = {**SHIFTS, **EXTRA_SHIFTS}
+        unknown = [s for s in args.shifts if s not in known]
         if unknown:
-            p.error(f"unknown shifts {unknown}; choose from {list(SHIFTS)}")
-        shifts = {k: SHIFTS[k] for k in ["as stored", *args.shifts] if k in SHIFTS}
+            p.error(f"unknown shifts {unknown}; choose from {list(known)}")
+        shifts = {k: known[k] for k in ["as stored", *args.shifts] if k in known}
     set_threads(args.threads)
     seg = load_model(args.checkpoint, "cpu")
     header = (

@@ -44,7 +44,15 @@ from .config import ModelConfig
 from .devices import autocast_context, choose_precision, resolve_device
 from .model.fusion import is_fused
 from .model.image_rules import darkfield_rows
-from .preprocess import DEFAULT_MAX_PIXELS, NanPolicy, PrepInfo, prepare_array, to_input_size, to_model_tensor
+from .preprocess import (
+    DEFAULT_MAX_PIXELS,
+    NanPolicy,
+    PrepInfo,
+    describe_pseudo_colour,
+    prepare_array,
+    to_input_size,
+    to_model_tensor,
+)
 
 #: checkpoint metadata key: "fp32" makes precision="auto" run this checkpoint in fp32 even where
 #: bf16 is native (set when the fast path's masks were measured to disagree with fp32 eager)
@@ -150,8 +158,9 @@ class SegmentationResult:
     threshold: float = 0.5
     #: how the input was read (layout, intensity window...)
     info: PrepInfo | None = None
-    #: what the appearance head changed before segmenting (e.g. "channels BGR -> RGB",
-    #: "hue -24°"), None when nothing
+    #: what was changed before segmenting: the appearance head's correction (e.g. "channels BGR
+    #: -> RGB", "hue -24°") or a false-colour channel taken as grey (``preprocess.pseudo_colour``);
+    #: None when nothing
     colour_correction: str | None = None
     #: None for a whole-image run; for a tiled run (``tiling.py``) its layout: tiles, grid
     #: (rows, columns), tile, scale, overlap, working_size
@@ -511,6 +520,8 @@ class Segmenter:
                 from .model.appearance_head import describe_correction
 
                 correction = describe_correction(out.colour_matrix[i].cpu().numpy())
+            if correction is None and prepared.info.pseudo_colour is not None:
+                correction = describe_pseudo_colour(prepared.info.pseudo_colour)
         mask = probability > threshold
         post = time.perf_counter() - t0
         timings = {

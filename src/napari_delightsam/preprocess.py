@@ -77,8 +77,12 @@ class PrepInfo:
     window: tuple[float, float]
     #: NaN/inf values set to 0 (nan_policy="zero")
     nonfinite: int = 0
-    #: the image carries no colour: one channel, or three (nearly) equal ones (``is_grey``)
+    #: the image carries no colour: one channel, or three (nearly) equal ones (``is_grey``), or
+    #: a single channel shown in one colour (``pseudo_colour``)
     greyscale: bool = False
+    #: the unit RGB colour of a single-channel image stored in false colour (a blue DAPI
+    #: channel exported as RGB), which was taken back to grey; None for any other image
+    pseudo_colour: tuple[float, float, float] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -95,6 +99,7 @@ class PrepInfo:
             "window": [float(self.window[0]), float(self.window[1])],
             "nonfinite": self.nonfinite,
             "greyscale": self.greyscale,
+            "pseudo_colour": None if self.pseudo_colour is None else [round(float(v), 4) for v in self.pseudo_colour],
         }
 
 
@@ -156,6 +161,55 @@ def is_grey(image: np.ndarray, tol: float = 2.0, step: int = 7) -> bool:
     return bool(np.abs(sub[..., 0] - sub[..., 1]).mean() <= tol and np.abs(sub[..., 1] - sub[..., 2]).mean() <= tol)
 
 
+#: mean distance (0-255 scale) of a colour image's pixels from the line of one colour below which
+#: the image is one channel in false colour: 0 for an exact one, at most 2.7 after JPEG at
+#: quality 75; photographs of the six modalities have 3.9 or more (docs/appearance.md)
+PSEUDO_COLOUR_RESIDUAL = 2.5
+#: pixels read to decide (a regular grid)
+_PSEUDO_COLOUR_SAMPLE = 65536
+
+
+def pseudo_colour(image: np.ndarray) -> np.ndarray | None:
+    """The unit RGB colour ``c`` when the (H,W,3) 0-255 ``image`` is one channel shown in that
+    colour (every pixel close to ``g·c``, ``PSEUDO_COLOUR_RESIDUAL``) and not grey; else None."""
+    if image.ndim != 3 or image.shape[-1] < 3 or is_grey(image):
+        return None
+    step = max(1, math.ceil(math.sqrt(image.shape[0] * image.shape[1] / _PSEUDO_COLOUR_SAMPLE)))
+    px = image[::step, ::step, :3].reshape(-1, 3).astype(np.float32)
+    norm = np.linalg.norm(px, axis=1)
+    bright = px[norm > max(8.0, float(np.median(norm)))]  # the colour of what is lit
+    colour = (bright if len(bright) >= 16 else px).mean(0)
+    length = float(np.linalg.norm(colour))
+    if length < 1e-6:
+        return None
+    colour /= length
+    residual = np.linalg.norm(px - (px @ colour)[:, None] * colour[None], axis=1).mean()
+    return colour if residual < PSEUDO_COLOUR_RESIDUAL else None
+
+
+def _to_grey_along(image: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """(H,W,3) -> (H,W,1): each pixel's intensity along ``colour``, scaled so that ``g·c`` with
+    the largest channel of ``c`` at 1 gives back ``g`` (a pure blue channel is that channel)."""
+    weights = (colour * colour.max()).astype(np.float32)
+    grey = np.empty(image.shape[:2] + (1,), np.float32)
+    rows = max(1, 2**22 // max(1, image.shape[1]))
+    for y in range(0, image.shape[0], rows):  # a block of rows at a time: no full float copy
+        grey[y : y + rows, :, 0] = image[y : y + rows, :, :3].astype(np.float32) @ weights
+    np.clip(grey, 0.0, 255.0, out=grey)
+    return np.rint(grey).astype(np.uint8) if image.dtype == np.uint8 else grey
+
+
+def describe_pseudo_colour(colour: Sequence[float]) -> str:
+    """e.g. "one channel in blue (0.00, 0.00, 1.00) taken as grey"."""
+    names = {(0, 0, 1): "blue", (0, 1, 0): "green", (1, 0, 0): "red", (1, 0, 1): "magenta", (0, 1, 1): "cyan",
+             (1, 1, 0): "yellow"}
+    key = tuple(int(v > 0.5 * max(colour)) for v in colour)
+    values = ", ".join(f"{v:.2f}" for v in colour)
+    if key == (1, 1, 1):  # a tinted grey image (a sepia scanner or viewer)
+        return f"a nearly grey image ({values}) taken as grey"
+    return f"one channel in {names.get(key, 'colour')} ({values}) taken as grey"  # type: ignore[call-overload]
+
+
 def prepare_array(
     image: Any,
     *,
@@ -168,12 +222,21 @@ def prepare_array(
 
     Returns ``(H,W,C)`` with C = 1 (grey, not yet repeated) or 3, values in [0,255]: uint8
     when the mapping is exact in 8 bit and ``keep_uint8``, else float32. Avoids copies of
-    big inputs where it can. ``PrepInfo.greyscale`` says whether the result carries colour.
+    big inputs where it can. ``PrepInfo.greyscale`` says whether the result carries colour. A
+    single channel stored in false colour (``pseudo_colour``) comes back as that channel, grey:
+    the network learned fluorescence, X-ray and ultrasound images grey.
     """
     out, info = _prepare_array(image, max_pixels=max_pixels, nan_policy=nan_policy, percentiles=percentiles,
                                keep_uint8=keep_uint8)
     step = max(7, math.ceil(math.sqrt(out.shape[0] * out.shape[1] / 2**20)))  # at most ~1 Mpx read
-    return out, dataclasses.replace(info, greyscale=is_grey(out, step=step))
+    if is_grey(out, step=step):
+        return out, dataclasses.replace(info, greyscale=True)
+    colour = pseudo_colour(out)
+    if colour is None:
+        return out, info
+    return _to_grey_along(out, colour), dataclasses.replace(
+        info, greyscale=True, pseudo_colour=tuple(float(v) for v in colour)  # type: ignore[arg-type]
+    )
 
 
 def _prepare_array(

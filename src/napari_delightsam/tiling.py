@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from .model.image_rules import darkfield_rows
-from .preprocess import PrepInfo, prepare_array, to_model_tensor
+from .preprocess import PrepInfo, describe_pseudo_colour, prepare_array, to_model_tensor
 
 if TYPE_CHECKING:
     from .inference import SegmentationResult, Segmenter
@@ -568,6 +568,9 @@ def _run_tiles(
         threshold=threshold,
         info=info,
         tiling=tiling,
-        colour_correction=None if colour is None else describe_correction(colour),
+        colour_correction=(
+            describe_correction(colour) if colour is not None
+            else describe_pseudo_colour(info.pseudo_colour) if info.pseudo_colour is not None else None
+        ),
         refiner=seg.config.refiner_for(name, darkfield),
     )

@@ -6,7 +6,8 @@ and returns the shifted pair; masks follow the geometric shifts (resize, stretch
 a frame blacks out. Colour shifts leave a grey image grey where that is what the shift means
 (hue, stain, channel order have no effect on equal channels).
 
-``SHIFTS`` is the scoreboard (``benchmarks/appearance_shift.py``): fixed, named shifts.
+``SHIFTS`` is the scoreboard (``benchmarks/appearance_shift.py``): fixed, named shifts;
+``EXTRA_SHIFTS`` are more, run when named (false-colour exports of grey images).
 ``random_appearance`` draws a random mix of the same kinds of change for training.
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "CHANNEL_ORDERS",
     "MixByModality",
     "COLOUR_MODALITIES",
+    "EXTRA_SHIFTS",
     "SHIFTS",
     "Shift",
     "channel_order_matrix",
@@ -186,6 +188,31 @@ SHIFTS: dict[str, Shift] = {
         Shift("octagonal frame", lambda image, mask, seed: _frame(image, mask, "octagon"), geometric=True),
         Shift("circular frame", lambda image, mask, seed: _frame(image, mask, "circle"), geometric=True),
         Shift("greyscale", _colour(greyscale), colour_only=True),
+    )
+}
+
+
+
+def _false_colour(image: np.ndarray, colour: tuple[float, float, float]) -> np.ndarray:
+    """A grey image as one channel shown in ``colour`` (a fluorescence channel exported as RGB);
+    a colour image unchanged."""
+    if not is_grey(image):
+        return image
+    g = image[..., :1].astype(np.float32)
+    return np.clip(np.rint(g * np.asarray(colour, np.float32)), 0, 255).astype(np.uint8)
+
+
+#: shifts outside the scoreboard (``appearance_shift.py --shifts`` names them): single-channel
+#: images of the grey modalities stored in false colour, as microscopy software exports them
+EXTRA_SHIFTS: dict[str, Shift] = {
+    s.name: s
+    for s in (
+        Shift("false colour blue", _colour(lambda im: _false_colour(im, (0.0, 0.0, 1.0))),
+              modalities=("microscopy", "xray", "ultrasound")),
+        Shift("false colour green", _colour(lambda im: _false_colour(im, (0.0, 1.0, 0.0))),
+              modalities=("microscopy", "xray", "ultrasound")),
+        Shift("false colour magenta", _colour(lambda im: _false_colour(im, (1.0, 0.0, 1.0))),
+              modalities=("microscopy", "xray", "ultrasound")),
     )
 }
 
