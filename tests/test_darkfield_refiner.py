@@ -226,3 +226,12 @@ def test_a_refiner_stage_records_only_the_images_its_refiner_receives(tmp_path: 
     assert [r.sample_id for r in rows.records] == ["bright", "bright2"] and rows.image.shape[0] == 2
     plain = record_refiner_inputs(_model(darkfield=()), "microscopy", records, torch.device("cpu"), train=True)
     assert len(plain) == 3
+
+
+def test_a_recipe_with_a_bad_graft_stage_is_refused_before_anything_runs():
+    from napari_delightsam.training.stages.recipe import Recipe, load_recipe
+
+    data = load_recipe("v2.4").to_dict()
+    data["stages"][-1]["config"] = {"source_stage": "nuclei-refiner"}  # no 'copy'
+    with pytest.raises(ValueError, match="recipe stage 'darkfield-refiner': a graft stage needs 'copy'"):
+        Recipe.from_dict(data)

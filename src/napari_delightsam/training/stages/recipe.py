@@ -120,19 +120,12 @@ class Recipe:
                 raise ValueError(
                     f"recipe stage {s.name!r}: kind must be one of {', '.join(STAGE_KINDS)}, got {s.kind!r}"
                 )
-            if s.kind == "appearance-head":
+            if s.kind in ("appearance-head", "graft"):  # their own settings, not TrainConfig fields
                 from .appearance_head import HeadStageConfig
-
-                try:
-                    HeadStageConfig.from_dict(s.config)
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(f"recipe stage {s.name!r}: {exc}") from None
-                continue
-            if s.kind == "graft":
                 from .graft import GraftConfig
 
                 try:
-                    GraftConfig.from_dict(s.config)
+                    (HeadStageConfig if s.kind == "appearance-head" else GraftConfig).from_dict(s.config)
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"recipe stage {s.name!r}: {exc}") from None
                 continue
