@@ -109,3 +109,18 @@ def test_a_tinted_grey_image_is_taken_as_grey():
     out, info = prepare_array(image)
     assert info.pseudo_colour is not None and out.shape[-1] == 1
     assert describe_pseudo_colour(info.pseudo_colour).startswith("a nearly grey image")
+
+
+def test_training_data_is_read_as_stored(tmp_path):
+    from napari_delightsam.data import discover, load_pair
+
+    folder = tmp_path / "microscopy" / "m"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    blue = _false_colour(_nuclei(seed=5), (0, 0, 1))
+    Image.fromarray(blue).save(folder / "images" / "a.png")
+    Image.fromarray(((blue[..., 2] > 100) * 255).astype(np.uint8)).save(folder / "masks" / "a.png")
+    image, _ = load_pair(discover(tmp_path)[0])
+    assert image.shape[-1] == 3 and image[..., 0].max() == 0 and image[..., 2].max() > 0  # still blue
+    out, info = prepare_array(blue, read_false_colour=False)
+    assert info.pseudo_colour is None and out.shape[-1] == 3

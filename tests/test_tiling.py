@@ -300,13 +300,16 @@ def test_tiles_skip_the_head_and_take_the_whole_images_colour_correction(seg, mo
     monkeypatch.setattr(seg, "_run", spy)
     img = np.empty((300, 260, 3), np.uint8)
     img[..., 0], img[..., 1], img[..., 2] = 200, 100, 10
+    img[:, 1::2, 2] = 60  # two colours: not one channel in false colour (which would be read as grey)
     res = seg.segment(img, "microscopy", tiling="on", tile_scale=1.0, tile_overlap=32)
     assert res.tiling["tiles"] == sum(t.shape[0] for _, t in seen) > 1
     assert all(head is False for head, _ in seen)  # no tile runs the modality/appearance head
     x = torch.cat([t for _, t in seen])
     want = [(v - m) / s for v, m, s in zip((10, 100, 200), PIXEL_MEAN, PIXEL_STD, strict=True)]
-    for c in range(3):  # every tile sees the corrected colours (blue and red swapped back)
+    for c in (1, 2):  # every tile sees the corrected colours (blue and red swapped back)
         np.testing.assert_allclose(x[:, c].numpy(), want[c], atol=1e-4)
+    red = sorted({round(float(v), 3) for v in x[:, 0].flatten()[:4000].tolist()})
+    assert red == [round((v - PIXEL_MEAN[0]) / PIXEL_STD[0], 3) for v in (10, 60)]
     assert res.colour_correction is not None and "BGR" in res.colour_correction
     assert img[0, 0].tolist() == [200, 100, 10]  # the caller's image is not touched
     assert not seg.auto_available and res.modality_probabilities is None  # an untrained head claims nothing

@@ -165,7 +165,7 @@ def is_grey(image: np.ndarray, tol: float = 2.0, step: int = 7) -> bool:
 #: the image is one channel in false colour: 0 for an exact one, at most 2.7 after JPEG at
 #: quality 75; photographs of the six modalities have 3.9 or more (docs/appearance.md)
 PSEUDO_COLOUR_RESIDUAL = 2.5
-#: pixels read to decide (a regular grid)
+#: pixels read to decide (all of a smaller image)
 _PSEUDO_COLOUR_SAMPLE = 65536
 
 
@@ -174,8 +174,12 @@ def pseudo_colour(image: np.ndarray) -> np.ndarray | None:
     colour (every pixel close to ``g·c``, ``PSEUDO_COLOUR_RESIDUAL``) and not grey; else None."""
     if image.ndim != 3 or image.shape[-1] < 3 or is_grey(image):
         return None
-    step = max(1, math.ceil(math.sqrt(image.shape[0] * image.shape[1] / _PSEUDO_COLOUR_SAMPLE)))
-    px = image[::step, ::step, :3].reshape(-1, 3).astype(np.float32)
+    h, w = image.shape[:2]
+    if h * w <= _PSEUDO_COLOUR_SAMPLE:
+        px = image[:, :, :3].reshape(-1, 3).astype(np.float32)
+    else:  # pixels drawn at fixed random places: a regular grid can fall on one phase of a pattern
+        idx = np.random.default_rng(0).integers(0, h * w, _PSEUDO_COLOUR_SAMPLE)
+        px = image[idx // w, idx % w, :3].astype(np.float32)
     norm = np.linalg.norm(px, axis=1)
     bright = px[norm > max(8.0, float(np.median(norm)))]  # the colour of what is lit
     colour = (bright if len(bright) >= 16 else px).mean(0)
@@ -217,6 +221,7 @@ def prepare_array(
     nan_policy: NanPolicy = "raise",
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
     keep_uint8: bool = True,
+    read_false_colour: bool = True,
 ) -> tuple[np.ndarray, PrepInfo]:
     """The lean form of :func:`prepare_image` used by the Segmenter.
 
@@ -224,14 +229,15 @@ def prepare_array(
     when the mapping is exact in 8 bit and ``keep_uint8``, else float32. Avoids copies of
     big inputs where it can. ``PrepInfo.greyscale`` says whether the result carries colour. A
     single channel stored in false colour (``pseudo_colour``) comes back as that channel, grey:
-    the network learned fluorescence, X-ray and ultrasound images grey.
+    the network learned fluorescence, X-ray and ultrasound images grey (``read_false_colour=False``
+    keeps it as stored: training data is read as stored, its augmentation changes colours).
     """
     out, info = _prepare_array(image, max_pixels=max_pixels, nan_policy=nan_policy, percentiles=percentiles,
                                keep_uint8=keep_uint8)
     step = max(7, math.ceil(math.sqrt(out.shape[0] * out.shape[1] / 2**20)))  # at most ~1 Mpx read
     if is_grey(out, step=step):
         return out, dataclasses.replace(info, greyscale=True)
-    colour = pseudo_colour(out)
+    colour = pseudo_colour(out) if read_false_colour else None
     if colour is None:
         return out, info
     return _to_grey_along(out, colour), dataclasses.replace(
@@ -354,14 +360,17 @@ def prepare_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     nan_policy: NanPolicy = "raise",
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    read_false_colour: bool = True,
 ) -> tuple[np.ndarray, PrepInfo]:
-    """Any supported 2D image -> ``(H,W,3)`` float32 in [0,255] and a :class:`PrepInfo`.
+    """Any supported 2D image -> ``(H,W,3)`` float32 in [0,255] and a :class:`PrepInfo`
+    (``read_false_colour``: as :func:`prepare_array`).
 
     Raises ``ValueError`` with the reason for: unusable shapes (named), unsupported dtypes,
     NaN/inf (unless ``nan_policy="zero"``) and images above ``max_pixels``.
     """
     out, info = prepare_array(
-        image, max_pixels=max_pixels, nan_policy=nan_policy, percentiles=percentiles, keep_uint8=False
+        image, max_pixels=max_pixels, nan_policy=nan_policy, percentiles=percentiles, keep_uint8=False,
+        read_false_colour=read_false_colour,
     )
     if out.shape[2] == 1:
         out = np.repeat(out, 3, axis=2)

@@ -195,7 +195,7 @@ def load_image_only(record: SampleRecord) -> np.ndarray:
         except Exception as exc:
             raise BadSampleError(_named(record.image_path, "unreadable image", exc)) from exc
     try:
-        image, _ = prepare_image(raw)
+        image, _ = prepare_image(raw, read_false_colour=False)  # training data as stored
     except Exception as exc:
         raise BadSampleError(f"{record.name}: cannot use image ({exc})") from exc
     return image
@@ -292,7 +292,7 @@ def load_pair(record: SampleRecord, notes: list[str] | None = None) -> tuple[np.
             raise BadSampleError(_named(record.mask_path, "unreadable mask", exc)) from exc
         from_file = True
     try:
-        image, _info = prepare_image(raw_image)
+        image, _info = prepare_image(raw_image, read_false_colour=False)  # as stored: augmentation varies colour
     except Exception as exc:
         raise BadSampleError(f"{record.name}: cannot use image ({exc})") from exc
     mask = binarise_mask(raw_mask, str(record.mask_path or record.name), from_file=from_file, notes=notes)
