@@ -465,32 +465,36 @@ class Segmenter:
         self, batch: list[PreparedImage], modality: list[int | None], *, run_head: bool = True, darkfield: bool | None = None
     ) -> _BatchOutput:
         """One network call over ``batch``; ``run_head=False`` (every modality given) skips the
-        modality/appearance head (no modality logits, no colour correction). ``darkfield`` (with
-        ``run_head=False``: the tiles of one image) sends the whole batch through a dark-field
-        refiner or not (None: each input's own pixels decide, ``model/image_rules.py``)."""
+        modality/appearance head (no modality logits, no colour correction). ``darkfield`` (the
+        tiles of one image) sends the whole batch through a dark-field refiner or not (None: each
+        input's own pixels decide, ``model/image_rules.py``, once here for the network and the report)."""
         x = torch.cat([p.tensor for p in batch]).contiguous(memory_format=self.memory_format)
-        dark = None if darkfield is None else torch.full((len(batch),), bool(darkfield), device=self.device)
         t0 = time.perf_counter()
+        # decided here once, for the decoder and the report alike (a grey image is never recoloured)
+        dark = None
+        if darkfield is not None:
+            dark = torch.full((len(batch),), bool(darkfield), device=self.device)
+        elif self.config.darkfield_refiners:
+            dark = darkfield_rows(x)
         if not run_head:
             if any(m is None for m in modality):
                 raise ValueError("run_head=False needs every modality given")
             mod = torch.tensor(modality, dtype=torch.long, device=self.device)
             out = self._forward_guarded(x, mod, run_head=False, darkfield=dark)
         elif all(m is None for m in modality):
-            out = self._forward_guarded(x, None)
+            out = self._forward_guarded(x, None, darkfield=dark)
         elif any(m is None for m in modality):
             # a chunk mixing "auto" with given modalities: two forwards, merged back in order
             auto = [i for i, m in enumerate(modality) if m is None]
             given = [i for i, m in enumerate(modality) if m is not None]
             mod = torch.tensor([modality[i] for i in given], dtype=torch.long, device=self.device)
-            a = self._forward_guarded(x[auto], None)
-            g = self._forward_guarded(x[given], mod)
+            a = self._forward_guarded(x[auto], None, darkfield=None if dark is None else dark[auto])
+            g = self._forward_guarded(x[given], mod, darkfield=None if dark is None else dark[given])
             out = _merge_outputs([a, g], torch.tensor(auto + given, device=self.device).argsort())
         else:
             mod = torch.tensor(modality, dtype=torch.long, device=self.device)
-            out = self._forward_guarded(x, mod)
-        if self.config.darkfield_refiners:  # what the decoder decided (a grey image is never recoloured)
-            out.darkfield = dark if not run_head and dark is not None else darkfield_rows(x)
+            out = self._forward_guarded(x, mod, darkfield=dark)
+        out.darkfield = dark
         out.seconds = time.perf_counter() - t0
         return out
 

@@ -174,6 +174,11 @@ def pseudo_colour(image: np.ndarray) -> np.ndarray | None:
     colour (every pixel close to ``g·c``, ``PSEUDO_COLOUR_RESIDUAL``) and not grey; else None."""
     if image.ndim != 3 or image.shape[-1] < 3 or is_grey(image):
         return None
+    return _one_colour(image)
+
+
+def _one_colour(image: np.ndarray) -> np.ndarray | None:
+    """``pseudo_colour`` for an (H,W,3) image already known not to be grey."""
     h, w = image.shape[:2]
     if h * w <= _PSEUDO_COLOUR_SAMPLE:
         px = image[:, :, :3].reshape(-1, 3).astype(np.float32)
@@ -237,7 +242,7 @@ def prepare_array(
     step = max(7, math.ceil(math.sqrt(out.shape[0] * out.shape[1] / 2**20)))  # at most ~1 Mpx read
     if is_grey(out, step=step):
         return out, dataclasses.replace(info, greyscale=True)
-    colour = pseudo_colour(out) if read_false_colour else None
+    colour = _one_colour(out) if read_false_colour else None  # not grey: checked just above
     if colour is None:
         return out, info
     return _to_grey_along(out, colour), dataclasses.replace(
